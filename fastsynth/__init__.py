@@ -1,0 +1,12 @@
+"""fastsynth: fused kernels and drop-in synthesizers for data-free knowledge distillation."""
+from __future__ import annotations
+
+from . import _ext
+
+_ext.ensure_kernels_package()
+
+from ._ext import build_info  # noqa: E402
+from . import ops  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "ops"]

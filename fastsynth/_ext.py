@@ -1,0 +1,93 @@
+"""Loading of the compiled extension ``fastsynth._C`` and of the Triton kernels.
+
+fastsynth works without either: ops fall back to Triton (when installed) or to the eager
+reference implementation, and say so once with a warning.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+
+_C = None
+_C_ERROR: Exception | None = None
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _load_c():
+    global _C, _C_ERROR
+    if os.environ.get("FASTSYNTH_DISABLE_EXTENSION", "0") == "1":
+        _C_ERROR = RuntimeError("disabled by FASTSYNTH_DISABLE_EXTENSION=1")
+        return
+    try:
+        import torch  # noqa: F401  (the extension links against torch's libraries)
+
+        _C = importlib.import_module("fastsynth._C")
+    except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
+        _C = None
+        _C_ERROR = exc
+
+
+_load_c()
+
+
+def has_extension() -> bool:
+    """True when fastsynth._C loaded (the C++ CPU ops are registered)."""
+    return _C is not None
+
+
+def has_cuda_extension() -> bool:
+    """True when fastsynth._C was built with its CUDA kernels."""
+    return _C is not None and bool(_C.build_info()["cuda"])
+
+
+def extension_error() -> Exception | None:
+    return _C_ERROR
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def build_info() -> dict:
+    """Which backends are available in this installation."""
+    info = {"extension": has_extension(), "cpu": False, "cuda": False, "openmp": False}
+    if _C is not None:
+        info.update(dict(_C.build_info()))
+    else:
+        info["extension_error"] = repr(_C_ERROR)
+    info["triton"] = has_triton()
+    info["triton_interpret"] = triton_interpreting()
+    return info
+
+
+def ensure_kernels_package() -> None:
+    """Make ``fastsynth.kernels`` resolve to the Triton kernels beside this package.
+
+    Installed, ``kernels/`` is the subpackage ``fastsynth.kernels`` (setup.py package_dir). In a
+    source checkout (this package next to setup.py and kernels/) the directory beside the package
+    is registered under that name first, so a checkout always uses its own kernels, even when
+    another copy of fastsynth is installed.
+    """
+    if "fastsynth.kernels" in sys.modules:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kdir = os.path.join(root, "kernels")
+    init = os.path.join(kdir, "__init__.py")
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isfile(init):
+        spec = importlib.util.spec_from_file_location("fastsynth.kernels", init, submodule_search_locations=[kdir])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastsynth.kernels"] = module
+        spec.loader.exec_module(module)

@@ -1,0 +1,46 @@
+"""The package, its extension and its backend selection."""
+import pytest
+import torch
+
+import fastsynth
+from fastsynth import _ext
+from fastsynth.backend import check_tensor, resolve_backend
+
+
+def test_extension_loaded_and_reports_backends():
+    info = fastsynth.build_info()
+    assert info["extension"], f"fastsynth._C failed to load: {info.get('extension_error')}"
+    assert info["cpu"] is True
+    assert info["cuda"] == _ext.has_cuda_extension()
+    assert info["triton"] is True
+
+
+def test_kernels_subpackage_is_the_checkout_one():
+    import os
+
+    import fastsynth.kernels as k
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastsynth.__file__)))
+    assert os.path.dirname(os.path.abspath(k.__file__)) == os.path.join(root, "kernels")
+
+
+def test_backend_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_backend(None, cpu, "op") == "cpu"
+    assert resolve_backend("reference", cpu, "op") == "reference"
+    assert resolve_backend("triton", cpu, "op") == "triton"  # conftest sets TRITON_INTERPRET=1
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("gpu", cpu, "op")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        resolve_backend("cuda", cpu, "op")
+
+
+def test_check_tensor_messages_name_the_argument():
+    with pytest.raises(TypeError, match="feature must be a floating tensor"):
+        check_tensor("feature", torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="feature must have 4 dimensions"):
+        check_tensor("feature", torch.zeros(2, 3), ndim=4)
+    with pytest.raises(ValueError, match="feature must not be empty"):
+        check_tensor("feature", torch.zeros(0, 3), nonempty=True)
+    with pytest.raises(TypeError, match="feature must be a torch.Tensor"):
+        check_tensor("feature", [1.0])
