@@ -84,6 +84,7 @@ setup(
         "fastsynth.nn",
         "fastsynth.synthesis",
         "fastsynth.bench",
+        "fastsynth.models",
         "fastsynth.kernels",
     ],
     package_dir={"fastsynth": "fastsynth", "fastsynth.kernels": "kernels"},
