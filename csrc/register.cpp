@@ -11,6 +11,13 @@
 
 TORCH_LIBRARY(fastsynth, m) {
   // ---- bn_stat_loss (fastsynth/ops/bn_stat_loss.py) ----
+  // Per-channel batch statistics (mean, biased variance) over every dim but dim 1 of a 2/3/4-D
+  // map; fp32 statistics for fp16/bf16/fp32 inputs, fp64 for fp64. The *_multi forms take one
+  // map per layer and return the statistics of all layers concatenated (one launch).
+  m.def("bn_batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_batch_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+  m.def("bn_batch_stats_multi(Tensor[] xs) -> (Tensor means, Tensor vars)");
+  m.def("bn_batch_stats_multi_backward(Tensor[] xs, Tensor means, Tensor grad_means, Tensor grad_vars) -> Tensor[]");
 
   // ---- end bn_stat_loss ----
 
