@@ -10,3 +10,7 @@ from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["build_info", "ops"]
+
+from .hooks import DeepInversionHook  # noqa: E402
+
+__all__ += ["DeepInversionHook"]

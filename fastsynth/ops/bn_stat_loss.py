@@ -38,9 +38,10 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _safe_norm(sq: torch.Tensor) -> torch.Tensor:
-    """sqrt of a sum of squares with gradient 0 (not NaN) where the sum is 0."""
-    pos = sq > 0
-    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    """sqrt of a sum of squares with gradient 0 (not NaN) where the sum is 0; a NaN/Inf sum
+    propagates (as torch.norm does in the reference)."""
+    zero = sq == 0
+    return torch.where(zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt())
 
 
 def loss_from_stats(
