@@ -71,10 +71,16 @@ def loss_from_stats(
     dtype = means[0].dtype
     device = means[0].device
     sizes = [int(m.numel()) for m in means]
-    mu = torch.cat([m.reshape(-1) for m in means])
-    var = torch.cat([v.reshape(-1) for v in variances])
-    rm = torch.cat([r.reshape(-1) for r in running_means]).to(dtype)
-    rv = torch.cat([r.reshape(-1) for r in running_vars]).to(dtype)
+
+    def flat(ts, cast=False):
+        # one layer: no concatenation copy
+        t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
+        return t.to(dtype) if cast else t
+
+    mu = flat(means)
+    var = flat(variances)
+    rm = flat(running_means, True)
+    rv = flat(running_vars, True)
 
     has_mmt = mmt_means is not None and any(m is not None for m in mmt_means)
     if has_mmt:
