@@ -146,31 +146,38 @@ def _geometry(t: torch.Tensor):
 
 
 def _work_table(xs, grads=None):
-    """int64 work table (CPU) with one row per (layer, channel, chunk); per-channel chunk map."""
-    rows, chan_rows = [], []
+    """int64 work table (CPU tensor) with one row per (layer, channel, chunk), built with a few
+    vectorised ops per layer; the (first partial, chunk count) of every channel; the number of
+    partials."""
+    tables, chan_tables = [], []
     partial = 0
     channel = 0
     for li, x in enumerate(xs):
         n, c, hw, w, sn, sc, sh, sw = _geometry(x)
         m = n * hw
         chunks = max(1, -(-m // _MAX_CHUNK))
-        esz = x.element_size()
-        if grads is not None:
+        ci = torch.arange(c, dtype=torch.int64).repeat_interleave(chunks)   # channel of each row
+        k = torch.arange(chunks, dtype=torch.int64).repeat(c)               # chunk of each row
+        base, rem = m // chunks, m % chunks
+        m0 = base * k + torch.clamp(k, max=rem)
+        m1 = base * (k + 1) + torch.clamp(k + 1, max=rem)
+        rows = c * chunks
+        cols = [x.data_ptr() + ci * sc * x.element_size(), m0, m1]
+        cols += [torch.full((rows,), v, dtype=torch.int64) for v in (hw, w, sn, sh, sw)]
+        if grads is None:
+            cols.append(partial + torch.arange(rows, dtype=torch.int64))
+        else:
             g = grads[li]
             _, _, _, _, gn, gc, gh, gw = _geometry(g)
-        for ci in range(c):
-            chan_rows.append((partial, chunks))
-            for k in range(chunks):
-                m0 = (m // chunks) * k + min(k, m % chunks)
-                m1 = (m // chunks) * (k + 1) + min(k + 1, m % chunks)
-                row = [x.data_ptr() + ci * sc * esz, m0, m1, hw, w, sn, sh, sw,
-                       channel if grads is not None else partial]
-                if grads is not None:
-                    row += [g.data_ptr() + ci * gc * esz, gn, gh, gw, m]
-                rows.append(row)
-                partial += 1
-            channel += 1
-    return rows, chan_rows, partial
+            cols.append(channel + ci)
+            cols.append(g.data_ptr() + ci * gc * g.element_size())
+            cols += [torch.full((rows,), v, dtype=torch.int64) for v in (gn, gh, gw, m)]
+        tables.append(torch.stack(cols, dim=1))
+        chan_tables.append(torch.stack([partial + torch.arange(c, dtype=torch.int64) * chunks,
+                                        torch.full((c,), chunks, dtype=torch.int64)], dim=1))
+        partial += rows
+        channel += c
+    return torch.cat(tables), torch.cat(chan_tables), partial
 
 
 def _acc(dtype):
@@ -184,16 +191,16 @@ def _stat_dtype(dtype):
 def bn_batch_stats_multi(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated per-channel (mean, biased var) of every map in ``xs`` (same dtype/device)."""
     dev = xs[0].device
-    rows, chan_rows, n_partials = _work_table(xs)
-    table = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-    chans = torch.tensor(chan_rows, dtype=torch.int64).to(dev, non_blocking=True)
+    table_cpu, chans_cpu, n_partials = _work_table(xs)
+    table = table_cpu.to(dev, non_blocking=True)
+    chans = chans_cpu.to(dev, non_blocking=True)
     sdt = _stat_dtype(xs[0].dtype)
     partials = torch.empty(n_partials, 3, dtype=sdt, device=dev)
-    n_ch = len(chan_rows)
+    n_ch = chans_cpu.shape[0]
     means = torch.empty(n_ch, dtype=sdt, device=dev)
     variances = torch.empty(n_ch, dtype=sdt, device=dev)
-    _bn_stats_chunk_kernel[(len(rows),)](table, xs[0], partials, NCOL=9, BLOCK=1024, ACC=_acc(xs[0].dtype))
-    max_chunks = max(k for _, k in chan_rows)
+    _bn_stats_chunk_kernel[(table_cpu.shape[0],)](table, xs[0], partials, NCOL=9, BLOCK=1024, ACC=_acc(xs[0].dtype))
+    max_chunks = int(chans_cpu[:, 1].max())  # a CPU tensor: no device sync
     _bn_stats_merge_kernel[(n_ch,)](partials, chans, means, variances, BLOCK_K=triton.next_power_of_2(max_chunks))
     return means, variances
 
@@ -202,8 +209,8 @@ def bn_batch_stats_multi_backward(xs, means, g_means, g_vars) -> list[torch.Tens
     """Gradients of the maps in ``xs`` given dL/dmean and dL/dvar of every channel."""
     dev = xs[0].device
     grads = [torch.empty_like(x) for x in xs]
-    rows, _, _ = _work_table(xs, grads)
-    table = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-    _bn_backward_kernel[(len(rows),)](table, xs[0], means, g_means.contiguous(), g_vars.contiguous(),
+    table_cpu, _, _ = _work_table(xs, grads)
+    table = table_cpu.to(dev, non_blocking=True)
+    _bn_backward_kernel[(table_cpu.shape[0],)](table, xs[0], means, g_means.contiguous(), g_vars.contiguous(),
                                       NCOL=14, BLOCK=1024, ACC=_acc(xs[0].dtype))
     return grads
