@@ -124,6 +124,23 @@ def test_low_precision(backend, dtype, tol_loss, tol_grad, layout):
     assert rel(g, rg) < tol_grad
 
 
+@pytest.mark.parametrize("backend,shape,layout", [
+    ("cpu", (2, 2, 160, 160), "contiguous"),       # a channel split into several chunks (grid-level merge)
+    ("cpu", (2, 2, 160, 160), "sliced"),
+    ("cpu", (64, 200, 8, 8), "channels_last"),     # rows path: several channel blocks and row chunks
+    ("cpu", (1, 4, 300, 301), "contiguous"),       # N=1, 4 channels: still split over chunks (both cores)
+    ("triton", (2, 2, 128, 80), "contiguous"),     # two chunks per channel
+])
+def test_chunked_reductions(backend, shape, layout):
+    x = make_map(shape, torch.float32, layout, mean=3.0).requires_grad_()
+    rm, rv = stats_for(shape[1], torch.float32)
+    loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
+    (g,) = torch.autograd.grad(loss, x)
+    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+    assert rel(mean, rmean) < 1e-6 and rel(var, rvar) < 1e-5
+    assert rel(loss, rl) < 1e-5 and rel(g, rg) < 1e-4
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_small_variance(backend):
     # mean 1000, std 0.01 in fp32: E[x^2]-E[x]^2 in fp32 loses the variance entirely
