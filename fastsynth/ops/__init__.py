@@ -1,2 +1,4 @@
 """fastsynth's fused ops. Each op module holds its Python API, validation, backend dispatch,
 fake kernels and autograd registration; kernels live in csrc/ (C++/CUDA) and kernels/ (Triton)."""
+
+from .logit_losses import js_divergence, kd_loss, synthesis_logit_loss  # noqa: E402,F401
