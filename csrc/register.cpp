@@ -22,7 +22,20 @@ TORCH_LIBRARY(fastsynth, m) {
   // ---- end bn_stat_loss ----
 
   // ---- logit losses (fastsynth/ops/logit_losses.py) ----
-
+  // Forward ops return the loss, the detached per-term values and the gradients w.r.t. the
+  // logits for a unit grad_loss (empty [0] tensors where not requested); backward scales them.
+  m.def(
+      "synthesis_logit_loss(Tensor teacher_logits, Tensor student_logits, Tensor targets, float oh, float adv, "
+      "bool agree_mask, bool need_grad_teacher, bool need_grad_student) -> (Tensor loss, Tensor oh_term, "
+      "Tensor adv_term, Tensor agree_frac, Tensor grad_teacher, Tensor grad_student)");
+  m.def(
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, float T, float scale, bool need_grad_student, "
+      "bool need_grad_teacher) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  m.def(
+      "js_divergence(Tensor student_logits, Tensor teacher_logits, float T, float clamp_min, float clamp_max, "
+      "float scale, bool need_grad_student, bool need_grad_teacher) -> (Tensor loss, Tensor grad_student, "
+      "Tensor grad_teacher)");
+  m.def("logit_loss_backward(Tensor grad_loss, Tensor grad_a, Tensor grad_b) -> (Tensor, Tensor)");
   // ---- end logit losses ----
 
   // ---- reinit (fastsynth/ops/reinit.py) ----
