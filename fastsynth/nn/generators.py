@@ -196,7 +196,8 @@ class _NoisyGeneratorBase(nn.Module):
             if label_emb.dim() != 2 or label_emb.shape[1] != le_size:
                 raise ValueError(f"{type(self).__name__}: label_emb must be [num_classes, le_size={le_size}], "
                                  f"got shape {tuple(label_emb.shape)}")
-            label_emb = label_emb.float()
+            if label_emb.dtype not in (torch.float32, torch.float64):
+                label_emb = label_emb.float()  # e.g. upstream's fp16 pickles
         # not in the state_dict (upstream keeps it as a plain attribute) but moves with .to()
         self.register_buffer("label_emb", label_emb, persistent=False)
         self.n1 = nn.BatchNorm1d(le_size)
