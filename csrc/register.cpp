@@ -39,6 +39,11 @@ TORCH_LIBRARY(fastsynth, m) {
   // ---- end logit losses ----
 
   // ---- reinit (fastsynth/ops/reinit.py) ----
+  // Fills every tensor of the list in place from the Philox stream keyed by seed (1-element
+  // int64 tensor, read on the device) and by each element's offset in the concatenated list.
+  // dist: "normal" (mean a, std b), "uniform" [a, b), "kaiming_uniform", "constant" (a);
+  // dist, a, b: one entry for all tensors or one per tensor.
+  m.def("reinit_(Tensor(a!)[] tensors, Tensor seed, str[] dist, float[] a, float[] b) -> ()");
 
   // ---- end reinit ----
 
