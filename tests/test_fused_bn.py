@@ -154,15 +154,17 @@ def test_backward_low_precision(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    x, w, b, rm, rv = rand_inputs(2, 3, 3, 2)
+    x, w, b, rm, rv = rand_inputs(2, 3, 2, 2)
     x.requires_grad_(True)
     w.requires_grad_(True)
     b.requires_grad_(True)
+    # the interpreted Triton kernels are slow: fast_mode (random directional derivatives) there
+    fast = backend == "triton"
     for relu in (False, True):
         def fn(x, w, b):
             return fused_bn(x, w, b, rm, rv, 1e-5, relu, True, backend=backend)
 
-        assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,12 +232,11 @@ def test_opcheck_registered_ops():
     cases = [(torch.ops.fastsynth.fused_bn_forward_triton.default, torch.ops.fastsynth.fused_bn_backward_triton.default)]
     if _ext.has_extension():
         cases.append((torch.ops.fastsynth.fused_bn_forward.default, torch.ops.fastsynth.fused_bn_backward.default))
+    xcl = xg.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     for fwd, bwd in cases:
-        for xin in (xg, xg.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)):
-            for relu, stats in ((True, True), (False, False)):
-                torch.library.opcheck(fwd, (xin, w, b, rm, rv, 1e-5, relu, stats))
+        torch.library.opcheck(fwd, (xcl, w, b, rm, rv, 1e-5, True, True))
+        torch.library.opcheck(fwd, (xg, w, b, rm, rv, 1e-5, False, False))
         torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, 1e-5, True, True, True))
-        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, 1e-5, False, False, False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -358,6 +359,12 @@ MODELS = {
 }
 
 
+def _bn_params(model):
+    # gradients w.r.t. the input and every BatchNorm gamma/beta (dgamma/dbeta are the fused
+    # reductions; conv weight gradients follow from grad_x)
+    return [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
+
+
 def upstream_loss_and_grads(model, x, target, weights_grad=True):
     """Upstream-style reference: forward hooks on every nn.BatchNorm2d computing mean/var of the
     BN input (permute/contiguous formulation), loss_from_stats on them, plus a logit loss."""
@@ -375,7 +382,7 @@ def upstream_loss_and_grads(model, x, target, weights_grad=True):
     logits = model(x)
     bn = loss_from_stats(*[list(t) for t in zip(*stats)])
     loss = F.cross_entropy(logits, target) + 0.7 * bn
-    params = [p for p in model.parameters() if p.requires_grad] if weights_grad else []
+    params = _bn_params(model) if weights_grad else []
     grads = torch.autograd.grad(loss, [x] + params)
     for h in handles:
         h.remove()
@@ -387,7 +394,7 @@ def fused_loss_and_grads(model, x, target, weights_grad=True):
     logits = model(x)
     bn = loss_from_stats(*bn_statistics(model))
     loss = F.cross_entropy(logits, target) + 0.7 * bn
-    params = [p for p in model.parameters() if p.requires_grad] if weights_grad else []
+    params = _bn_params(model) if weights_grad else []
     grads = torch.autograd.grad(loss, [x] + params)
     return logits.detach(), bn.detach(), grads
 
@@ -403,8 +410,9 @@ def test_fused_teacher_matches_upstream_hooks_float64(name, fuse_relu):
     assert len(fused_layers(model)) == n_bn
     folded = model.__dict__.get("_fs_relus_folded", 0)
     assert (folded > 0) == fuse_relu
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    target = torch.tensor([1, 4, 7])
+    side = 32 if name == "vgg8_bn" else 16  # VGG pools 5 times
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    target = torch.tensor([1, 7])
     lr, br, gr = upstream_loss_and_grads(ref, x, target)
     lf, bf, gf = fused_loss_and_grads(model, x, target)
     assert relerr(lf, lr) < 1e-12
@@ -418,7 +426,7 @@ def test_fused_teacher_matches_upstream_hooks_float64(name, fuse_relu):
 def test_fused_teacher_float32_channels_last(fuse_relu):
     ref = randomise_bn(resnet18()).eval().to(memory_format=torch.channels_last)
     model = fuse_teacher(copy.deepcopy(ref), fuse_relu=fuse_relu)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     target = torch.tensor([0, 3])
     lr, br, gr = upstream_loss_and_grads(ref, x, target, weights_grad=False)
     lf, bf, gf = fused_loss_and_grads(model, x, target, weights_grad=False)
@@ -436,7 +444,7 @@ def test_relu_folding_counts_and_shared_relu():
 def test_teacher_triton_backend():
     ref = randomise_bn(TinyTorchvisionResNet()).eval()
     model = fuse_teacher(copy.deepcopy(ref), backend="triton")
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 8, 8)
     target = torch.tensor([2, 5])
     lr, br, gr = upstream_loss_and_grads(ref, x, target)
     lf, bf, gf = fused_loss_and_grads(model, x, target)
@@ -449,7 +457,7 @@ def test_unfuse_restores_exact_modules_and_state_dict():
     model = randomise_bn(resnet18()).eval()
     originals = {n: m for n, m in model.named_modules()}
     keys = list(model.state_dict().keys())
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     y0 = model(x)
     fuse_teacher(model)
     assert list(model.state_dict().keys()) == keys
@@ -477,7 +485,7 @@ def test_train_mode_is_plain_batchnorm():
     model = fuse_teacher(copy.deepcopy(ref))
     ref.train()
     model.train()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 16, 16)
     y_ref, y = ref(x), model(x)
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(model.buffers(), ref.buffers()):
