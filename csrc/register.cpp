@@ -48,6 +48,17 @@ TORCH_LIBRARY(fastsynth, m) {
   // ---- end reinit ----
 
   // ---- fused teacher BatchNorm (fastsynth/ops/fused_bn.py) ----
+  // Eval-mode BatchNorm (+ optional ReLU) and, when with_stats, the per-channel batch mean and
+  // biased variance of x (fp32 for fp16/bf16 x; empty when with_stats is false), in one pass.
+  m.def(
+      "fused_bn_forward(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "float eps, bool apply_relu, bool with_stats) -> (Tensor y, Tensor mean, Tensor var)");
+  // grad_x = relu_mask * grad_y * scale + grad_mean / M + 2 grad_var (x - mean) / M, one pass;
+  // grad_weight/grad_bias (empty unless need_weight_grad) reduced in the same pass.
+  m.def(
+      "fused_bn_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor running_mean, "
+      "Tensor running_var, Tensor mean, Tensor grad_mean, Tensor grad_var, float eps, bool apply_relu, "
+      "bool with_stats, bool need_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- end fused teacher BatchNorm ----
 }
