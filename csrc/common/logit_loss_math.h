@@ -203,9 +203,11 @@ FS_HD KlState<acc_t> kl_state_merge(KlState<acc_t> x, KlState<acc_t> y) {
 }
 
 // KL(p_t || p_s) of a finished row state. Never below 0 by more than rounding; clamp at 0.
+// log Z_s - log Z_t is taken as one log of the ratio (near 1 for close distributions), which
+// avoids the cancellation of two logs of magnitude log C when the KL is small (high T).
 template <typename acc_t>
 FS_HD acc_t kl_state_value(KlState<acc_t> st) {
-  const acc_t kl = st.a / st.zt - fs_log(st.zt) + fs_log(st.zs);
+  const acc_t kl = st.a / st.zt + fs_log(st.zs / st.zt);
   return kl > acc_t(0) ? kl : acc_t(0);
 }
 

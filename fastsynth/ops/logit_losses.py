@@ -232,8 +232,11 @@ def _make_autograd(backward_op, n_inputs: int, n_loss_outputs: int):
         grad_a, grad_b = output[-2], output[-1]
         ctx.save_for_backward(grad_a, grad_b)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs that carry no gradient
 
     def backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * n_inputs
         grad_a, grad_b = ctx.saved_tensors
         out_a, out_b = backward_op(grad_loss, grad_a, grad_b)
         # an empty saved gradient means the input did not require grad (static shape, no sync)
