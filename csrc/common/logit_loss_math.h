@@ -106,6 +106,28 @@ FS_HD float fs_exp(float x) {
 }
 FS_HD double fs_exp(double x) { return exp(x); }
 
+// 1/x for positive normal x. On the device a correctly rounded fp64 division or reciprocal
+// compiles to a slow-path subroutine call whose saved registers show up as spills; the fp64
+// version is the hardware approximation refined by two Newton steps (error below 1 ulp).
+FS_HD float fs_recip(float x) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(x);
+#else
+  return 1.0f / x;
+#endif
+}
+FS_HD double fs_recip(double x) {
+#if defined(__CUDA_ARCH__)
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
+  r = fma(r, fma(-x, r, 1.0), r);
+  r = fma(r, fma(-x, r, 1.0), r);
+  return r;
+#else
+  return 1.0 / x;
+#endif
+}
+
 FS_HD float fs_log(float x) {
 #if defined(__CUDA_ARCH__)
   return __logf(x);
@@ -207,7 +229,8 @@ FS_HD KlState<acc_t> kl_state_merge(KlState<acc_t> x, KlState<acc_t> y) {
 // avoids the cancellation of two logs of magnitude log C when the KL is small (high T).
 template <typename acc_t>
 FS_HD acc_t kl_state_value(KlState<acc_t> st) {
-  const acc_t kl = st.a / st.zt + fs_log(st.zs / st.zt);
+  const acc_t rz = fs_recip(st.zt);
+  const acc_t kl = st.a * rz + fs_log(st.zs * rz);
   return kl > acc_t(0) ? kl : acc_t(0);
 }
 
@@ -274,8 +297,8 @@ FS_HD JsElem<acc_t> js_element(acc_t p, acc_t q, acc_t log_p, acc_t log_q, acc_t
   JsElem<acc_t> r;
   r.f = mc * inner;
   const acc_t dm = m_in ? acc_t(0.5) * (inner + acc_t(1)) : acc_t(0);
-  r.dp = (p_in ? acc_t(-0.5) * mc / pc : acc_t(0)) + dm;
-  r.dq = (q_in ? acc_t(-0.5) * mc / qc : acc_t(0)) + dm;
+  r.dp = (p_in ? acc_t(-0.5) * mc * fs_recip(pc) : acc_t(0)) + dm;
+  r.dq = (q_in ? acc_t(-0.5) * mc * fs_recip(qc) : acc_t(0)) + dm;
   return r;
 }
 

@@ -151,6 +151,8 @@ __device__ __forceinline__ P group_allreduce(P v, P* smem) {
 // Row kernels
 // ---------------------------------------------------------------------------------------------
 
+// Launch bounds name min 1 block per SM: without it ptxas caps the fp64 instantiations at 80
+// registers and spills.
 template <int G>
 struct GroupShape {
   static constexpr int kRows = G == 32 ? kWarpRowsPerBlock : 1;
@@ -159,7 +161,7 @@ struct GroupShape {
 };
 
 template <typename T, int G, int VEC>
-__global__ void __launch_bounds__(GroupShape<G>::kThreads) kl_rows_kernel(KlRowsArgs a, void* partials) {
+__global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlRowsArgs a, void* partials) {
   using acc_t = typename AccOf<T>::type;
   __shared__ KlPass1<acc_t> smem[GroupShape<G>::kSmem];
   const int lane = threadIdx.x % G;
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads) kl_rows_kernel(KlRows
 }
 
 template <typename T, int G, int VEC>
-__global__ void __launch_bounds__(GroupShape<G>::kThreads) js_rows_kernel(JsRowsArgs a, void* partials) {
+__global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) js_rows_kernel(JsRowsArgs a, void* partials) {
   using acc_t = typename AccOf<T>::type;
   __shared__ JsPass1<acc_t> smem1[GroupShape<G>::kSmem];
   __shared__ Sums3<acc_t> smem2[GroupShape<G>::kSmem];
