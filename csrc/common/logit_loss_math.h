@@ -61,7 +61,9 @@ FS_HD int32_t float_to_bits(float f) {
 // (truncation error below 1e-8 relative), times 2^n assembled in the exponent bits.
 // Results below exp(-87) (the smallest normal floats) are flushed to 0.
 FS_HD float exp_poly(float x) {
-  const float xc = fminf(fmaxf(x, -87.0f), 88.0f);
+  // comparisons, not fminf/fmaxf: those are library calls (NaN rules) that stop vectorisation
+  const float xlo = x < -87.0f ? -87.0f : x;
+  const float xc = xlo > 88.0f ? 88.0f : xlo;
   const float n = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r = r - n * 1.42860682030941723212e-6f;  // ... and the remainder
@@ -74,7 +76,8 @@ FS_HD float exp_poly(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * scale;
+  const float result = p * scale;  // computed unconditionally: a select, not a branch, vectorises
+  return x < -87.0f ? 0.0f : result;
 }
 
 // log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
