@@ -95,7 +95,7 @@ def run(quick: bool = False, device: str = "cpu", with_compile: bool | None = No
     with_compile = (not quick) if with_compile is None else with_compile
     cases = QUICK_CASES if quick else CASES
     reps = 5 if quick else 20
-    bw = harness.measure_bandwidth(64 * 2**20 if quick else 256 * 2**20, device=device, reps=3)
+    bw = harness.measure_bandwidth(16 * 2**20 if quick else 256 * 2**20, device=device, reps=3)
     rows = []
     for kernel in kernels:
         for n, c in cases:

@@ -32,8 +32,10 @@ Notation: teacher logits t, student logits s (both [N, C]), targets y ([N], int6
     with the gradients autograd gives the upstream code: torch.clamp passes gradient on the closed
     interval [lo, hi] and blocks it outside, and the softmax backward  ds = P (dP - <P, dP>) / T.
 
-Every fused op computes the loss AND its gradients w.r.t. the logits in one pass per row (the
-gradients for a unit upstream gradient are returned as extra outputs); backward is one op,
+Every fused op computes the loss AND its gradients w.r.t. the logits in the same call, row by row
+(the CPU kernel sweeps each row three times while it stays in cache; the CUDA and Triton kernels
+read it twice: online log-sum-exp, then gradients). The gradients for a unit upstream gradient
+are returned as extra outputs; backward is one op,
 ``logit_loss_backward``, that scales them by grad_output read from the tensor (no host sync, no
 ``torch.equal(grad_output, 1)`` shortcut). Batch sums over rows are reduced in a fixed order
 (per-row partials, then one ordered sum): results do not depend on threads or launch order.
