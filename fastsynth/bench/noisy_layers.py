@@ -68,8 +68,8 @@ def _row(kernel, case, provider, t, nbytes, base, base_compile, bw, ops=None, fl
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[dict]:
-    reps, warmup = (3, 1) if quick else (15, 3)
-    bw = harness.measure_bandwidth(64 * 2**20 if quick else 256 * 2**20, device=device)["copy_GBps"]
+    reps, warmup = (2, 1) if quick else (15, 3)
+    bw = harness.measure_bandwidth(16 * 2**20 if quick else 256 * 2**20, device=device)["copy_GBps"]
     rows = []
     with_compile = not quick
     for case, cfg in CONFIGS.items():
