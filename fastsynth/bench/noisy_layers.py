@@ -67,11 +67,12 @@ def _row(kernel, case, provider, t, nbytes, base, base_compile, bw, ops=None, fl
     return row
 
 
-def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+def run(quick: bool = False, device: str = "cpu", compile_upstream: bool | None = None) -> list[dict]:
+    """``compile_upstream``: also time torch.compile of the upstream loops (default: not with quick)."""
     reps, warmup = (2, 1) if quick else (15, 3)
     bw = harness.measure_bandwidth(16 * 2**20 if quick else 256 * 2**20, device=device)["copy_GBps"]
     rows = []
-    with_compile = not quick
+    with_compile = (not quick) if compile_upstream is None else compile_upstream
     for case, cfg in CONFIGS.items():
         b, nl, le_size, emb = cfg["batch"], cfg["nl"], cfg["le_size"], cfg["le_emb_size"]
         k = math.ceil(b / nl)
@@ -144,8 +145,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="few repetitions, no torch.compile providers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers (slow to compile)")
     args = p.parse_args(argv)
-    rows = run(quick=args.quick, device=args.device)
+    rows = run(quick=args.quick, device=args.device, compile_upstream=False if args.no_compile else None)
     harness.print_table(rows, ["kernel", "case", "provider", "median_ms", "speedup_vs_eager", "speedup_vs_compile",
                                "bytes", "GBps", "bw_frac", "aten_ops"])
     if args.csv:
