@@ -135,9 +135,9 @@ static LayerDesc describe(const at::Tensor& x, const at::Tensor* g) {
     L.Q = L.N; L.N = 1;
     L.xs_q = L.xs_n; L.gs_q = L.gs_n;
   }
-  // small dense NCHW planes: stream whole samples (x and g both hold each sample's C planes
+  // small dense NCHW planes (and a batch to split over threads): stream whole samples (x and g hold each sample's C planes
   // back to back) instead of one short run per sample and channel
-  L.sample_major = !L.channel_inner && L.P == 1 && L.Q > 1 && L.Q < kSmallPlane && L.C > 1 && L.xs_q == 1 &&
+  L.sample_major = !L.channel_inner && L.N >= 4 && L.P == 1 && L.Q > 1 && L.Q < kSmallPlane && L.C > 1 && L.xs_q == 1 &&
                    L.xs_c == L.Q && (!g || (L.gs_q == 1 && L.gs_c == L.Q));
   return L;
 }
