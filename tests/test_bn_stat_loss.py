@@ -129,6 +129,9 @@ def test_low_precision(backend, dtype, tol_loss, tol_grad, layout):
     ("cpu", (2, 2, 160, 160), "sliced"),
     ("cpu", (64, 200, 8, 8), "channels_last"),     # rows path: several channel blocks and row chunks
     ("cpu", (1, 4, 300, 301), "contiguous"),       # N=1, 4 channels: still split over chunks (both cores)
+    ("cpu", (512, 64, 4, 4), "contiguous"),        # samples path (small planes): 16 sample chunks
+    ("cpu", (128, 256, 16, 16), "contiguous"),     # samples path: several two-pass blocks per item
+    ("cpu", (6, 3, 5, 5), "contiguous"),           # samples path, tiny
     ("triton", (2, 2, 128, 80), "contiguous"),     # two chunks per channel
 ])
 def test_chunked_reductions(backend, shape, layout):

@@ -34,6 +34,8 @@ namespace bn_cpu {
 constexpr int64_t kPlaneBlock = 4096;        // values per two-pass block on the plane path
 constexpr int64_t kRowBlockElems = 8192;     // values per two-pass block on the rows path
 constexpr int64_t kMaxChannelBlock = 128;    // channels per work item on the rows path
+constexpr int64_t kSmallPlane = 1024;        // NCHW planes below this many values take the samples path
+constexpr int64_t kSampleBlockElems = 1 << 18;  // values per two-pass block on the samples path (L2)
 
 struct LayerDesc {
   const void* x = nullptr;
@@ -46,6 +48,7 @@ struct LayerDesc {
   int64_t chunks = 1;                // chunks per channel
   int64_t cblock = 1;                // channels per work item (1 on the plane path)
   bool channel_inner = false;
+  bool sample_major = false;         // "samples" path: dense small planes, whole samples per item
 };
 
 struct WorkItem {
@@ -132,6 +135,10 @@ static LayerDesc describe(const at::Tensor& x, const at::Tensor* g) {
     L.Q = L.N; L.N = 1;
     L.xs_q = L.xs_n; L.gs_q = L.gs_n;
   }
+  // small dense NCHW planes (and a batch to split over threads): stream whole samples (x and g hold each sample's C planes
+  // back to back) instead of one short run per sample and channel
+  L.sample_major = !L.channel_inner && L.N >= 4 && L.P == 1 && L.Q > 1 && L.Q < kSmallPlane && L.C > 1 && L.xs_q == 1 &&
+                   L.xs_c == L.Q && (!g || (L.gs_q == 1 && L.gs_c == L.Q));
   return L;
 }
 
@@ -143,8 +150,13 @@ static std::vector<WorkItem> plan(std::vector<LayerDesc>& layers, int nthreads) 
   std::vector<WorkItem> items;
   for (size_t l = 0; l < layers.size(); ++l) {
     auto& L = layers[l];
-    L.cblock = L.channel_inner ? std::min<int64_t>(L.C, kMaxChannelBlock) : 1;
-    L.chunks = num_chunks<int64_t>(L.M, std::max<int64_t>(1, target / L.cblock));
+    if (L.sample_major) {  // chunks of whole samples, all channels per item
+      L.cblock = L.C;
+      L.chunks = num_chunks<int64_t>(L.N, std::max<int64_t>(1, target / (L.C * L.Q)));
+    } else {
+      L.cblock = L.channel_inner ? std::min<int64_t>(L.C, kMaxChannelBlock) : 1;
+      L.chunks = num_chunks<int64_t>(L.M, std::max<int64_t>(1, target / L.cblock));
+    }
     L.chan_offset = channels;
     L.partial_offset = partials;
     channels += L.C;

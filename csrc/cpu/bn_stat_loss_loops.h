@@ -23,36 +23,44 @@ inline void for_each_run(const LayerDesc& L, int64_t m0, int64_t m1, F&& fn) {
   }
 }
 
+// Two passes over a block that stays in L1: sum -> block mean -> centred sum of squares. The
+// block is `nruns` runs of `len` values (run starts `run_stride` apart, values `stride` apart);
+// grouping short runs (small H*W planes of consecutive samples) into one block keeps the
+// per-block work (lane reduction, divisions, merge) off the per-value path.
 template <typename scalar_t, typename acc_t>
-inline Welford<double> block_stats(const scalar_t* x, int64_t n, int64_t stride) {
-  // two passes over a block that stays in L1: sum -> block mean -> centred sum of squares
+inline Welford<double> block_stats(const scalar_t* x, int64_t nruns, int64_t run_stride, int64_t len, int64_t stride) {
   constexpr int V = sizeof(acc_t) == 8 ? 8 : 16;  // independent accumulators (vector lanes)
   acc_t s[V] = {};
   acc_t sum = acc_t(0);
-  int64_t i = 0;
-  if (stride == 1) {
-    for (; i + V <= n; i += V)
-      for (int j = 0; j < V; ++j) s[j] += static_cast<acc_t>(x[i + j]);
-    for (int j = 0; j < V; ++j) sum += s[j];
+  for (int64_t r = 0; r < nruns; ++r) {
+    const scalar_t* p = x + r * run_stride;
+    int64_t i = 0;
+    if (stride == 1)
+      for (; i + V <= len; i += V)
+        for (int j = 0; j < V; ++j) s[j] += static_cast<acc_t>(p[i + j]);
+    for (; i < len; ++i) sum += static_cast<acc_t>(p[i * stride]);
   }
-  for (; i < n; ++i) sum += static_cast<acc_t>(x[i * stride]);
-  const acc_t mean = sum / static_cast<acc_t>(n);
+  for (int j = 0; j < V; ++j) sum += s[j];
+  const acc_t count = static_cast<acc_t>(nruns * len);
+  const acc_t mean = sum / count;
   acc_t q[V] = {};
   acc_t m2 = acc_t(0);
-  i = 0;
-  if (stride == 1) {
-    for (; i + V <= n; i += V)
-      for (int j = 0; j < V; ++j) {
-        const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
-        q[j] += d * d;
-      }
-    for (int j = 0; j < V; ++j) m2 += q[j];
+  for (int64_t r = 0; r < nruns; ++r) {
+    const scalar_t* p = x + r * run_stride;
+    int64_t i = 0;
+    if (stride == 1)
+      for (; i + V <= len; i += V)
+        for (int j = 0; j < V; ++j) {
+          const acc_t d = static_cast<acc_t>(p[i + j]) - mean;
+          q[j] += d * d;
+        }
+    for (; i < len; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i * stride]) - mean;
+      m2 += d * d;
+    }
   }
-  for (; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i * stride]) - mean;
-    m2 += d * d;
-  }
-  return Welford<double>(static_cast<double>(mean), static_cast<double>(m2), static_cast<double>(n));
+  for (int j = 0; j < V; ++j) m2 += q[j];
+  return Welford<double>(static_cast<double>(mean), static_cast<double>(m2), static_cast<double>(nruns * len));
 }
 
 // Statistics of one work item on the plane path: channel it.c0, chunk it.chunk.
@@ -62,12 +70,31 @@ inline void stats_plane_item(const LayerDesc& L, const WorkItem& it, Welford<dou
   const int64_t m0 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk);
   const int64_t m1 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk + 1);
   Welford<double> st;
-  for_each_run(L, m0, m1, [&](int64_t xoff, int64_t, int64_t len) {
+  auto long_run = [&](int64_t xoff, int64_t, int64_t len) {
     for (int64_t b = 0; b < len; b += kPlaneBlock) {
       const int64_t n = std::min<int64_t>(kPlaneBlock, len - b);
-      st = welford_merge(st, block_stats<scalar_t, acc_t>(x + xoff + b * L.xs_q, n, L.xs_q));
+      st = welford_merge(st, block_stats<scalar_t, acc_t>(x + xoff + b * L.xs_q, 1, 0, n, L.xs_q));
     }
-  });
+  };
+  if (L.P == 1 && L.Q < kPlaneBlock) {
+    // short planes (e.g. 4x4, 8x8): whole samples are grouped into blocks of ~kPlaneBlock values
+    const int64_t Q = L.Q;
+    int64_t m = m0;
+    while (m < m1) {
+      const int64_t n = m / Q, q = m - n * Q;
+      if (q != 0 || m1 - m < Q) {  // a partial sample at either end of the chunk
+        const int64_t len = std::min(Q - q, m1 - m);
+        long_run(n * L.xs_n + q * L.xs_q, 0, len);
+        m += len;
+        continue;
+      }
+      const int64_t R = std::min((m1 - m) / Q, std::max<int64_t>(1, kPlaneBlock / Q));
+      st = welford_merge(st, block_stats<scalar_t, acc_t>(x + n * L.xs_n, R, L.xs_n, Q, L.xs_q));
+      m += R * Q;
+    }
+  } else {
+    for_each_run(L, m0, m1, long_run);
+  }
   partials[L.partial_offset + it.c0 * L.chunks + it.chunk] = st;
 }
 
@@ -114,6 +141,79 @@ inline void stats_rows_item(const LayerDesc& L, const WorkItem& it, Welford<doub
   });
   for (int64_t j = 0; j < nc; ++j)
     partials[L.partial_offset + (it.c0 + j) * L.chunks + it.chunk] = Welford<double>(mean[j], m2[j], count);
+}
+
+// Statistics of one "samples" work item: NCHW maps with small dense planes (4x4 ... 28x28),
+// where walking one channel at a time would touch one short run per sample, each in another
+// page. Instead the item streams whole samples [n0, n1) (C*Q contiguous values each) and keeps
+// per-(channel, position) accumulators, reduced per channel once per block of samples.
+template <typename scalar_t, typename acc_t>
+inline void stats_samples_item(const LayerDesc& L, const WorkItem& it, Welford<double>* partials) {
+  const int64_t C = L.C, Q = L.Q, CQ = C * Q;
+  const int64_t n0 = chunk_begin<int64_t>(L.N, L.chunks, it.chunk);
+  const int64_t n1 = chunk_begin<int64_t>(L.N, L.chunks, it.chunk + 1);
+  const int64_t R = std::max<int64_t>(1, kSampleBlockElems / CQ);  // samples per two-pass block
+  const scalar_t* x = static_cast<const scalar_t*>(L.x);
+  std::vector<acc_t> acc(CQ), bmean(C);
+  std::vector<double> mean(C, 0.0), m2(C, 0.0);
+  double count = 0.0;
+  for (int64_t nb = n0; nb < n1; nb += R) {
+    const int64_t rs = std::min(R, n1 - nb);
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t s = 0; s < rs; ++s) {
+      const scalar_t* xs = x + (nb + s) * L.xs_n;
+      for (int64_t j = 0; j < CQ; ++j) acc[j] += static_cast<acc_t>(xs[j]);
+    }
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(rs * Q);
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t t = acc_t(0);
+      for (int64_t i = 0; i < Q; ++i) t += acc[c * Q + i];
+      bmean[c] = t * inv;
+    }
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t s = 0; s < rs; ++s) {
+      const scalar_t* xs = x + (nb + s) * L.xs_n;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t mc = bmean[c];
+        acc_t* a = acc.data() + c * Q;
+        const scalar_t* xc = xs + c * Q;
+        for (int64_t i = 0; i < Q; ++i) {
+          const acc_t d = static_cast<acc_t>(xc[i]) - mc;
+          a[i] += d * d;
+        }
+      }
+    }
+    const double nbk = static_cast<double>(rs * Q), n = count + nbk, wb = nbk / n, wab = count * wb;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t t = acc_t(0);
+      for (int64_t i = 0; i < Q; ++i) t += acc[c * Q + i];
+      const double delta = static_cast<double>(bmean[c]) - mean[c];
+      mean[c] += delta * wb;
+      m2[c] += static_cast<double>(t) + delta * delta * wab;
+    }
+    count = n;
+  }
+  for (int64_t c = 0; c < C; ++c)
+    partials[L.partial_offset + c * L.chunks + it.chunk] = Welford<double>(mean[c], m2[c], count);
+}
+
+// Backward of one "samples" work item: whole samples, coefficients broadcast per channel.
+template <typename scalar_t, typename acc_t>
+inline void backward_samples_item(const LayerDesc& L, const WorkItem& it, const acc_t* mean, const acc_t* scale,
+                                  const acc_t* shift) {
+  const int64_t C = L.C, Q = L.Q;
+  const int64_t n0 = chunk_begin<int64_t>(L.N, L.chunks, it.chunk);
+  const int64_t n1 = chunk_begin<int64_t>(L.N, L.chunks, it.chunk + 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* xs = static_cast<const scalar_t*>(L.x) + n * L.xs_n;
+    scalar_t* gs = static_cast<scalar_t*>(L.g) + n * L.gs_n;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t mc = mean[c], sc = scale[c], sh = shift[c];
+      const scalar_t* xc = xs + c * Q;
+      scalar_t* gc = gs + c * Q;
+      for (int64_t i = 0; i < Q; ++i) gc[i] = static_cast<scalar_t>(sc * (static_cast<acc_t>(xc[i]) - mc) + sh);
+    }
+  }
 }
 
 // One-pass backward of one plane-path work item: g = scale * (x - mean) + shift.
@@ -163,7 +263,8 @@ void run_stats_items(const std::vector<LayerDesc>& layers, const std::vector<Wor
   for (int64_t i = 0; i < n_items; ++i) {
     const WorkItem& it = items[i];
     const LayerDesc& L = layers[it.layer];
-    if (L.channel_inner) stats_rows_item<scalar_t, acc_t>(L, it, partials);
+    if (L.sample_major) stats_samples_item<scalar_t, acc_t>(L, it, partials);
+    else if (L.channel_inner) stats_rows_item<scalar_t, acc_t>(L, it, partials);
     else stats_plane_item<scalar_t, acc_t>(L, it, partials);
   }
 }
@@ -177,7 +278,17 @@ void run_backward_items(const std::vector<LayerDesc>& layers, const std::vector<
     const WorkItem& it = items[i];
     const LayerDesc& L = layers[it.layer];
     const double count = static_cast<double>(L.M);
-    if (L.channel_inner) {
+    if (L.sample_major) {
+      std::vector<acc_t> coeffs(3 * L.C);
+      for (int64_t c = 0; c < L.C; ++c) {
+        const int64_t gch = L.chan_offset + c;
+        const auto cf = bn_grad_coeffs<double>(means[gch], g_means[gch], g_vars[gch], count);
+        coeffs[c] = static_cast<acc_t>(cf.mean);
+        coeffs[L.C + c] = static_cast<acc_t>(cf.scale);
+        coeffs[2 * L.C + c] = static_cast<acc_t>(cf.shift);
+      }
+      backward_samples_item<scalar_t, acc_t>(L, it, coeffs.data(), coeffs.data() + L.C, coeffs.data() + 2 * L.C);
+    } else if (L.channel_inner) {
       const int64_t nc = std::min<int64_t>(L.cblock, L.C - it.c0);
       acc_t mean[kMaxChannelBlock], scale[kMaxChannelBlock], shift[kMaxChannelBlock];
       for (int64_t j = 0; j < nc; ++j) {

@@ -73,7 +73,7 @@ def run(quick: bool = False, device: str = "cpu", compile_provider: bool | None 
     dev = torch.device(device)
     compile_provider = (not quick) if compile_provider is None else compile_provider
     bw = harness.measure_bandwidth(64 * 2**20 if quick else 256 * 2**20, device=device)
-    reps, warmup = (3, 1) if quick else (7, 2)
+    reps, warmup = (3, 1) if quick else (5, 1)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     compiled = torch.compile(eager_hook_loss, dynamic=False) if compile_provider else None
     providers = [("eager", eager_hook_loss)]
@@ -129,8 +129,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes, no torch.compile provider (seconds)")
     ap.add_argument("--compile", action="store_true", help="include torch.compile also in --quick mode")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every provider")
     ap.add_argument("--csv", default=os.path.join("benchmarks", "results", "bn_stat_loss.csv"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(quick=args.quick, device=args.device, compile_provider=True if args.compile else None)
     harness.print_table(rows, ["case", "provider", "median_ms", "speedup_vs_eager", "speedup_vs_compile", "GBps",
                                "bw_frac"])

@@ -44,6 +44,20 @@ def _safe_norm(sq: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt())
 
 
+_SEGMENT_IDS: dict = {}
+
+
+def _segment_ids(sizes: tuple, device: torch.device) -> torch.Tensor:
+    """Layer index of every channel, built once per (layer sizes, device): the synthesis loop calls
+    this with the same sizes every step, and rebuilding it costs a host-to-device copy each time."""
+    key = (sizes, str(device))
+    seg = _SEGMENT_IDS.get(key)
+    if seg is None:
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+        _SEGMENT_IDS[key] = seg
+    return seg
+
+
 def loss_from_stats(
     means: Sequence[torch.Tensor],
     variances: Sequence[torch.Tensor],
@@ -107,7 +121,7 @@ def loss_from_stats(
     if L == 1:
         per_layer = _safe_norm((r_var * r_var).sum().reshape(1)) + _safe_norm((r_mean * r_mean).sum().reshape(1))
     else:
-        seg = torch.repeat_interleave(torch.arange(L, device=device), torch.tensor(sizes, device=device))
+        seg = _segment_ids(tuple(sizes), device)
         sq_var = torch.zeros(L, dtype=dtype, device=device).index_add(0, seg, r_var * r_var)
         sq_mean = torch.zeros(L, dtype=dtype, device=device).index_add(0, seg, r_mean * r_mean)
         per_layer = _safe_norm(sq_var) + _safe_norm(sq_mean)
