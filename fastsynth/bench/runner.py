@@ -222,7 +222,7 @@ def run_suite(
         "skipped": ",".join(skipped) or "none",
         "read_GBps": f"{bw['read_GBps']:.2f}",
         "copy_GBps": f"{bw['copy_GBps']:.2f}",
-        "bw_ref_GBps": f"{bw_ref:.2f}",
+        "bw_ref_GBps": f"{bw_ref:.3f}",
         "bw_frac_reference": "max(read, copy) bandwidth measured in this run",
         "seconds": f"{time.perf_counter() - t_start:.1f}",
     })
