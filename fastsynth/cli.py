@@ -1,8 +1,8 @@
 """The ``fastsynth`` command.
 
     fastsynth demo [args...]                 data-free distillation demo (fastsynth.demo)
-    fastsynth bench [kernel...] [--device cpu|cuda] [--quick] [--out DIR] [--plot] [--model]
-    fastsynth plot CSV [--out DIR]           PNG charts of a benchmark CSV
+    fastsynth bench [kernel...] [--device cpu|cuda] [--quick] [--out DIR] [--plot] [--report MD] [--model]
+    fastsynth plot CSV [--out DIR] [--report MD]   PNG charts (and a markdown report) of a benchmark CSV
     fastsynth profile [--steps N] [--out DIR] [--device ...]
     fastsynth info                           build info and versions
 """
@@ -40,6 +40,8 @@ def _bench(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small shape sets and few repetitions")
     p.add_argument("--out", default="bench_results", help="folder for the CSV (and PNGs) (default bench_results)")
     p.add_argument("--plot", action="store_true", help="also draw PNGs (needs matplotlib: fastsynth[plot])")
+    p.add_argument("--report", metavar="MD", default=None,
+                   help="also write a markdown report of this run (e.g. docs/BENCHMARKS.md)")
     p.add_argument("--model", action="store_true",
                    help="regenerate the GPU performance model docs/PERF_MODEL.md instead of timing")
     p.add_argument("--list", action="store_true", help="list the registered kernels and whether they exist")
@@ -81,11 +83,17 @@ def _bench(argv: list[str]) -> int:
     if res["skipped"]:
         print(f"skipped (module absent): {', '.join(res['skipped'])}")
     print(f"csv: {res['csv']}")
+    pngs = []
     if a.plot:
         from .bench.plot import plot_csv
 
-        for path in plot_csv(res["csv"], a.out):
+        pngs = plot_csv(res["csv"], a.out)
+        for path in pngs:
             print(f"png: {path}")
+    if a.report:
+        from .bench import report
+
+        print(f"report: {report.write(res['csv'], a.report, pngs)}")
     return 0
 
 
@@ -93,6 +101,7 @@ def _plot(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="fastsynth plot", description="PNG charts of a benchmark CSV.")
     p.add_argument("csv")
     p.add_argument("--out", default=None, help="output folder (default: the CSV's folder)")
+    p.add_argument("--report", metavar="MD", default=None, help="also write a markdown report with the PNGs")
     a = p.parse_args(argv)
     from .bench.plot import plot_csv
 
@@ -103,6 +112,10 @@ def _plot(argv: list[str]) -> int:
         return 2
     for path in paths:
         print(f"png: {path}")
+    if a.report:
+        from .bench import report
+
+        print(f"report: {report.write(a.csv, a.report, paths)}")
     return 0
 
 

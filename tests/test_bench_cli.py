@@ -103,6 +103,11 @@ def test_run_suite_quick_on_tiny_registry_writes_one_csv(tiny_registry, tmp_path
     # read back through the plotting reader
     meta2, rows2 = runner.read_csv(res["csv"])
     assert meta2["bw_ref_GBps"] == res["meta"]["bw_ref_GBps"] and len(rows2) == 3
+    from fastsynth.bench import report
+
+    md = report.markdown(res["csv"])
+    assert "## tiny" in md and "| case | provider | median_ms |" in md and "Geometric mean" in md
+    assert res["meta"]["command"] in md and res["meta"]["commit"] in md
 
 
 def test_explicitly_named_missing_kernel_is_an_error(tiny_registry, tmp_path):

@@ -226,6 +226,7 @@ def run_suite(
         "bw_frac_reference": "max(read, copy) bandwidth measured in this run",
         "seconds": f"{time.perf_counter() - t_start:.1f}",
     })
+    meta["worktree"] = _worktree_state()
     try:
         import fastsynth
 
@@ -240,6 +241,19 @@ def run_suite(
         with open(path, "a") as f:
             f.write(",".join(COLUMNS) + "\n")
     return {"rows": rows, "csv": path, "meta": meta, "skipped": skipped, "bandwidth": bw}
+
+
+def _worktree_state() -> str:
+    """'clean' or 'modified' (uncommitted changes: the commit alone does not reproduce the run)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                      stderr=subprocess.DEVNULL, text=True)
+    except Exception:
+        return "unknown"
+    return "modified" if out.strip() else "clean"
 
 
 def read_csv(path: str) -> tuple[dict, list[dict]]:
