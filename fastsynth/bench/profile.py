@@ -50,7 +50,11 @@ def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str
                     synthesis_batch_size=batch, sample_batch_size=batch, adv=1.33, bn=10, oh=0.5, bn_mmt=0.9,
                     save_dir=os.path.join(out_dir, "synth"), normalizer=Normalizer(CIFAR_MEAN, CIFAR_STD),
                     device=dev)
-        return (lambda: synth.synthesize()), impl
+        def run_round():
+            with torch.profiler.record_function("synthesize"):
+                return synth.synthesize()
+
+        return run_round, impl
     if impl != "step":
         raise ValueError(f"--impl must be auto, synthesizer or step, got {impl!r}")
     step = SynthesisStep(teacher, student, generator, batch=batch, nz=nz, num_classes=num_classes, device=device)
