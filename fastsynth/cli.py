@@ -82,6 +82,8 @@ def _bench(argv: list[str]) -> int:
           f" (bw_frac is relative to {res['meta']['bw_ref_GBps']} GB/s)")
     if res["skipped"]:
         print(f"skipped (module absent): {', '.join(res['skipped'])}")
+    if res["failed"]:
+        print(f"FAILED: {'; '.join(f'{k}: {v}' for k, v in res['failed'].items())}")
     print(f"csv: {res['csv']}")
     pngs = []
     if a.plot:
@@ -94,7 +96,7 @@ def _bench(argv: list[str]) -> int:
         from .bench import report
 
         print(f"report: {report.write(res['csv'], a.report, pngs)}")
-    return 0
+    return 1 if res["failed"] else 0
 
 
 def _plot(argv: list[str]) -> int:

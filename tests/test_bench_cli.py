@@ -118,6 +118,18 @@ def test_explicitly_named_missing_kernel_is_an_error(tiny_registry, tmp_path):
     assert cli.main(["bench", "no_such_kernel", "--out", str(tmp_path)]) == 2
 
 
+def test_a_failing_benchmark_is_reported_and_the_others_still_run(tiny_registry, tmp_path):
+    (tmp_path / "fs_failing_bench.py").write_text(
+        "def run(quick=False, device='cpu'):\n    raise ValueError('only runs on cpu')\n")
+    registry = {"failing": "fs_failing_bench", "tiny": tiny_registry["tiny"]}
+    logs = []
+    res = runner.run_suite(None, quick=True, out_dir=str(tmp_path / "o"), registry=registry, log=logs.append,
+                           bandwidth_bytes=2**20)
+    assert list(res["failed"]) == ["failing"] and "only runs on cpu" in res["meta"]["failed"]
+    assert {r["kernel"] for r in res["rows"]} == {"tiny"}
+    assert any("FAILED" in m and "Traceback" in m for m in logs)
+
+
 def test_broken_benchmark_module_is_not_silently_skipped(tmp_path, monkeypatch):
     (tmp_path / "fs_broken_bench.py").write_text("import fs_dependency_that_is_missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))

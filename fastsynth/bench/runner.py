@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Callable, Iterable
 
 import torch
@@ -168,7 +169,10 @@ def run_suite(
     bandwidth_bytes: int | None = None,
     command: str | None = None,
 ) -> dict:
-    """Run the kernel benchmarks; returns {"rows", "csv", "meta", "skipped"}.
+    """Run the kernel benchmarks; returns {"rows", "csv", "meta", "skipped", "failed", "bandwidth"}.
+
+    A benchmark whose run() raises is reported (traceback on the log, name and error in the
+    CSV metadata and in "failed") and the others still run.
 
     ``kernels``: registry names (None: all). Named kernels must exist; with None, absent
     modules are reported and skipped.
@@ -202,11 +206,18 @@ def run_suite(
     log(f"fastsynth bench: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s")
 
     rows: list[dict] = []
+    failed: dict[str, str] = {}
     t_start = time.perf_counter()
     for i, (name, mod) in enumerate(modules.items(), 1):
         log(f"[{i}/{len(modules)}] {name} ({'quick' if quick else 'full'}, {device}) ...")
         t0 = time.perf_counter()
-        got = list(mod.run(quick=quick, device=device))
+        try:
+            got = list(mod.run(quick=quick, device=device))
+        except Exception as exc:  # one broken or inapplicable benchmark must not lose the others
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log(f"[{i}/{len(modules)}] {name}: FAILED after {time.perf_counter() - t0:.1f} s\n"
+                + traceback.format_exc())
+            continue
         for r in got:
             r.setdefault("kernel", name)
         rows.extend(got)
@@ -220,6 +231,7 @@ def run_suite(
         "quick": quick,
         "kernels": ",".join(modules) or "none",
         "skipped": ",".join(skipped) or "none",
+        "failed": "; ".join(f"{k} ({v})" for k, v in failed.items()).replace("\n", " ") or "none",
         "read_GBps": f"{bw['read_GBps']:.2f}",
         "copy_GBps": f"{bw['copy_GBps']:.2f}",
         "bw_ref_GBps": f"{bw_ref:.3f}",
@@ -240,7 +252,7 @@ def run_suite(
     if not rows:  # keep the header so the file still says what it would hold
         with open(path, "a") as f:
             f.write(",".join(COLUMNS) + "\n")
-    return {"rows": rows, "csv": path, "meta": meta, "skipped": skipped, "bandwidth": bw}
+    return {"rows": rows, "csv": path, "meta": meta, "skipped": skipped, "failed": failed, "bandwidth": bw}
 
 
 def _worktree_state() -> str:
