@@ -755,6 +755,13 @@ def render(results: dict | None = None) -> str:
         "`launches x 4 us` are the two pure terms. The floor is what the op sequence cannot beat on",
         f"that GPU. The last column assumes a replayed CUDA graph ({GRAPH_LAUNCH_S * 1e6:.0f} us per kernel).",
         "",
+        "What the model leaves out: the L2 cache (50 MB on an H100) keeps small per-channel tensors",
+        "and some re-reads on chip, so `bytes/BW` overstates small ops; cuDNN may pick kernels that",
+        "read a tensor more than once; launches may overlap with the previous kernel's tail. An",
+        "argument an ATen kernel does not actually read (e.g. the input of an eval-mode BatchNorm",
+        "backward when no weight gradient is needed) is still counted. The floors are lower bounds",
+        "of the op sequences as written, not predictions of measured time.",
+        "",
         "Shape sets (BatchNorm2d inputs, forward order):",
         "",
     ]
