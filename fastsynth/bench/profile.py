@@ -29,12 +29,13 @@ def _synthesizer_cls():
     return FastMetaSynthesizer
 
 
-def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str):
+def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str,
+                 teacher: str = "resnet34", student: str = "resnet18"):
     """A zero-argument callable running ``steps`` synthesis steps, and the impl it uses."""
     from .workloads import CIFAR_MEAN, CIFAR_STD, SynthesisStep, cifar_config
 
     nz, num_classes = 256, 10
-    teacher, student, generator = cifar_config(nz=nz, num_classes=num_classes)
+    teacher, student, generator = cifar_config(nz=nz, num_classes=num_classes, teacher=teacher, student=student)
     cls = _synthesizer_cls()
     if impl == "auto":
         impl = "synthesizer" if cls is not None else "step"
@@ -67,7 +68,8 @@ def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str
 
 
 def profile(steps: int = 3, out_dir: str = "profile_out", *, device: str = "cpu", batch: int | None = None,
-            impl: str = "auto", warmup: int = 1, row_limit: int = 25, quiet: bool = False) -> dict:
+            impl: str = "auto", warmup: int = 1, row_limit: int = 25, quiet: bool = False,
+            teacher: str = "resnet34", student: str = "resnet18") -> dict:
     """Profile ``steps`` synthesis steps; returns {"trace", "table", "impl", "seconds"}."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -79,7 +81,8 @@ def profile(steps: int = 3, out_dir: str = "profile_out", *, device: str = "cpu"
         raise RuntimeError("fastsynth profile --device cuda: no CUDA device is available")
     batch = batch or (64 if dev.type == "cuda" else 16)
     os.makedirs(out_dir, exist_ok=True)
-    run_steps, impl = build_runner(impl, steps=steps, batch=batch, device=device, out_dir=out_dir)
+    run_steps, impl = build_runner(impl, steps=steps, batch=batch, device=device, out_dir=out_dir,
+                                   teacher=teacher, student=student)
     for _ in range(warmup):  # lazy init, Triton JIT, optimiser state outside the trace
         run_steps()
     if dev.type == "cuda":
@@ -97,7 +100,8 @@ def profile(steps: int = 3, out_dir: str = "profile_out", *, device: str = "cpu"
     prof.export_chrome_trace(trace)
     sort_by = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
-    header = (f"fastsynth profile: impl={impl} device={device} batch={batch} steps={steps} "
+    header = (f"fastsynth profile: impl={impl} device={device} teacher={teacher} student={student} "
+              f"batch={batch} steps={steps} "
               f"({seconds:.2f} s under the profiler)\n")
     table_path = os.path.join(out_dir, "top_ops.txt")
     with open(table_path, "w") as f:
@@ -117,8 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="auto", choices=["auto", "synthesizer", "step"])
     p.add_argument("--warmup", type=int, default=1, help="untraced warm-up rounds (default 1)")
     p.add_argument("--rows", type=int, default=25, help="rows of the top-operator table")
+    p.add_argument("--teacher", default="resnet34", choices=["resnet18", "resnet34"])
+    p.add_argument("--student", default="resnet18", choices=["resnet18", "resnet34"])
     a = p.parse_args(argv)
-    profile(a.steps, a.out, device=a.device, batch=a.batch, impl=a.impl, warmup=a.warmup, row_limit=a.rows)
+    profile(a.steps, a.out, device=a.device, batch=a.batch, impl=a.impl, warmup=a.warmup, row_limit=a.rows,
+            teacher=a.teacher, student=a.student)
     return 0
 
 

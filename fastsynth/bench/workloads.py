@@ -154,9 +154,13 @@ class SynthesisStep:
         return loss.detach()
 
 
-def cifar_config(nz: int = 256, num_classes: int = 10):
+def cifar_config(nz: int = 256, num_classes: int = 10, teacher: str = "resnet34", student: str = "resnet18"):
     """(teacher, student, generator) of the CIFAR ResNet-34 -> ResNet-18 FastDFKD config
     (random weights: fine for timing and profiling)."""
-    from fastsynth.models import resnet18, resnet34
+    from fastsynth import models
 
-    return resnet34(num_classes), resnet18(num_classes), fastdfkd_generator(nz=nz)
+    nets = {"resnet18": models.resnet18, "resnet34": models.resnet34}
+    for role, name in (("teacher", teacher), ("student", student)):
+        if name not in nets:
+            raise ValueError(f"{role} must be one of {sorted(nets)}, got {name!r}")
+    return nets[teacher](num_classes), nets[student](num_classes), fastdfkd_generator(nz=nz)
