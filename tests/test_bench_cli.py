@@ -140,16 +140,23 @@ def test_broken_benchmark_module_is_not_silently_skipped(tmp_path, monkeypatch):
 PRESENT = [n for n in runner.REGISTRY if runner.load_benchmark(n) is not None]
 
 
-@pytest.mark.skipif(not PRESENT, reason="no kernel benchmark module has landed in this checkout")
-def test_real_kernel_modules_quick(tmp_path):
-    res = runner.run_suite(PRESENT, quick=True, out_dir=str(tmp_path), log=lambda m: None,
-                           bandwidth_bytes=4 * 2**20)
+@pytest.mark.parametrize("name", PRESENT or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no kernel benchmark module has landed in this checkout"))])
+def test_real_kernel_module_quick(name, tmp_path, monkeypatch):
+    # torch.compile is replaced by the identity: compiling costs minutes on this machine and the
+    # harness, not the timings, is under test here
+    monkeypatch.setattr(torch, "compile", lambda fn=None, *a, **k: fn if fn is not None else (lambda f: f))
+    res = runner.run_suite([name], quick=True, out_dir=str(tmp_path), log=lambda m: None, bandwidth_bytes=2**20)
+    assert not res["failed"], res["failed"]
     meta, rows = _read(res["csv"])
-    assert rows, "the kernel benchmarks returned no rows"
-    assert set(r["kernel"] for r in rows) >= set(PRESENT) or len(rows) > 0
+    assert rows, f"{name}: run(quick=True) returned no rows"
+    assert any(m.startswith("# commit:") for m in meta) and any(m.startswith("# bw_ref_GBps:") for m in meta)
     for r in rows:
         assert list(r)[:len(runner.COLUMNS)] == runner.COLUMNS
+        assert r["kernel"] and r["case"] and r["provider"]
         assert float(r["median_ms"]) > 0
+        if r["GBps"] not in ("", None):
+            assert float(r["bw_frac"]) >= 0
 
 
 def test_cli_bench_list_and_info(capsys):
