@@ -831,8 +831,11 @@ def render(results: dict | None = None) -> str:
 
 
 def default_path() -> str:
+    """docs/PERF_MODEL.md of a source checkout; ./PERF_MODEL.md for an installed package."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(root, "docs", "PERF_MODEL.md")
+    if os.path.isfile(os.path.join(root, "setup.py")):
+        return os.path.join(root, "docs", "PERF_MODEL.md")
+    return os.path.abspath("PERF_MODEL.md")
 
 
 def main(argv=None) -> int:
