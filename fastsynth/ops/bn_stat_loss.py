@@ -100,18 +100,25 @@ def loss_from_stats(
     if has_mmt:
         if mmt_vars is None or len(mmt_means) != L or len(mmt_vars) != L:
             raise ValueError("loss_from_stats: mmt_means and mmt_vars must both have one entry per layer")
-        rho = torch.cat([
-            torch.full((n,), float(mmt_rate) if m is not None else 0.0, dtype=dtype, device=device)
-            for n, m in zip(sizes, mmt_means)
-        ])
-        mbar = torch.cat([
-            (m.reshape(-1).to(dtype) if m is not None else torch.zeros(n, dtype=dtype, device=device))
-            for n, m in zip(sizes, mmt_means)
-        ])
-        vbar = torch.cat([
-            (v.reshape(-1).to(dtype) if v is not None else torch.zeros(n, dtype=dtype, device=device))
-            for n, v in zip(sizes, mmt_vars)
-        ])
+        if all(m is not None for m in mmt_means) and all(v is not None for v in mmt_vars):
+            # every layer has momentum state (the steady state of a synthesis run): one scalar
+            # rate and one concatenation per vector, not a small op per layer
+            rho = float(mmt_rate)
+            mbar = flat(mmt_means, True)
+            vbar = flat(mmt_vars, True)
+        else:
+            rho = torch.cat([
+                torch.full((n,), float(mmt_rate) if m is not None else 0.0, dtype=dtype, device=device)
+                for n, m in zip(sizes, mmt_means)
+            ])
+            mbar = torch.cat([
+                (m.reshape(-1).to(dtype) if m is not None else torch.zeros(n, dtype=dtype, device=device))
+                for n, m in zip(sizes, mmt_means)
+            ])
+            vbar = torch.cat([
+                (v.reshape(-1).to(dtype) if v is not None else torch.zeros(n, dtype=dtype, device=device))
+                for n, v in zip(sizes, mmt_vars)
+            ])
         r_mean = rm - (1 - rho) * mu - rho * mbar
         r_var = rv - (1 - rho) * var - rho * vbar
     else:
