@@ -66,7 +66,8 @@ def test_forward_matches_float64_reference(backend, layout, relu):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17)])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17),
+                                   (2, 2, 70, 65)])  # the last: planes larger than one CPU segment
 def test_odd_shapes_float64(backend, shape):
     x, w, b, rm, rv = rand_inputs(*shape)
     y, mean, var = fused_bn(x, w, b, rm, rv, 1e-3, True, True, backend=backend)
