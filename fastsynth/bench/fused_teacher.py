@@ -18,7 +18,8 @@ their compiled form, ATen ops per step, and the bytes the BN-loss work adds per 
 from __future__ import annotations
 
 import argparse
-import copy
+import statistics
+import time
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..fuse import bn_statistics, fuse_teacher
 from ..models import resnet18, resnet34
 from ..ops.bn_stat_loss import loss_from_stats
-from .harness import count_aten_ops, machine_info, median_time, print_table, write_csv
+from .harness import count_aten_ops, machine_info, print_table, write_csv
 
 
 def _teacher(name: str, channels_last: bool = False) -> nn.Module:
@@ -168,10 +169,19 @@ def run(quick: bool = False, device: str = "cpu", compile_upstream: bool = True,
         # fused:    fwd 0 (statistics ride on the BN read); bwd +1R of x in the BN backward pass
         extra_bytes = {"plain": 0, "upstream_hooks": 12 * bn_bytes, "upstream_hooks_compile": 3 * bn_bytes,
                        "separate_stats": 6 * bn_bytes, "fused": bn_bytes, "fused_no_relu": bn_bytes}
-        times = {}
+        # providers are timed round-robin (one step of each per round) so that load drifting on
+        # a shared machine hits every provider alike; median over the rounds
         r = reps if reps is not None else (3 if batch >= 256 else 5)
         for pname, fn in providers.items():
-            times[pname] = median_time(lambda: fn(x, y), warmup=2 if "compile" in pname else 1, reps=r)
+            for _ in range(2 if "compile" in pname else 1):
+                fn(x, y)  # warm-up
+        samples = {p: [] for p in providers}
+        for _ in range(r):
+            for pname, fn in providers.items():
+                t0 = time.perf_counter()
+                fn(x, y)
+                samples[pname].append(time.perf_counter() - t0)
+        times = {p: statistics.median(v) for p, v in samples.items()}
         # ATen ops per step do not depend on the batch: counted on a batch of 2
         x2, y2 = x[:2].clone(), y[:2].clone()
         ops = {p: count_aten_ops(lambda: fn(x2, y2)) for p, fn in providers.items() if "compile" not in p}
