@@ -22,6 +22,9 @@ can be compiled or captured in a CUDA graph (nothing is collected by a Python ho
 ``set_stats_enabled(teacher, False)`` turns the statistics off (e.g. for no-grad forwards while
 training the student): then no statistics work is done. ``unfuse_teacher`` undoes everything.
 
+A fused teacher deep-copies; with folded ReLUs its forward is generated code, so save its
+state_dict (identical keys) rather than pickling the whole module.
+
 A fused layer in train() mode behaves exactly like nn.BatchNorm2d in train mode (F.batch_norm,
 running-stat updates); fusion targets eval-mode teachers.
 """

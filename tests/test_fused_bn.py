@@ -21,7 +21,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfl
 
 
 def relerr(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -66,7 +66,8 @@ def test_forward_matches_float64_reference(backend, layout, relu):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17)])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17),
+                                   (2, 2, 70, 65)])  # the last: planes larger than one CPU segment
 def test_odd_shapes_float64(backend, shape):
     x, w, b, rm, rv = rand_inputs(*shape)
     y, mean, var = fused_bn(x, w, b, rm, rv, 1e-3, True, True, backend=backend)
@@ -571,3 +572,21 @@ def test_torch_compile_fullgraph_teacher_step():
     xc = x.clone().requires_grad_(True)
     torch.compile(step, fullgraph=True, backend="aot_eager")(xc).backward()
     assert relerr(xc.grad, xe.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_large_strided_plane(backend):
+    # sliced planes with more elements than one CPU segment: the CPU's segmented, strided path
+    # (the Triton kernels have no segments; their strided reads are tested above)
+    x, w, b, rm, rv = rand_inputs(2, 2, 70, 65)
+    xs = make_layout(x, "sliced")
+    assert not xs.is_contiguous() and xs.stride(-1) == 2
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    gm, gv = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    got = _grads(backend, xs, w, b, rm, rv, True, gy, gm, gv)
+    ref = _grads("reference", xs, w, b, rm, rv, True, gy, gm, gv)
+    for g, r in zip(got, ref):
+        assert relerr(g, r) < 1e-11
+    y, mean, var = fused_bn(xs, w, b, rm, rv, 1e-5, True, True, backend=backend)
+    ry, rmean, rvar = fused_bn_reference(xs, w, b, rm, rv, 1e-5, True, True)
+    assert relerr(y, ry) < 1e-12 and relerr(mean, rmean) < 1e-12 and relerr(var, rvar) < 1e-12

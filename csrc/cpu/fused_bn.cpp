@@ -85,43 +85,79 @@ ChannelAffine<acc_t> channel_affine(const at::Tensor& weight, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // forward
 
-// One segment of `len` elements of one channel: y written densely, block statistics returned.
-template <typename scalar_t, typename acc_t>
-Welford<acc_t> forward_segment(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t scale,
-                               acc_t shift, bool relu, bool with_stats) {
+// Sweeps over one run of `len` elements of one channel (x strided by `st`, y dense). The sums
+// are `omp simd` reductions so the compiler may vectorise them (floating-point reassociation is
+// otherwise forbidden); Contig selects the unit-stride loops.
+template <bool Contig, typename scalar_t, typename acc_t>
+inline acc_t run_sum(const scalar_t* xp, int64_t xstride, int64_t len) {
+  const int64_t st = Contig ? 1 : xstride;
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < len; ++i) sum += acc_t(xp[i * st]);
+  return sum;
+}
+
+template <bool Contig, typename scalar_t, typename acc_t>
+inline acc_t run_m2_and_write(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t centre,
+                              acc_t scale, acc_t shift, bool relu) {
+  const int64_t st = Contig ? 1 : xstride;
+  acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t v = acc_t(xp[i * st]);
+    const acc_t d = v - centre;
+    m2 += d * d;
+    yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
+  }
+  return m2;
+}
+
+template <bool Contig, typename scalar_t, typename acc_t>
+inline void run_write(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t scale, acc_t shift,
+                      bool relu) {
+  const int64_t st = Contig ? 1 : xstride;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i * st]), scale, shift, relu));
+}
+
+// One task: channel c, planes [n0, n1). Planes that fit one segment are handled as one block
+// (sum over all the task's planes, then the centred squares and y from cache: one Welford state
+// per task); larger planes are cut into segments merged with Chan's formula.
+template <bool Contig, typename scalar_t, typename acc_t>
+Welford<acc_t> forward_task(const scalar_t* xd, scalar_t* yd, const Shape& s, const PlaneRows& pr, int64_t c,
+                            int64_t n0, int64_t n1, acc_t scale, acc_t shift, bool relu, bool with_stats) {
+  auto xrow = [&](int64_t n, int64_t r) { return xd + n * s.sN + c * s.sC + r * pr.row_stride; };
+  auto yrow = [&](int64_t n, int64_t r) { return yd + (n * s.C + c) * s.HW + r * pr.len; };  // y NCHW-dense
   if (!with_stats) {
-    if (xstride == 1) {
-      for (int64_t i = 0; i < len; ++i) yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i]), scale, shift, relu));
-    } else {
-      for (int64_t i = 0; i < len; ++i)
-        yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i * xstride]), scale, shift, relu));
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t r = 0; r < pr.rows; ++r) run_write<Contig>(xrow(n, r), pr.elem_stride, pr.len, yrow(n, r), scale, shift, relu);
     return Welford<acc_t>();
   }
-  acc_t sum = 0;
-  if (xstride == 1) {
-    for (int64_t i = 0; i < len; ++i) sum += acc_t(xp[i]);
-  } else {
-    for (int64_t i = 0; i < len; ++i) sum += acc_t(xp[i * xstride]);
+  if (s.HW <= kSegment) {
+    acc_t sum = 0;
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t r = 0; r < pr.rows; ++r) sum += run_sum<Contig, scalar_t, acc_t>(xrow(n, r), pr.elem_stride, pr.len);
+    const acc_t cnt = acc_t((n1 - n0) * s.HW);
+    const acc_t bmean = sum / cnt;
+    acc_t m2 = 0;
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t r = 0; r < pr.rows; ++r)
+        m2 += run_m2_and_write<Contig>(xrow(n, r), pr.elem_stride, pr.len, yrow(n, r), bmean, scale, shift, relu);
+    return Welford<acc_t>(bmean, m2, cnt);
   }
-  const acc_t bmean = sum / acc_t(len);
-  acc_t m2 = 0;
-  if (xstride == 1) {
-    for (int64_t i = 0; i < len; ++i) {
-      const acc_t v = acc_t(xp[i]);
-      const acc_t d = v - bmean;
-      m2 += d * d;
-      yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) {
-      const acc_t v = acc_t(xp[i * xstride]);
-      const acc_t d = v - bmean;
-      m2 += d * d;
-      yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
+  Welford<acc_t> acc;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t r = 0; r < pr.rows; ++r) {
+      for (int64_t off = 0; off < pr.len; off += kSegment) {
+        const int64_t len = std::min(kSegment, pr.len - off);
+        const scalar_t* xp = xrow(n, r) + off * pr.elem_stride;
+        const acc_t bmean = run_sum<Contig, scalar_t, acc_t>(xp, pr.elem_stride, len) / acc_t(len);
+        const acc_t m2 = run_m2_and_write<Contig>(xp, pr.elem_stride, len, yrow(n, r) + off, bmean, scale, shift, relu);
+        acc = welford_merge(acc, Welford<acc_t>(bmean, m2, acc_t(len)));
+      }
     }
   }
-  return Welford<acc_t>(bmean, m2, acc_t(len));
+  return acc;
 }
 
 template <typename scalar_t>
@@ -141,20 +177,11 @@ void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t / nblocks, blk = t % nblocks;
       const acc_t scale = aff.scale[c], shift = aff.shift[c];
-      Welford<acc_t> acc;
-      for (int64_t n = blk * nb; n < std::min(s.N, (blk + 1) * nb); ++n) {
-        const scalar_t* xplane = xd + n * s.sN + c * s.sC;
-        scalar_t* yplane = yd + (n * s.C + c) * s.HW;  // y is NCHW-contiguous on this path
-        for (int64_t r = 0; r < pr.rows; ++r) {
-          for (int64_t off = 0; off < pr.len; off += kSegment) {
-            const int64_t len = std::min(kSegment, pr.len - off);
-            const auto blk_stats = forward_segment<scalar_t, acc_t>(
-                xplane + r * pr.row_stride + off * pr.elem_stride, pr.elem_stride, len, yplane + r * pr.len + off,
-                scale, shift, relu, with_stats);
-            if (with_stats) acc = welford_merge(acc, blk_stats);
-          }
-        }
-      }
+      const int64_t n0 = blk * nb, n1 = std::min(s.N, (blk + 1) * nb);
+      const Welford<acc_t> acc =
+          pr.elem_stride == 1
+              ? forward_task<true, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats)
+              : forward_task<false, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats);
       if (with_stats) partial[t] = acc;
     }
   });
@@ -280,23 +307,50 @@ struct BackwardCoef {
   std::vector<StatGradCoef<acc_t>> stat;
 };
 
-// Elementwise backward of one segment; returns (sum g_pre, sum g_pre * (x - rm)) when asked.
+// Elementwise backward of one segment; accumulates sum g_pre and sum g_pre * (x - rm) when asked.
+template <bool Contig, typename scalar_t, typename acc_t>
+inline void backward_segment_impl(const scalar_t* gyp, const scalar_t* xp, int64_t xstride, int64_t len,
+                                  scalar_t* gxp, acc_t scale, acc_t shift, acc_t mean, acc_t rm,
+                                  StatGradCoef<acc_t> sc, bool relu, bool with_stats, bool need_wgrad, bool need_x,
+                                  acc_t& sum_g, acc_t& sum_gx) {
+  const int64_t st = Contig ? 1 : xstride;
+  if (!need_x) {  // plain BatchNorm backward (need_x is true whenever need_wgrad is)
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) gxp[i] = static_cast<scalar_t>(acc_t(gyp[i]) * scale);
+    return;
+  }
+  if (!need_wgrad) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = acc_t(xp[i * st]);
+      const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
+      gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
+    }
+    return;
+  }
+  acc_t sg = 0, sgx = 0;
+#pragma omp simd reduction(+ : sg, sgx)
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t v = acc_t(xp[i * st]);
+    const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
+    gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
+    sg += gp;
+    sgx += gp * (v - rm);
+  }
+  sum_g += sg;
+  sum_gx += sgx;
+}
+
 template <typename scalar_t, typename acc_t>
 inline void backward_segment(const scalar_t* gyp, const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* gxp,
                              acc_t scale, acc_t shift, acc_t mean, acc_t rm, StatGradCoef<acc_t> sc, bool relu,
                              bool with_stats, bool need_wgrad, bool need_x, acc_t& sum_g, acc_t& sum_gx) {
-  if (!need_x) {  // plain BatchNorm backward (need_x is true whenever need_wgrad is)
-    for (int64_t i = 0; i < len; ++i) gxp[i] = static_cast<scalar_t>(acc_t(gyp[i]) * scale);
-    return;
-  }
-  acc_t sg = 0, sgx = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t v = acc_t(xp[i * xstride]);
-    const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
-    gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
-    if (need_wgrad) { sg += gp; sgx += gp * (v - rm); }
-  }
-  sum_g += sg; sum_gx += sgx;
+  if (xstride == 1)
+    backward_segment_impl<true>(gyp, xp, 1, len, gxp, scale, shift, mean, rm, sc, relu, with_stats, need_wgrad, need_x,
+                                sum_g, sum_gx);
+  else
+    backward_segment_impl<false>(gyp, xp, xstride, len, gxp, scale, shift, mean, rm, sc, relu, with_stats, need_wgrad,
+                                 need_x, sum_g, sum_gx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(

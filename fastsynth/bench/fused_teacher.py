@@ -18,7 +18,8 @@ their compiled form, ATen ops per step, and the bytes the BN-loss work adds per 
 from __future__ import annotations
 
 import argparse
-import copy
+import statistics
+import time
 
 import torch
 import torch.nn as nn
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from ..fuse import bn_statistics, fuse_teacher
 from ..models import resnet18, resnet34
 from ..ops.bn_stat_loss import loss_from_stats
-from .harness import count_aten_ops, machine_info, median_time, print_table, write_csv
+from .harness import count_aten_ops, machine_info, print_table, write_csv
 
 
 def _teacher(name: str, channels_last: bool = False) -> nn.Module:
@@ -143,10 +144,12 @@ def _providers(name: str, compile_upstream: bool):
     return providers, plain
 
 
-def run(quick: bool = False, device: str = "cpu", compile_upstream: bool = True, reps: int | None = None) -> list[dict]:
+def run(quick: bool = False, device: str = "cpu", compile_upstream: bool = True, reps: int | None = None,
+        model: str | None = None, batches: list[int] | None = None) -> list[dict]:
     if device != "cpu":
         raise ValueError("this benchmark runs the CPU backend (device='cpu')")
-    cases = [("resnet18", 16)] if quick else [("resnet34", 64), ("resnet34", 256)]
+    name = model or ("resnet18" if quick else "resnet34")
+    cases = [(name, b) for b in (batches or ([16] if quick else [64, 256]))]
     rows = []
     for name, batch in cases:
         providers, plain = _providers(name, compile_upstream)
@@ -166,11 +169,22 @@ def run(quick: bool = False, device: str = "cpu", compile_upstream: bool = True,
         # fused:    fwd 0 (statistics ride on the BN read); bwd +1R of x in the BN backward pass
         extra_bytes = {"plain": 0, "upstream_hooks": 12 * bn_bytes, "upstream_hooks_compile": 3 * bn_bytes,
                        "separate_stats": 6 * bn_bytes, "fused": bn_bytes, "fused_no_relu": bn_bytes}
-        times = {}
+        # providers are timed round-robin (one step of each per round) so that load drifting on
+        # a shared machine hits every provider alike; median over the rounds
         r = reps if reps is not None else (3 if batch >= 256 else 5)
         for pname, fn in providers.items():
-            times[pname] = median_time(lambda: fn(x, y), warmup=2 if "compile" in pname else 1, reps=r)
-        ops = {p: count_aten_ops(lambda: fn(x, y)) for p, fn in providers.items() if "compile" not in p}
+            for _ in range(2 if "compile" in pname else 1):
+                fn(x, y)  # warm-up
+        samples = {p: [] for p in providers}
+        for _ in range(r):
+            for pname, fn in providers.items():
+                t0 = time.perf_counter()
+                fn(x, y)
+                samples[pname].append(time.perf_counter() - t0)
+        times = {p: statistics.median(v) for p, v in samples.items()}
+        # ATen ops per step do not depend on the batch: counted on a batch of 2
+        x2, y2 = x[:2].clone(), y[:2].clone()
+        ops = {p: count_aten_ops(lambda: fn(x2, y2)) for p, fn in providers.items() if "compile" not in p}
         for pname, t in times.items():
             rows.append({
                 "kernel": "fused_teacher", "case": f"{name}/b{batch}", "provider": pname,
@@ -191,8 +205,12 @@ def main(argv=None):
     ap.add_argument("--csv", default="benchmarks/results/fused_teacher.csv")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the upstream hooks")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--model", choices=["resnet18", "resnet34"], default=None)
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; --quick 16)")
     args = ap.parse_args(argv)
-    rows = run(quick=args.quick, device=args.device, compile_upstream=not args.no_compile, reps=args.reps)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    rows = run(quick=args.quick, device=args.device, compile_upstream=not args.no_compile, reps=args.reps,
+               model=args.model, batches=batches)
     print_table(rows, ["case", "provider", "median_ms", "overhead_vs_plain", "speedup_vs_eager", "speedup_vs_compile",
                        "bytes", "aten_ops"])
     write_csv(rows, args.csv, machine_info(args.device))
