@@ -222,7 +222,7 @@ class SynthCore(BaseSynthesis):
     # ---------------------------------------------------------------- setup
     def _setup_core(self, *, img_size, normalizer, device, bn_mmt, transform, autocast, use_fp16,
                     save_dir, save_images, save_format, pool_capacity, pool_eviction, augment,
-                    fuse_teacher, seed, compile, cuda_graph, bn_weights=None, sample_flip=True):
+                    fuse_teacher, seed, compile, cuda_graph, aug_padding=4, aug_flip=True, bn_weights=None):
         self.device = torch.device(device if device is not None else "cpu") \
             if not isinstance(device, int) else torch.device("cuda", device)
         self.img_size = img_size
@@ -240,11 +240,11 @@ class SynthCore(BaseSynthesis):
         self.data_pool = DataPool(capacity=pool_capacity, eviction=pool_eviction, device=self.device,
                                   save_dir=save_dir if save_images else None, save_format=save_format)
         hw = tuple(img_size[-2:]) if img_size is not None else None
-        self.aug = Augment(normalizer, padding=4, flip=True, size=hw, enabled=augment)
+        self.aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
         # sample(): the upstream harness applies the dataset's train transform to pool images
         parsed = parse_transform(transform)
         if parsed is None:
-            self.sample_aug = Augment(normalizer, padding=4, flip=sample_flip, size=hw, enabled=augment)
+            self.sample_aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
         else:
             pad, flip, mean, std = parsed
             from .base import Normalizer

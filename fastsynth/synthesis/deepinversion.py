@@ -46,7 +46,8 @@ class DeepInvSyntheiszer(SynthCore):
                  normalizer=None, device='cpu',
                  autocast=None, use_fp16=False, distributed=False, *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
-                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False):
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 aug_padding=4, aug_flip=None):
         super().__init__(teacher, student)
         if len(img_size) != 3:
             raise ValueError(f"img_size must be a 3-tuple (C, H, W), got {img_size!r}")
@@ -69,7 +70,8 @@ class DeepInvSyntheiszer(SynthCore):
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=False)
+                         compile=compile, cuda_graph=False, aug_padding=aug_padding,
+                         aug_flip=True if aug_flip is None else aug_flip)
         self.s_capture = BNCapture(self.student, fuse=False)
         self._augment_on = augment
         self._js = _compat.js_divergence()

@@ -58,7 +58,7 @@ class FastMetaSynthesizer(SynthCore):
                  warmup=10, reset_l0=0, reset_bn=0, bn_mmt=0,
                  is_maml=1, *, augment=True, pool_capacity=None, pool_eviction="fifo",
                  save_images=False, save_format="shard", fuse_teacher=True, seed=None,
-                 compile=False, cuda_graph=False):
+                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None):
         super().__init__(teacher, student)
         self.iterations = iterations
         self.lr_g = lr_g
@@ -82,7 +82,8 @@ class FastMetaSynthesizer(SynthCore):
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=cuda_graph)
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
+                         aug_flip=True if aug_flip is None else aug_flip)
         self.generator = generator.to(self.device).train()
         self._graph_mode = self.cuda_graph
         # persistent inner state: the module optimised in the inner loop, z, the inner optimiser

@@ -63,7 +63,8 @@ class NAYER(SynthCore):
                  warmup=10, bn_mmt=0, bnt=30, oht=1.5,
                  cr_loop=1, g_life=50, g_loops=1, gwp_loops=10, dataset="cifar10", *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
-                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False):
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 aug_padding=4, aug_flip=None):
         super().__init__(teacher, student)
         self.g_steps = g_steps
         self.lr_g = lr_g
@@ -84,13 +85,14 @@ class NAYER(SynthCore):
         self.gwp_loops = gwp_loops
         self.dataset = dataset
         self.label_list = torch.arange(num_classes)
-        flip = dataset not in ("imagenet", "tiny_imagenet")
+        if aug_flip is None:  # upstream: no flip for the ImageNet variants
+            aug_flip = dataset not in ("imagenet", "tiny_imagenet")
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=cuda_graph)
-        self.aug.flip = flip
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
+                         aug_flip=aug_flip)
         self.generator = generator.to(self.device).train()
         self._targets = torch.zeros(self.synthesis_batch_size, dtype=torch.long, device=self.device)
         self._best_cost = torch.full((), float("inf"), device=self.device)
