@@ -263,6 +263,9 @@ class SynthCore(BaseSynthesis):
         self._graphs: dict = {}
         self._logit_loss = _compat.synthesis_logit_loss()
         self.data_iter = None  # upstream attribute; sample() uses the pool
+        # per-step losses as device tensors (no sync), for curves and tests; eager/compile modes
+        self.log_losses = False
+        self.loss_log: list = []
 
     # ---------------------------------------------------------------- helpers
     def _autocast_ctx(self):
@@ -318,6 +321,10 @@ class SynthCore(BaseSynthesis):
             if loss_bn is not None:
                 loss = loss + self.bn * loss_bn
         return loss
+
+    def _log(self, loss):
+        if self.log_losses:
+            self.loss_log.append(loss.detach().clone())
 
     @staticmethod
     def _track_best(loss, x, best_cost, best_x):

@@ -126,6 +126,7 @@ class DeepInvSyntheiszer(SynthCore):
                     with self._autocast_ctx():
                         loss = fwd(inputs, targets, adv_on)
                     with torch.no_grad():
+                        self._log(loss)
                         self._track_best(loss, inputs, best_cost, best_x)
                     optimizer.zero_grad(set_to_none=True)
                     with nvtx_range("backward", self._nvtx):

@@ -121,6 +121,7 @@ class FastMetaSynthesizer(SynthCore):
         if self._best_x is None:
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
+            self._log(loss)
             self._track_best(loss, x, self._best_cost, self._best_x)
         self._optimizer.zero_grad(set_to_none=True)
         with nvtx_range("backward", self._nvtx):

@@ -138,6 +138,7 @@ class NAYER(SynthCore):
         if self._best_x is None:
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
+            self._log(loss)
             self._track_best(loss, x, self._best_cost, self._best_x)
             self._best_oh.copy_(torch.minimum(self._best_oh, loss_oh.detach().float().reshape(())))
         self._optimizer.zero_grad(set_to_none=True)
