@@ -253,6 +253,8 @@ class SynthCore(BaseSynthesis):
             self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
         self.teacher = self.capture.teacher
+        # compile: True (inductor) or a dict of torch.compile keywords, e.g. {"backend": "aot_eager"}
+        self._compile_options = dict(compile) if isinstance(compile, dict) else {}
         self.compile = bool(compile)
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -337,7 +339,10 @@ class SynthCore(BaseSynthesis):
     def _compiled_fn(self, key, fn):
         c = self._compiled.get(key)
         if c is None:
-            c = torch.compile(fn, fullgraph=True, dynamic=False)
+            opts = dict(self._compile_options)
+            opts.setdefault("fullgraph", True)
+            opts.setdefault("dynamic", False)
+            c = torch.compile(fn, **opts)
             self._compiled[key] = c
         return c
 
