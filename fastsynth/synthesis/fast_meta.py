@@ -170,6 +170,40 @@ class FastMetaSynthesizer(SynthCore):
         self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
 
     # ------------------------------------------------------------------ synthesize
+    def _begin_round(self, targets=None):
+        """Fresh z and labels, fast <- slow, inner optimizer and best tracking reset (in place)."""
+        with torch.no_grad():
+            self._z.copy_(self._randn(self.synthesis_batch_size, self.nz))
+            if targets is None:
+                t = self._randint(self.num_classes, (self.synthesis_batch_size,))
+            else:
+                t = targets.sort()[0].to(self.device)
+            self._targets.copy_(t)
+            if self._meta:
+                # fast <- slow (the upstream clone()), in place
+                torch._foreach_copy_(_module_tensors(self._fast), _module_tensors(self.generator))
+            self._best_cost.fill_(float("inf"))
+        reset_optimizer_state_(self._optimizer)
+        if self._meta and self.ismaml:
+            for p in self.generator.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+            self._meta_grads = [p.grad for p in self.generator.parameters()]
+
+    def _end_round(self):
+        if self._meta and self.ismaml and self.iterations > 0:
+            self.meta_optimizer.step()
+        if self.bn_mmt != 0:
+            self.capture.update_mmt()
+        if self._meta and not self.ismaml:
+            # Reptile meta gradient
+            with torch.no_grad():
+                for p, q in zip(self.generator.parameters(), self._fast.parameters()):
+                    p.grad = (p - q) * REPTILE_SCALE
+            self.meta_optimizer.step()
+
     def synthesize(self, targets=None):
         start = now()
         self.ep += 1
@@ -177,36 +211,9 @@ class FastMetaSynthesizer(SynthCore):
             reset_l0(self.generator)
         adv_on = self.adv > 0 and (self.ep >= self.ep_start)
         with self._synthesis_mode():
-            with torch.no_grad():
-                self._z.copy_(self._randn(self.synthesis_batch_size, self.nz))
-                if targets is None:
-                    t = self._randint(self.num_classes, (self.synthesis_batch_size,))
-                else:
-                    t = targets.sort()[0].to(self.device)
-                self._targets.copy_(t)
-                if self._meta:
-                    # fast <- slow (the upstream clone()), in place
-                    torch._foreach_copy_(_module_tensors(self._fast), _module_tensors(self.generator))
-                self._best_cost.fill_(float("inf"))
-            reset_optimizer_state_(self._optimizer)
-            if self._meta and self.ismaml:
-                for p in self.generator.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    else:
-                        p.grad.zero_()
-                self._meta_grads = [p.grad for p in self.generator.parameters()]
+            self._begin_round(targets)
             self._run_inner(adv_on)
-            if self._meta and self.ismaml and self.iterations > 0:
-                self.meta_optimizer.step()
-            if self.bn_mmt != 0:
-                self.capture.update_mmt()
-            if self._meta and not self.ismaml:
-                # Reptile meta gradient
-                with torch.no_grad():
-                    for p, q in zip(self.generator.parameters(), self._fast.parameters()):
-                        p.grad = (p - q) * REPTILE_SCALE
-                self.meta_optimizer.step()
+            self._end_round()
         best = self._best_x.clone()
         self.prev_z = (self._z.detach().clone(), self._targets.clone())
         self._sync()
