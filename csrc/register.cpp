@@ -11,18 +11,54 @@
 
 TORCH_LIBRARY(fastsynth, m) {
   // ---- bn_stat_loss (fastsynth/ops/bn_stat_loss.py) ----
+  // Per-channel batch statistics (mean, biased variance) over every dim but dim 1 of a 2/3/4-D
+  // map; fp32 statistics for fp16/bf16/fp32 inputs, fp64 for fp64. The *_multi forms take one
+  // map per layer and return the statistics of all layers concatenated (one launch).
+  m.def("bn_batch_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_batch_stats_backward(Tensor x, Tensor mean, Tensor grad_mean, Tensor grad_var) -> Tensor");
+  m.def("bn_batch_stats_multi(Tensor[] xs) -> (Tensor means, Tensor vars)");
+  m.def("bn_batch_stats_multi_backward(Tensor[] xs, Tensor means, Tensor grad_means, Tensor grad_vars) -> Tensor[]");
 
   // ---- end bn_stat_loss ----
 
   // ---- logit losses (fastsynth/ops/logit_losses.py) ----
-
+  // Forward ops return the loss, the detached per-term values and the gradients w.r.t. the
+  // logits for a unit grad_loss (empty [0] tensors where not requested); backward scales them.
+  m.def(
+      "synthesis_logit_loss(Tensor teacher_logits, Tensor student_logits, Tensor targets, float oh, float adv, "
+      "bool agree_mask, bool need_grad_teacher, bool need_grad_student) -> (Tensor loss, Tensor oh_term, "
+      "Tensor adv_term, Tensor agree_frac, Tensor grad_teacher, Tensor grad_student)");
+  m.def(
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, float T, float scale, bool need_grad_student, "
+      "bool need_grad_teacher) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  m.def(
+      "js_divergence(Tensor student_logits, Tensor teacher_logits, float T, float clamp_min, float clamp_max, "
+      "float scale, bool need_grad_student, bool need_grad_teacher) -> (Tensor loss, Tensor grad_student, "
+      "Tensor grad_teacher)");
+  m.def("logit_loss_backward(Tensor grad_loss, Tensor grad_a, Tensor grad_b) -> (Tensor, Tensor)");
   // ---- end logit losses ----
 
   // ---- reinit (fastsynth/ops/reinit.py) ----
+  // Fills every tensor of the list in place from the Philox stream keyed by seed (1-element
+  // int64 tensor, read on the device) and by each element's offset in the concatenated list.
+  // dist: "normal" (mean a, std b), "uniform" [a, b), "kaiming_uniform", "constant" (a);
+  // dist, a, b: one entry for all tensors or one per tensor.
+  m.def("reinit_(Tensor(a!)[] tensors, Tensor seed, str[] dist, float[] a, float[] b) -> ()");
 
   // ---- end reinit ----
 
   // ---- fused teacher BatchNorm (fastsynth/ops/fused_bn.py) ----
+  // Eval-mode BatchNorm (+ optional ReLU) and, when with_stats, the per-channel batch mean and
+  // biased variance of x (fp32 for fp16/bf16 x; empty when with_stats is false), in one pass.
+  m.def(
+      "fused_bn_forward(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
+      "float eps, bool apply_relu, bool with_stats) -> (Tensor y, Tensor mean, Tensor var)");
+  // grad_x = relu_mask * grad_y * scale + grad_mean / M + 2 grad_var (x - mean) / M, one pass;
+  // grad_weight/grad_bias (empty unless need_weight_grad) reduced in the same pass.
+  m.def(
+      "fused_bn_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor running_mean, "
+      "Tensor running_var, Tensor mean, Tensor grad_mean, Tensor grad_var, float eps, bool apply_relu, "
+      "bool with_stats, bool need_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- end fused teacher BatchNorm ----
 }

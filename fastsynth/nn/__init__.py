@@ -1,1 +1,2 @@
 """fastsynth.nn."""
+from .generators import DeepGenerator, Generator, NLDeepGenerator, NLGenerator, NoisyLayers  # noqa: F401

@@ -11,8 +11,19 @@ Math (per BatchNorm layer l with input a of shape N x C x H x W, M = N*H*W):
 Gradient: with r = target - f(stat), dR/dstat = -(1-rho) r / ||r|| (0 where ||r|| = 0), and
     dL/da[n,c,h,w] = g_mu_c / M + 2 g_var_c (a[n,c,h,w] - mu_c) / M.
 
-This module: ``loss_from_stats`` (the per-channel part, shared by every backend and by the fused
-teacher BatchNorm); the statistics kernels and ``bn_stat_loss``/``bn_stat_loss_multi`` follow.
+Structure: the only passes over the feature maps are the statistics op (one read) and its
+backward op (one read of x, one write of dL/da); everything per-channel (the norms and their
+gradient, g_mu and g_var) is the tiny ``loss_from_stats`` graph, differentiated by autograd.
+
+    fastsynth::bn_batch_stats(x) -> (mean, var)                       C++ (cpu, cuda)
+    fastsynth::bn_batch_stats_backward(x, mean, g_mean, g_var) -> dL/dx
+    fastsynth::bn_batch_stats_multi(xs) -> (means, vars)              all layers, one launch
+    fastsynth::bn_batch_stats_multi_backward(xs, means, g_means, g_vars) -> [dL/dx]
+    fastsynth::bn_batch_stats_multi_triton / ..._backward_triton      Triton (custom_op)
+
+Accepted maps: 4-D (N, C, H, W) as BatchNorm2d sees them, and 2-D (N, C) / 3-D (N, C, L) as
+BatchNorm1d sees them; statistics over every dim but dim 1, in any layout (NCHW,
+channels_last, sliced) without copies. fp16/bf16 maps give fp32 statistics, fp64 gives fp64.
 """
 from __future__ import annotations
 
@@ -27,9 +38,10 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _safe_norm(sq: torch.Tensor) -> torch.Tensor:
-    """sqrt of a sum of squares with gradient 0 (not NaN) where the sum is 0."""
-    pos = sq > 0
-    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    """sqrt of a sum of squares with gradient 0 (not NaN) where the sum is 0; a NaN/Inf sum
+    propagates (as torch.norm does in the reference)."""
+    zero = sq == 0
+    return torch.where(zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt())
 
 
 def loss_from_stats(
@@ -59,10 +71,16 @@ def loss_from_stats(
     dtype = means[0].dtype
     device = means[0].device
     sizes = [int(m.numel()) for m in means]
-    mu = torch.cat([m.reshape(-1) for m in means])
-    var = torch.cat([v.reshape(-1) for v in variances])
-    rm = torch.cat([r.reshape(-1) for r in running_means]).to(dtype)
-    rv = torch.cat([r.reshape(-1) for r in running_vars]).to(dtype)
+
+    def flat(ts, cast=False):
+        # one layer: no concatenation copy
+        t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
+        return t.to(dtype) if cast else t
+
+    mu = flat(means)
+    var = flat(variances)
+    rm = flat(running_means, True)
+    rv = flat(running_vars, True)
 
     has_mmt = mmt_means is not None and any(m is not None for m in mmt_means)
     if has_mmt:
@@ -99,3 +117,266 @@ def loss_from_stats(
             raise ValueError(f"loss_from_stats: weights must have one entry per layer ({L}), got {w.numel()}")
         per_layer = per_layer * w
     return per_layer.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+from .. import _ext  # noqa: E402
+from ..backend import check_tensor, resolve_backend  # noqa: E402
+
+_MAP_NDIM = (2, 3, 4)
+
+
+def _check_layer(x_name: str, x, stats: dict, ref: torch.Tensor | None = None):
+    """Validate one layer: the map ``x`` (named ``x_name``) and its per-channel vectors ``stats``
+    (name -> tensor or None); ``ref`` is the first map of a multi-layer call."""
+    check_tensor(x_name, x, ndim=_MAP_NDIM)
+    if ref is not None:
+        if x.device != ref.device:
+            raise ValueError(f"{x_name} must be on {ref.device} like features[0], got {x.device}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{x_name} must have dtype {ref.dtype} like features[0], got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{x_name} must have a non-empty batch (N*H*W > 0), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    allowed = tuple(dict.fromkeys((x.dtype, _stat_dtype(x.dtype))))
+    for name, t in stats.items():
+        if t is None:
+            continue
+        check_tensor(name, t, device=x.device)
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must have dtype {' or '.join(str(a) for a in allowed)} "
+                            f"(the feature map is {x.dtype}), got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != C:
+            raise ValueError(f"{name} must have shape ({C},) to match the {C} channels of {x_name}, "
+                             f"got {tuple(t.shape)}")
+
+
+def _check_rate(mmt_rate):
+    if isinstance(mmt_rate, torch.Tensor) or not isinstance(mmt_rate, (int, float)):
+        raise TypeError(f"mmt_rate must be a Python float, got {type(mmt_rate).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# reference backend: eager PyTorch written the way the upstream hook computes it
+# --------------------------------------------------------------------------------------------
+def _reference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = x.to(_stat_dtype(x.dtype))
+    nch = a.shape[1]
+    dims = [0] + list(range(2, a.dim()))
+    mean = a.mean(dims)
+    var = a.transpose(0, 1).contiguous().view(nch, -1).var(1, unbiased=False)
+    return mean, var
+
+
+def _reference_layer_loss(mean, var, rm, rv, mmt_mean, mmt_var, rho):
+    rm = rm.to(mean.dtype)
+    rv = rv.to(mean.dtype)
+    if mmt_mean is None:
+        return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+    return (torch.norm(rv - (1 - rho) * var - rho * mmt_var.to(var.dtype), 2)
+            + torch.norm(rm - (1 - rho) * mean - rho * mmt_mean.to(mean.dtype), 2))
+
+
+# --------------------------------------------------------------------------------------------
+# registration of the C++ ops (fake kernels, autograd)
+# --------------------------------------------------------------------------------------------
+def _fake_stats(x):
+    c = x.shape[1]
+    sdt = _stat_dtype(x.dtype)
+    return x.new_empty((c,), dtype=sdt), x.new_empty((c,), dtype=sdt)
+
+
+def _fake_stats_multi(xs):
+    c = sum(x.shape[1] for x in xs)
+    sdt = _stat_dtype(xs[0].dtype)
+    return xs[0].new_empty((c,), dtype=sdt), xs[0].new_empty((c,), dtype=sdt)
+
+
+def _fake_backward(x, mean, g_mean, g_var):
+    return torch.empty_like(x)
+
+
+def _fake_backward_multi(xs, means, g_means, g_vars):
+    return [torch.empty_like(x) for x in xs]
+
+
+def _grads_or_zeros(means, g_means, g_vars):
+    # an unused output gets no gradient; it contributes zero
+    return (g_means if g_means is not None else torch.zeros_like(means),
+            g_vars if g_vars is not None else torch.zeros_like(means))
+
+
+def _setup_stats(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _setup_stats_multi(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0], output[0])
+
+
+def _make_backward(backward_op):
+    def _backward(ctx, g_mean, g_var):
+        x, mean = ctx.saved_tensors
+        g_mean, g_var = _grads_or_zeros(mean, g_mean, g_var)
+        return backward_op(x, mean, g_mean, g_var)
+    return _backward
+
+
+def _make_backward_multi(backward_op):
+    def _backward(ctx, g_means, g_vars):
+        *xs, means = ctx.saved_tensors
+        g_means, g_vars = _grads_or_zeros(means, g_means, g_vars)
+        return list(backward_op(list(xs), means, g_means, g_vars))
+    return _backward
+
+
+if _ext.has_extension():
+    _ops = torch.ops.fastsynth
+    torch.library.register_fake("fastsynth::bn_batch_stats")(_fake_stats)
+    torch.library.register_fake("fastsynth::bn_batch_stats_multi")(_fake_stats_multi)
+    torch.library.register_fake("fastsynth::bn_batch_stats_backward")(_fake_backward)
+    torch.library.register_fake("fastsynth::bn_batch_stats_multi_backward")(_fake_backward_multi)
+    torch.library.register_autograd("fastsynth::bn_batch_stats", _make_backward(_ops.bn_batch_stats_backward),
+                                    setup_context=_setup_stats)
+    torch.library.register_autograd("fastsynth::bn_batch_stats_multi",
+                                    _make_backward_multi(_ops.bn_batch_stats_multi_backward),
+                                    setup_context=_setup_stats_multi)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton ops (the kernels module is imported inside the op bodies: fastsynth imports without Triton)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastsynth::bn_batch_stats_multi_triton", mutates_args=())
+def _bn_batch_stats_multi_triton(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import bn_stat_loss as k
+
+    return k.bn_batch_stats_multi(list(xs))
+
+
+@torch.library.custom_op("fastsynth::bn_batch_stats_multi_backward_triton", mutates_args=())
+def _bn_batch_stats_multi_backward_triton(xs: list[torch.Tensor], means: torch.Tensor, grad_means: torch.Tensor,
+                                          grad_vars: torch.Tensor) -> list[torch.Tensor]:
+    from ..kernels import bn_stat_loss as k
+
+    return k.bn_batch_stats_multi_backward(list(xs), means, grad_means, grad_vars)
+
+
+_bn_batch_stats_multi_triton.register_fake(_fake_stats_multi)
+_bn_batch_stats_multi_backward_triton.register_fake(_fake_backward_multi)
+_bn_batch_stats_multi_triton.register_autograd(_make_backward_multi(_bn_batch_stats_multi_backward_triton),
+                                               setup_context=_setup_stats_multi)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _stats_multi(xs: list[torch.Tensor], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable concatenated (means, vars) of all layers through one fused launch."""
+    if backend == "triton":
+        return _bn_batch_stats_multi_triton(xs)
+    if len(xs) == 1:
+        return torch.ops.fastsynth.bn_batch_stats(xs[0])
+    return torch.ops.fastsynth.bn_batch_stats_multi(xs)
+
+
+def bn_stat_loss(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mmt_mean: torch.Tensor | None = None,
+    mmt_var: torch.Tensor | None = None,
+    mmt_rate: float = 0.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepInversion BN-statistics loss of one layer (spec section 1).
+
+    Returns ``(loss, batch_mean, batch_var)``: ``loss`` is differentiable w.r.t. ``x``;
+    ``batch_mean``/``batch_var`` are detached (fp32 for fp16/bf16/fp32 maps, fp64 for fp64), for
+    the momentum update. ``mmt_mean``/``mmt_var`` (both or neither): the momentum state; with it
+    the loss uses ``(1-mmt_rate)*stat + mmt_rate*state``. ``backend``: None (by device),
+    "reference", "cpu", "triton" or "cuda".
+    """
+    _check_layer("x", x, {"running_mean": running_mean, "running_var": running_var,
+                          "mmt_mean": mmt_mean, "mmt_var": mmt_var})
+    if (mmt_mean is None) != (mmt_var is None):
+        raise ValueError("mmt_mean and mmt_var must be given together (or both None)")
+    _check_rate(mmt_rate)
+    be = resolve_backend(backend, x.device, "bn_stat_loss")
+    if be == "reference":
+        mean, var = _reference_stats(x)
+        loss = _reference_layer_loss(mean, var, running_mean, running_var, mmt_mean, mmt_var, float(mmt_rate))
+        return loss, mean.detach(), var.detach()
+    mean, var = _stats_multi([x], be)
+    loss = loss_from_stats([mean], [var], [running_mean], [running_var],
+                           None if mmt_mean is None else [mmt_mean], None if mmt_var is None else [mmt_var],
+                           float(mmt_rate))
+    return loss, mean.detach(), var.detach()
+
+
+def bn_stat_loss_multi(
+    features: Sequence[torch.Tensor],
+    running_means: Sequence[torch.Tensor],
+    running_vars: Sequence[torch.Tensor],
+    mmt_means: Sequence[torch.Tensor | None] | None = None,
+    mmt_vars: Sequence[torch.Tensor | None] | None = None,
+    mmt_rate: float = 0.0,
+    weights: torch.Tensor | Sequence[float] | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Summed BN-statistics loss of several layers: ``sum_l w_l R_l``.
+
+    ``features[l]`` is the input of BatchNorm layer l (shapes differ per layer; one dtype and
+    device for all). ``mmt_means[l]``/``mmt_vars[l]`` may be None for a layer without momentum
+    state. ``weights``: optional per-layer weights (e.g. NVlabs' first_bn_multiplier).
+    Returns ``(loss, means, vars)`` with per-layer detached statistics. One statistics launch
+    and one backward launch serve all layers.
+    """
+    if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"features must be a list of tensors, got {type(features).__name__}")
+    L = len(features)
+    if L == 0:
+        raise ValueError("features must hold at least one feature map")
+    for nm, seq in (("running_means", running_means), ("running_vars", running_vars),
+                    ("mmt_means", mmt_means), ("mmt_vars", mmt_vars)):
+        if seq is None and nm.startswith("mmt"):
+            continue
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)) or len(seq) != L:
+            raise ValueError(f"{nm} must be a list with one entry per feature map ({L})")
+    if (mmt_means is None) != (mmt_vars is None):
+        raise ValueError("mmt_means and mmt_vars must be given together (or both None)")
+    _check_rate(mmt_rate)
+    for i, x in enumerate(features):
+        mm = None if mmt_means is None else mmt_means[i]
+        mv = None if mmt_vars is None else mmt_vars[i]
+        if (mm is None) != (mv is None):
+            raise ValueError(f"mmt_means[{i}] and mmt_vars[{i}] must both be tensors or both None")
+        _check_layer(f"features[{i}]", x, {f"running_means[{i}]": running_means[i], f"running_vars[{i}]": running_vars[i],
+                                           f"mmt_means[{i}]": mm, f"mmt_vars[{i}]": mv},
+                     features[0] if i else None)
+    if weights is not None:
+        n_w = len(weights) if not isinstance(weights, torch.Tensor) else weights.numel()
+        if n_w != L:
+            raise ValueError(f"weights must have one entry per feature map ({L}), got {n_w}")
+    be = resolve_backend(backend, features[0].device, "bn_stat_loss_multi")
+    if be == "reference":
+        means, variances, total = [], [], None
+        for i, x in enumerate(features):
+            m, v = _reference_stats(x)
+            r = _reference_layer_loss(m, v, running_means[i], running_vars[i],
+                                      None if mmt_means is None else mmt_means[i],
+                                      None if mmt_vars is None else mmt_vars[i], float(mmt_rate))
+            if weights is not None:
+                r = r * weights[i]
+            total = r if total is None else total + r
+            means.append(m.detach())
+            variances.append(v.detach())
+        return total, means, variances
+    mu_cat, var_cat = _stats_multi(list(features), be)
+    sizes = [int(x.shape[1]) for x in features]
+    means = list(mu_cat.split(sizes))
+    variances = list(var_cat.split(sizes))
+    loss = loss_from_stats(means, variances, running_means, running_vars, mmt_means, mmt_vars, float(mmt_rate),
+                           weights)
+    return loss, [m.detach() for m in means], [v.detach() for v in variances]

@@ -1,0 +1,270 @@
+// CPU kernels of the BatchNorm-statistics loss (fastsynth/ops/bn_stat_loss.py has the math).
+//
+//   bn_batch_stats_multi(xs)                -> (means, vars)   one pass over every feature map
+//   bn_batch_stats_multi_backward(xs, means, g_means, g_vars) -> grads   one elementwise pass
+//   bn_batch_stats / bn_batch_stats_backward: the same for one feature map
+//
+// Every layer's statistics are computed in ONE parallel region over work items (layer, channel
+// or channel block, chunk of the N*H*W index space), so a 4-channel layer still splits over the
+// batch and every core, and a list of 36 layers costs one region, not 36. Each item reduces its
+// chunk in cache-sized blocks (two passes over a block held in L1, fp32 accumulation for
+// fp32/fp16/bf16 inputs, fp64 for fp64) and merges the blocks as Welford states in double;
+// a second short parallel loop merges the chunks of each channel in chunk order (deterministic).
+//
+// Layouts: x is read through its strides. Channels with unit stride (channels_last, 2-D (N,C))
+// take the "rows" path: blocks of rows of contiguous channels, vectorised across channels.
+// Otherwise the "plane" path walks each channel's (n, h, w) runs along w (H and W merged into
+// one run where the strides allow); NCHW runs are contiguous and vectorised. Nothing is copied.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common/bn_stat_loss_math.h"
+#include "common/welford.h"
+
+namespace fastsynth {
+namespace bn_cpu {
+
+constexpr int64_t kPlaneBlock = 4096;        // values per two-pass block on the plane path
+constexpr int64_t kRowBlockElems = 8192;     // values per two-pass block on the rows path
+constexpr int64_t kMaxChannelBlock = 128;    // channels per work item on the rows path
+
+struct LayerDesc {
+  const void* x = nullptr;
+  void* g = nullptr;                 // gradient output (backward only)
+  int64_t N = 0, C = 0, P = 1, Q = 1, M = 0;   // plane of P x Q values; M = N*P*Q per channel
+  int64_t xs_n = 0, xs_c = 0, xs_p = 0, xs_q = 0;
+  int64_t gs_n = 0, gs_c = 0, gs_p = 0, gs_q = 0;
+  int64_t chan_offset = 0;           // first channel of this layer in the concatenated statistics
+  int64_t partial_offset = 0;        // first chunk partial of this layer
+  int64_t chunks = 1;                // chunks per channel
+  int64_t cblock = 1;                // channels per work item (1 on the plane path)
+  bool channel_inner = false;
+};
+
+struct WorkItem {
+  int32_t layer;
+  int32_t c0;
+  int64_t chunk;
+};
+
+namespace avx2 {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FASTSYNTH_BN_AVX2 1
+#endif
+#include "cpu/bn_stat_loss_loops.h"
+#ifdef FASTSYNTH_BN_AVX2
+#pragma GCC pop_options
+#endif
+}  // namespace avx2
+
+namespace baseline {
+#include "cpu/bn_stat_loss_loops.h"
+}  // namespace baseline
+
+static bool use_avx2() {
+#ifdef FASTSYNTH_BN_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+static void check_inputs(const std::vector<at::Tensor>& xs, const char* op) {
+  TORCH_CHECK(!xs.empty(), op, ": need at least one feature map");
+  const auto dtype = xs[0].scalar_type();
+  for (size_t l = 0; l < xs.size(); ++l) {
+    const auto& x = xs[l];
+    TORCH_CHECK(x.device().is_cpu(), op, ": xs[", l, "] must be a CPU tensor");
+    TORCH_CHECK(x.scalar_type() == dtype, op, ": all feature maps must share one dtype");
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": xs[", l, "] must be floating");
+    TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op, ": xs[", l, "] must be 2-, 3- or 4-D (N, C, ...), got ", x.sizes());
+    TORCH_CHECK(x.numel() > 0, op, ": xs[", l, "] must not be empty");
+    TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": too many channels");
+  }
+}
+
+// Describe x (and optionally its gradient g) as N x C x (P x Q) with element strides.
+static LayerDesc describe(const at::Tensor& x, const at::Tensor* g) {
+  LayerDesc L;
+  L.x = x.data_ptr();
+  L.N = x.size(0);
+  L.C = x.size(1);
+  int64_t H = 1, W = 1, sh = 0, sw = 0, gh = 0, gw = 0;
+  if (x.dim() == 3) { W = x.size(2); sw = x.stride(2); }
+  if (x.dim() == 4) { H = x.size(2); W = x.size(3); sh = x.stride(2); sw = x.stride(3); }
+  L.xs_n = x.stride(0);
+  L.xs_c = x.stride(1);
+  if (g) {
+    L.g = g->data_ptr();
+    L.gs_n = g->stride(0);
+    L.gs_c = g->stride(1);
+    if (x.dim() == 3) gw = g->stride(2);
+    if (x.dim() == 4) { gh = g->stride(2); gw = g->stride(3); }
+  }
+  // merge H and W into one run when both tensors allow it (size-1 dims merge trivially)
+  const bool x_flat = H == 1 || W == 1 || sh == W * sw;
+  const bool g_flat = !g || H == 1 || W == 1 || gh == W * gw;
+  if (x_flat && g_flat) {
+    L.P = 1;
+    L.Q = H * W;
+    L.xs_q = W == 1 ? sh : sw;
+    L.gs_q = W == 1 ? gh : gw;
+    L.xs_p = L.gs_p = 0;
+  } else {
+    L.P = H; L.Q = W;
+    L.xs_p = sh; L.xs_q = sw;
+    L.gs_p = gh; L.gs_q = gw;
+  }
+  L.M = L.N * L.P * L.Q;
+  L.channel_inner = L.C > 1 && L.xs_c == 1 && (!g || L.gs_c == 1);
+  if (L.channel_inner && L.P * L.Q == 1) {
+    // (N, C) maps: rows are the batch
+    L.Q = L.N; L.N = 1;
+    L.xs_q = L.xs_n; L.gs_q = L.gs_n;
+  }
+  return L;
+}
+
+// Split every layer into work items of about `target` values, at least a few per core in all.
+static std::vector<WorkItem> plan(std::vector<LayerDesc>& layers, int nthreads) {
+  int64_t total = 0, channels = 0, partials = 0;
+  for (auto& L : layers) total += L.C * L.M;
+  const int64_t target = std::min<int64_t>(int64_t(1) << 20, std::max<int64_t>(int64_t(1) << 15, total / (8 * std::max(nthreads, 1))));
+  std::vector<WorkItem> items;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    auto& L = layers[l];
+    L.cblock = L.channel_inner ? std::min<int64_t>(L.C, kMaxChannelBlock) : 1;
+    L.chunks = num_chunks<int64_t>(L.M, std::max<int64_t>(1, target / L.cblock));
+    L.chan_offset = channels;
+    L.partial_offset = partials;
+    channels += L.C;
+    partials += L.C * L.chunks;
+    for (int64_t c0 = 0; c0 < L.C; c0 += L.cblock)
+      for (int64_t k = 0; k < L.chunks; ++k) items.push_back(WorkItem{static_cast<int32_t>(l), static_cast<int32_t>(c0), k});
+  }
+  return items;
+}
+
+template <typename in_t>
+static void stats_impl(std::vector<LayerDesc>& layers, const std::vector<WorkItem>& items, int64_t total_channels,
+                       at::Tensor& means, at::Tensor& vars, int nthreads) {
+  using acc_t = std::conditional_t<std::is_same<in_t, double>::value, double, float>;
+  int64_t n_partials = 0;
+  for (auto& L : layers) n_partials += L.C * L.chunks;
+  std::vector<Welford<double>> partials(n_partials);
+  if (use_avx2()) avx2::run_stats_items<in_t, acc_t>(layers, items, partials.data(), nthreads);
+  else baseline::run_stats_items<in_t, acc_t>(layers, items, partials.data(), nthreads);
+
+  // merge the chunks of each channel, in chunk order
+  std::vector<int32_t> chan_layer(total_channels);
+  for (size_t l = 0; l < layers.size(); ++l)
+    std::fill(chan_layer.begin() + layers[l].chan_offset, chan_layer.begin() + layers[l].chan_offset + layers[l].C, int32_t(l));
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "bn_batch_stats_merge", [&] {
+    scalar_t* mo = means.data_ptr<scalar_t>();
+    scalar_t* vo = vars.data_ptr<scalar_t>();
+    at::parallel_for(0, total_channels, 256, [&](int64_t b, int64_t e) {
+      for (int64_t gch = b; gch < e; ++gch) {
+        const LayerDesc& L = layers[chan_layer[gch]];
+        const Welford<double>* p = partials.data() + L.partial_offset + (gch - L.chan_offset) * L.chunks;
+        Welford<double> st = p[0];
+        for (int64_t k = 1; k < L.chunks; ++k) st = welford_merge(st, p[k]);
+        mo[gch] = static_cast<scalar_t>(st.mean);
+        vo[gch] = static_cast<scalar_t>(st.m2 / st.n);
+      }
+    });
+  });
+}
+
+static at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_batch_stats_multi_cpu(at::TensorList xs_in) {
+  std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
+  check_inputs(xs, "bn_batch_stats_multi");
+  std::vector<LayerDesc> layers;
+  int64_t total_channels = 0;
+  for (const auto& x : xs) { layers.push_back(describe(x, nullptr)); total_channels += x.size(1); }
+  const int nthreads = at::get_num_threads();
+  auto items = plan(layers, nthreads);
+  auto opts = xs[0].options().dtype(stat_dtype(xs[0].scalar_type()));
+  at::Tensor means = at::empty({total_channels}, opts);
+  at::Tensor vars = at::empty({total_channels}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "bn_batch_stats_multi", [&] {
+    stats_impl<scalar_t>(layers, items, total_channels, means, vars, nthreads);
+  });
+  return {means, vars};
+}
+
+std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, const at::Tensor& means,
+                                                          const at::Tensor& g_means, const at::Tensor& g_vars) {
+  std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
+  check_inputs(xs, "bn_batch_stats_multi_backward");
+  int64_t total_channels = 0;
+  for (const auto& x : xs) total_channels += x.size(1);
+  const auto sdt = stat_dtype(xs[0].scalar_type());
+  for (const at::Tensor* t : {&means, &g_means, &g_vars}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == total_channels,
+                "bn_batch_stats_multi_backward: statistics and their gradients must be CPU vectors of ", total_channels,
+                " channels");
+    TORCH_CHECK(t->scalar_type() == sdt, "bn_batch_stats_multi_backward: statistics must have dtype ", sdt);
+  }
+  const at::Tensor mc = means.contiguous(), gmc = g_means.contiguous(), gvc = g_vars.contiguous();
+  std::vector<at::Tensor> grads;
+  std::vector<LayerDesc> layers;
+  for (const auto& x : xs) {
+    grads.push_back(at::empty_like(x));  // same memory format as x where x is dense
+    layers.push_back(describe(x, &grads.back()));
+  }
+  const int nthreads = at::get_num_threads();
+  auto items = plan(layers, nthreads);
+  AT_DISPATCH_FLOATING_TYPES(sdt, "bn_batch_stats_multi_backward", [&] {
+    using stat_t = scalar_t;
+    const stat_t* m = mc.data_ptr<stat_t>();
+    const stat_t* gm = gmc.data_ptr<stat_t>();
+    const stat_t* gv = gvc.data_ptr<stat_t>();
+    auto run = [&](auto tag) {
+      using in_t = decltype(tag);
+      using acc_t = std::conditional_t<std::is_same<in_t, double>::value, double, float>;
+      if (use_avx2()) avx2::run_backward_items<in_t, acc_t, stat_t>(layers, items, m, gm, gv, nthreads);
+      else baseline::run_backward_items<in_t, acc_t, stat_t>(layers, items, m, gm, gv, nthreads);
+    };
+    switch (xs[0].scalar_type()) {
+      case at::kDouble: run(double{}); break;
+      case at::kFloat: run(float{}); break;
+      case at::kHalf: run(c10::Half{}); break;
+      case at::kBFloat16: run(c10::BFloat16{}); break;
+      default: TORCH_CHECK(false, "bn_batch_stats_multi_backward: unsupported dtype ", xs[0].scalar_type());
+    }
+  });
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_batch_stats_cpu(const at::Tensor& x) {
+  return bn_batch_stats_multi_cpu({x});
+}
+
+at::Tensor bn_batch_stats_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& g_mean,
+                                       const at::Tensor& g_var) {
+  return bn_batch_stats_multi_backward_cpu({x}, mean, g_mean, g_var)[0];
+}
+
+}  // namespace bn_cpu
+}  // namespace fastsynth
+
+TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
+  m.impl("bn_batch_stats", &fastsynth::bn_cpu::bn_batch_stats_cpu);
+  m.impl("bn_batch_stats_backward", &fastsynth::bn_cpu::bn_batch_stats_backward_cpu);
+  m.impl("bn_batch_stats_multi", &fastsynth::bn_cpu::bn_batch_stats_multi_cpu);
+  m.impl("bn_batch_stats_multi_backward", &fastsynth::bn_cpu::bn_batch_stats_multi_backward_cpu);
+}

@@ -1,0 +1,440 @@
+// CPU kernels of the fused teacher BatchNorm (fastsynth/ops/fused_bn.py has the math).
+//
+// forward : one read pass of x writes y = x*scale+shift (ReLU optional) and, when with_stats,
+//           accumulates the per-channel batch mean / biased variance of x in the same pass:
+//           each cache-sized segment is summed, then re-read from cache for the centred sum of
+//           squares and the y write, and the segment results are merged with Chan's formula
+//           (csrc/common/welford.h) in a fixed order (deterministic).
+// backward: one pass reads grad_y (and x when the ReLU mask, the statistics term or dgamma need
+//           it) and writes grad_x; dgamma/dbeta partial sums ride on the same pass.
+// Work is split over channels AND batch (NCHW / strided: tasks of (channel, batch block);
+// channels_last: tasks of row blocks), so a layer with few channels still uses every core.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/fused_bn_math.h"
+#include "common/welford.h"
+
+namespace fastsynth {
+namespace {
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+constexpr int64_t kSegment = 4096;       // elements re-read from cache in the second sweep
+constexpr int64_t kTaskElems = 16384;    // minimum elements per parallel task (NCHW path)
+constexpr int64_t kRowBlockElems = 16384;  // elements per row block (channels_last path)
+
+// The layout decision shared with the fake kernels in Python: channels_last path only when x is
+// channels_last-dense and not also NCHW-dense; everything else goes through the strided plane path.
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+struct Shape {
+  int64_t N, C, H, W, HW, M;
+  int64_t sN, sC, sH, sW;  // strides of x in elements
+};
+
+Shape shape_of(const at::Tensor& x) {
+  Shape s;
+  s.N = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
+  s.HW = s.H * s.W; s.M = s.N * s.HW;
+  s.sN = x.stride(0); s.sC = x.stride(1); s.sH = x.stride(2); s.sW = x.stride(3);
+  return s;
+}
+
+// Rows of one (n, c) plane: a dense plane is one row of H*W elements, otherwise H rows of W.
+struct PlaneRows {
+  int64_t rows, len, row_stride, elem_stride;
+};
+
+PlaneRows plane_rows(const Shape& s) {
+  if (s.sW == 1 && (s.H == 1 || s.sH == s.W)) return {1, s.HW, 0, 1};
+  return {s.H, s.W, s.sH, s.sW};
+}
+
+template <typename acc_t>
+struct ChannelAffine {
+  std::vector<acc_t> scale, shift, invstd;
+};
+
+template <typename acc_t>
+ChannelAffine<acc_t> channel_affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& rm,
+                                    const at::Tensor& rv, double eps, int64_t C) {
+  const auto dt = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  const at::Tensor w = weight.to(dt).contiguous(), b = bias.to(dt).contiguous();
+  const at::Tensor m = rm.to(dt).contiguous(), v = rv.to(dt).contiguous();
+  const acc_t *wp = w.data_ptr<acc_t>(), *bp = b.data_ptr<acc_t>(), *mp = m.data_ptr<acc_t>(), *vp = v.data_ptr<acc_t>();
+  ChannelAffine<acc_t> a;
+  a.scale.resize(C); a.shift.resize(C); a.invstd.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto e = bn_eval_affine<acc_t>(wp[c], bp[c], mp[c], vp[c], acc_t(eps));
+    a.scale[c] = e.scale; a.shift[c] = e.shift; a.invstd[c] = e.invstd;
+  }
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+// One segment of `len` elements of one channel: y written densely, block statistics returned.
+template <typename scalar_t, typename acc_t>
+Welford<acc_t> forward_segment(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t scale,
+                               acc_t shift, bool relu, bool with_stats) {
+  if (!with_stats) {
+    if (xstride == 1) {
+      for (int64_t i = 0; i < len; ++i) yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i]), scale, shift, relu));
+    } else {
+      for (int64_t i = 0; i < len; ++i)
+        yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i * xstride]), scale, shift, relu));
+    }
+    return Welford<acc_t>();
+  }
+  acc_t sum = 0;
+  if (xstride == 1) {
+    for (int64_t i = 0; i < len; ++i) sum += acc_t(xp[i]);
+  } else {
+    for (int64_t i = 0; i < len; ++i) sum += acc_t(xp[i * xstride]);
+  }
+  const acc_t bmean = sum / acc_t(len);
+  acc_t m2 = 0;
+  if (xstride == 1) {
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = acc_t(xp[i]);
+      const acc_t d = v - bmean;
+      m2 += d * d;
+      yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = acc_t(xp[i * xstride]);
+      const acc_t d = v - bmean;
+      m2 += d * d;
+      yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
+    }
+  }
+  return Welford<acc_t>(bmean, m2, acc_t(len));
+}
+
+template <typename scalar_t>
+void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
+                    bool with_stats, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = acc_of<scalar_t>;
+  const Shape s = shape_of(x);
+  const PlaneRows pr = plane_rows(s);
+  const int64_t nb = std::min<int64_t>(s.N, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(s.HW, 1)));
+  const int64_t nblocks = (s.N + nb - 1) / nb;
+  const int64_t ntasks = s.C * nblocks;
+  std::vector<Welford<acc_t>> partial(with_stats ? ntasks : 0);
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t / nblocks, blk = t % nblocks;
+      const acc_t scale = aff.scale[c], shift = aff.shift[c];
+      Welford<acc_t> acc;
+      for (int64_t n = blk * nb; n < std::min(s.N, (blk + 1) * nb); ++n) {
+        const scalar_t* xplane = xd + n * s.sN + c * s.sC;
+        scalar_t* yplane = yd + (n * s.C + c) * s.HW;  // y is NCHW-contiguous on this path
+        for (int64_t r = 0; r < pr.rows; ++r) {
+          for (int64_t off = 0; off < pr.len; off += kSegment) {
+            const int64_t len = std::min(kSegment, pr.len - off);
+            const auto blk_stats = forward_segment<scalar_t, acc_t>(
+                xplane + r * pr.row_stride + off * pr.elem_stride, pr.elem_stride, len, yplane + r * pr.len + off,
+                scale, shift, relu, with_stats);
+            if (with_stats) acc = welford_merge(acc, blk_stats);
+          }
+        }
+      }
+      if (with_stats) partial[t] = acc;
+    }
+  });
+
+  if (with_stats) {
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    at::parallel_for(0, s.C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        Welford<acc_t> acc;
+        for (int64_t b = 0; b < nblocks; ++b) acc = welford_merge(acc, partial[c * nblocks + b]);
+        mp[c] = acc.mean;
+        vp[c] = acc.var_biased();
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
+                           bool with_stats, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = acc_of<scalar_t>;
+  const Shape s = shape_of(x);
+  const int64_t C = s.C, M = s.M;
+  const int64_t rows = std::max<int64_t>(64, kRowBlockElems / C);
+  const int64_t ntasks = (M + rows - 1) / rows;
+  std::vector<acc_t> pmean(with_stats ? ntasks * C : 0), pm2(with_stats ? ntasks * C : 0);
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+  const acc_t* scale = aff.scale.data();
+  const acc_t* shift = aff.shift.data();
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
+      const scalar_t* xb = xd + r0 * C;
+      scalar_t* yb = yd + r0 * C;
+      if (!with_stats) {
+        for (int64_t r = 0; r < r1 - r0; ++r)
+          for (int64_t c = 0; c < C; ++c)
+            yb[r * C + c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xb[r * C + c]), scale[c], shift[c], relu));
+        continue;
+      }
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t r = 0; r < r1 - r0; ++r)
+        for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(xb[r * C + c]);
+      acc_t* bmean = pmean.data() + t * C;
+      acc_t* m2 = pm2.data() + t * C;
+      const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) { bmean[c] = sum[c] * inv; m2[c] = 0; }
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = acc_t(xb[r * C + c]);
+          const acc_t d = v - bmean[c];
+          m2[c] += d * d;
+          yb[r * C + c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], relu));
+        }
+      }
+    }
+  });
+
+  if (with_stats) {
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        Welford<acc_t> acc;
+        for (int64_t t = 0; t < ntasks; ++t) {
+          const int64_t cnt = std::min(M, (t + 1) * rows) - t * rows;
+          acc = welford_merge(acc, Welford<acc_t>(pmean[t * C + c], pm2[t * C + c], acc_t(cnt)));
+        }
+        mp[c] = acc.mean;
+        vp[c] = acc.var_biased();
+      }
+    });
+  }
+}
+
+void check_params(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& rm, const at::Tensor& rv) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.numel() > 0, op, ": x must not be empty");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating");
+  const int64_t C = x.size(1);
+  for (const auto* p : {&weight, &bias, &rm, &rv}) {
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == C, op, ": weight/bias/running stats must be 1-D of size C=", C);
+    TORCH_CHECK(at::isFloatingType(p->scalar_type()), op, ": weight/bias/running stats must be floating");
+    TORCH_CHECK(p->device() == x.device(), op, ": parameters must be on x's device");
+  }
+}
+
+at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                    const at::Tensor& bias, const at::Tensor& running_mean,
+                                                                    const at::Tensor& running_var, double eps,
+                                                                    bool apply_relu, bool with_stats) {
+  check_params("fused_bn_forward", x, weight, bias, running_mean, running_var);
+  const bool cl = use_channels_last(x);
+  const int64_t C = x.size(1);
+  auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const auto sdt = stat_dtype(x.scalar_type());
+  auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
+  auto var = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_bn_forward_cpu", [&] {
+    const auto aff = channel_affine<acc_of<scalar_t>>(weight, bias, running_mean, running_var, eps, C);
+    if (cl)
+      forward_channels_last<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var);
+    else
+      forward_planes<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var);
+  });
+  return {y, mean, var};
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+
+template <typename acc_t>
+struct BackwardCoef {
+  ChannelAffine<acc_t> aff;
+  std::vector<acc_t> mean, rm;
+  std::vector<StatGradCoef<acc_t>> stat;
+};
+
+// Elementwise backward of one segment; returns (sum g_pre, sum g_pre * (x - rm)) when asked.
+template <typename scalar_t, typename acc_t>
+inline void backward_segment(const scalar_t* gyp, const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* gxp,
+                             acc_t scale, acc_t shift, acc_t mean, acc_t rm, StatGradCoef<acc_t> sc, bool relu,
+                             bool with_stats, bool need_wgrad, bool need_x, acc_t& sum_g, acc_t& sum_gx) {
+  if (!need_x) {  // plain BatchNorm backward (need_x is true whenever need_wgrad is)
+    for (int64_t i = 0; i < len; ++i) gxp[i] = static_cast<scalar_t>(acc_t(gyp[i]) * scale);
+    return;
+  }
+  acc_t sg = 0, sgx = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t v = acc_t(xp[i * xstride]);
+    const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
+    gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
+    if (need_wgrad) { sg += gp; sgx += gp * (v - rm); }
+  }
+  sum_g += sg; sum_gx += sgx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, double eps, bool apply_relu, bool with_stats,
+    bool need_weight_grad) {
+  check_params("fused_bn_backward", x, weight, bias, running_mean, running_var);
+  TORCH_CHECK(grad_y_in.sizes() == x.sizes(), "fused_bn_backward: grad_y must have x's shape");
+  TORCH_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "fused_bn_backward: grad_y must have x's dtype");
+  const int64_t C = x.size(1);
+  if (with_stats) {
+    for (const auto* p : {&mean_in, &grad_mean, &grad_var})
+      TORCH_CHECK(p->dim() == 1 && p->size(0) == C, "fused_bn_backward: mean/grad_mean/grad_var must be 1-D of size C");
+  }
+  const bool cl = use_channels_last(x);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor grad_y = grad_y_in.contiguous(fmt);
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const bool need_x = apply_relu || with_stats || need_weight_grad;
+  const Shape s = shape_of(x);
+  at::Tensor grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_bn_backward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const auto adt = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    BackwardCoef<acc_t> k;
+    k.aff = channel_affine<acc_t>(weight, bias, running_mean, running_var, eps, C);
+    k.mean.assign(C, acc_t(0));
+    k.stat.assign(C, StatGradCoef<acc_t>{acc_t(0), acc_t(0)});
+    {
+      const at::Tensor rmv = running_mean.to(adt).contiguous();
+      k.rm.assign(rmv.data_ptr<acc_t>(), rmv.data_ptr<acc_t>() + C);
+    }
+    if (with_stats) {
+      const at::Tensor mv = mean_in.to(adt).contiguous(), gm = grad_mean.to(adt).contiguous(),
+                       gv = grad_var.to(adt).contiguous();
+      for (int64_t c = 0; c < C; ++c) {
+        k.mean[c] = mv.data_ptr<acc_t>()[c];
+        k.stat[c] = stat_grad_coef<acc_t>(gm.data_ptr<acc_t>()[c], gv.data_ptr<acc_t>()[c], acc_t(s.M));
+      }
+    }
+    const scalar_t* xd = x.data_ptr<scalar_t>();
+    const scalar_t* gyd = grad_y.data_ptr<scalar_t>();
+    scalar_t* gxd = grad_x.data_ptr<scalar_t>();
+    std::vector<acc_t> psum_g, psum_gx;
+    int64_t ntasks, nblocks = 0, rows = 0;
+
+    if (!cl) {
+      const PlaneRows pr = plane_rows(s);
+      const int64_t nb = std::min<int64_t>(s.N, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(s.HW, 1)));
+      nblocks = (s.N + nb - 1) / nb;
+      ntasks = C * nblocks;
+      if (need_weight_grad) { psum_g.assign(ntasks, 0); psum_gx.assign(ntasks, 0); }
+      at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t c = t / nblocks, blk = t % nblocks;
+          acc_t sg = 0, sgx = 0;
+          for (int64_t n = blk * nb; n < std::min(s.N, (blk + 1) * nb); ++n) {
+            const scalar_t* xplane = xd + n * s.sN + c * s.sC;
+            const int64_t dense = (n * C + c) * s.HW;
+            for (int64_t r = 0; r < pr.rows; ++r) {
+              for (int64_t off = 0; off < pr.len; off += kSegment) {
+                const int64_t len = std::min(kSegment, pr.len - off);
+                backward_segment<scalar_t, acc_t>(gyd + dense + r * pr.len + off,
+                                                  xplane + r * pr.row_stride + off * pr.elem_stride, pr.elem_stride, len,
+                                                  gxd + dense + r * pr.len + off, k.aff.scale[c], k.aff.shift[c],
+                                                  k.mean[c], k.rm[c], k.stat[c], apply_relu, with_stats,
+                                                  need_weight_grad, need_x, sg, sgx);
+              }
+            }
+          }
+          if (need_weight_grad) { psum_g[t] = sg; psum_gx[t] = sgx; }
+        }
+      });
+    } else {
+      rows = std::max<int64_t>(64, kRowBlockElems / C);
+      ntasks = (s.M + rows - 1) / rows;
+      if (need_weight_grad) { psum_g.assign(ntasks * C, 0); psum_gx.assign(ntasks * C, 0); }
+      const acc_t* scale = k.aff.scale.data();
+      const acc_t* shift = k.aff.shift.data();
+      const acc_t* mean = k.mean.data();
+      const acc_t* rm = k.rm.data();
+      const StatGradCoef<acc_t>* sc = k.stat.data();
+      at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * rows, r1 = std::min(s.M, r0 + rows);
+          const scalar_t* xb = xd + r0 * C;
+          const scalar_t* gyb = gyd + r0 * C;
+          scalar_t* gxb = gxd + r0 * C;
+          acc_t* sg = need_weight_grad ? psum_g.data() + t * C : nullptr;
+          acc_t* sgx = need_weight_grad ? psum_gx.data() + t * C : nullptr;
+          for (int64_t r = 0; r < r1 - r0; ++r) {
+            if (!need_x) {
+              for (int64_t c = 0; c < C; ++c) gxb[r * C + c] = static_cast<scalar_t>(acc_t(gyb[r * C + c]) * scale[c]);
+              continue;
+            }
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t v = acc_t(xb[r * C + c]);
+              const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyb[r * C + c]), v, scale[c], shift[c], apply_relu);
+              gxb[r * C + c] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale[c], mean[c], sc[c], with_stats));
+              if (need_weight_grad) { sg[c] += gp; sgx[c] += gp * (v - rm[c]); }
+            }
+          }
+        }
+      });
+    }
+
+    if (need_weight_grad) {
+      at::Tensor gw = at::empty({C}, x.options().dtype(adt));
+      at::Tensor gb = at::empty({C}, x.options().dtype(adt));
+      acc_t* gwp = gw.data_ptr<acc_t>();
+      acc_t* gbp = gb.data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        double a = 0, b = 0;  // fixed-order double sum of the partials: deterministic
+        if (!cl) {
+          for (int64_t t = c * nblocks; t < (c + 1) * nblocks; ++t) { a += psum_g[t]; b += psum_gx[t]; }
+        } else {
+          for (int64_t t = 0; t < ntasks; ++t) { a += psum_g[t * C + c]; b += psum_gx[t * C + c]; }
+        }
+        gbp[c] = acc_t(a);
+        gwp[c] = acc_t(b) * k.aff.invstd[c];
+      }
+      grad_weight = gw.to(weight.scalar_type());
+      grad_bias = gb.to(bias.scalar_type());
+    } else {
+      grad_weight = at::empty({0}, weight.options());
+      grad_bias = at::empty({0}, bias.options());
+    }
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
+  m.impl("fused_bn_forward", &fused_bn_forward_cpu);
+  m.impl("fused_bn_backward", &fused_bn_backward_cpu);
+}
+
+}  // namespace fastsynth

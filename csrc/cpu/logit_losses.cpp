@@ -1,0 +1,487 @@
+// CPU kernels of the teacher/student logit losses (fastsynth/ops/logit_losses.py has the math).
+//
+// Rows are independent: at::parallel_for over rows, each row handled by one thread in a few
+// sweeps that stay in L1/L2 (a row pair of C = 21843 floats is 175 KB), so memory sees one read
+// of the logits and one write of the gradients:
+//   1. max and argmax of both rows (argmax kept per SIMD lane, first index wins ties);
+//   2. e = exp(x' - max) of both rows into the gradient buffers, with the sums Z_t, Z_s and
+//      A = sum e_t ((t' - m_t) - (s' - m_s));
+//   3. the gradients from the stored e (no second exp).
+// The max-first scheme costs one exp per element; an online (running-max) log-sum-exp costs a
+// second exp per element for the rescaling when vectorised, which is the dominant cost here.
+// The CUDA and Triton kernels, which read from memory once per sweep, use the online form.
+//
+// Float rows run in functions cloned for AVX-512, AVX2 and baseline x86-64 (GCC target_clones,
+// picked at load time) so the exp/log polynomials of logit_loss_math.h vectorise.
+// fp16/bf16 rows are converted to fp32 scratch first (fp32 math); fp64 rows use fp64 math.
+//
+// Batch sums are taken over per-row partial results in row order, in double, after the parallel
+// loop: the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/logit_loss_math.h"
+
+namespace fastsynth {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FS_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define FS_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FS_ALWAYS_INLINE inline
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels on contiguous acc_t rows
+// ---------------------------------------------------------------------------------------------
+
+// max and first argmax of x[0..C). Sixteen independent lanes (strict '>' keeps each lane's first
+// maximum), merged at the end with the smallest index among equal maxima.
+template <typename acc_t>
+FS_ALWAYS_INLINE ArgMax<acc_t> row_argmax(const acc_t* x, int64_t C) {
+  constexpr int L = 16;
+  if (C < L) {
+    ArgMax<acc_t> best{x[0], 0};
+    for (int64_t c = 1; c < C; ++c)
+      if (x[c] > best.v) best = {x[c], c};
+    return best;
+  }
+  acc_t mv[L];
+  int32_t mi[L];
+  for (int l = 0; l < L; ++l) {
+    mv[l] = x[l];
+    mi[l] = l;
+  }
+  int64_t c = L;
+  for (; c + L <= C; c += L) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t v = x[c + l];
+      const bool gt = v > mv[l];
+      mv[l] = gt ? v : mv[l];
+      mi[l] = gt ? static_cast<int32_t>(c + l) : mi[l];
+    }
+  }
+  for (int l = 0; c + l < C; ++l) {  // tail: indices above everything already in the lanes
+    const acc_t v = x[c + l];
+    if (v > mv[l]) {
+      mv[l] = v;
+      mi[l] = static_cast<int32_t>(c + l);
+    }
+  }
+  ArgMax<acc_t> best{mv[0], mi[0]};
+  for (int l = 1; l < L; ++l) best = argmax_merge(best, ArgMax<acc_t>{mv[l], mi[l]});
+  return best;
+}
+
+template <typename acc_t>
+FS_ALWAYS_INLINE acc_t row_max(const acc_t* x, int64_t C) {
+  acc_t m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
+  return m;
+}
+
+struct KlRowResult {
+  double ce;     // CE_i (0 without targets)
+  double kl;     // KL_i
+  double agree;  // m_i
+};
+
+// One row of  ce_w * CE_i + kl_w * m_i * KL_i  (temperature 1/inv_t). gt, gs: C-element buffers
+// that receive the gradients (written when with_grad).
+template <typename acc_t>
+FS_ALWAYS_INLINE KlRowResult kl_row(const acc_t* t, const acc_t* s, int64_t C, acc_t inv_t, int64_t y, double ce_w,
+                                    double kl_w, bool agree_mask, bool with_grad, acc_t* gt, acc_t* gs) {
+  const ArgMax<acc_t> at = row_argmax(t, C);
+  const ArgMax<acc_t> as = row_argmax(s, C);
+  const acc_t mt = at.v, ms = as.v;
+
+  acc_t zt = 0, zs = 0, a = 0;
+#pragma omp simd reduction(+ : zt, zs, a)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t dt = (t[c] - mt) * inv_t;
+    const acc_t ds = (s[c] - ms) * inv_t;
+    const acc_t et = fs_exp(dt);
+    const acc_t es = fs_exp(ds);
+    gt[c] = et;
+    gs[c] = es;
+    zt += et;
+    zs += es;
+    a += et * (dt - ds);
+  }
+  const double lzt = std::log(static_cast<double>(zt)), lzs = std::log(static_cast<double>(zs));
+  double kl = static_cast<double>(a) / static_cast<double>(zt) - lzt + lzs;
+  kl = kl > 0 ? kl : 0;  // KL >= 0; rounding can leave -1e-8
+  KlRowResult r;
+  r.kl = kl;
+  r.agree = agree_mask ? (at.i == as.i ? 1.0 : 0.0) : 1.0;
+  r.ce = y >= 0 ? lzt - static_cast<double>((t[y] - mt) * inv_t) : 0.0;
+  if (!with_grad) return r;
+
+  const KlRowCoef k = kl_row_coef(ce_w, kl_w, r.agree, static_cast<double>(inv_t), kl);
+  const acc_t g_pt = static_cast<acc_t>(k.g_pt), g_ptd = static_cast<acc_t>(k.g_ptd);
+  const acc_t g_ps = static_cast<acc_t>(k.g_ps);
+  const acc_t rzt = static_cast<acc_t>(1.0 / zt), rzs = static_cast<acc_t>(1.0 / zs);
+  const acc_t lz_diff = static_cast<acc_t>(lzs - lzt);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t pt = gt[c] * rzt;
+    const acc_t ps = gs[c] * rzs;
+    const acc_t d = ((t[c] - mt) - (s[c] - ms)) * inv_t + lz_diff;  // log p_t - log p_s
+    gt[c] = pt * (g_pt + g_ptd * d);
+    gs[c] = g_ps * (ps - pt);
+  }
+  if (y >= 0) gt[y] -= static_cast<acc_t>(k.g_y);
+  return r;
+}
+
+// One row of the clamped JS divergence sum_c f_c (see logit_loss_math.h), P from s, Q from t.
+// gs, gt receive  w * dJS/ds, w * dJS/dt; pbuf, qbuf: C-element scratch.
+template <typename acc_t>
+FS_ALWAYS_INLINE double js_row(const acc_t* s, const acc_t* t, int64_t C, acc_t inv_t, acc_t lo, acc_t hi, acc_t w,
+                               bool with_grad, acc_t* gs, acc_t* gt, acc_t* pbuf, acc_t* qbuf) {
+  const acc_t ms = row_max(s, C), mt = row_max(t, C);
+  acc_t zs = 0, zt = 0;
+#pragma omp simd reduction(+ : zs, zt)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t es = fs_exp((s[c] - ms) * inv_t);
+    const acc_t et = fs_exp((t[c] - mt) * inv_t);
+    pbuf[c] = es;
+    qbuf[c] = et;
+    zs += es;
+    zt += et;
+  }
+  const acc_t lzs = static_cast<acc_t>(std::log(static_cast<double>(zs)));
+  const acc_t lzt = static_cast<acc_t>(std::log(static_cast<double>(zt)));
+  const acc_t rzs = static_cast<acc_t>(1.0 / zs), rzt = static_cast<acc_t>(1.0 / zt);
+  const acc_t log_lo = static_cast<acc_t>(std::log(static_cast<double>(lo)));
+  const acc_t log_hi = static_cast<acc_t>(std::log(static_cast<double>(hi)));
+  acc_t f = 0, sp = 0, sq = 0;
+#pragma omp simd reduction(+ : f, sp, sq)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t p = pbuf[c] * rzs;
+    const acc_t q = qbuf[c] * rzt;
+    const acc_t log_p = (s[c] - ms) * inv_t - lzs;
+    const acc_t log_q = (t[c] - mt) * inv_t - lzt;
+    const JsElem<acc_t> e = js_element<acc_t>(p, q, log_p, log_q, lo, hi, log_lo, log_hi);
+    f += e.f;
+    const acc_t pdp = p * e.dp, qdq = q * e.dq;
+    gs[c] = pdp;
+    gt[c] = qdq;
+    sp += pdp;
+    sq += qdq;
+    pbuf[c] = p;
+    qbuf[c] = q;
+  }
+  if (with_grad) {
+    const acc_t ws = w * inv_t;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      gs[c] = ws * (gs[c] - pbuf[c] * sp);
+      gt[c] = ws * (gt[c] - qbuf[c] * sq);
+    }
+  }
+  return static_cast<double>(f);
+}
+
+// float rows in SIMD-cloned functions, double rows plain
+FS_SIMD_CLONES KlRowResult kl_row_f32(const float* t, const float* s, int64_t C, float inv_t, int64_t y, double ce_w,
+                                      double kl_w, bool agree_mask, bool with_grad, float* gt, float* gs) {
+  return kl_row<float>(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs);
+}
+KlRowResult kl_row_f64(const double* t, const double* s, int64_t C, double inv_t, int64_t y, double ce_w, double kl_w,
+                       bool agree_mask, bool with_grad, double* gt, double* gs) {
+  return kl_row<double>(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs);
+}
+FS_SIMD_CLONES double js_row_f32(const float* s, const float* t, int64_t C, float inv_t, float lo, float hi, float w,
+                                 bool with_grad, float* gs, float* gt, float* pbuf, float* qbuf) {
+  return js_row<float>(s, t, C, inv_t, lo, hi, w, with_grad, gs, gt, pbuf, qbuf);
+}
+double js_row_f64(const double* s, const double* t, int64_t C, double inv_t, double lo, double hi, double w,
+                  bool with_grad, double* gs, double* gt, double* pbuf, double* qbuf) {
+  return js_row<double>(s, t, C, inv_t, lo, hi, w, with_grad, gs, gt, pbuf, qbuf);
+}
+
+inline KlRowResult kl_row_acc(const float* t, const float* s, int64_t C, float inv_t, int64_t y, double ce_w,
+                              double kl_w, bool agree_mask, bool with_grad, float* gt, float* gs) {
+  return kl_row_f32(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs);
+}
+inline KlRowResult kl_row_acc(const double* t, const double* s, int64_t C, double inv_t, int64_t y, double ce_w,
+                              double kl_w, bool agree_mask, bool with_grad, double* gt, double* gs) {
+  return kl_row_f64(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs);
+}
+inline double js_row_acc(const float* s, const float* t, int64_t C, float inv_t, float lo, float hi, float w,
+                         bool with_grad, float* gs, float* gt, float* pbuf, float* qbuf) {
+  return js_row_f32(s, t, C, inv_t, lo, hi, w, with_grad, gs, gt, pbuf, qbuf);
+}
+inline double js_row_acc(const double* s, const double* t, int64_t C, double inv_t, double lo, double hi, double w,
+                         bool with_grad, double* gs, double* gt, double* pbuf, double* qbuf) {
+  return js_row_f64(s, t, C, inv_t, lo, hi, w, with_grad, gs, gt, pbuf, qbuf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows of the input dtype as acc_t rows: direct pointers where the dtypes agree, converted
+// scratch copies (fp16/bf16 -> fp32) otherwise.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+using acc_type_of = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+template <typename scalar_t, typename acc_t>
+struct RowPair {
+  // a, b: input rows; ga, gb: gradient rows of the outputs (nullptr when not wanted)
+  const scalar_t* a_base;
+  const scalar_t* b_base;
+  int64_t a_stride, b_stride;
+  scalar_t* ga_base;
+  scalar_t* gb_base;
+  int64_t C;
+  static constexpr bool direct = std::is_same<scalar_t, acc_t>::value;
+  // scratch: [a, b] converted inputs (when !direct), [ga, gb] acc buffers, [x, y] extra
+  std::vector<acc_t> scratch;
+
+  RowPair(const scalar_t* a, int64_t as, const scalar_t* b, int64_t bs, scalar_t* ga, scalar_t* gb, int64_t C_, int extra)
+      : a_base(a), b_base(b), a_stride(as), b_stride(bs), ga_base(ga), gb_base(gb), C(C_),
+        scratch(static_cast<size_t>(C_) * (4 + extra)) {}
+
+  acc_t* slot(int k) { return scratch.data() + static_cast<size_t>(k) * C; }
+
+  const acc_t* in_a(int64_t i) { return load(a_base + i * a_stride, 0); }
+  const acc_t* in_b(int64_t i) { return load(b_base + i * b_stride, 1); }
+  acc_t* out_a(int64_t i) { return (direct && ga_base) ? reinterpret_cast<acc_t*>(ga_base + i * C) : slot(2); }
+  acc_t* out_b(int64_t i) { return (direct && gb_base) ? reinterpret_cast<acc_t*>(gb_base + i * C) : slot(3); }
+
+  void store(int64_t i) {
+    if (direct) return;
+    if (ga_base) convert_out(slot(2), ga_base + i * C);
+    if (gb_base) convert_out(slot(3), gb_base + i * C);
+  }
+
+ private:
+  const acc_t* load(const scalar_t* row, int k) {
+    if (direct) return reinterpret_cast<const acc_t*>(row);
+    acc_t* dst = slot(k);
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(row[c]);
+    return dst;
+  }
+  void convert_out(const acc_t* src, scalar_t* dst) {
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+  }
+};
+
+// rows per parallel task: about 16k elements, so small problems stay on one thread
+inline int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+// A view with unit column stride (rows may be strided); copies only when columns are strided.
+inline at::Tensor unit_column_stride(const at::Tensor& x) {
+  if (x.size(1) <= 1 || x.stride(1) == 1) return x;
+  return x.contiguous();
+}
+
+void check_pair(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D [N, C], got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": ", b_name, " must have the shape of ", a_name, " ", a.sizes(),
+                    ", got ", b.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), op, ": ", a_name, " must be floating, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, op, ": ", a_name, " must not be empty, got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.size(1) < (int64_t(1) << 31), op, ": more than 2^31 classes");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": CPU kernel called with non-CPU tensors");
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> synthesis_logit_loss_cpu(
+    const at::Tensor& teacher_logits, const at::Tensor& student_logits, const at::Tensor& targets, double oh,
+    double adv, bool agree_mask, bool need_grad_teacher, bool need_grad_student) {
+  const char* op = "synthesis_logit_loss";
+  check_pair(op, teacher_logits, "teacher_logits", student_logits, "student_logits");
+  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1);
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64 class indices, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, op, ": targets must have shape [", N, "], got ",
+                    targets.sizes());
+  const at::Tensor y = targets.contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK_VALUE(yp[i] >= 0 && yp[i] < C, op, ": targets must be class indices in [0, ", C, "), got ", yp[i],
+                      " at position ", i);
+  }
+  const at::Tensor t = unit_column_stride(teacher_logits), s = unit_column_stride(student_logits);
+  const auto opts = t.options();
+  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  const bool with_grad = need_grad_teacher || need_grad_student;
+  std::vector<double> ce(N), klm(N), agree(N);
+  const double ce_w = oh / static_cast<double>(N), kl_w = -adv / static_cast<double>(N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "synthesis_logit_loss_cpu", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      RowPair<scalar_t, acc_t> rows(tp, t.stride(0), sp, s.stride(0), gtp, gsp, C, 0);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* ti = rows.in_a(i);
+        const acc_t* si = rows.in_b(i);
+        const KlRowResult r = kl_row_acc(ti, si, C, acc_t(1), yp[i], ce_w, kl_w, agree_mask, with_grad,
+                                         rows.out_a(i), rows.out_b(i));
+        ce[i] = r.ce;
+        klm[i] = r.agree > 0 ? r.kl : 0.0;  // masked rows count exactly 0
+        agree[i] = r.agree;
+        rows.store(i);
+      }
+    });
+  });
+
+  double ce_sum = 0, klm_sum = 0, agree_sum = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    ce_sum += ce[i];
+    klm_sum += klm[i];
+    agree_sum += agree[i];
+  }
+  const auto sopts = opts.dtype(acc_scalar_type(t.scalar_type()));
+  const double oh_term = ce_sum / N, adv_term = klm_sum > 0 ? -klm_sum / N : 0.0;
+  return {at::scalar_tensor(oh * oh_term + adv * adv_term, sopts), at::scalar_tensor(oh_term, sopts),
+          at::scalar_tensor(adv_term, sopts), at::scalar_tensor(agree_sum / N, sopts), gt, gs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits,
+                                                           const at::Tensor& teacher_logits, double T, double scale,
+                                                           bool need_grad_student, bool need_grad_teacher) {
+  const char* op = "kd_loss";
+  check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
+  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
+  const int64_t N = student_logits.size(0), C = student_logits.size(1);
+  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
+  const auto opts = s.options();
+  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  const bool with_grad = need_grad_student || need_grad_teacher;
+  std::vector<double> kl(N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_cpu", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / T);
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      RowPair<scalar_t, acc_t> rows(tp, t.stride(0), sp, s.stride(0), gtp, gsp, C, 0);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* ti = rows.in_a(i);
+        const acc_t* si = rows.in_b(i);
+        const KlRowResult r =
+            kl_row_acc(ti, si, C, inv_t, -1, 0.0, scale, false, with_grad, rows.out_a(i), rows.out_b(i));
+        kl[i] = r.kl;
+        rows.store(i);
+      }
+    });
+  });
+  double kl_sum = 0;
+  for (int64_t i = 0; i < N; ++i) kl_sum += kl[i];
+  const auto sopts = opts.dtype(acc_scalar_type(s.scalar_type()));
+  return {at::scalar_tensor(scale * kl_sum, sopts), gs, gt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> js_divergence_cpu(const at::Tensor& student_logits,
+                                                                 const at::Tensor& teacher_logits, double T,
+                                                                 double clamp_min, double clamp_max, double scale,
+                                                                 bool need_grad_student, bool need_grad_teacher) {
+  const char* op = "js_divergence";
+  check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
+  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
+  TORCH_CHECK_VALUE(clamp_min > 0 && clamp_min <= clamp_max && clamp_max <= 1, op,
+                    ": clamp must satisfy 0 < min <= max <= 1, got (", clamp_min, ", ", clamp_max, ")");
+  const int64_t N = student_logits.size(0), C = student_logits.size(1);
+  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
+  const auto opts = s.options();
+  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  const bool with_grad = need_grad_student || need_grad_teacher;
+  std::vector<double> js(N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "js_divergence_cpu", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
+    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(1.0 / T);
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
+      RowPair<scalar_t, acc_t> rows(sp, s.stride(0), tp, t.stride(0), gsp, gtp, C, 2);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* si = rows.in_a(i);
+        const acc_t* ti = rows.in_b(i);
+        js[i] = js_row_acc(si, ti, C, inv_t, static_cast<acc_t>(clamp_min), static_cast<acc_t>(clamp_max),
+                           static_cast<acc_t>(scale), with_grad, rows.out_a(i), rows.out_b(i), rows.slot(4),
+                           rows.slot(5));
+        rows.store(i);
+      }
+    });
+  });
+  double js_sum = 0;
+  for (int64_t i = 0; i < N; ++i) js_sum += js[i];
+  const auto sopts = opts.dtype(acc_scalar_type(s.scalar_type()));
+  return {at::scalar_tensor(scale * js_sum, sopts), gs, gt};
+}
+
+template <typename scalar_t, typename acc_t>
+void scale_range(const scalar_t* src, scalar_t* dst, acc_t g, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) dst[k] = static_cast<scalar_t>(g * static_cast<acc_t>(src[k]));
+}
+
+// Backward of every logit loss: the gradients were computed in the forward pass for a unit
+// grad_loss; scale them by grad_loss, read here from the tensor (no host sync on a GPU: the CUDA
+// kernel reads it from device memory). An empty saved gradient stays empty.
+std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_a,
+                                                           const at::Tensor& grad_b) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "logit_loss_backward: grad_loss must have one element, got shape ",
+                    grad_loss.sizes());
+  const double g = grad_loss.to(at::kDouble).item<double>();  // CPU tensor: a plain memory read
+  auto scale = [&](const at::Tensor& x) {
+    if (x.numel() == 0) return at::empty({0}, x.options());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty_like(xc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "logit_loss_backward_cpu", [&] {
+      using acc_t = acc_type_of<scalar_t>;
+      const scalar_t* src = xc.data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      const acc_t ga = static_cast<acc_t>(g);
+      at::parallel_for(0, xc.numel(), 32768, [&](int64_t b, int64_t e) { scale_range(src, dst, ga, b, e); });
+    });
+    return out;
+  };
+  return {scale(grad_a), scale(grad_b)};
+}
+
+}  // namespace
+}  // namespace fastsynth
+
+TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
+  m.impl("synthesis_logit_loss", &fastsynth::synthesis_logit_loss_cpu);
+  m.impl("kd_loss", &fastsynth::kd_loss_cpu);
+  m.impl("js_divergence", &fastsynth::js_divergence_cpu);
+  m.impl("logit_loss_backward", &fastsynth::logit_loss_backward_cpu);
+}

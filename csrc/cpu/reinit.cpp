@@ -1,0 +1,334 @@
+// CPU kernel of fastsynth.ops.reinit_: fills a list of tensors in place from the counter-based
+// Philox stream of csrc/common/philox.h (one parallel pass over the concatenated index space).
+//
+// Work is cut into blocks of kBlock consecutive global elements (aligned to Philox groups of 4).
+// A block first generates its kBlock draws into a stack buffer with straight-line loops the
+// compiler vectorises (Philox rounds, then Box-Muller on whole arrays), then scatters them into
+// the one or few tensors that the block overlaps, converting to each tensor's dtype.
+//
+// Bit-identity with the CUDA kernel needs every float operation of philox.h to be one IEEE
+// rounding: no a*b+c contracted into an FMA. The x86-64 baseline and the AVX2/AVX-512F clones
+// below have no FMA instructions enabled, and contraction is switched off explicitly for other
+// compilers/targets. Without math-errno, sqrt is a plain instruction and the Box-Muller loops
+// vectorise (they are branch-free by construction).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off", "no-math-errno")
+#endif
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/philox.h"
+#include "cpu/reinit.h"
+
+namespace fastsynth {
+namespace {
+
+namespace ph = fastsynth::philox;
+
+constexpr int64_t kGroups = 256;          // Philox groups per block
+constexpr int64_t kBlock = 4 * kGroups;   // elements per block
+
+// ---- Philox lanes of kGroups consecutive groups g0 .. g0+kGroups-1 (g0 a multiple of 16) ----
+// Compilers vectorise the 32x32->64-bit products of Philox poorly, so the x86 paths use the
+// even/odd-lane unsigned multiply directly (same integer results as philox4x32_10, checked by
+// tests/test_reinit.py against the eager reference).
+void philox_lanes_generic(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1, uint32_t* x2, uint32_t* x3) {
+  for (int64_t i = 0; i < kGroups; ++i) {
+    const ph::U32x4 r = ph::group_bits(static_cast<uint64_t>(g0 + i), seed);
+    x0[i] = r.v[0];
+    x1[i] = r.v[1];
+    x2[i] = r.v[2];
+    x3[i] = r.v[3];
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FS_HAVE_X86_PHILOX 1
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                        // 64-bit products of lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+__attribute__((target("avx512f"))) void philox_lanes_avx512(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
+                                                             uint32_t* x2, uint32_t* x3) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm512_set1_epi32(static_cast<int>(ph::kM1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = 0; i < kGroups; i += 16) {
+    const uint64_t g = static_cast<uint64_t>(g0 + i);  // a multiple of 16: the low word does not wrap below
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += ph::kW0;
+        k1 += ph::kW1;
+      }
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, &hi0, &lo0);
+      mulhilo16(c2, m1, &hi1, &lo1);
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+    }
+    _mm512_storeu_si512(x0 + i, c0);
+    _mm512_storeu_si512(x1 + i, c1);
+    _mm512_storeu_si512(x2 + i, c2);
+    _mm512_storeu_si512(x3 + i, c3);
+  }
+}
+
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_lanes_avx2(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
+                                                        uint32_t* x2, uint32_t* x3) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm256_set1_epi32(static_cast<int>(ph::kM1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < kGroups; i += 8) {
+    const uint64_t g = static_cast<uint64_t>(g0 + i);
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += ph::kW0;
+        k1 += ph::kW1;
+      }
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(c0, m0, &hi0, &lo0);
+      mulhilo8(c2, m1, &hi1, &lo1);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x0 + i), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x1 + i), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x2 + i), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x3 + i), c3);
+  }
+}
+#endif
+
+using PhiloxLanesFn = void (*)(int64_t, uint64_t, uint32_t*, uint32_t*, uint32_t*, uint32_t*);
+
+PhiloxLanesFn pick_philox_lanes() {
+#ifdef FS_HAVE_X86_PHILOX
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return philox_lanes_avx512;
+  if (__builtin_cpu_supports("avx2")) return philox_lanes_avx2;
+#endif
+  return philox_lanes_generic;
+}
+
+// Box-Muller / uniform conversion of the lanes of one block: kBlock normals into `normal` when
+// want_normal, kBlock uniforms into `uniform` when want_uniform. Branch-free loops, vectorised
+// per ISA by the clones.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void transform_block(const uint32_t* x0, const uint32_t* x1, const uint32_t* x2, const uint32_t* x3,
+                     bool want_normal, bool want_uniform, float* normal, float* uniform) {
+  if (want_normal) {
+    float z0[kGroups], z1[kGroups], z2[kGroups], z3[kGroups];
+    for (int64_t i = 0; i < kGroups; ++i) ph::box_muller(x0[i], x1[i], &z0[i], &z1[i]);
+    for (int64_t i = 0; i < kGroups; ++i) ph::box_muller(x2[i], x3[i], &z2[i], &z3[i]);
+    for (int64_t i = 0; i < kGroups; ++i) {
+      normal[4 * i + 0] = z0[i];
+      normal[4 * i + 1] = z1[i];
+      normal[4 * i + 2] = z2[i];
+      normal[4 * i + 3] = z3[i];
+    }
+  }
+  if (want_uniform) {
+    for (int64_t i = 0; i < kGroups; ++i) {
+      uniform[4 * i + 0] = ph::uniform01(x0[i]);
+      uniform[4 * i + 1] = ph::uniform01(x1[i]);
+      uniform[4 * i + 2] = ph::uniform01(x2[i]);
+      uniform[4 * i + 3] = ph::uniform01(x3[i]);
+    }
+  }
+}
+
+template <typename T, typename Bits>
+T from_bits(Bits b) {
+  T v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+template <typename Bits, typename T>
+Bits to_bits(T v) {
+  Bits b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+// Convert count draws to dtype T and store them (T = float, c10::Half, c10::BFloat16).
+template <typename T, typename Bits>
+void store_f32(T* dst, const float* draw, int64_t count, int dist, double lo, double hi) {
+  const float lo_f = static_cast<float>(lo);
+  const float scale_f = static_cast<float>(dist == ph::kNormal ? hi : hi - lo);
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(ph::affine_f32(dist, draw[i], lo_f, scale_f));
+  if (dist == ph::kUniform) {  // keep v < b after rounding to T
+    for (int64_t i = 0; i < count; ++i)
+      if (static_cast<double>(static_cast<float>(dst[i])) >= hi)
+        dst[i] = from_bits<T>(ph::step_down_bits<Bits>(to_bits<Bits>(dst[i])));
+  }
+}
+
+void store_f64(double* dst, const float* draw, int64_t count, int dist, double lo, double hi) {
+  const double scale = dist == ph::kNormal ? hi : hi - lo;
+  for (int64_t i = 0; i < count; ++i) dst[i] = ph::affine_f64(dist, draw[i], lo, scale);
+  if (dist == ph::kUniform) {
+    for (int64_t i = 0; i < count; ++i)
+      if (dst[i] >= hi) dst[i] = from_bits<double>(ph::step_down_bits<uint64_t>(to_bits<uint64_t>(dst[i])));
+  }
+}
+
+void store(const ReinitEntry& e, int64_t local, const float* draw, int64_t count) {
+  const int dist = e.dist;
+  switch (e.dtype) {
+    case at::kFloat:
+      store_f32<float, uint32_t>(static_cast<float*>(e.ptr) + local, draw, count, dist, e.lo, e.hi);
+      break;
+    case at::kDouble:
+      store_f64(static_cast<double*>(e.ptr) + local, draw, count, dist, e.lo, e.hi);
+      break;
+    case at::kHalf:
+      store_f32<c10::Half, uint16_t>(static_cast<c10::Half*>(e.ptr) + local, draw, count, dist, e.lo, e.hi);
+      break;
+    case at::kBFloat16:
+      store_f32<c10::BFloat16, uint16_t>(static_cast<c10::BFloat16*>(e.ptr) + local, draw, count, dist, e.lo,
+                                         e.hi);
+      break;
+    default:
+      break;  // rejected by reinit_entries
+  }
+}
+
+void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std::string> dist,
+                c10::ArrayRef<double> a, c10::ArrayRef<double> b) {
+  const std::vector<ReinitEntry> entries = reinit_entries(tensors, seed, dist, a, b);
+  TORCH_CHECK(seed.device().is_cpu(), "fastsynth::reinit_ (CPU): seed must be a CPU tensor");
+  const uint64_t seed_value = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  const int64_t total = entries.empty() ? 0 : entries.back().end;
+  if (total == 0) return;
+  const int64_t num_blocks = (total + kBlock - 1) / kBlock;
+  static const PhiloxLanesFn philox_lanes = pick_philox_lanes();
+
+  at::parallel_for(0, num_blocks, 16, [&](int64_t b0, int64_t b1) {
+    alignas(64) uint32_t x0[kGroups], x1[kGroups], x2[kGroups], x3[kGroups];
+    alignas(64) float normal[kBlock];
+    alignas(64) float uniform[kBlock];
+    std::fill(normal, normal + kBlock, 0.0f);  // defined values for constant fills (unused there)
+    std::fill(uniform, uniform + kBlock, 0.0f);
+    // first tensor that ends after the first element of this range
+    size_t t = std::upper_bound(entries.begin(), entries.end(), b0 * kBlock,
+                                [](int64_t pos, const ReinitEntry& e) { return pos < e.end; }) -
+               entries.begin();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t lo = blk * kBlock, hi = std::min(total, lo + kBlock);
+      while (t < entries.size() && entries[t].end <= lo) ++t;
+      bool want_normal = false, want_uniform = false;
+      for (size_t u = t; u < entries.size() && entries[u].begin < hi; ++u) {
+        want_normal |= entries[u].dist == ph::kNormal && entries[u].end > entries[u].begin;
+        want_uniform |= entries[u].dist == ph::kUniform && entries[u].end > entries[u].begin;
+      }
+      if (want_normal || want_uniform) {
+        philox_lanes(blk * kGroups, seed_value, x0, x1, x2, x3);
+        transform_block(x0, x1, x2, x3, want_normal, want_uniform, normal, uniform);
+      }
+      for (size_t u = t; u < entries.size() && entries[u].begin < hi; ++u) {
+        const int64_t s = std::max(lo, entries[u].begin), e = std::min(hi, entries[u].end);
+        const float* draw = entries[u].dist == ph::kNormal ? normal : uniform;
+        if (e > s) store(entries[u], s - entries[u].begin, draw + (s - lo), e - s);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<ReinitEntry> reinit_entries(at::TensorList tensors, const at::Tensor& seed,
+                                        const std::vector<std::string>& dist, c10::ArrayRef<double> a,
+                                        c10::ArrayRef<double> b) {
+  const size_t n = tensors.size();
+  TORCH_CHECK(n > 0, "fastsynth::reinit_: tensors must be a non-empty list");
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "fastsynth::reinit_: seed must be a one-element int64 tensor");
+  TORCH_CHECK((dist.size() == 1 || dist.size() == n) && (a.size() == 1 || a.size() == n) &&
+                  (b.size() == 1 || b.size() == n),
+              "fastsynth::reinit_: dist, a and b must have one entry or one per tensor");
+  std::vector<ReinitEntry> entries;
+  entries.reserve(n);
+  int64_t offset = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    const std::string& name = dist.size() == 1 ? dist[0] : dist[i];
+    const double ai = a.size() == 1 ? a[0] : a[i], bi = b.size() == 1 ? b[0] : b[i];
+    const auto st = t.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                "fastsynth::reinit_: tensors must be float32/float64/float16/bfloat16");
+    TORCH_CHECK(t.device() == seed.device(), "fastsynth::reinit_: tensors and seed must share one device");
+    TORCH_CHECK(t.is_contiguous(), "fastsynth::reinit_: tensors must be contiguous");
+    ReinitEntry e;
+    e.ptr = t.numel() > 0 ? t.data_ptr() : nullptr;
+    e.dtype = st;
+    e.begin = offset;
+    offset += t.numel();
+    e.end = offset;
+    e.lo = ai;
+    e.hi = bi;
+    if (name == "normal") {
+      e.dist = ph::kNormal;
+      TORCH_CHECK(bi > 0, "fastsynth::reinit_: normal needs std b > 0");
+    } else if (name == "uniform") {
+      e.dist = ph::kUniform;
+      TORCH_CHECK(ai < bi, "fastsynth::reinit_: uniform needs a < b");
+    } else if (name == "kaiming_uniform") {
+      e.dist = ph::kUniform;
+      TORCH_CHECK(t.dim() >= 2, "fastsynth::reinit_: kaiming_uniform needs tensors of 2 or more dimensions");
+      int64_t fan_in = t.size(1);
+      for (int64_t d = 2; d < t.dim(); ++d) fan_in *= t.size(d);
+      TORCH_CHECK(fan_in > 0, "fastsynth::reinit_: kaiming_uniform needs a non-zero fan-in");
+      const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));  // kaiming_uniform_(a=sqrt(5))
+      e.lo = -bound;
+      e.hi = bound;
+    } else if (name == "constant") {
+      e.dist = ph::kConstant;
+    } else {
+      TORCH_CHECK(false, "fastsynth::reinit_: dist must be normal, uniform, kaiming_uniform or constant, got ", name);
+    }
+    entries.push_back(e);
+  }
+  return entries;
+}
+
+TORCH_LIBRARY_IMPL(fastsynth, CPU, m) { m.impl("reinit_", &reinit_cpu); }
+
+}  // namespace fastsynth

@@ -1,0 +1,143 @@
+// ATen glue for the CUDA kernels of the fused teacher BatchNorm (csrc/cuda/fused_bn.cu).
+// Built only where torch has CUDA (setup.py); the kernels themselves are torch-free.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cuda/fused_bn.cuh"
+
+namespace fastsynth {
+namespace {
+
+// Same layout decision as the CPU kernels and the fake kernels (fastsynth/ops/fused_bn.py).
+bool use_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+cuda::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+cuda::FusedBnGeometry geometry(const at::Tensor& x, const at::Tensor& y) {
+  return {x.size(0), x.size(1), x.size(2), x.size(3), strides_of(x), strides_of(y)};
+}
+
+void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<const at::Tensor*> per_channel) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D tensor");
+  for (const auto* p : per_channel) {
+    TORCH_CHECK(p->device() == x.device(), op, ": per-channel tensors must be on x's device");
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": per-channel tensors must be 1-D of size C");
+  }
+}
+
+// Calls f(scalar_ptr_type_tag, acc_tag) with the CUDA element type of x.
+template <typename F>
+void dispatch(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: f(double(), double()); break;
+    case at::kFloat: f(float(), float()); break;
+    case at::kHalf: f(__half(), float()); break;
+    case at::kBFloat16: f(__nv_bfloat16(), float()); break;
+    default: TORCH_CHECK(false, "fused_bn: unsupported dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                     const at::Tensor& bias,
+                                                                     const at::Tensor& running_mean,
+                                                                     const at::Tensor& running_var, double eps,
+                                                                     bool apply_relu, bool with_stats) {
+  check_inputs("fused_bn_forward", x, {&weight, &bias, &running_mean, &running_var});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = use_channels_last(x);
+  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
+  const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int splits = cuda::fused_bn_splits(M, C, sms);
+  auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
+  auto var = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
+  auto workspace = at::empty({with_stats ? 3 * C * splits : 0}, x.options().dtype(adt));
+  const auto g = geometry(x, y);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    C10_CUDA_CHECK((cuda::fused_bn_forward_launch<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(x.const_data_ptr()), reinterpret_cast<scalar_t*>(y.data_ptr()),
+        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
+        acc_t(eps), apply_relu, with_stats, with_stats ? mean.data_ptr<acc_t>() : nullptr,
+        with_stats ? var.data_ptr<acc_t>() : nullptr, with_stats ? workspace.data_ptr<acc_t>() : nullptr, splits, g,
+        stream)));
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
+    const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in, double eps, bool apply_relu, bool with_stats,
+    bool need_weight_grad) {
+  check_inputs("fused_bn_backward", x, {&weight, &bias, &running_mean, &running_var});
+  if (with_stats) check_inputs("fused_bn_backward", x, {&mean_in, &grad_mean_in, &grad_var_in});
+  TORCH_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
+              "fused_bn_backward: grad_y must have x's shape and dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool cl = use_channels_last(x);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto grad_y = grad_y_in.contiguous(fmt);
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
+  const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
+  at::Tensor mean, gmean, gvar;
+  if (with_stats) {
+    mean = mean_in.to(adt).contiguous();
+    gmean = grad_mean_in.to(adt).contiguous();
+    gvar = grad_var_in.to(adt).contiguous();
+  }
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int splits = cuda::fused_bn_splits(M, C, sms);
+  auto pg = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
+  auto pgx = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
+  // grad_y and grad_x share strides (both dense in the same format)
+  const auto g = geometry(x, grad_y);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
+    using scalar_t = decltype(s_tag);
+    using acc_t = decltype(a_tag);
+    C10_CUDA_CHECK((cuda::fused_bn_backward_launch<scalar_t, acc_t>(
+        reinterpret_cast<const scalar_t*>(grad_y.const_data_ptr()), reinterpret_cast<const scalar_t*>(x.const_data_ptr()),
+        reinterpret_cast<scalar_t*>(grad_x.data_ptr()), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+        rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(), with_stats ? mean.const_data_ptr<acc_t>() : nullptr,
+        with_stats ? gmean.const_data_ptr<acc_t>() : nullptr, with_stats ? gvar.const_data_ptr<acc_t>() : nullptr,
+        acc_t(eps), apply_relu, with_stats, need_weight_grad, need_weight_grad ? pg.data_ptr<acc_t>() : nullptr,
+        need_weight_grad ? pgx.data_ptr<acc_t>() : nullptr, splits, g, stream)));
+  });
+  at::Tensor grad_weight, grad_bias;
+  if (need_weight_grad) {
+    grad_weight = pgx.sum(1).to(weight.scalar_type());
+    grad_bias = pg.sum(1).to(bias.scalar_type());
+  } else {
+    grad_weight = at::empty({0}, weight.options());
+    grad_bias = at::empty({0}, bias.options());
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsynth, CUDA, m) {
+  m.impl("fused_bn_forward", &fused_bn_forward_cuda);
+  m.impl("fused_bn_backward", &fused_bn_backward_cuda);
+}
+
+}  // namespace fastsynth

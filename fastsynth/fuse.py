@@ -1,0 +1,248 @@
+"""Fuse the BatchNorm-statistics loss into a teacher's own BatchNorm layers.
+
+``fuse_teacher(teacher)`` replaces, IN PLACE in the module tree, every ``nn.BatchNorm2d`` (exact
+type; subclasses are left alone) by a ``FusedBatchNorm2d`` that shares the original's parameters,
+buffers and hooks (the very same tensors and dicts; state_dict keys are unchanged). In eval mode
+a fused layer computes, in ONE pass over its input, the BatchNorm output and the per-channel
+batch mean/biased variance of the input (fastsynth.ops.fused_bn), and its backward adds the
+gradient of a loss computed from those statistics in the same single pass. It returns the
+teacher itself (only a bare BatchNorm2d passed as ``teacher`` comes back as a new module).
+
+ReLU fusion: where the teacher traces with ``torch.fx.symbolic_trace``, a ReLU (``nn.ReLU``,
+``F.relu``, ``torch.relu``, ``.relu()``) that directly and solely consumes a BatchNorm output is
+folded into that BatchNorm's pass: the traced graph with those ReLUs removed becomes the
+teacher's eval-mode ``forward`` (an instance attribute; in train mode the class forward runs
+unchanged). Modules carrying hooks are kept as leaves so their hooks still fire. When tracing
+fails (data-dependent control flow, ...) the teacher keeps BN-only fusion.
+
+Loss: after a forward, ``bn_statistics(teacher)`` returns the differentiable batch means and
+variances of the last forward plus the running buffers, in module order, ready for
+``fastsynth.ops.bn_stat_loss.loss_from_stats`` -- a plain tensor computation, so the whole step
+can be compiled or captured in a CUDA graph (nothing is collected by a Python hook at replay).
+``set_stats_enabled(teacher, False)`` turns the statistics off (e.g. for no-grad forwards while
+training the student): then no statistics work is done. ``unfuse_teacher`` undoes everything.
+
+A fused layer in train() mode behaves exactly like nn.BatchNorm2d in train mode (F.batch_norm,
+running-stat updates); fusion targets eval-mode teachers.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.fused_bn import fused_bn
+
+__all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
+           "fused_layers"]
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose eval-mode forward also returns the batch statistics of its input.
+
+    ``forward(x, relu=False)``: ``relu=True`` applies a ReLU in the same pass (used by the
+    ReLU-fused teacher graph). The statistics of the last forward are kept in ``last_mean`` /
+    ``last_var`` (differentiable) while ``stats_enabled``.
+    """
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fs_init(backend, original=None)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, backend: str | None = None) -> "FusedBatchNorm2d":
+        """A fused layer sharing ``bn``'s parameters, buffers and hooks (same objects)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(bn.__dict__)  # the same _parameters/_buffers/hook dicts, not copies
+        new._fs_init(backend, original=bn)
+        return new
+
+    def _fs_init(self, backend, original):
+        self.backend = backend
+        self.stats_enabled = True
+        self.last_mean = None
+        self.last_var = None
+        # the replaced module, kept out of the module tree (not a submodule, not in state_dict)
+        self.__dict__["_fs_original"] = original
+
+    def forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if self.training or not self.track_running_stats or self.running_mean is None:
+            # exactly nn.BatchNorm2d (train mode / batch statistics); stats computed separately
+            out = super().forward(input)
+            if self.stats_enabled:
+                var, mean = torch.var_mean(input.to(torch.float64 if input.dtype == torch.float64 else torch.float32),
+                                           dim=(0, 2, 3), correction=0)
+                self.last_mean, self.last_var = mean, var
+            return F.relu(out) if relu else out
+        self._check_input_dim(input)
+        weight, bias = self.weight, self.bias
+        if weight is None:
+            weight = torch.ones_like(self.running_var)
+            bias = torch.zeros_like(self.running_var)
+        y, mean, var = fused_bn(input, weight, bias, self.running_mean, self.running_var, self.eps,
+                                apply_relu=relu, with_stats=self.stats_enabled, backend=self.backend)
+        if self.stats_enabled:
+            self.last_mean, self.last_var = mean, var
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fused=True, stats_enabled={self.stats_enabled}"
+
+
+# ---------------------------------------------------------------------------------------------
+# ReLU fusion through torch.fx
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu)
+_RELU_METHODS = ("relu", "relu_")
+
+
+class _TeacherTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, FusedBatchNorm2d):
+            return True
+        if qualname and (m._forward_hooks or m._forward_pre_hooks):
+            return True  # keep hooked modules as calls so their hooks still fire
+        return super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS
+    return False
+
+
+def _fuse_relus(teacher: nn.Module) -> int:
+    """Trace ``teacher`` (in eval mode), fold BN->ReLU pairs, install the graph as its eval
+    forward. Returns the number of ReLUs folded (0: nothing installed)."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        graph = _TeacherTracer().trace(teacher)
+    except Exception as exc:  # data-dependent control flow and friends: keep BN-only fusion
+        warnings.warn(f"fuse_teacher: torch.fx could not trace the teacher ({type(exc).__name__}: {exc}); "
+                      "BatchNorm layers are fused without their ReLUs", RuntimeWarning, stacklevel=3)
+        return 0
+    finally:
+        teacher.train(was_training)
+    modules = dict(teacher.named_modules())
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), FusedBatchNorm2d):
+            continue
+        if node.kwargs.get("relu", False) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if not _is_relu(user, modules) or len(user.args) < 1 or user.args[0] is not node:
+            continue
+        if any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
+            continue
+        node.kwargs = {**node.kwargs, "relu": True}
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        folded += 1
+    if folded == 0:
+        return 0
+    graph.lint()
+    traced_forward = type(fx.GraphModule(teacher, graph)).forward  # generated code, resolves self.<path>
+
+    def forward(self, *args, **kwargs):
+        if self.training:  # train mode: the model's own forward, untouched
+            return type(self).forward(self, *args, **kwargs)
+        return traced_forward(self, *args, **kwargs)
+
+    bound = types.MethodType(forward, teacher)
+    teacher.__dict__["forward"] = bound
+    teacher.__dict__["_fs_fused_forward"] = bound
+    teacher.__dict__["_fs_relus_folded"] = folded
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool = True) -> nn.Module:
+    """Fuse the BatchNorm-statistics loss into ``teacher``'s BatchNorm2d layers (in place).
+
+    ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
+    solely consume a BatchNorm output into it (needs torch.fx tracing; falls back to BN-only).
+    Returns ``teacher`` (a new module only when ``teacher`` itself is a bare BatchNorm2d).
+    """
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    if fused_layers(teacher):
+        raise ValueError("teacher is already fused (call unfuse_teacher first)")
+    if type(teacher) is nn.BatchNorm2d:
+        return FusedBatchNorm2d.from_batchnorm(teacher, backend)
+    replaced: dict[int, FusedBatchNorm2d] = {}  # a BatchNorm shared by several parents stays shared
+    for parent in list(teacher.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                if id(child) not in replaced:
+                    replaced[id(child)] = FusedBatchNorm2d.from_batchnorm(child, backend)
+                setattr(parent, name, replaced[id(child)])
+    if fuse_relu and replaced:
+        _fuse_relus(teacher)
+    return teacher
+
+
+def unfuse_teacher(teacher: nn.Module) -> nn.Module:
+    """Undo ``fuse_teacher``: the original BatchNorm2d objects and forward come back."""
+    if isinstance(teacher, FusedBatchNorm2d):
+        original = teacher.__dict__.get("_fs_original")
+        if original is None:
+            raise ValueError("this FusedBatchNorm2d was not made by fuse_teacher")
+        original.train(teacher.training)
+        return original
+    if "_fs_fused_forward" in teacher.__dict__:
+        if teacher.__dict__.get("forward") is teacher.__dict__["_fs_fused_forward"]:
+            del teacher.__dict__["forward"]
+        del teacher.__dict__["_fs_fused_forward"]
+        teacher.__dict__.pop("_fs_relus_folded", None)
+    for parent in list(teacher.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:
+                original = child.__dict__["_fs_original"]
+                original.training = child.training
+                setattr(parent, name, original)
+    return teacher
+
+
+def fused_layers(teacher: nn.Module) -> list:
+    """The FusedBatchNorm2d layers of ``teacher`` in module order."""
+    return [m for m in teacher.modules() if isinstance(m, FusedBatchNorm2d)]
+
+
+def set_stats_enabled(teacher: nn.Module, enabled: bool) -> None:
+    """Turn the batch statistics of every fused layer on or off (off: no statistics work at all,
+    and the statistics of earlier forwards are dropped)."""
+    for m in fused_layers(teacher):
+        m.stats_enabled = bool(enabled)
+        if not enabled:
+            m.last_mean = m.last_var = None
+
+
+def bn_statistics(teacher: nn.Module):
+    """``(means, vars, running_means, running_vars)``: lists in module order with the batch
+    statistics of the LAST forward (differentiable w.r.t. the input) and the running buffers."""
+    layers = fused_layers(teacher)
+    if not layers:
+        raise ValueError("bn_statistics: teacher has no fused BatchNorm layers (call fuse_teacher first)")
+    means, variances, rms, rvs = [], [], [], []
+    for m in layers:
+        if m.last_mean is None:
+            raise RuntimeError("bn_statistics: no statistics recorded; run a forward with statistics enabled "
+                               "(set_stats_enabled(teacher, True)) first")
+        means.append(m.last_mean)
+        variances.append(m.last_var)
+        rms.append(m.running_mean)
+        rvs.append(m.running_var)
+    return means, variances, rms, rvs

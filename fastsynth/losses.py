@@ -1,0 +1,94 @@
+"""Drop-in replacements of the upstream DFKD criteria (zju-vipa/CMI and Fast-Datafree
+``datafree/criterions.py``) with the same signatures and results, running the fused logit-loss
+kernels of fastsynth.ops.logit_losses where they apply.
+
+    kldiv(logits, targets, T=1.0, reduction='batchmean')
+        = F.kl_div(log_softmax(logits/T), softmax(targets/T), reduction) * T^2
+        i.e. T^2 KL(softmax(targets/T) || softmax(logits/T))
+    KLDiv(T=1.0, reduction='batchmean')       module form of kldiv
+    jsdiv(logits, targets, T=1.0, reduction='batchmean')
+        P = softmax(logits/T), Q = softmax(targets/T), M = (P + Q)/2, each clamped to [0.01, 0.99],
+        0.5 KL(M||P) + 0.5 KL(M||Q) with F.kl_div's reduction (no T^2 factor)
+
+Fused path: 2-D logits of one floating dtype with reduction 'batchmean', 'sum' or 'mean' (the
+fused ops compute scale * sum_i row_i; the reduction only sets the scale). Other inputs
+(reduction='none', which returns the elementwise [N, C] tensor, logits of more than 2 dims such
+as segmentation maps, mixed dtypes) run the upstream eager formula. The result has the dtype of
+the logits, as upstream.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .backend import resolve_backend
+from .ops import logit_losses as _ll
+
+__all__ = ["kldiv", "KLDiv", "jsdiv"]
+
+_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _row_scale(reduction: str, n: int, c: int) -> float:
+    # F.kl_div reductions of an [N, C] elementwise tensor: batchmean /N, mean /(N*C), sum 1
+    return {"batchmean": 1.0 / n, "mean": 1.0 / (n * c), "sum": 1.0}[reduction]
+
+
+def _fusable(logits, targets, reduction: str) -> bool:
+    return (
+        reduction != "none"
+        and isinstance(logits, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and logits.dim() == 2
+        and logits.shape == targets.shape
+        and logits.dtype == targets.dtype
+        and logits.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        and logits.device == targets.device
+        and logits.numel() > 0
+    )
+
+
+def _check_reduction(op: str, reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def kldiv(logits, targets, T=1.0, reduction="batchmean"):
+    """``F.kl_div(log_softmax(logits/T), softmax(targets/T), reduction) * T*T`` (upstream kldiv)."""
+    _check_reduction("kldiv", reduction)
+    T = _ll._check_temperature("kldiv", T)
+    if not _fusable(logits, targets, reduction):
+        return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
+    backend = resolve_backend(None, logits.device, "kldiv")
+    if backend == "reference":
+        return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
+    n, c = logits.shape
+    loss = _ll._kd(logits, targets, T, T * T * _row_scale(reduction, n, c), backend)
+    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+
+
+class KLDiv(nn.Module):
+    """Module form of :func:`kldiv` (upstream ``KLDiv(T=1.0, reduction='batchmean')``)."""
+
+    def __init__(self, T=1.0, reduction="batchmean"):
+        super().__init__()
+        self.T = T
+        self.reduction = reduction
+
+    def forward(self, logits, targets):
+        return kldiv(logits, targets, T=self.T, reduction=self.reduction)
+
+
+def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
+    """Upstream clamped JS: P, Q = softmax(logits/T), softmax(targets/T), M = (P+Q)/2, each
+    clamped to [0.01, 0.99]; ``0.5 * F.kl_div(log P, M, reduction) + 0.5 * F.kl_div(log Q, M, reduction)``."""
+    _check_reduction("jsdiv", reduction)
+    T = _ll._check_temperature("jsdiv", T)
+    if not _fusable(logits, targets, reduction):
+        return _ll._upstream_jsdiv(logits, targets, T=T, reduction=reduction)
+    backend = resolve_backend(None, logits.device, "jsdiv")
+    if backend == "reference":
+        return _ll._upstream_jsdiv(logits, targets, T=T, reduction=reduction)
+    n, c = logits.shape
+    loss = _ll._js(logits, targets, T, 0.01, 0.99, _row_scale(reduction, n, c), backend)
+    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)

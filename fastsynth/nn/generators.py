@@ -1,0 +1,272 @@
+"""Generators of FastDFKD and NAYER (spec section 3), drop-in for the upstream modules.
+
+``Generator`` (FastDFKD, 32px) and ``DeepGenerator`` (its 224px ImageNet variant) take a noise
+batch z; ``NLGenerator`` (NAYER) and ``NLDeepGenerator`` take class targets and map their
+label-text embeddings through the noisy layers. Parameter names (state_dict keys) follow the
+upstream modules, except that NAYER's K noisy layers ``le1.{i}.weight`` / ``le1.{i}.bias`` are held
+as ONE weight [K, le_size, le_emb_size] and ONE bias [K, le_emb_size] (``le1_weight``,
+``le1_bias``): the forward is one batched matmul over the K row blocks, and ``re_init_le()`` is one
+call of the fused ``fastsynth.ops.reinit_`` keyed by an int64 seed buffer advanced in place (so it
+is CUDA-graph friendly). Upstream state_dicts (``le1.{i}.*``) load directly.
+
+No module here hard-codes a device: ``clone()`` and ``reinit()`` return modules on the device
+(and dtype) of the original.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..ops.reinit import advance_seed_, make_seed, reinit_
+
+__all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers"]
+
+
+def _conv_blocks_32(ngf: int, nc: int) -> nn.Sequential:
+    """BN, up x2, conv(2ngf->2ngf), BN, LReLU, up x2, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid."""
+    return nn.Sequential(
+        nn.BatchNorm2d(ngf * 2),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(ngf * 2),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(ngf),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+        nn.Sigmoid(),
+    )
+
+
+def _conv_blocks_deep(c_in: int, ngf: int, nc: int) -> nn.Sequential:
+    """conv(c_in->2ngf) at s/16, then four (up x2, conv, BN, LReLU) stages to full size, conv(ngf->nc), sigmoid."""
+    def stage(ci, co, up=True):
+        layers = [nn.Upsample(scale_factor=2)] if up else []
+        return layers + [nn.Conv2d(ci, co, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(co),
+                         nn.LeakyReLU(0.2, inplace=True)]
+
+    return nn.Sequential(
+        *stage(c_in, 2 * ngf, up=False),
+        *stage(2 * ngf, 2 * ngf),
+        *stage(2 * ngf, ngf),
+        *stage(ngf, ngf),
+        *stage(ngf, ngf),
+        nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+        nn.Sigmoid(),
+    )
+
+
+def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
+    """Move ``module`` to the device/dtype of ``reference``'s parameters, copy its train/eval mode."""
+    p = next(reference.parameters(), None)
+    if p is not None:
+        module = module.to(device=p.device, dtype=p.dtype)
+    return module.train(reference.training)
+
+
+class Generator(nn.Module):
+    """FastDFKD generator: z [B, nz] -> image [B, nc, img_size, img_size] in [0, 1].
+
+    Linear(nz -> 2ngf (s/4)^2) -> view (B, 2ngf, s/4, s/4) -> BN, up, conv, BN, LReLU, up, conv, BN,
+    LReLU, conv, sigmoid (spec section 3). ``img_size`` must be a multiple of 4.
+    """
+
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3):
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"Generator: img_size must be a multiple of 4, got {img_size}")
+        self.params = (nz, ngf, img_size, nc)
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_32(ngf, nc)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+    def clone(self) -> "Generator":
+        """A copy with the same weights and buffers, on the same device and dtype."""
+        twin = type(self)(*self.params)
+        twin.load_state_dict(self.state_dict())
+        return _like(twin, self)
+
+
+class DeepGenerator(nn.Module):
+    """FastDFKD's ImageNet-size generator (224px by default), upstream ``DeepGenerator``.
+
+    As upstream, it maps a spatial noise map z [B, nz, s/16, s/16] through conv(nz->2ngf), BN,
+    LReLU and four (up x2, conv, BN, LReLU) stages to [B, nc, s, s]; a flat z [B, nz] is spread
+    over the s/16 x s/16 grid. ``l1`` is kept (unused by forward, as upstream) so upstream
+    checkpoints load with the same keys.
+    """
+
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 224, nc: int = 3):
+        super().__init__()
+        if img_size % 32:
+            raise ValueError(f"DeepGenerator: img_size must be a multiple of 32, got {img_size}")
+        self.params = (nz, ngf, img_size, nc)
+        self.init_size = img_size // 32
+        self.z_size = img_size // 16
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_deep(nz, ngf, nc)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 2:
+            z = z[:, :, None, None].expand(-1, -1, self.z_size, self.z_size)
+        return self.conv_blocks(z)
+
+    def clone(self, copy_params: bool = True) -> "DeepGenerator":
+        twin = type(self)(*self.params)
+        if copy_params:
+            twin.load_state_dict(self.state_dict())
+        return _like(twin, self)
+
+
+class NoisyLayers(nn.Module):
+    """K noisy Linear(in -> out) layers as one weight [K, in, out] and one bias [K, out].
+
+    Row block k (rows k*nl .. (k+1)*nl - 1 of the input) goes through layer k: one batched
+    matmul ``baddbmm(bias, x.view(K, nl, in), weight)``. A batch that is not a multiple of nl is
+    zero-padded to whole blocks (the padded rows' outputs are dropped, so they receive no
+    gradient); a batch smaller than K*nl uses only the first ceil(B/nl) layers.
+    """
+
+    def __init__(self, k: int, in_features: int, out_features: int, nl: int):
+        super().__init__()
+        self.k, self.nl = k, nl
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(k, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(k, out_features))
+        self.register_buffer("seed", make_seed(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def re_init(self) -> None:
+        """weight ~ N(0, 1), bias = 0: one fused launch, then the seed buffer advances in place."""
+        reinit_([self.weight, self.bias], self.seed, ["normal", "constant"], [0.0, 0.0], [1.0, 0.0])
+        advance_seed_(self.seed)
+
+    # upstream checkpoints hold K nn.Linear layers: {prefix}{i}.weight [out, in], {prefix}{i}.bias [out]
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" not in state_dict and prefix + "0.weight" in state_dict:
+            ws, bs, i = [], [], 0
+            while prefix + f"{i}.weight" in state_dict:
+                ws.append(state_dict.pop(prefix + f"{i}.weight").t())
+                bs.append(state_dict.pop(prefix + f"{i}.bias"))
+                i += 1
+            state_dict[prefix + "weight"] = torch.stack(ws)
+            state_dict[prefix + "bias"] = torch.stack(bs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if b > self.k * self.nl:
+            raise ValueError(f"NoisyLayers: batch {b} exceeds the {self.k} noisy layers x nl={self.nl} rows "
+                             f"({self.k * self.nl}); build the generator with sbz >= batch")
+        kb = -(-b // self.nl)  # layers in use
+        rows = kb * self.nl
+        if rows != b:
+            x = torch.cat([x, x.new_zeros(rows - b, x.shape[1])])
+        out = torch.baddbmm(self.bias[:kb, None, :], x.view(kb, self.nl, self.in_features), self.weight[:kb])
+        out = out.reshape(rows, self.out_features)
+        return out[:b] if rows != b else out
+
+
+class _NoisyGeneratorBase(nn.Module):
+    """Shared by NLGenerator and NLDeepGenerator: label embedding -> BN1d -> noisy layers -> l1."""
+
+    def _init_noisy(self, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz):
+        self.params = (ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        self.le_emb_size, self.le_size, self.nl, self.sbz = le_emb_size, le_size, nl, sbz
+        self.nle = int(math.ceil(sbz / nl))
+        if label_emb is not None:
+            label_emb = torch.as_tensor(label_emb)
+            if label_emb.dim() != 2 or label_emb.shape[1] != le_size:
+                raise ValueError(f"{type(self).__name__}: label_emb must be [num_classes, le_size={le_size}], "
+                                 f"got shape {tuple(label_emb.shape)}")
+            if label_emb.dtype not in (torch.float32, torch.float64):
+                label_emb = label_emb.float()  # e.g. upstream's fp16 pickles
+        # not in the state_dict (upstream keeps it as a plain attribute) but moves with .to()
+        self.register_buffer("label_emb", label_emb, persistent=False)
+        self.n1 = nn.BatchNorm1d(le_size)
+        self.le1 = NoisyLayers(self.nle, le_size, le_emb_size, nl)
+
+    def re_init_le(self) -> None:
+        """Every noisy layer: weight ~ N(0, 1), bias = 0 (one fused launch)."""
+        self.le1.re_init()
+
+    def reinit(self):
+        """A freshly initialised generator of the same configuration, on the same device/dtype."""
+        return _like(type(self)(*self.params), self)
+
+    def _noisy_features(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.label_emb is None:
+            raise ValueError(f"{type(self).__name__}: label_emb was not given; pass label_emb=[num_classes, le_size] "
+                             "(see fastsynth.lte)")
+        le = self.n1(self.label_emb[targets])
+        return self.l1(self.le1(le))
+
+    def upstream_state_dict(self) -> dict:
+        """The state_dict with the upstream key layout (le1.{i}.weight [out, in], le1.{i}.bias)."""
+        sd = self.state_dict()
+        w, b = sd.pop("le1.weight"), sd.pop("le1.bias")
+        for i in range(w.shape[0]):
+            sd[f"le1.{i}.weight"] = w[i].t().contiguous()
+            sd[f"le1.{i}.bias"] = b[i].clone()
+        return sd
+
+
+class NLGenerator(_NoisyGeneratorBase):
+    """NAYER's generator: targets [B] -> image [B, nc, img_size, img_size] in [0, 1].
+
+    le = label_emb[targets] -> BatchNorm1d -> noisy layer k on row block k (K = ceil(sbz/nl)
+    layers of Linear(le_size -> le_emb_size), batched) -> Linear(le_emb_size -> 2ngf (s/4)^2)
+    -> the FastDFKD conv blocks. The batch may be smaller than sbz, and need not be a multiple of nl.
+    """
+
+    def __init__(self, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int = 100, label_emb=None,
+                 le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"NLGenerator: img_size must be a multiple of 4, got {img_size}")
+        self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_32(ngf, nc)
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        out = self._noisy_features(targets)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+
+class NLDeepGenerator(_NoisyGeneratorBase):
+    """NAYER's ImageNet-size generator (224px): as NLGenerator, with l1 to 2ngf (s/16)^2 and the
+    deep conv stack (conv at s/16, four up-sampling stages)."""
+
+    def __init__(self, ngf: int = 64, img_size: int = 224, nc: int = 3, nl: int = 100, label_emb=None,
+                 le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
+        super().__init__()
+        if img_size % 16:
+            raise ValueError(f"NLDeepGenerator: img_size must be a multiple of 16, got {img_size}")
+        self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        self.init_size = img_size // 16
+        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_deep(2 * ngf, ngf, nc)
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        out = self._noisy_features(targets)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)

@@ -1,0 +1,346 @@
+"""Triton kernels of the teacher/student logit losses (math: fastsynth/ops/logit_losses.py).
+
+One program per row. Pass 1 streams the row pair in BLOCK-wide chunks with an online
+log-sum-exp (running maxima, sums rescaled when a maximum grows; the KL accumulator is kept
+centred on the running maxima, as KlState in csrc/common/logit_loss_math.h), plus the argmax of
+both rows (first maximal index wins). Pass 2 writes the gradients. Each program writes its row's
+partial results (CE_i, m_i KL_i, m_i) to a [N, 3] buffer; one more single-program kernel sums
+them in row order, so the batch reduction is deterministic and needs no host sync.
+
+Out-of-range targets: the index is clamped for the load and the row's CE is NaN (no host sync).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest chunk of a row processed at once; rows wider than this take several chunks (online
+# LSE). Tests lower it to exercise the multi-chunk path under the interpreter.
+MAX_BLOCK = 4096
+SUM_BLOCK = 256
+_NEG_BIG = -1.0e38  # finite "minus infinity" for the running maxima: keeps 0 * (m_new - m) at 0
+
+
+@triton.jit
+def _kl_rows_kernel(
+    t_ptr,  # [N, C] teacher logits, row stride stride_t, unit column stride
+    s_ptr,  # [N, C] student logits, row stride stride_s
+    y_ptr,  # [N] int64 targets (read when HAS_TARGETS)
+    gt_ptr,  # [N, C] out: d loss / d teacher for a unit grad_loss (written when WRITE_GT)
+    gs_ptr,  # [N, C] out: d loss / d student (written when WRITE_GS)
+    part_ptr,  # [N, 3] fp32 out: CE_i, m_i KL_i, m_i
+    stride_t, stride_s, C,
+    inv_t, ce_w, kl_w,  # 1/T; weights of CE_i and KL_i in the loss
+    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
+    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t_row = t_ptr + row * stride_t
+    s_row = s_ptr + row * stride_s
+    cols = tl.arange(0, BLOCK)
+
+    # ---- pass 1: online LSE of both rows, centred KL accumulator, argmax of both rows
+    mt = tl.full([], _NEG_BIG, tl.float32)
+    ms = tl.full([], _NEG_BIG, tl.float32)
+    zt = tl.zeros([], tl.float32)
+    zs = tl.zeros([], tl.float32)
+    acc = tl.zeros([], tl.float32)
+    at_v = tl.full([], float("-inf"), tl.float32)
+    as_v = tl.full([], float("-inf"), tl.float32)
+    at_i = tl.zeros([], tl.int32)
+    as_i = tl.zeros([], tl.int32)
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        valid = offs < C
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        t_m = tl.where(valid, t, float("-inf"))
+        s_m = tl.where(valid, s, float("-inf"))
+        ct = tl.max(t_m, axis=0)
+        cs = tl.max(s_m, axis=0)
+        it = tl.argmax(t_m, axis=0, tie_break_left=True).to(tl.int32) + start
+        is_ = tl.argmax(s_m, axis=0, tie_break_left=True).to(tl.int32) + start
+        at_i = tl.where(ct > at_v, it, at_i)
+        at_v = tl.maximum(at_v, ct)
+        as_i = tl.where(cs > as_v, is_, as_i)
+        as_v = tl.maximum(as_v, cs)
+
+        mt_new = tl.maximum(mt, ct)
+        ms_new = tl.maximum(ms, cs)
+        ft = tl.exp(mt - mt_new)
+        fs = tl.exp(ms - ms_new)
+        acc = (acc - zt * ((mt_new - mt) - (ms_new - ms))) * ft
+        zt = zt * ft
+        zs = zs * fs
+        et = tl.where(valid, tl.exp(t - mt_new), 0.0)
+        es = tl.where(valid, tl.exp(s - ms_new), 0.0)
+        zt += tl.sum(et, axis=0)
+        zs += tl.sum(es, axis=0)
+        acc += tl.sum(et * ((t - mt_new) - (s - ms_new)), axis=0)
+        mt = mt_new
+        ms = ms_new
+
+    lzt = tl.log(zt)
+    lzs = tl.log(zs)
+    kl = tl.maximum(acc / zt - lzt + lzs, 0.0)
+    if AGREE_MASK:
+        agree = (at_i == as_i).to(tl.float32)
+    else:
+        agree = tl.full([], 1.0, tl.float32)
+    if HAS_TARGETS:
+        y = tl.load(y_ptr + row)
+        bad = (y < 0) | (y >= C)
+        y_safe = tl.where(bad, 0, y)
+        t_y = tl.load(t_row + y_safe).to(tl.float32) * inv_t
+        ce = tl.where(bad, float("nan"), mt + lzt - t_y)
+    else:
+        y_safe = -1
+        ce = tl.zeros([], tl.float32)
+    tl.store(part_ptr + row * 3 + 0, ce)
+    tl.store(part_ptr + row * 3 + 1, tl.where(agree > 0, kl, 0.0))
+    tl.store(part_ptr + row * 3 + 2, agree)
+
+    # ---- pass 2: gradients
+    if WRITE_GT or WRITE_GS:
+        klm = kl_w * agree
+        g_pt = inv_t * (ce_w - klm * kl)
+        g_ptd = inv_t * klm
+        g_y = inv_t * ce_w
+        for start in range(0, C, BLOCK):
+            offs = start + cols
+            valid = offs < C
+            t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            log_pt = t - mt - lzt
+            log_ps = s - ms - lzs
+            pt = tl.exp(log_pt)
+            ps = tl.exp(log_ps)
+            if WRITE_GT:
+                gt = pt * (g_pt + g_ptd * (log_pt - log_ps))
+                gt = gt - tl.where(offs == y_safe, g_y, 0.0)
+                tl.store(gt_ptr + row * C + offs, gt.to(gt_ptr.dtype.element_ty), mask=valid)
+            if WRITE_GS:
+                gs = g_ptd * (ps - pt)
+                tl.store(gs_ptr + row * C + offs, gs.to(gs_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _js_rows_kernel(
+    s_ptr,  # [N, C] student logits (P), row stride stride_s
+    t_ptr,  # [N, C] teacher logits (Q), row stride stride_t
+    gs_ptr,  # [N, C] out: w * d js / d student (written when WRITE_GS)
+    gt_ptr,  # [N, C] out: w * d js / d teacher (written when WRITE_GT)
+    part_ptr,  # [N, 3] fp32 out: 0, js_i, 1
+    stride_s, stride_t, C,
+    inv_t, lo, hi, w,
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    cols = tl.arange(0, BLOCK)
+    log_lo = tl.log(lo)
+    log_hi = tl.log(hi)
+
+    # ---- pass 1: online LSE of both rows
+    ms = tl.full([], _NEG_BIG, tl.float32)
+    mt = tl.full([], _NEG_BIG, tl.float32)
+    zs = tl.zeros([], tl.float32)
+    zt = tl.zeros([], tl.float32)
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        valid = offs < C
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        ms_new = tl.maximum(ms, tl.max(tl.where(valid, s, float("-inf")), axis=0))
+        mt_new = tl.maximum(mt, tl.max(tl.where(valid, t, float("-inf")), axis=0))
+        zs = zs * tl.exp(ms - ms_new) + tl.sum(tl.where(valid, tl.exp(s - ms_new), 0.0), axis=0)
+        zt = zt * tl.exp(mt - mt_new) + tl.sum(tl.where(valid, tl.exp(t - mt_new), 0.0), axis=0)
+        ms = ms_new
+        mt = mt_new
+    lse_s = ms + tl.log(zs)
+    lse_t = mt + tl.log(zt)
+
+    # ---- pass 2: the JS sum and <P, dP>, <Q, dQ>; pass 3 (gradients) recomputes the elements
+    f_sum = tl.zeros([], tl.float32)
+    sp = tl.zeros([], tl.float32)
+    sq = tl.zeros([], tl.float32)
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        valid = offs < C
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
+        f_sum += tl.sum(tl.where(valid, f, 0.0), axis=0)
+        sp += tl.sum(tl.where(valid, p * dp, 0.0), axis=0)
+        sq += tl.sum(tl.where(valid, q * dq, 0.0), axis=0)
+    tl.store(part_ptr + row * 3 + 0, 0.0)
+    tl.store(part_ptr + row * 3 + 1, f_sum)
+    tl.store(part_ptr + row * 3 + 2, 1.0)
+
+    if WRITE_GS or WRITE_GT:
+        wt = w * inv_t
+        for start in range(0, C, BLOCK):
+            offs = start + cols
+            valid = offs < C
+            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
+            if WRITE_GS:
+                tl.store(gs_ptr + row * C + offs, (wt * p * (dp - sp)).to(gs_ptr.dtype.element_ty), mask=valid)
+            if WRITE_GT:
+                tl.store(gt_ptr + row * C + offs, (wt * q * (dq - sq)).to(gt_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _js_element(log_p, log_q, lo, hi, log_lo, log_hi):
+    # js_element of csrc/common/logit_loss_math.h: value and gradients w.r.t. unclamped P, Q
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    mid = 0.5 * (p + q)
+    p_in = (p >= lo) & (p <= hi)
+    q_in = (q >= lo) & (q <= hi)
+    m_in = (mid >= lo) & (mid <= hi)
+    pc = tl.minimum(tl.maximum(p, lo), hi)
+    qc = tl.minimum(tl.maximum(q, lo), hi)
+    mc = tl.minimum(tl.maximum(mid, lo), hi)
+    log_pc = tl.where(p < lo, log_lo, tl.where(p > hi, log_hi, log_p))
+    log_qc = tl.where(q < lo, log_lo, tl.where(q > hi, log_hi, log_q))
+    inner = tl.log(mc) - 0.5 * log_pc - 0.5 * log_qc
+    f = mc * inner
+    dm = tl.where(m_in, 0.5 * (inner + 1.0), 0.0)
+    dp = tl.where(p_in, -0.5 * mc / pc, 0.0) + dm
+    dq = tl.where(q_in, -0.5 * mc / qc, 0.0) + dm
+    return f, dp, dq, p, q
+
+
+@triton.jit
+def _sum_rows_kernel(
+    part_ptr,  # [N, 3] fp32 row partials: a_i, b_i, c_i
+    loss_ptr, a_mean_ptr, b_mean_ptr, c_mean_ptr,  # 0-dim outputs (dtype of the pointer)
+    N, w_a, w_b, inv_n,
+    BLOCK_N: tl.constexpr,
+):
+    # loss = w_a sum a + w_b sum b; a_mean = sum a / N; b_mean = -sum b / N; c_mean = sum c / N.
+    # One program, fixed order: deterministic.
+    rows = tl.arange(0, BLOCK_N)
+    sa = tl.zeros([BLOCK_N], tl.float32)
+    sb = tl.zeros([BLOCK_N], tl.float32)
+    sc = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        r = start + rows
+        valid = r < N
+        sa += tl.load(part_ptr + r * 3 + 0, mask=valid, other=0.0)
+        sb += tl.load(part_ptr + r * 3 + 1, mask=valid, other=0.0)
+        sc += tl.load(part_ptr + r * 3 + 2, mask=valid, other=0.0)
+    a = tl.sum(sa, axis=0)
+    b = tl.sum(sb, axis=0)
+    c = tl.sum(sc, axis=0)
+    tl.store(loss_ptr, (w_a * a + w_b * b).to(loss_ptr.dtype.element_ty))
+    tl.store(a_mean_ptr, (a * inv_n).to(a_mean_ptr.dtype.element_ty))
+    tl.store(b_mean_ptr, (0.0 - b * inv_n).to(b_mean_ptr.dtype.element_ty))
+    tl.store(c_mean_ptr, (c * inv_n).to(c_mean_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale_kernel(
+    g_ptr,  # [] grad_loss (any float dtype)
+    x_ptr,  # [n] saved gradient for a unit grad_loss
+    out_ptr,  # [n] out: g * x
+    n, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    g = tl.load(g_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * x).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+
+def _block(C: int) -> int:
+    return min(triton.next_power_of_2(C), MAX_BLOCK)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 2048 else 16)
+
+
+def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the kernels accumulate in fp32; the 0-dim results are fp32 (fp64 for fp64 inputs, rounded)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device) if needed else x.new_empty((0,))
+
+
+def _finish(part: torch.Tensor, like: torch.Tensor, w_a: float, w_b: float):
+    n = part.shape[0]
+    dt = _acc_dtype(like.dtype)
+    outs = [torch.empty((), dtype=dt, device=like.device) for _ in range(4)]
+    _sum_rows_kernel[(1,)](part, *outs, n, w_a, w_b, 1.0 / n, BLOCK_N=SUM_BLOCK)
+    return outs
+
+
+def synthesis_logit_loss(t, s, targets, oh, adv, agree_mask, need_grad_teacher, need_grad_student):
+    t, s = _unit_column_stride(t), _unit_column_stride(s)
+    n, c = t.shape
+    gt, gs = _grad_buffer(t, need_grad_teacher), _grad_buffer(s, need_grad_student)
+    part = torch.empty((n, 3), dtype=torch.float32, device=t.device)
+    block = _block(c)
+    _kl_rows_kernel[(n,)](
+        t, s, targets, gt, gs, part, t.stride(0), s.stride(0), c, 1.0, oh / n, -adv / n,
+        HAS_TARGETS=True, AGREE_MASK=bool(agree_mask), WRITE_GT=bool(need_grad_teacher),
+        WRITE_GS=bool(need_grad_student), BLOCK=block, num_warps=_num_warps(block),
+    )
+    loss, oh_term, adv_term, agree = _finish(part, t, oh / n, -adv / n)
+    return loss, oh_term, adv_term, agree, gt, gs
+
+
+def kd_loss(s, t, T, scale, need_grad_student, need_grad_teacher):
+    s, t = _unit_column_stride(s), _unit_column_stride(t)
+    n, c = s.shape
+    gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
+    part = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    block = _block(c)
+    _kl_rows_kernel[(n,)](
+        t, s, t, gt, gs, part, t.stride(0), s.stride(0), c, 1.0 / T, 0.0, scale,
+        HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=bool(need_grad_teacher),
+        WRITE_GS=bool(need_grad_student), BLOCK=block, num_warps=_num_warps(block),
+    )
+    loss = _finish(part, s, 0.0, scale)[0]
+    return loss, gs, gt
+
+
+def js_divergence(s, t, T, lo, hi, scale, need_grad_student, need_grad_teacher):
+    s, t = _unit_column_stride(s), _unit_column_stride(t)
+    n, c = s.shape
+    gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
+    part = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    block = _block(c)
+    _js_rows_kernel[(n,)](
+        s, t, gs, gt, part, s.stride(0), t.stride(0), c, 1.0 / T, lo, hi, scale,
+        WRITE_GS=bool(need_grad_student), WRITE_GT=bool(need_grad_teacher), BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    loss = _finish(part, s, 0.0, scale)[0]
+    return loss, gs, gt
+
+
+def logit_loss_backward(grad_loss, grad_a, grad_b):
+    outs = []
+    for x in (grad_a, grad_b):
+        out = torch.empty_like(x)
+        if x.numel():
+            block = 1024
+            _scale_kernel[(triton.cdiv(x.numel(), block),)](grad_loss, x, out, x.numel(), BLOCK=block)
+        outs.append(out)
+    return outs[0], outs[1]

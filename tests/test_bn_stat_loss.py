@@ -1,0 +1,433 @@
+"""bn_stat_loss / bn_stat_loss_multi / DeepInversionHook against a float64 reference.
+
+Tolerances: fp64 maps 1e-10 relative (loss and gradient); fp32 maps 1e-5 on the loss and 1e-4 on
+the gradient (relative norm error); fp16 maps 1e-4 on the loss (statistics are accumulated in
+fp32) and 4e-3 on the gradient (the gradient is rounded to fp16); bf16 1e-4 / 2e-2.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastsynth
+from fastsynth import DeepInversionHook
+from fastsynth.ops import bn_stat_loss, bn_stat_loss_multi, loss_from_stats
+
+from conftest import HAS_CUDA
+
+BACKENDS = ["cpu", "triton"]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_map(shape, dtype=torch.float64, layout="contiguous", mean=0.5, std=2.0):
+    """A feature map in the requested layout (values drawn fresh; never zeros)."""
+    if layout == "channels_last":
+        x = torch.randn(shape, dtype=torch.float64) * std + mean
+        return x.to(dtype).to(memory_format=torch.channels_last)
+    if layout == "sliced":  # every other sample and every other column of a bigger map
+        big = list(shape)
+        big[0] *= 2
+        big[-1] *= 2
+        x = torch.randn(big, dtype=torch.float64) * std + mean
+        return x.to(dtype)[::2, ..., 1::2]
+    if layout == "sliced_channels_last":
+        big = list(shape)
+        big[0] *= 2
+        x = (torch.randn(big, dtype=torch.float64) * std + mean).to(dtype).to(memory_format=torch.channels_last)
+        return x[1::2]
+    return (torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype)
+
+
+def stats_for(C, dtype=torch.float64):
+    rm = torch.randn(C, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(C, dtype=torch.float64) * 3 + 0.5).to(dtype)
+    return rm, rv
+
+
+def ref_loss_and_grad(x, rm, rv, mm=None, mv=None, rho=0.0, grad_out=1.0):
+    """float64 oracle, written like the upstream hook."""
+    a = x.detach().double().requires_grad_()
+    C = a.shape[1]
+    dims = [0] + list(range(2, a.dim()))
+    mean = a.mean(dims)
+    var = a.transpose(0, 1).contiguous().view(C, -1).var(1, unbiased=False)
+    rm, rv = rm.double(), rv.double()
+    if mm is None:
+        loss = torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
+    else:
+        loss = torch.norm(rv - (1 - rho) * var - rho * mv.double(), 2) + torch.norm(rm - (1 - rho) * mean - rho * mm.double(), 2)
+    (g,) = torch.autograd.grad(loss * grad_out, a)
+    return loss.detach(), g, mean.detach(), var.detach()
+
+
+SHAPES = [(4, 3, 5, 7), (6, 4, 1, 1), (1, 3, 6, 6), (5, 8), (3, 4, 9)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("momentum", [False, True])
+def test_float64_matches_reference(backend, shape, layout, momentum):
+    if layout == "channels_last" and len(shape) != 4:
+        layout = "contiguous"
+    x = make_map(shape, layout=layout).requires_grad_()
+    rm, rv = stats_for(shape[1])
+    mm, mv, rho = (rm + 0.3 * torch.randn_like(rm), rv * 1.2, 0.9) if momentum else (None, None, 0.0)
+    loss, mean, var = bn_stat_loss(x, rm, rv, mm, mv, rho, backend=backend)
+    (g,) = torch.autograd.grad(loss * 2.5, x)  # grad_output != 1
+    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv, mm, mv, rho, grad_out=2.5)
+    assert mean.dtype == torch.float64 and not mean.requires_grad and not var.requires_grad
+    assert rel(loss, rl) < 1e-10
+    assert rel(mean, rmean) < 1e-10 and rel(var, rvar) < 1e-10
+    assert rel(g, rg) < 1e-10
+    assert g.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_gradcheck(backend):
+    rm, rv = stats_for(2)
+    x = make_map((2, 2, 2, 2), layout="channels_last").requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: bn_stat_loss(t, rm, rv, rm * 0.5, rv * 2, 0.9, backend=backend)[0], (x,))
+    if backend != "triton":  # the interpreter is slow; the layouts are covered against the oracle above
+        y = make_map((3, 2, 2, 3), layout="sliced").requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: bn_stat_loss(t, rm, rv, backend=backend)[0], (y,))
+
+
+def test_gradcheck_of_the_ops():
+    x = make_map((2, 3, 2, 3)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: torch.ops.fastsynth.bn_batch_stats(t), (x,))
+    y = make_map((3, 2, 2), layout="sliced").requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.fastsynth.bn_batch_stats_multi([a, b]), (x, y))
+    from fastsynth.ops.bn_stat_loss import _bn_batch_stats_multi_triton
+
+    a, b = make_map((2, 2, 1, 2)).requires_grad_(), make_map((2, 1, 2), layout="sliced").requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, q: _bn_batch_stats_multi_triton([p, q]), (a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tol_loss,tol_grad", [(torch.float32, 1e-5, 1e-4), (torch.float16, 1e-4, 4e-3),
+                                                     (torch.bfloat16, 1e-4, 2e-2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced_channels_last"])
+def test_low_precision(backend, dtype, tol_loss, tol_grad, layout):
+    x = make_map((4, 5, 6, 6), dtype=dtype, layout=layout).requires_grad_()
+    rm, rv = stats_for(5, dtype)
+    loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
+    (g,) = torch.autograd.grad(loss, x)
+    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)  # oracle on the same (rounded) values
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32 and loss.dtype == torch.float32
+    assert g.dtype == dtype
+    assert rel(mean, rmean) < 1e-5 and rel(var, rvar) < 1e-5
+    assert rel(loss, rl) < tol_loss
+    assert rel(g, rg) < tol_grad
+
+
+@pytest.mark.parametrize("backend,shape,layout", [
+    ("cpu", (2, 2, 160, 160), "contiguous"),       # a channel split into several chunks (grid-level merge)
+    ("cpu", (2, 2, 160, 160), "sliced"),
+    ("cpu", (64, 200, 8, 8), "channels_last"),     # rows path: several channel blocks and row chunks
+    ("cpu", (1, 4, 300, 301), "contiguous"),       # N=1, 4 channels: still split over chunks (both cores)
+    ("triton", (2, 2, 128, 80), "contiguous"),     # two chunks per channel
+])
+def test_chunked_reductions(backend, shape, layout):
+    x = make_map(shape, torch.float32, layout, mean=3.0).requires_grad_()
+    rm, rv = stats_for(shape[1], torch.float32)
+    loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
+    (g,) = torch.autograd.grad(loss, x)
+    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+    assert rel(mean, rmean) < 1e-6 and rel(var, rvar) < 1e-5
+    assert rel(loss, rl) < 1e-5 and rel(g, rg) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_small_variance(backend):
+    # mean 1000, std 0.01 in fp32: E[x^2]-E[x]^2 in fp32 loses the variance entirely
+    x64 = 1000.0 + 0.01 * torch.randn(8, 4, 16, 16, dtype=torch.float64)
+    x = x64.float().requires_grad_()
+    # rm = 0 keeps the mean term well conditioned in fp32 (|rm - mu| ~ 2000), so the checks below
+    # see the variance path: the variance itself and the centred (variance) part of the gradient
+    rm, rv = torch.zeros(4), torch.full((4,), 2e-4)
+    loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
+    (g,) = torch.autograd.grad(loss, x)
+    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+    assert rel(var, rvar) < 1e-3
+    assert rel(mean, rmean) < 1e-6
+    assert rel(loss, rl) < 1e-5
+    centred = lambda t: t.double() - t.double().mean([0, 2, 3], keepdim=True)  # noqa: E731
+    assert rel(centred(g), centred(rg)) < 1e-2
+    xf = x.detach()
+    naive = (xf * xf).mean([0, 2, 3]) - xf.mean([0, 2, 3]) ** 2
+    assert rel(naive, rvar) > 0.05  # the case really breaks the naive formula
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_layer_with_weights_and_partial_momentum(backend):
+    shapes = [(4, 3, 6, 6), (4, 8, 3, 3), (4, 5, 1, 1), (4, 2, 5, 4)]
+    layouts = ["contiguous", "channels_last", "sliced", "channels_last"]
+    xs = [make_map(s, layout=l).requires_grad_() for s, l in zip(shapes, layouts)]
+    rms, rvs = zip(*[stats_for(s[1]) for s in shapes])
+    mms = [None, rms[1] * 0.5, None, rms[3] + 1]
+    mvs = [None, rvs[1] * 2, None, rvs[3] * 0.5]
+    weights = [10.0, 1.0, 0.5, 2.0]
+    loss, means, variances = bn_stat_loss_multi(xs, list(rms), list(rvs), mms, mvs, 0.9, weights, backend=backend)
+    gs = torch.autograd.grad(loss * 0.7, xs)
+    ref_total = 0
+    for i, x in enumerate(xs):
+        rl, rg, rmean, rvar = ref_loss_and_grad(x, rms[i], rvs[i], mms[i], mvs[i], 0.9 if mms[i] is not None else 0.0,
+                                                grad_out=0.7 * weights[i])
+        ref_total = ref_total + weights[i] * rl
+        assert rel(gs[i], rg) < 1e-10
+        assert rel(means[i], rmean) < 1e-10 and rel(variances[i], rvar) < 1e-10
+        assert means[i].shape == (shapes[i][1],) and not means[i].requires_grad
+    assert rel(loss, ref_total) < 1e-10
+
+
+def test_cross_backend_agreement_fp32():
+    xs = [make_map((8, 16, 8, 8), torch.float32), make_map((8, 32, 4, 4), torch.float32, "channels_last")]
+    rms, rvs = zip(*[stats_for(x.shape[1], torch.float32) for x in xs])
+    out = {}
+    for be in ["reference", "cpu", "triton"]:
+        ts = [x.clone().requires_grad_() for x in xs]
+        loss, means, variances = bn_stat_loss_multi(ts, list(rms), list(rvs), backend=be)
+        out[be] = (loss, torch.autograd.grad(loss, ts), means, variances)
+    for be in ["cpu", "triton"]:
+        assert rel(out[be][0], out["reference"][0]) < 1e-5
+        for a, b in zip(out[be][1], out["reference"][1]):
+            assert rel(a, b) < 1e-4
+        for a, b in zip(out[be][2] + out[be][3], out["reference"][2] + out["reference"][3]):
+            assert rel(a, b) < 1e-5
+
+
+def test_default_backend_is_cpu_and_reference_matches_upstream_dtype():
+    x = make_map((2, 3, 4, 4), torch.float16).requires_grad_()
+    rm, rv = stats_for(3, torch.float32)
+    l_cpu, m_cpu, _ = bn_stat_loss(x, rm, rv)
+    l_ref, m_ref, _ = bn_stat_loss(x, rm, rv, backend="reference")
+    assert m_cpu.dtype == m_ref.dtype == torch.float32
+    assert rel(l_cpu, l_ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_nan_and_inf_propagate_like_the_reference(backend):
+    rm, rv = stats_for(3)
+    for bad in [float("nan"), float("inf")]:
+        x = make_map((2, 3, 4, 4), torch.float32).requires_grad_()
+        with torch.no_grad():
+            x[1, 2, 3, 1] = bad
+        loss, mean, var = bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
+        rl, _, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+        assert torch.isnan(loss) == torch.isnan(rl) and torch.isinf(loss) == torch.isinf(rl)
+        assert torch.equal(torch.isnan(var), torch.isnan(rvar))
+        assert torch.isfinite(mean[:2]).all() and torch.isfinite(var[:2]).all()  # other channels unaffected
+        (g,) = torch.autograd.grad(loss, x)  # no crash
+
+
+def test_zero_residual_has_zero_gradient_not_nan():
+    x = make_map((4, 3, 3, 3)).requires_grad_()
+    dims = [0, 2, 3]
+    rm, rv = x.detach().mean(dims), x.detach().var(dims, unbiased=False)
+    loss, _, _ = bn_stat_loss(x, rm, rv)
+    (g,) = torch.autograd.grad(loss, x)
+    assert loss.item() < 1e-12 and torch.isfinite(g).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_bad_inputs_raise_naming_the_argument():
+    x = make_map((2, 3, 4, 4), torch.float32)
+    rm, rv = stats_for(3, torch.float32)
+    cases = [
+        (lambda: bn_stat_loss(torch.randn(3), rm, rv), ValueError, "x must have 2 or 3 or 4 dimensions"),
+        (lambda: bn_stat_loss(torch.randn(2, 3, 2, 2, 2), rm, rv), ValueError, "x must have"),
+        (lambda: bn_stat_loss(x.long(), rm, rv), TypeError, "x must be a floating tensor"),
+        (lambda: bn_stat_loss(x[:0], rm, rv), ValueError, "x must have a non-empty batch"),
+        (lambda: bn_stat_loss(x[:, :, :0], rm, rv), ValueError, "x must have a non-empty batch"),
+        (lambda: bn_stat_loss(x, rm[:2], rv), ValueError, r"running_mean must have shape \(3,\)"),
+        (lambda: bn_stat_loss(x, rm, rv.double()), TypeError, "running_var must have dtype torch.float32"),
+        (lambda: bn_stat_loss(x, rm, rv.to("meta")), ValueError, "running_var must be on cpu"),
+        (lambda: bn_stat_loss(x, rm, [1.0, 2.0, 3.0]), TypeError, "running_var must be a torch.Tensor"),
+        (lambda: bn_stat_loss(x, rm, rv, rm, None, 0.9), ValueError, "mmt_mean and mmt_var"),
+        (lambda: bn_stat_loss(x, rm, rv, rm, rv[:1], 0.9), ValueError, r"mmt_var must have shape \(3,\)"),
+        (lambda: bn_stat_loss(x, rm, rv, backend="gpu"), ValueError, "backend must be one of"),
+        (lambda: bn_stat_loss_multi(x, [rm], [rv]), TypeError, "features must be a list"),
+        (lambda: bn_stat_loss_multi([], [], []), ValueError, "at least one"),
+        (lambda: bn_stat_loss_multi([x, x], [rm], [rv, rv]), ValueError, "running_means must be a list with one entry"),
+        (lambda: bn_stat_loss_multi([x, x.double()], [rm, rm], [rv, rv]), TypeError, r"features\[1\] must have dtype torch.float32"),
+        (lambda: bn_stat_loss_multi([x, torch.randn(2, 4, 2, 2)], [rm, rm], [rv, rv]), ValueError,
+         r"running_means\[1\] must have shape \(4,\)"),
+        (lambda: bn_stat_loss_multi([x, x], [rm, rm], [rv, rv], weights=[1.0]), ValueError, "weights must have one entry"),
+        (lambda: bn_stat_loss_multi([x, x], [rm, rm], [rv, rv], [rm, None], [rv, rv], 0.9), ValueError,
+         r"mmt_means\[1\] and mmt_vars\[1\]"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_cpp_ops_check_their_inputs_too():
+    # second line of defence: a direct call with bad input raises, never crashes
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        torch.ops.fastsynth.bn_batch_stats(torch.randn(0, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="must be 2-, 3- or 4-D"):
+        torch.ops.fastsynth.bn_batch_stats(torch.randn(3))
+    with pytest.raises(RuntimeError, match="statistics"):
+        torch.ops.fastsynth.bn_batch_stats_backward(torch.randn(2, 3, 2, 2), torch.randn(2), torch.randn(3), torch.randn(3))
+
+
+# ---- registration ------------------------------------------------------------------------------
+def test_opcheck_every_op():
+    from torch.library import opcheck
+
+    from fastsynth.ops.bn_stat_loss import _bn_batch_stats_multi_backward_triton, _bn_batch_stats_multi_triton
+
+    x = make_map((2, 3, 4, 5), torch.float32).requires_grad_()
+    y = make_map((3, 4, 3, 3), torch.float32, "channels_last").requires_grad_()
+    m = torch.randn(3)
+    mm = torch.randn(7)
+    opcheck(torch.ops.fastsynth.bn_batch_stats.default, (x,))
+    opcheck(torch.ops.fastsynth.bn_batch_stats_backward.default, (x.detach(), m, torch.randn(3), torch.randn(3)))
+    opcheck(torch.ops.fastsynth.bn_batch_stats_multi.default, ([x, y],))
+    opcheck(torch.ops.fastsynth.bn_batch_stats_multi_backward.default,
+            ([x.detach(), y.detach()], mm, torch.randn(7), torch.randn(7)))
+    opcheck(_bn_batch_stats_multi_triton, ([x, y],))
+    opcheck(_bn_batch_stats_multi_backward_triton, ([x.detach(), y.detach()], mm, torch.randn(7), torch.randn(7)))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    xs = [make_map((4, 3, 5, 5), torch.float32).requires_grad_(), make_map((4, 6, 2, 2), torch.float32).requires_grad_()]
+    rms, rvs = zip(*[stats_for(x.shape[1], torch.float32) for x in xs])
+
+    def f(a, b):
+        l1, m1, v1 = bn_stat_loss_multi([a, b], list(rms), list(rvs), weights=[2.0, 1.0])
+        l2, _, _ = bn_stat_loss(a, rms[0], rvs[0], m1[0], v1[0], 0.9)
+        return l1 + l2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*xs)
+    g = torch.autograd.grad(out, xs)
+    ref = f(*xs)
+    gr = torch.autograd.grad(ref, xs)
+    assert rel(out, ref) < 1e-6
+    for a, b in zip(g, gr):
+        assert rel(a, b) < 1e-5
+
+
+# ---- hook ----------------------------------------------------------------------------------------
+class UpstreamStyleHook:
+    """The upstream DeepInversion hook's behaviour, restated (the parity oracle)."""
+
+    def __init__(self, module, mmt_rate):
+        self.hook = module.register_forward_hook(self.hook_fn)
+        self.module = module
+        self.mmt_rate = mmt_rate
+        self.mmt = None
+        self.tmp_val = None
+
+    def hook_fn(self, module, input, output):
+        nch = input[0].shape[1]
+        mean = input[0].mean([0, 2, 3])
+        var = input[0].permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        if self.mmt is None:
+            r = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+        else:
+            mm, mv = self.mmt
+            r = (torch.norm(module.running_var.data - (1 - self.mmt_rate) * var - self.mmt_rate * mv, 2)
+                 + torch.norm(module.running_mean.data - (1 - self.mmt_rate) * mean - self.mmt_rate * mm, 2))
+        self.r_feature = r
+        self.tmp_val = (mean, var)
+
+    def update_mmt(self):
+        mean, var = self.tmp_val
+        if self.mmt is None:
+            self.mmt = (mean.data, var.data)
+        else:
+            mm, mv = self.mmt
+            self.mmt = (self.mmt_rate * mm + (1 - self.mmt_rate) * mean.data,
+                        self.mmt_rate * mv + (1 - self.mmt_rate) * var.data)
+
+    def remove(self):
+        self.hook.remove()
+
+
+def small_cnn():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 4)).double()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("hook_cls", [DeepInversionHook, lambda m, r: DeepInversionHook(m, r, backend="triton")])
+def test_hook_parity_with_upstream(hook_cls):
+    net = small_cnn()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    results = {}
+    for name, cls in [("upstream", UpstreamStyleHook), ("fastsynth", hook_cls)]:
+        hooks = [cls(m, 0.9) for m in bns]
+        torch.manual_seed(1)
+        per_step = []
+        for step in range(3):
+            x = torch.randn(4, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+            net(x)
+            loss = sum(h.r_feature for h in hooks)
+            (g,) = torch.autograd.grad(loss, x)
+            per_step.append((loss.detach(), g, [h.tmp_val[1].detach() for h in hooks]))
+            for h in hooks:
+                h.update_mmt()
+        results[name] = (per_step, [h.mmt for h in hooks])
+        for h in hooks:
+            h.remove()
+        assert not net[1]._forward_hooks
+    for (la, ga, va), (lb, gb, vb) in zip(results["upstream"][0], results["fastsynth"][0]):
+        assert rel(lb, la) < 1e-10 and rel(gb, ga) < 1e-10
+        for a, b in zip(va, vb):
+            assert rel(b, a) < 1e-10
+    for (ma, va), (mb, vb) in zip(results["upstream"][1], results["fastsynth"][1]):
+        assert rel(mb, ma) < 1e-10 and rel(vb, va) < 1e-10
+
+
+def test_hook_skip_no_grad_option():
+    net = small_cnn()
+    bn = net[1]
+    h_default = DeepInversionHook(bn, 0.0)
+    h_skip = DeepInversionHook(bn, 0.0, skip_no_grad=True)
+    with torch.no_grad():
+        net(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert h_default.r_feature is not None  # upstream semantics: computed on every forward
+    assert h_skip.r_feature is None and h_skip.tmp_val is None
+    net(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    assert h_skip.r_feature is not None
+    h_default.remove()
+    h_skip.remove()
+
+
+def test_exports():
+    assert fastsynth.DeepInversionHook is DeepInversionHook
+    assert fastsynth.ops.bn_stat_loss is bn_stat_loss and fastsynth.ops.loss_from_stats is loss_from_stats
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype,tol_grad", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 4e-3),
+                                            (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_cuda_matches_reference(dtype, tol_grad, layout):
+    shapes = [(8, 3, 33, 17), (2, 64, 8, 8), (1, 4, 300, 300), (16, 256, 1, 1)]
+    xs = [make_map(s, dtype, layout).cuda().requires_grad_() for s in shapes]
+    rms, rvs = zip(*[stats_for(s[1], dtype) for s in shapes])
+    rms, rvs = [r.cuda() for r in rms], [r.cuda() for r in rvs]
+    for be in ["cuda", "triton"]:
+        loss, means, variances = bn_stat_loss_multi(xs, rms, rvs, backend=be)
+        gs = torch.autograd.grad(loss, xs)
+        total = 0
+        for i, x in enumerate(xs):
+            rl, rg, rmean, rvar = ref_loss_and_grad(x.cpu(), rms[i].cpu(), rvs[i].cpu())
+            total = total + rl
+            assert rel(gs[i].cpu(), rg) < tol_grad
+            assert rel(variances[i].cpu(), rvar) < (1e-10 if dtype == torch.float64 else 1e-5)
+        assert rel(loss.cpu(), total) < (1e-10 if dtype == torch.float64 else 1e-4)
+        l1, _, _ = bn_stat_loss(xs[0], rms[0], rvs[0], backend=be)
+        assert torch.isfinite(l1)

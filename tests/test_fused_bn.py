@@ -1,0 +1,573 @@
+"""Fused teacher BatchNorm: the op (fastsynth.ops.fused_bn) on every backend, and the module API
+(fastsynth.fuse) on the teachers of the DFKD literature."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsynth import _ext
+from fastsynth.fuse import (FusedBatchNorm2d, bn_statistics, fuse_teacher, fused_layers, set_stats_enabled,
+                            unfuse_teacher)
+from fastsynth.models import resnet18, vgg8_bn, wrn_16_2
+from fastsynth.ops.bn_stat_loss import loss_from_stats
+from fastsynth.ops.fused_bn import fused_bn, fused_bn_reference
+
+BACKENDS = ["cpu", "triton"]
+# fp16/bf16: y is rounded to the input dtype (relative rounding 2^-11 / 2^-8); statistics are
+# accumulated in fp32 from the same rounded inputs, so they stay at fp32 accuracy.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def relerr(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # non-contiguous view: every other column of a wider tensor
+        big = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x.contiguous()
+
+
+def rand_inputs(N, C, H, W, dtype=torch.float64, mean_scale=1.0):
+    x = torch.randn(N, C, H, W, dtype=torch.float64) * (0.5 + torch.rand(C, 1, 1, dtype=torch.float64))
+    x = x + mean_scale * torch.randn(C, 1, 1, dtype=torch.float64)
+    weight = 0.5 + torch.rand(C, dtype=torch.float64)
+    bias = 0.3 * torch.randn(C, dtype=torch.float64)
+    rm = 0.5 * torch.randn(C, dtype=torch.float64)
+    rv = 0.5 + torch.rand(C, dtype=torch.float64)
+    return x.to(dtype), weight, bias, rm, rv
+
+
+# ---------------------------------------------------------------------------------------------
+# the op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_forward_matches_float64_reference(backend, layout, relu):
+    x, w, b, rm, rv = rand_inputs(3, 5, 6, 7)
+    x32 = make_layout(x.float(), layout)
+    y, mean, var = fused_bn(x32, w.float(), b.float(), rm.float(), rv.float(), 1e-5, relu, True, backend=backend)
+    ry, rmean, rvar = fused_bn_reference(x32.double(), w, b, rm, rv, 1e-5, relu, True)
+    assert y.shape == x.shape and y.dtype == torch.float32 and mean.dtype == torch.float32
+    assert relerr(y, ry) < TOL[torch.float32]
+    assert relerr(mean, rmean) < TOL[torch.float32] and relerr(var, rvar) < TOL[torch.float32]
+    # reference against torch's own eval BatchNorm
+    torch.testing.assert_close(ry, (F.relu if relu else (lambda t: t))(F.batch_norm(x32.double(), rm, rv, w, b, False,
+                                                                                    0.0, 1e-5)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17)])
+def test_odd_shapes_float64(backend, shape):
+    x, w, b, rm, rv = rand_inputs(*shape)
+    y, mean, var = fused_bn(x, w, b, rm, rv, 1e-3, True, True, backend=backend)
+    ry, rmean, rvar = fused_bn_reference(x, w, b, rm, rv, 1e-3, True, True)
+    assert relerr(y, ry) < 1e-12 and relerr(mean, rmean) < 1e-12
+    torch.testing.assert_close(var, rvar, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_small_variance(backend):
+    # E[x^2]-E[x]^2 in fp32 loses the variance at mean 100, std 0.1 (7.7% relative error)
+    x = 100.0 + 0.1 * torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    _, w, b, rm, rv = rand_inputs(4, 3, 16, 16)
+    _, mean, var = fused_bn(x.float(), w.float(), b.float(), rm.float(), rv.float(), 1e-5, False, True, backend=backend)
+    rvar = x.float().double().var(dim=(0, 2, 3), unbiased=False)
+    assert relerr(var, rvar) < 1e-3
+    assert relerr(mean, x.float().double().mean(dim=(0, 2, 3))) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_half_precision(backend, dtype, layout):
+    x, w, b, rm, rv = rand_inputs(2, 6, 5, 5)
+    xh = make_layout(x.to(dtype), layout)
+    y, mean, var = fused_bn(xh, w.float(), b.float(), rm.float(), rv.float(), 1e-5, True, True, backend=backend)
+    ry, rmean, rvar = fused_bn_reference(xh.double(), w, b, rm, rv, 1e-5, True, True)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
+    assert relerr(y, ry) < TOL[dtype]
+    assert relerr(mean, rmean) < 1e-5 and relerr(var, rvar) < 1e-5
+    # half parameters too (a .half() teacher)
+    y2, _, _ = fused_bn(xh, w.to(dtype), b.to(dtype), rm.to(dtype), rv.to(dtype), 1e-5, True, True, backend=backend)
+    assert relerr(y2, ry) < 4 * TOL[dtype]
+
+
+def _grads(backend, x, w, b, rm, rv, relu, gy, gm, gv, eps=1e-5):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        y, mean, var = fused_bn_reference(x, w, b, rm, rv, eps, relu, True)
+    else:
+        y, mean, var = fused_bn(x, w, b, rm, rv, eps, relu, True, backend=backend)
+    loss = (y.double() * gy).sum() + (mean.double() * gm).sum() + (var.double() * gv).sum()
+    loss.backward()
+    return x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_backward_matches_reference_grad_output_not_one(backend, layout, relu):
+    x, w, b, rm, rv = rand_inputs(3, 4, 5, 6)
+    gy = torch.randn(x.shape, dtype=torch.float64) * 3.0
+    gm, gv = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    xin = make_layout(x, layout)
+    got = _grads(backend, xin, w, b, rm, rv, relu, gy, gm, gv)
+    ref = _grads("reference", xin, w, b, rm, rv, relu, gy, gm, gv)
+    for g, r in zip(got, ref):
+        assert relerr(g, r) < 1e-11
+    # the closed form of the statistics-loss gradient (spec section 1)
+    M = 3 * 5 * 6
+    xd = x.detach()
+    mu = xd.mean(dim=(0, 2, 3), keepdim=True)
+    scale = (w / (rv + 1e-5).sqrt()).view(1, -1, 1, 1)
+    pre = xd * scale + (b - rm * w / (rv + 1e-5).sqrt()).view(1, -1, 1, 1)
+    g_pre = gy * (pre > 0) if relu else gy
+    closed = g_pre * scale + gm.view(1, -1, 1, 1) / M + 2 * gv.view(1, -1, 1, 1) * (xd - mu) / M
+    assert relerr(got[0], closed) < 1e-11
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_low_precision(backend, dtype):
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 5)
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    gm, gv = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    xl = x.to(dtype)
+    got = _grads(backend, xl, w.float(), b.float(), rm.float(), rv.float(), True, gy.to(dtype).double(), gm, gv)
+    ref = _grads("reference", xl.double(), w, b, rm, rv, True, gy.to(dtype).double(), gm, gv)
+    assert got[0].dtype == dtype
+    assert relerr(got[0], ref[0]) < 2 * TOL[dtype]
+    assert relerr(got[1], ref[1]) < 1e-4 and relerr(got[2], ref[2]) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    x, w, b, rm, rv = rand_inputs(2, 3, 2, 2)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    # the interpreted Triton kernels are slow: fast_mode (random directional derivatives) there
+    fast = backend == "triton"
+    for relu in (False, True):
+        def fn(x, w, b):
+            return fused_bn(x, w, b, rm, rv, 1e-5, relu, True, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-7, fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_stats_does_no_statistics(backend):
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4)
+    x.requires_grad_(True)
+    y, mean, var = fused_bn(x, w, b, rm, rv, 1e-5, True, False, backend=backend)
+    assert mean.numel() == 0 and var.numel() == 0
+    ry, _, _ = fused_bn_reference(x, w, b, rm, rv, 1e-5, True, False)
+    assert relerr(y, ry) < 1e-12
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (rgx,) = torch.autograd.grad(ry, x, gy)
+    assert relerr(gx, rgx) < 1e-12
+
+
+def test_cross_backend_agreement():
+    x, w, b, rm, rv = rand_inputs(3, 4, 7, 5)
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    outs = {bk: fused_bn(x, w.float(), b.float(), rm.float(), rv.float(), 1e-5, True, True, backend=bk)
+            for bk in ["reference", "cpu", "triton"]}
+    for bk in ["cpu", "triton"]:
+        for a, r in zip(outs[bk], outs["reference"]):
+            assert relerr(a, r) < 2e-6
+
+
+def test_nan_propagates():
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4)
+    x[0, 1, 2, 2] = float("nan")
+    for bk in BACKENDS:
+        y, mean, var = fused_bn(x, w, b, rm, rv, 1e-5, True, True, backend=bk)
+        assert torch.isnan(mean[1]) and torch.isnan(var[1]) and torch.isnan(y[0, 1, 2, 2])
+        assert torch.isfinite(mean[[0, 2]]).all()
+
+
+def test_bad_input():
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="x must have 4 dimensions"):
+        fused_bn(x[0], w, b, rm, rv)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        fused_bn(x.long(), w, b, rm, rv)
+    with pytest.raises(ValueError, match="x must not be empty"):
+        fused_bn(x[:0], w, b, rm, rv)
+    with pytest.raises(ValueError, match="weight must have C=3"):
+        fused_bn(x, w[:2], b, rm, rv)
+    with pytest.raises(ValueError, match="running_var must have 1 dimensions"):
+        fused_bn(x, w, b, rm, rv.view(3, 1))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        fused_bn(x, w, None, rm, rv)
+    with pytest.raises(ValueError, match="eps must be a non-negative"):
+        fused_bn(x, w, b, rm, rv, eps=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_bn(x, w, b, rm, rv, backend="gpu")
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        fuse_teacher("resnet")
+
+
+def test_opcheck_registered_ops():
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 5, dtype=torch.float32)
+    w, b, rm, rv = w.float(), b.float(), rm.float(), rv.float()
+    xg = x.clone().requires_grad_(True)
+    gy = torch.randn_like(x)
+    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
+    gm, gv = torch.randn(3), torch.randn(3)
+    cases = [(torch.ops.fastsynth.fused_bn_forward_triton.default, torch.ops.fastsynth.fused_bn_backward_triton.default)]
+    if _ext.has_extension():
+        cases.append((torch.ops.fastsynth.fused_bn_forward.default, torch.ops.fastsynth.fused_bn_backward.default))
+    xcl = xg.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    for fwd, bwd in cases:
+        torch.library.opcheck(fwd, (xcl, w, b, rm, rv, 1e-5, True, True))
+        torch.library.opcheck(fwd, (xg, w, b, rm, rv, 1e-5, False, False))
+        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, 1e-5, True, True, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_op(backend):
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4, dtype=torch.float32)
+    w, b, rm, rv = w.float(), b.float(), rm.float(), rv.float()
+
+    def step(x):
+        y, mean, var = fused_bn(x, w, b, rm, rv, 1e-5, True, True, backend=backend)
+        return y.square().mean() + loss_from_stats([mean], [var], [rm], [rv])
+
+    xe = x.clone().requires_grad_(True)
+    step(xe).backward()
+    xc = x.clone().requires_grad_(True)
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(xc).backward()
+    assert relerr(xc.grad, xe.grad) < 1e-6
+
+
+@pytest.mark.needs_cuda
+def test_cuda_matches_reference():
+    x, w, b, rm, rv = rand_inputs(4, 8, 9, 7)
+    for layout in ("nchw", "channels_last", "sliced"):
+        for dtype in (torch.float32, torch.float16):
+            xc = make_layout(x.to(dtype), layout).cuda()
+            gy = torch.randn(x.shape, dtype=torch.float64)
+            gm, gv = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+            got = _grads("cuda", xc, w.cuda().float(), b.cuda().float(), rm.cuda().float(), rv.cuda().float(), True,
+                         gy.cuda(), gm.cuda(), gv.cuda())
+            ref = _grads("reference", xc.cpu().double(), w, b, rm, rv, True, gy, gm, gv)
+            for g, r in zip(got, ref):
+                assert relerr(g.cpu(), r) < 2 * TOL[dtype]
+            y, mean, var = fused_bn(xc, w.cuda().float(), b.cuda().float(), rm.cuda().float(), rv.cuda().float(), 1e-5,
+                                    True, True, backend="cuda")
+            ry, rmean, rvar = fused_bn_reference(xc.cpu().double(), w, b, rm, rv, 1e-5, True, True)
+            assert relerr(y.cpu(), ry) < TOL[dtype] and relerr(var.cpu(), rvar) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the module API
+
+
+class TinyTorchvisionBasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock's structure: one shared nn.ReLU module, used after
+    bn1 (foldable) and after the residual add (not foldable)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class TinyTorchvisionResNet(nn.Module):
+    """torchvision-style ResNet (7x7 stem, BN, ReLU, max-pool, stages, avgpool, fc) in miniature."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(TinyTorchvisionBasicBlock(8, 8))
+        self.layer2 = nn.Sequential(TinyTorchvisionBasicBlock(8, 16, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class DataDependent(nn.Module):
+    """Does not trace with torch.fx (branch on a tensor value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.conv(x)))
+        if out.sum() > 0:
+            out = torch.relu(self.bn2(out))
+        return out.mean(dim=(2, 3))
+
+
+def randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            C = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(C, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(C, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(C, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(C, generator=g))
+    return model
+
+
+MODELS = {
+    "cifar_resnet18": lambda: resnet18(),
+    "wrn_16_2": lambda: wrn_16_2(),
+    "vgg8_bn": lambda: vgg8_bn(),
+    "torchvision_resnet": lambda: TinyTorchvisionResNet(),
+}
+
+
+def _bn_params(model):
+    # gradients w.r.t. the input and every BatchNorm gamma/beta (dgamma/dbeta are the fused
+    # reductions; conv weight gradients follow from grad_x)
+    return [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
+
+
+def upstream_loss_and_grads(model, x, target, weights_grad=True):
+    """Upstream-style reference: forward hooks on every nn.BatchNorm2d computing mean/var of the
+    BN input (permute/contiguous formulation), loss_from_stats on them, plus a logit loss."""
+    stats = []
+
+    def hook(module, inputs, output):
+        a = inputs[0]
+        nch = a.shape[1]
+        mean = a.mean([0, 2, 3])
+        var = a.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        stats.append((mean, var, module.running_mean, module.running_var))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    bn = loss_from_stats(*[list(t) for t in zip(*stats)])
+    loss = F.cross_entropy(logits, target) + 0.7 * bn
+    params = _bn_params(model) if weights_grad else []
+    grads = torch.autograd.grad(loss, [x] + params)
+    for h in handles:
+        h.remove()
+    return logits.detach(), bn.detach(), grads
+
+
+def fused_loss_and_grads(model, x, target, weights_grad=True):
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    bn = loss_from_stats(*bn_statistics(model))
+    loss = F.cross_entropy(logits, target) + 0.7 * bn
+    params = _bn_params(model) if weights_grad else []
+    grads = torch.autograd.grad(loss, [x] + params)
+    return logits.detach(), bn.detach(), grads
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_fused_teacher_matches_upstream_hooks_float64(name, fuse_relu):
+    torch.manual_seed(1)
+    ref = randomise_bn(MODELS[name]()).double().eval()
+    model = copy.deepcopy(ref)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules())
+    assert fuse_teacher(model, fuse_relu=fuse_relu) is model
+    assert len(fused_layers(model)) == n_bn
+    folded = model.__dict__.get("_fs_relus_folded", 0)
+    assert (folded > 0) == fuse_relu
+    side = 32 if name == "vgg8_bn" else 16  # VGG pools 5 times
+    x = torch.randn(2, 3, side, side, dtype=torch.float64)
+    target = torch.tensor([1, 7])
+    lr, br, gr = upstream_loss_and_grads(ref, x, target)
+    lf, bf, gf = fused_loss_and_grads(model, x, target)
+    assert relerr(lf, lr) < 1e-12
+    assert relerr(bf, br) < 1e-12
+    assert len(gf) == len(gr)
+    for a, b in zip(gf, gr):
+        assert relerr(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_fused_teacher_float32_channels_last(fuse_relu):
+    ref = randomise_bn(resnet18()).eval().to(memory_format=torch.channels_last)
+    model = fuse_teacher(copy.deepcopy(ref), fuse_relu=fuse_relu)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    target = torch.tensor([0, 3])
+    lr, br, gr = upstream_loss_and_grads(ref, x, target, weights_grad=False)
+    lf, bf, gf = fused_loss_and_grads(model, x, target, weights_grad=False)
+    assert relerr(lf, lr) < 1e-4 and relerr(bf, br) < 1e-4 and relerr(gf[0], gr[0]) < 1e-3
+
+
+def test_relu_folding_counts_and_shared_relu():
+    model = fuse_teacher(randomise_bn(TinyTorchvisionResNet()).eval())
+    # stem bn1->relu and each block's bn1->relu fold; bn2 (feeds the add) and downsample BN do not
+    assert model.__dict__["_fs_relus_folded"] == 3
+    model = fuse_teacher(randomise_bn(wrn_16_2()).eval())
+    assert model.__dict__["_fs_relus_folded"] == sum(isinstance(m, nn.BatchNorm2d) for m in wrn_16_2().modules())
+
+
+def test_teacher_triton_backend():
+    ref = randomise_bn(TinyTorchvisionResNet()).eval()
+    model = fuse_teacher(copy.deepcopy(ref), backend="triton")
+    x = torch.randn(2, 3, 8, 8)
+    target = torch.tensor([2, 5])
+    lr, br, gr = upstream_loss_and_grads(ref, x, target)
+    lf, bf, gf = fused_loss_and_grads(model, x, target)
+    assert relerr(lf, lr) < 1e-5 and relerr(bf, br) < 1e-5
+    for a, b in zip(gf, gr):
+        assert relerr(a, b) < 1e-4
+
+
+def test_unfuse_restores_exact_modules_and_state_dict():
+    model = randomise_bn(resnet18()).eval()
+    originals = {n: m for n, m in model.named_modules()}
+    keys = list(model.state_dict().keys())
+    x = torch.randn(2, 3, 16, 16)
+    y0 = model(x)
+    fuse_teacher(model)
+    assert list(model.state_dict().keys()) == keys
+    assert all(type(m) is not nn.BatchNorm2d for m in model.modules())
+    # the fused layers share the original tensors
+    assert model.bn1.weight is originals["bn1"].weight and model.bn1.running_var is originals["bn1"].running_var
+    # a fused teacher's state_dict loads into an unfused one, and back
+    plain = resnet18()
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(model(x), y0, rtol=1e-5, atol=1e-5)
+    assert unfuse_teacher(model) is model
+    assert "forward" not in model.__dict__
+    for n, m in model.named_modules():
+        assert m is originals[n] and type(m) is type(originals[n])
+    assert list(model.state_dict().keys()) == keys
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+    fuse_teacher(model)  # fusing again works after unfusing
+    with pytest.raises(ValueError, match="already fused"):
+        fuse_teacher(model)
+
+
+def test_train_mode_is_plain_batchnorm():
+    ref = randomise_bn(wrn_16_2())
+    model = fuse_teacher(copy.deepcopy(ref))
+    ref.train()
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+    y_ref, y = ref(x), model(x)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b)  # running stats and num_batches_tracked updated alike
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_untraceable_teacher_falls_back_to_bn_only():
+    ref = randomise_bn(DataDependent()).eval()
+    model = copy.deepcopy(ref)
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        fuse_teacher(model)
+    assert "forward" not in model.__dict__ and len(fused_layers(model)) == 2
+    x = torch.randn(2, 3, 8, 8)
+    lr, br, gr = upstream_loss_and_grads(ref, x, torch.tensor([0, 1]))
+    lf, bf, gf = fused_loss_and_grads(model, x, torch.tensor([0, 1]))
+    assert relerr(lf, lr) < 1e-5 and relerr(bf, br) < 1e-5
+    for a, b in zip(gf, gr):
+        assert relerr(a, b) < 1e-4
+
+
+def test_hooked_submodules_still_fire():
+    model = randomise_bn(TinyTorchvisionResNet()).eval()
+    seen = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fuse_teacher(model)
+    model(torch.randn(1, 3, 16, 16))
+    assert seen == [torch.Size([1, 8, 4, 4])]
+
+
+def test_stats_enabled_switch():
+    model = fuse_teacher(randomise_bn(vgg8_bn()).eval())
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    means, variances, rms, rvs = bn_statistics(model)
+    assert len(means) == 5 and len(rvs) == 5 and rms[0] is fused_layers(model)[0].running_mean
+    set_stats_enabled(model, False)
+    with torch.no_grad():
+        y = model(x)
+    assert all(m.last_mean is None for m in fused_layers(model))
+    with pytest.raises(RuntimeError, match="no statistics recorded"):
+        bn_statistics(model)
+    set_stats_enabled(model, True)
+    xg = x.clone().requires_grad_(True)
+    torch.testing.assert_close(model(xg), y)
+    means, variances, _, _ = bn_statistics(model)
+    assert means[0].grad_fn is not None and variances[-1].grad_fn is not None
+    with pytest.raises(ValueError, match="no fused BatchNorm"):
+        bn_statistics(nn.Conv2d(1, 1, 1))
+
+
+def test_torch_compile_fullgraph_teacher_step():
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = F.relu(self.bn(self.conv(x)))
+            out = self.bn2(self.conv2(out))
+            return self.fc(out.mean(dim=(2, 3)))
+
+    ref = randomise_bn(Small()).eval()
+    model = fuse_teacher(copy.deepcopy(ref))
+    assert model.__dict__["_fs_relus_folded"] == 1
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def step(x):
+        logits = model(x)
+        return logits.logsumexp(1).mean() + loss_from_stats(*bn_statistics(model))
+
+    x = torch.randn(2, 3, 8, 8)
+    xe = x.clone().requires_grad_(True)
+    step(xe).backward()
+    torch._dynamo.reset()
+    xc = x.clone().requires_grad_(True)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(xc).backward()
+    assert relerr(xc.grad, xe.grad) < 1e-5
