@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distill as _distill
-from .synthesis import FastMetaSynthesizer, NAYER, Normalizer, _compat
+from .nn import Generator, NLGenerator
+from .synthesis import FastMetaSynthesizer, NAYER, Normalizer
 from .synthesis.png import save_image_grid
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -198,7 +199,7 @@ def run(method: str = "nayer", seed: int = 0, out_dir: str = "fastsynth-demo", q
     student = make_student()
     if method == "nayer":
         le = label_embedding()
-        gen = _compat.NLGenerator()(ngf=cfg["ngf"], img_size=IMG, nc=NC, nl=NUM_CLASSES, label_emb=le,
+        gen = NLGenerator(ngf=cfg["ngf"], img_size=IMG, nc=NC, nl=NUM_CLASSES, label_emb=le,
                                     le_emb_size=cfg["le_emb_size"], le_size=le.shape[1], sbz=cfg["synthesis_batch"])
         synth = NAYER(teacher, student, gen, num_classes=NUM_CLASSES, img_size=(NC, IMG, IMG),
                       g_steps=cfg["g_steps"], lr_g=cfg["lr_g"], synthesis_batch_size=cfg["synthesis_batch"],
@@ -208,7 +209,7 @@ def run(method: str = "nayer", seed: int = 0, out_dir: str = "fastsynth-demo", q
                       aug_padding=2, aug_flip=False)
         kd_warmup = cfg["warmup"]
     else:
-        gen = _compat.Generator()(nz=cfg["nz"], ngf=cfg["ngf"], img_size=IMG, nc=NC)
+        gen = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=IMG, nc=NC)
         synth = FastMetaSynthesizer(teacher, student, gen, nz=cfg["nz"], num_classes=NUM_CLASSES,
                                     img_size=(NC, IMG, IMG), iterations=cfg["g_steps"], lr_g=cfg["lr_g"],
                                     lr_z=cfg["lr_z"], synthesis_batch_size=cfg["synthesis_batch"],

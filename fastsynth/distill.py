@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .synthesis import _compat
+from .ops.logit_losses import kd_loss
 
 
 class ProgressBar:
@@ -73,7 +73,7 @@ def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.
              optimizer: torch.optim.Optimizer, steps: int, T: float = 20.0, autocast=None) -> torch.Tensor:
     """``steps`` KD updates of the student on ``sample()`` batches; returns the mean loss as a
     device tensor (read by the caller once per epoch)."""
-    kd = _compat.kd_loss()
+    kd = kd_loss
     student.train()
     teacher.eval()
     total = None

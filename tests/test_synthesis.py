@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastsynth.synthesis import (NAYER, BaseSynthesis, DataPool, DeepInversionSynthesizer, DeepInvSyntheiszer,
                                  FastMetaSynthesizer, FastSynthesizer, NayerSynthesizer, Normalizer, crop_flip,
                                  jitter_flip)
-from fastsynth.synthesis import _compat
+from fastsynth.nn import Generator, NLGenerator
 from fastsynth.synthesis.png import encode_png
 
 from reference_loops import RefDeepInv, RefFast, RefNayer, max_rel_err
@@ -55,13 +55,13 @@ def pair():
 
 def fast_gen(nz=8):
     torch.manual_seed(3)
-    return _compat.Generator()(nz=nz, ngf=4, img_size=IMG, nc=3)
+    return Generator(nz=nz, ngf=4, img_size=IMG, nc=3)
 
 
 def nl_gen(batch=13, le_size=6):
     torch.manual_seed(4)
     le = torch.randn(10, le_size)
-    return _compat.NLGenerator()(ngf=4, img_size=IMG, nc=3, nl=10, label_emb=le, le_emb_size=8, le_size=le_size,
+    return NLGenerator(ngf=4, img_size=IMG, nc=3, nl=10, label_emb=le, le_emb_size=8, le_size=le_size,
                                  sbz=batch)
 
 

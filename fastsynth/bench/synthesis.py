@@ -57,7 +57,7 @@ def _small_cnn(width):
 
 def build(quick: bool, device):
     from ..models import resnet18, resnet34
-    from ..synthesis import _compat
+    from ..nn import Generator
 
     torch.manual_seed(0)
     if quick:
@@ -68,7 +68,7 @@ def build(quick: bool, device):
         batch, nz, ngf = 64, 256, 64
     teacher = _randomise_bn(teacher, 1).to(device).eval()
     student = _randomise_bn(student, 2).to(device).train()
-    gen = _compat.Generator()(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
+    gen = Generator(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
     return teacher, student, gen, batch, nz
 
 

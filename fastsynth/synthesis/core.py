@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _compat
-from ..ops.bn_stat_loss import loss_from_stats
+from .. import fuse as _fuse
+from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
+from ..ops.logit_losses import synthesis_logit_loss
 from .augment import Augment
 from .base import BaseSynthesis
 from .pool import DataPool
@@ -106,13 +107,11 @@ class BNCapture:
         self.mmt_rate = float(mmt_rate)
         self.weights = weights
         self.fuse = None
-        if fuse:
-            mod = _compat.fuse_module()
-            if mod is not None:
-                fused = mod.fuse_teacher(teacher)
-                teacher = fused if isinstance(fused, nn.Module) else teacher
-                mod.set_stats_enabled(teacher, False)
-                self.fuse = mod
+        if fuse and any(type(m) is nn.BatchNorm2d for m in teacher.modules()):
+            if not _fuse.fused_layers(teacher):  # a teacher shared by two synthesizers is fused once
+                teacher = _fuse.fuse_teacher(teacher)
+            _fuse.set_stats_enabled(teacher, False)
+            self.fuse = _fuse
         self.teacher = teacher
         self.bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
             if self.fuse is None else []
@@ -124,7 +123,7 @@ class BNCapture:
         self.mmt_vars: list | None = None
         self.last_means: list | None = None
         self.last_vars: list | None = None
-        self._op = _compat.bn_stat_loss_multi()
+        self._op = bn_stat_loss_multi
 
     # -- activation
     def _hook(self, module, inputs, output):
@@ -166,6 +165,12 @@ class BNCapture:
                 mm, mv, rate, self.weights)
         self.last_means, self.last_vars = list(means), list(variances)
         return loss
+
+    def stat_buffers(self) -> list:
+        """Zeroed fp32 buffers shaped like [means..., vars...] (static outputs of a captured step)."""
+        bns = self.bns if self.fuse is None else self.fuse.fused_layers(self.teacher)
+        z = [torch.zeros(m.running_mean.shape, dtype=torch.float32, device=m.running_mean.device) for m in bns]
+        return z + [t.clone() for t in z]
 
     def update_mmt(self):
         if self.last_means is None:
@@ -263,7 +268,7 @@ class SynthCore(BaseSynthesis):
             self.cuda_graph = False
         self._compiled: dict = {}
         self._graphs: dict = {}
-        self._logit_loss = _compat.synthesis_logit_loss()
+        self._logit_loss = synthesis_logit_loss
         self.data_iter = None  # upstream attribute; sample() uses the pool
         # per-step losses as device tensors (no sync), for curves and tests; eager/compile modes
         self.log_losses = False
@@ -366,10 +371,12 @@ class CudaGraphStep:
     restoring the snapshot, so capture leaves the computation unchanged. Random ops inside use
     the CUDA generator's graph-safe Philox state, so each replay draws fresh numbers."""
 
-    def __init__(self, step: Callable[[], None], mutable: Callable[[], list], warmup: int = 2):
+    def __init__(self, step: Callable[[], None], mutable: Callable[[], list], warmup: int = 2,
+                 rng: torch.Generator | None = None):
         self.step = step
         self.mutable = mutable
         self.warmup = warmup
+        self.rng = rng
         self.graph = None
 
     def __call__(self):
@@ -390,6 +397,9 @@ class CudaGraphStep:
                 for t in tensors_after[len(tensors):]:
                     t.zero_()
             self.graph = torch.cuda.CUDAGraph()
+            if self.rng is not None and self.rng.device.type == "cuda":
+                # a private generator advances its Philox offset on every replay too
+                self.graph.register_generator_state(self.rng)
             with torch.cuda.graph(self.graph):
                 self.step()
         self.graph.replay()

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _compat
+from ..ops.logit_losses import js_divergence
 from .augment import jitter_flip
 from .core import BNCapture, SynthCore, make_adam, now, nvtx_range
 
@@ -74,7 +74,7 @@ class DeepInvSyntheiszer(SynthCore):
                          aug_flip=True if aug_flip is None else aug_flip)
         self.s_capture = BNCapture(self.student, fuse=False)
         self._augment_on = augment
-        self._js = _compat.js_divergence()
+        self._js = js_divergence
         if normalizer is not None:
             mean = torch.as_tensor(normalizer.mean, dtype=torch.float32)
             std = torch.as_tensor(normalizer.std, dtype=torch.float32)

@@ -158,11 +158,8 @@ class FastMetaSynthesizer(SynthCore):
             if self._best_x is None:
                 self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             if not hasattr(self, "_last_stats"):
-                # one eager forward tells the statistics' shapes
-                with torch.no_grad(), self._autocast_ctx():
-                    self._forward(False)
-                self._last_stats = [t.detach().clone() for t in self.capture.last_means + self.capture.last_vars]
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta), self._mutable)
+                self._last_stats = self.capture.stat_buffers()
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta), self._mutable, rng=self._rng)
         g = self._graphs[key]
         for it in range(self.iterations):
             g()

@@ -121,7 +121,7 @@ class NAYER(SynthCore):
                 with nvtx_range("student", self._nvtx):
                     s_out = self.student(x_aug)
                 loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
-                loss_oh = parts[0] if isinstance(parts, (tuple, list)) else F.cross_entropy(t_out, self._targets)
+                loss_oh = parts["oh"]  # detached; used only for best_oh
             else:
                 loss_oh = F.cross_entropy(t_out, self._targets)
                 loss = self.oh * loss_oh
@@ -178,10 +178,8 @@ class NAYER(SynthCore):
             if self._best_x is None:
                 self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             if not hasattr(self, "_last_stats"):
-                with torch.no_grad(), self._autocast_ctx():
-                    self._forward(False)
-                self._last_stats = [t.detach().clone() for t in self.capture.last_means + self.capture.last_vars]
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on), self._mutable)
+                self._last_stats = self.capture.stat_buffers()
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on), self._mutable, rng=self._rng)
         g = self._graphs[key]
         for _ in range(self.g_steps):
             g()
