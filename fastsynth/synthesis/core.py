@@ -228,8 +228,10 @@ class SynthCore(BaseSynthesis):
     def _setup_core(self, *, img_size, normalizer, device, bn_mmt, transform, autocast, use_fp16,
                     save_dir, save_images, save_format, pool_capacity, pool_eviction, augment,
                     fuse_teacher, seed, compile, cuda_graph, aug_padding=4, aug_flip=True, bn_weights=None):
-        self.device = torch.device(device if device is not None else "cpu") \
-            if not isinstance(device, int) else torch.device("cuda", device)
+        if device is None:  # upstream harnesses pass args.gpu, which may be None: follow the teacher
+            p = next(self.teacher.parameters(), None)
+            device = p.device if p is not None else "cpu"
+        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         self.img_size = img_size
         self.normalizer = normalizer
         self.transform = transform
