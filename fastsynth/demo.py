@@ -159,7 +159,7 @@ DEFAULTS = {
     "nayer": dict(epochs=20, warmup=3, kd_steps=25, batch=128, synthesis_batch=100, g_steps=10, lr_g=1e-2,
                   g_loops=1, gwp_loops=3, g_life=10, bn=10.0, oh=0.5, adv=1.33, bn_mmt=0.9, lr=0.1, T=20.0,
                   le_emb_size=64, ngf=16),
-    "fast": dict(epochs=20, warmup=3, kd_steps=25, batch=128, synthesis_batch=100, g_steps=5, lr_g=5e-3, lr_z=0.015,
+    "fast": dict(epochs=20, warmup=3, kd_steps=25, batch=128, synthesis_batch=100, g_steps=10, lr_g=1e-2, lr_z=0.03,
                  bn=10.0, oh=0.5, adv=1.33, bn_mmt=0.9, lr=0.1, T=20.0, nz=64, ngf=16, reset_l0=1),
 }
 
