@@ -29,11 +29,11 @@ def _kl_rows_kernel(
     y_ptr,  # [N] int64 targets (read when HAS_TARGETS)
     gt_ptr,  # [N, C] out: d loss / d teacher for a unit grad_loss (written when WRITE_GT)
     gs_ptr,  # [N, C] out: d loss / d student (written when WRITE_GS)
-    part_ptr,  # [N, 3] fp32 out: CE_i, m_i KL_i, m_i
+    part_ptr,  # [N, 3] ACC out: CE_i, m_i KL_i, m_i
     stride_t, stride_s, C,
     inv_t, ce_w, kl_w,  # 1/T; weights of CE_i and KL_i in the loss
     HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
-    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * stride_t
@@ -41,20 +41,20 @@ def _kl_rows_kernel(
     cols = tl.arange(0, BLOCK)
 
     # ---- pass 1: online LSE of both rows, centred KL accumulator, argmax of both rows
-    mt = tl.full([], _NEG_BIG, tl.float32)
-    ms = tl.full([], _NEG_BIG, tl.float32)
-    zt = tl.zeros([], tl.float32)
-    zs = tl.zeros([], tl.float32)
-    acc = tl.zeros([], tl.float32)
-    at_v = tl.full([], float("-inf"), tl.float32)
-    as_v = tl.full([], float("-inf"), tl.float32)
+    mt = tl.full([], _NEG_BIG, ACC)
+    ms = tl.full([], _NEG_BIG, ACC)
+    zt = tl.zeros([], ACC)
+    zs = tl.zeros([], ACC)
+    acc = tl.zeros([], ACC)
+    at_v = tl.full([], float("-inf"), ACC)
+    as_v = tl.full([], float("-inf"), ACC)
     at_i = tl.zeros([], tl.int32)
     as_i = tl.zeros([], tl.int32)
     for start in range(0, C, BLOCK):
         offs = start + cols
         valid = offs < C
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
         t_m = tl.where(valid, t, float("-inf"))
         s_m = tl.where(valid, s, float("-inf"))
         ct = tl.max(t_m, axis=0)
@@ -83,20 +83,20 @@ def _kl_rows_kernel(
 
     lzt = tl.log(zt)
     lzs = tl.log(zs)
-    kl = tl.maximum(acc / zt - lzt + lzs, 0.0)
+    kl = tl.maximum(acc / zt + tl.log(zs / zt), 0.0)  # one log of a ratio near 1: no cancellation
     if AGREE_MASK:
-        agree = (at_i == as_i).to(tl.float32)
+        agree = (at_i == as_i).to(ACC)
     else:
-        agree = tl.full([], 1.0, tl.float32)
+        agree = tl.full([], 1.0, ACC)
     if HAS_TARGETS:
         y = tl.load(y_ptr + row)
         bad = (y < 0) | (y >= C)
         y_safe = tl.where(bad, 0, y)
-        t_y = tl.load(t_row + y_safe).to(tl.float32) * inv_t
+        t_y = tl.load(t_row + y_safe).to(ACC) * inv_t
         ce = tl.where(bad, float("nan"), mt + lzt - t_y)
     else:
         y_safe = -1
-        ce = tl.zeros([], tl.float32)
+        ce = tl.zeros([], ACC)
     tl.store(part_ptr + row * 3 + 0, ce)
     tl.store(part_ptr + row * 3 + 1, tl.where(agree > 0, kl, 0.0))
     tl.store(part_ptr + row * 3 + 2, agree)
@@ -110,8 +110,8 @@ def _kl_rows_kernel(
         for start in range(0, C, BLOCK):
             offs = start + cols
             valid = offs < C
-            t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+            s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
             log_pt = t - mt - lzt
             log_ps = s - ms - lzs
             pt = tl.exp(log_pt)
@@ -131,10 +131,10 @@ def _js_rows_kernel(
     t_ptr,  # [N, C] teacher logits (Q), row stride stride_t
     gs_ptr,  # [N, C] out: w * d js / d student (written when WRITE_GS)
     gt_ptr,  # [N, C] out: w * d js / d teacher (written when WRITE_GT)
-    part_ptr,  # [N, 3] fp32 out: 0, js_i, 1
+    part_ptr,  # [N, 3] ACC out: 0, js_i, 1
     stride_s, stride_t, C,
     inv_t, lo, hi, w,
-    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
@@ -144,15 +144,15 @@ def _js_rows_kernel(
     log_hi = tl.log(hi)
 
     # ---- pass 1: online LSE of both rows
-    ms = tl.full([], _NEG_BIG, tl.float32)
-    mt = tl.full([], _NEG_BIG, tl.float32)
-    zs = tl.zeros([], tl.float32)
-    zt = tl.zeros([], tl.float32)
+    ms = tl.full([], _NEG_BIG, ACC)
+    mt = tl.full([], _NEG_BIG, ACC)
+    zs = tl.zeros([], ACC)
+    zt = tl.zeros([], ACC)
     for start in range(0, C, BLOCK):
         offs = start + cols
         valid = offs < C
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
         ms_new = tl.maximum(ms, tl.max(tl.where(valid, s, float("-inf")), axis=0))
         mt_new = tl.maximum(mt, tl.max(tl.where(valid, t, float("-inf")), axis=0))
         zs = zs * tl.exp(ms - ms_new) + tl.sum(tl.where(valid, tl.exp(s - ms_new), 0.0), axis=0)
@@ -163,14 +163,14 @@ def _js_rows_kernel(
     lse_t = mt + tl.log(zt)
 
     # ---- pass 2: the JS sum and <P, dP>, <Q, dQ>; pass 3 (gradients) recomputes the elements
-    f_sum = tl.zeros([], tl.float32)
-    sp = tl.zeros([], tl.float32)
-    sq = tl.zeros([], tl.float32)
+    f_sum = tl.zeros([], ACC)
+    sp = tl.zeros([], ACC)
+    sq = tl.zeros([], ACC)
     for start in range(0, C, BLOCK):
         offs = start + cols
         valid = offs < C
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
         f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
         f_sum += tl.sum(tl.where(valid, f, 0.0), axis=0)
         sp += tl.sum(tl.where(valid, p * dp, 0.0), axis=0)
@@ -184,8 +184,8 @@ def _js_rows_kernel(
         for start in range(0, C, BLOCK):
             offs = start + cols
             valid = offs < C
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
-            t = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32) * inv_t
+            s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+            t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
             f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
             if WRITE_GS:
                 tl.store(gs_ptr + row * C + offs, (wt * p * (dp - sp)).to(gs_ptr.dtype.element_ty), mask=valid)
@@ -217,7 +217,7 @@ def _js_element(log_p, log_q, lo, hi, log_lo, log_hi):
 
 @triton.jit
 def _sum_rows_kernel(
-    part_ptr,  # [N, 3] fp32 row partials: a_i, b_i, c_i
+    part_ptr,  # [N, 3] row partials a_i, b_i, c_i (fp32, or fp64 for fp64 inputs)
     loss_ptr, a_mean_ptr, b_mean_ptr, c_mean_ptr,  # 0-dim outputs (dtype of the pointer)
     N, w_a, w_b, inv_n,
     BLOCK_N: tl.constexpr,
@@ -225,9 +225,9 @@ def _sum_rows_kernel(
     # loss = w_a sum a + w_b sum b; a_mean = sum a / N; b_mean = -sum b / N; c_mean = sum c / N.
     # One program, fixed order: deterministic.
     rows = tl.arange(0, BLOCK_N)
-    sa = tl.zeros([BLOCK_N], tl.float32)
-    sb = tl.zeros([BLOCK_N], tl.float32)
-    sc = tl.zeros([BLOCK_N], tl.float32)
+    sa = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
+    sb = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
+    sc = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK_N):
         r = start + rows
         valid = r < N
@@ -248,12 +248,12 @@ def _scale_kernel(
     g_ptr,  # [] grad_loss (any float dtype)
     x_ptr,  # [n] saved gradient for a unit grad_loss
     out_ptr,  # [n] out: g * x
-    n, BLOCK: tl.constexpr,
+    n, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    g = tl.load(g_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr).to(ACC)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
     tl.store(out_ptr + offs, (g * x).to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -274,8 +274,12 @@ def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # the kernels accumulate in fp32; the 0-dim results are fp32 (fp64 for fp64 inputs, rounded)
+    # fp32 math for fp16/bf16/fp32 inputs, fp64 math for fp64 inputs
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
@@ -294,12 +298,12 @@ def synthesis_logit_loss(t, s, targets, oh, adv, agree_mask, need_grad_teacher, 
     t, s = _unit_column_stride(t), _unit_column_stride(s)
     n, c = t.shape
     gt, gs = _grad_buffer(t, need_grad_teacher), _grad_buffer(s, need_grad_student)
-    part = torch.empty((n, 3), dtype=torch.float32, device=t.device)
+    part = torch.empty((n, 3), dtype=_acc_dtype(t.dtype), device=t.device)
     block = _block(c)
     _kl_rows_kernel[(n,)](
         t, s, targets, gt, gs, part, t.stride(0), s.stride(0), c, 1.0, oh / n, -adv / n,
         HAS_TARGETS=True, AGREE_MASK=bool(agree_mask), WRITE_GT=bool(need_grad_teacher),
-        WRITE_GS=bool(need_grad_student), BLOCK=block, num_warps=_num_warps(block),
+        WRITE_GS=bool(need_grad_student), BLOCK=block, ACC=_acc_tl(t.dtype), num_warps=_num_warps(block),
     )
     loss, oh_term, adv_term, agree = _finish(part, t, oh / n, -adv / n)
     return loss, oh_term, adv_term, agree, gt, gs
@@ -309,12 +313,12 @@ def kd_loss(s, t, T, scale, need_grad_student, need_grad_teacher):
     s, t = _unit_column_stride(s), _unit_column_stride(t)
     n, c = s.shape
     gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
-    part = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
     _kl_rows_kernel[(n,)](
         t, s, t, gt, gs, part, t.stride(0), s.stride(0), c, 1.0 / T, 0.0, scale,
         HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=bool(need_grad_teacher),
-        WRITE_GS=bool(need_grad_student), BLOCK=block, num_warps=_num_warps(block),
+        WRITE_GS=bool(need_grad_student), BLOCK=block, ACC=_acc_tl(s.dtype), num_warps=_num_warps(block),
     )
     loss = _finish(part, s, 0.0, scale)[0]
     return loss, gs, gt
@@ -324,12 +328,12 @@ def js_divergence(s, t, T, lo, hi, scale, need_grad_student, need_grad_teacher):
     s, t = _unit_column_stride(s), _unit_column_stride(t)
     n, c = s.shape
     gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
-    part = torch.empty((n, 3), dtype=torch.float32, device=s.device)
+    part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
     _js_rows_kernel[(n,)](
         s, t, gs, gt, part, s.stride(0), t.stride(0), c, 1.0 / T, lo, hi, scale,
         WRITE_GS=bool(need_grad_student), WRITE_GT=bool(need_grad_teacher), BLOCK=block,
-        num_warps=_num_warps(block),
+        ACC=_acc_tl(s.dtype), num_warps=_num_warps(block),
     )
     loss = _finish(part, s, 0.0, scale)[0]
     return loss, gs, gt
@@ -341,6 +345,8 @@ def logit_loss_backward(grad_loss, grad_a, grad_b):
         out = torch.empty_like(x)
         if x.numel():
             block = 1024
-            _scale_kernel[(triton.cdiv(x.numel(), block),)](grad_loss, x, out, x.numel(), BLOCK=block)
+            _scale_kernel[(triton.cdiv(x.numel(), block),)](
+                grad_loss, x, out, x.numel(), BLOCK=block, ACC=_acc_tl(x.dtype)
+            )
         outs.append(out)
     return outs[0], outs[1]

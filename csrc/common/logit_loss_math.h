@@ -61,7 +61,9 @@ FS_HD int32_t float_to_bits(float f) {
 // (truncation error below 1e-8 relative), times 2^n assembled in the exponent bits.
 // Results below exp(-87) (the smallest normal floats) are flushed to 0.
 FS_HD float exp_poly(float x) {
-  const float xc = fminf(fmaxf(x, -87.0f), 88.0f);
+  // comparisons, not fminf/fmaxf: those are library calls (NaN rules) that stop vectorisation
+  const float xlo = x < -87.0f ? -87.0f : x;
+  const float xc = xlo > 88.0f ? 88.0f : xlo;
   const float n = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r = r - n * 1.42860682030941723212e-6f;  // ... and the remainder
@@ -74,7 +76,8 @@ FS_HD float exp_poly(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * scale;
+  const float result = p * scale;  // computed unconditionally: a select, not a branch, vectorises
+  return x < -87.0f ? 0.0f : result;
 }
 
 // log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
@@ -105,6 +108,28 @@ FS_HD float fs_exp(float x) {
 #endif
 }
 FS_HD double fs_exp(double x) { return exp(x); }
+
+// 1/x for positive normal x. On the device a correctly rounded fp64 division or reciprocal
+// compiles to a slow-path subroutine call whose saved registers show up as spills; the fp64
+// version is the hardware approximation refined by two Newton steps (error below 1 ulp).
+FS_HD float fs_recip(float x) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(x);
+#else
+  return 1.0f / x;
+#endif
+}
+FS_HD double fs_recip(double x) {
+#if defined(__CUDA_ARCH__)
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
+  r = fma(r, fma(-x, r, 1.0), r);
+  r = fma(r, fma(-x, r, 1.0), r);
+  return r;
+#else
+  return 1.0 / x;
+#endif
+}
 
 FS_HD float fs_log(float x) {
 #if defined(__CUDA_ARCH__)
@@ -203,9 +228,12 @@ FS_HD KlState<acc_t> kl_state_merge(KlState<acc_t> x, KlState<acc_t> y) {
 }
 
 // KL(p_t || p_s) of a finished row state. Never below 0 by more than rounding; clamp at 0.
+// log Z_s - log Z_t is taken as one log of the ratio (near 1 for close distributions), which
+// avoids the cancellation of two logs of magnitude log C when the KL is small (high T).
 template <typename acc_t>
 FS_HD acc_t kl_state_value(KlState<acc_t> st) {
-  const acc_t kl = st.a / st.zt - fs_log(st.zt) + fs_log(st.zs);
+  const acc_t rz = fs_recip(st.zt);
+  const acc_t kl = st.a * rz + fs_log(st.zs * rz);
   return kl > acc_t(0) ? kl : acc_t(0);
 }
 
@@ -272,8 +300,8 @@ FS_HD JsElem<acc_t> js_element(acc_t p, acc_t q, acc_t log_p, acc_t log_q, acc_t
   JsElem<acc_t> r;
   r.f = mc * inner;
   const acc_t dm = m_in ? acc_t(0.5) * (inner + acc_t(1)) : acc_t(0);
-  r.dp = (p_in ? acc_t(-0.5) * mc / pc : acc_t(0)) + dm;
-  r.dq = (q_in ? acc_t(-0.5) * mc / qc : acc_t(0)) + dm;
+  r.dp = (p_in ? acc_t(-0.5) * mc * fs_recip(pc) : acc_t(0)) + dm;
+  r.dq = (q_in ? acc_t(-0.5) * mc * fs_recip(qc) : acc_t(0)) + dm;
   return r;
 }
 

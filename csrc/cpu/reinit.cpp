@@ -188,25 +188,34 @@ Bits to_bits(T v) {
   return b;
 }
 
-// Convert count draws to dtype T and store them (T = float, c10::Half, c10::BFloat16).
+// Convert count draws to dtype T and store them (T = float, c10::Half, c10::BFloat16). Uniform
+// values that round up to b step to the next value below it, branch-free so the loop vectorises.
 template <typename T, typename Bits>
 void store_f32(T* dst, const float* draw, int64_t count, int dist, double lo, double hi) {
   const float lo_f = static_cast<float>(lo);
   const float scale_f = static_cast<float>(dist == ph::kNormal ? hi : hi - lo);
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(ph::affine_f32(dist, draw[i], lo_f, scale_f));
-  if (dist == ph::kUniform) {  // keep v < b after rounding to T
-    for (int64_t i = 0; i < count; ++i)
-      if (static_cast<double>(static_cast<float>(dst[i])) >= hi)
-        dst[i] = from_bits<T>(ph::step_down_bits<Bits>(to_bits<Bits>(dst[i])));
+  if (dist != ph::kUniform) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<T>(ph::affine_f32(dist, draw[i], lo_f, scale_f));
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const T v = static_cast<T>(ph::affine_f32(dist, draw[i], lo_f, scale_f));
+    const Bits bits = to_bits<Bits>(v);
+    const bool up = static_cast<double>(static_cast<float>(v)) >= hi;
+    dst[i] = from_bits<T>(up ? ph::step_down_bits<Bits>(bits) : bits);
   }
 }
 
 void store_f64(double* dst, const float* draw, int64_t count, int dist, double lo, double hi) {
   const double scale = dist == ph::kNormal ? hi : hi - lo;
-  for (int64_t i = 0; i < count; ++i) dst[i] = ph::affine_f64(dist, draw[i], lo, scale);
-  if (dist == ph::kUniform) {
-    for (int64_t i = 0; i < count; ++i)
-      if (dst[i] >= hi) dst[i] = from_bits<double>(ph::step_down_bits<uint64_t>(to_bits<uint64_t>(dst[i])));
+  if (dist != ph::kUniform) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = ph::affine_f64(dist, draw[i], lo, scale);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const double v = ph::affine_f64(dist, draw[i], lo, scale);
+    const uint64_t bits = to_bits<uint64_t>(v);
+    dst[i] = from_bits<double>(v >= hi ? ph::step_down_bits<uint64_t>(bits) : bits);
   }
 }
 

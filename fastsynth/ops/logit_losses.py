@@ -32,8 +32,10 @@ Notation: teacher logits t, student logits s (both [N, C]), targets y ([N], int6
     with the gradients autograd gives the upstream code: torch.clamp passes gradient on the closed
     interval [lo, hi] and blocks it outside, and the softmax backward  ds = P (dP - <P, dP>) / T.
 
-Every fused op computes the loss AND its gradients w.r.t. the logits in one pass per row (the
-gradients for a unit upstream gradient are returned as extra outputs); backward is one op,
+Every fused op computes the loss AND its gradients w.r.t. the logits in the same call, row by row
+(the CPU kernel sweeps each row three times while it stays in cache; the CUDA and Triton kernels
+read it twice: online log-sum-exp, then gradients). The gradients for a unit upstream gradient
+are returned as extra outputs; backward is one op,
 ``logit_loss_backward``, that scales them by grad_output read from the tensor (no host sync, no
 ``torch.equal(grad_output, 1)`` shortcut). Batch sums over rows are reduced in a fixed order
 (per-row partials, then one ordered sum): results do not depend on threads or launch order.
@@ -232,8 +234,11 @@ def _make_autograd(backward_op, n_inputs: int, n_loss_outputs: int):
         grad_a, grad_b = output[-2], output[-1]
         ctx.save_for_backward(grad_a, grad_b)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs that carry no gradient
 
     def backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * n_inputs
         grad_a, grad_b = ctx.saved_tensors
         out_a, out_b = backward_op(grad_loss, grad_a, grad_b)
         # an empty saved gradient means the input did not require grad (static shape, no sync)

@@ -1,0 +1,572 @@
+"""Fused teacher/student logit losses: synthesis_logit_loss, kd_loss, js_divergence and the
+drop-in kldiv / KLDiv / jsdiv, against float64 references of the upstream formulations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastsynth
+from fastsynth import _ext
+from fastsynth.bench.harness import count_aten_ops
+from fastsynth.ops import logit_losses as ll
+
+FUSED = ["cpu", "triton"]
+CLASSES = [2, 10, 100, 1000, 1023]
+# tolerances of the gradients (elementwise, absolute; they are probabilities / N) and of the loss
+# (relative) per input dtype: fp32 math everywhere, gradients rounded to the input dtype
+GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 oracles, written independently of fastsynth (the upstream formulation, autograd grads)
+# ---------------------------------------------------------------------------------------------
+
+def upstream_kldiv(logits, targets, T=1.0, reduction="batchmean"):
+    q = F.log_softmax(logits / T, dim=1)
+    p = F.softmax(targets / T, dim=1)
+    return F.kl_div(q, p, reduction=reduction) * (T * T)
+
+
+def upstream_jsdiv(logits, targets, T=1.0, reduction="batchmean"):
+    P = F.softmax(logits / T, dim=1)
+    Q = F.softmax(targets / T, dim=1)
+    M = 0.5 * (P + Q)
+    P = torch.clamp(P, 0.01, 0.99)
+    Q = torch.clamp(Q, 0.01, 0.99)
+    M = torch.clamp(M, 0.01, 0.99)
+    return 0.5 * F.kl_div(torch.log(P), M, reduction=reduction) + 0.5 * F.kl_div(torch.log(Q), M, reduction=reduction)
+
+
+def kl_rows(t, s):
+    # KL(softmax(t) || softmax(s)) per row, the upstream kldiv(s, t, reduction='none').sum(1),
+    # written with log_softmax for p_t: F.kl_div's gradient w.r.t. its target is log(target) + 1 -
+    # input, which is -inf where a teacher probability underflows to 0 (logits of 1e4), so
+    # autograd of the upstream code gives NaN teacher gradients there; this form gives the limit.
+    lpt = F.log_softmax(t, dim=1)
+    return (lpt.exp() * (lpt - F.log_softmax(s, dim=1))).sum(1)
+
+
+def oracle(kind, t, s, y=None, *, oh=1.0, adv=1.0, mask="agree", T=1.0, grad_out=1.0):
+    """float64 loss, parts and gradients w.r.t. (t, s) of the upstream formulation."""
+    t64 = t.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    parts = {}
+    if kind == "synthesis":
+        loss_oh = F.cross_entropy(t64, y)
+        kl = kl_rows(t64, s64)
+        m = (s64.argmax(1) == t64.argmax(1)).double() if mask == "agree" else torch.ones_like(kl)
+        loss_adv = -(kl * m).mean()
+        loss = oh * loss_oh + adv * loss_adv
+        parts = {"oh": loss_oh.detach(), "adv": loss_adv.detach(), "agree_frac": m.mean()}
+    elif kind == "kd":
+        loss = kl_rows(t64 / T, s64 / T).mean() * (T * T)
+    else:
+        loss = upstream_jsdiv(s64, t64, T=T)
+    gt, gs = torch.autograd.grad(loss, [t64, s64], torch.tensor(grad_out, dtype=torch.float64))
+    return loss.detach(), parts, gt, gs
+
+
+def run(kind, backend, t, s, y=None, *, oh=1.0, adv=1.0, mask="agree", T=1.0, grad_out=1.0):
+    """fastsynth loss, parts and gradients w.r.t. (t, s)."""
+    t = t.detach().requires_grad_()
+    s = s.detach().requires_grad_()
+    parts = {}
+    if kind == "synthesis":
+        loss, parts = fastsynth.ops.synthesis_logit_loss(t, s, y, oh=oh, adv=adv, mask=mask, backend=backend)
+    elif kind == "kd":
+        loss = fastsynth.ops.kd_loss(s, t, T, backend=backend)
+    else:
+        loss = fastsynth.ops.js_divergence(s, t, T=T, backend=backend)
+    gt, gs = torch.autograd.grad(loss, [t, s], torch.tensor(grad_out, dtype=loss.dtype))
+    return loss.detach(), parts, gt, gs
+
+
+def make_logits(n, c, scale=3.0, dtype=torch.float32, agree_some=True):
+    t = torch.randn(n, c, dtype=torch.float64) * scale
+    s = 0.6 * t + torch.randn(n, c, dtype=torch.float64) * scale
+    if agree_some and n > 1:
+        s[::2] = t[::2] * 1.5 + 0.1 * torch.randn_like(t[::2])  # these rows (mostly) agree on argmax
+    return t.to(dtype), s.to(dtype)
+
+
+def assert_matches(got, ref, dtype, what=""):
+    loss, parts, gt, gs = got
+    rloss, rparts, rgt, rgs = ref
+    rtol = LOSS_RTOL[dtype]
+    assert torch.isfinite(loss).all() and torch.isfinite(gt).all() and torch.isfinite(gs).all(), what
+    torch.testing.assert_close(loss.double(), rloss, rtol=rtol, atol=rtol * 1e-2, msg=lambda m: f"{what} loss: {m}")
+    for k, v in rparts.items():
+        torch.testing.assert_close(parts[k].double(), v, rtol=rtol, atol=rtol * 1e-2, msg=lambda m: f"{what} {k}: {m}")
+    atol = GRAD_ATOL[dtype]
+    torch.testing.assert_close(gt.double(), rgt, rtol=1e-3 if dtype != torch.float64 else 1e-7, atol=atol,
+                               msg=lambda m: f"{what} grad teacher: {m}")
+    torch.testing.assert_close(gs.double(), rgs, rtol=1e-3 if dtype != torch.float64 else 1e-7, atol=atol,
+                               msg=lambda m: f"{what} grad student: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against float64 references
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("mask", ["agree", None])
+def test_synthesis_matches_float64(backend, C, mask):
+    t, s = make_logits(6, C)
+    y = torch.randint(0, C, (6,))
+    got = run("synthesis", backend, t, s, y, oh=0.7, adv=1.33, mask=mask, grad_out=2.5)
+    ref = oracle("synthesis", t, s, y, oh=0.7, adv=1.33, mask=mask, grad_out=2.5)
+    assert_matches(got, ref, torch.float32, f"{backend} C={C} mask={mask}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("kind,T", [("kd", 20.0), ("kd", 1.0), ("js", 3.0), ("js", 1.0)])
+def test_kd_and_js_match_float64(backend, C, kind, T):
+    t, s = make_logits(5, C)
+    got = run(kind, backend, t, s, T=T, grad_out=-0.75)
+    ref = oracle(kind, t, s, T=T, grad_out=-0.75)
+    assert_matches(got, ref, torch.float32, f"{kind} {backend} C={C} T={T}")
+
+
+@pytest.mark.parametrize("C", [10, 1000])
+def test_reference_backend_is_the_upstream_formulation(C):
+    t, s = make_logits(6, C)
+    y = torch.randint(0, C, (6,))
+    assert_matches(run("synthesis", "reference", t, s, y, oh=0.7, adv=1.33, grad_out=2.5),
+                   oracle("synthesis", t, s, y, oh=0.7, adv=1.33, grad_out=2.5), torch.float32)
+    for kind, T in (("kd", 20.0), ("js", 3.0)):
+        assert_matches(run(kind, "reference", t, s, T=T), oracle(kind, t, s, T=T), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["synthesis", "kd", "js"])
+def test_float64_inputs_are_computed_in_float64(backend, kind):
+    t, s = make_logits(4, 33, dtype=torch.float64)
+    y = torch.randint(0, 33, (4,))
+    got = run(kind, backend, t, s, y, T=2.0, grad_out=1.5)
+    ref = oracle(kind, t, s, y, T=2.0, grad_out=1.5)
+    assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
+    # triton takes its float scalars (1/T, weights) as fp32 arguments: 1e-7 relative
+    tol = 1e-12 if backend == "cpu" else 2e-7
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[2], ref[2], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[3], ref[3], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradcheck(backend):
+    t, s = make_logits(2, 5, dtype=torch.float64)
+    t.requires_grad_()
+    s.requires_grad_()
+    y = torch.tensor([0, 4])
+    ops = fastsynth.ops
+    fns = [
+        lambda a, b: ops.synthesis_logit_loss(a, b, y, oh=0.5, adv=1.3, backend=backend)[0],
+        lambda a, b: ops.synthesis_logit_loss(a, b, y, oh=0.5, adv=1.3, mask=None, backend=backend)[0],
+        lambda a, b: ops.kd_loss(b, a, 4.0, backend=backend),
+        lambda a, b: ops.js_divergence(b, a, T=1.0, backend=backend),
+    ]
+    # triton receives 1/T and the weights as fp32 scalars: loosen the comparison accordingly
+    tol = dict(atol=1e-6, rtol=1e-5) if backend == "cpu" else dict(atol=1e-5, rtol=1e-4)
+    for fn in fns:
+        # the interpreted Triton kernels are slow: the fast (random-projection) mode there
+        assert torch.autograd.gradcheck(fn, (t, s), eps=1e-6, fast_mode=backend == "triton", **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks, ties, edge cases
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_single_row(backend):
+    t, s = make_logits(1, 17)
+    y = torch.tensor([3])
+    assert_matches(run("synthesis", backend, t, s, y, adv=2.0), oracle("synthesis", t, s, y, adv=2.0), torch.float32)
+    assert_matches(run("kd", backend, t, s, T=5.0), oracle("kd", t, s, T=5.0), torch.float32)
+    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_all_rows_masked_gives_zero_adv_and_zero_student_grad(backend):
+    t = torch.randn(8, 10) * 5
+    s = -t  # argmax of s is the argmin of t: every row disagrees
+    y = torch.randint(0, 10, (8,))
+    loss, parts, gt, gs = run("synthesis", backend, t, s, y, oh=0.0, adv=1.33)
+    assert float(parts["agree_frac"]) == 0.0
+    assert float(parts["adv"]) == 0.0 and float(loss) == 0.0
+    assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
+    # with the CE term the teacher gradient is the CE gradient alone, never NaN
+    loss, parts, gt, gs = run("synthesis", backend, t, s, y, oh=0.5, adv=1.33)
+    ref = oracle("synthesis", t, s, y, oh=0.5, adv=1.33)
+    assert_matches((loss, parts, gt, gs), ref, torch.float32)
+    assert torch.equal(gs, torch.zeros_like(gs))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_rows_masked(backend):
+    t = torch.randn(8, 50) * 2
+    s = 1.7 * t + 0.3  # same argmax in every row, different distributions
+    y = torch.randint(0, 50, (8,))
+    got = run("synthesis", backend, t, s, y, oh=0.5, adv=1.0)
+    assert float(got[1]["agree_frac"]) == 1.0
+    assert float(got[1]["adv"]) < 0
+    assert_matches(got, oracle("synthesis", t, s, y, oh=0.5, adv=1.0), torch.float32)
+    nomask = run("synthesis", backend, t, s, y, oh=0.5, adv=1.0, mask=None)
+    torch.testing.assert_close(nomask[0], got[0])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_argmax_ties_follow_torch_argmax(backend):
+    # first maximal index wins in both tensors; rows crafted so the tie rule decides the mask
+    t = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 5.0, 1.0, 5.0]])
+    s = torch.tensor([[3.0, 1.0, 3.0, 0.0], [0.0, 3.0, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    # wide rows: ties between the lanes of the vectorised argmax and across Triton chunks
+    wide_t = torch.zeros(2, 40)
+    wide_s = torch.zeros(2, 40)
+    wide_t[:, [5, 21, 37]] = 4.0
+    wide_s[0, [5, 37]] = 4.0
+    wide_s[1, [21, 37]] = 4.0
+    t = torch.cat([F.pad(t, (0, 36), value=-9.0), wide_t])
+    s = torch.cat([F.pad(s, (0, 36), value=-9.0), wide_s])
+    y = torch.zeros(6, dtype=torch.int64)
+    expected = (s.argmax(1) == t.argmax(1)).float().mean()
+    loss, parts, gt, gs = run("synthesis", backend, t, s, y, adv=1.0)
+    assert float(parts["agree_frac"]) == float(expected)
+    assert_matches((loss, parts, gt, gs), oracle("synthesis", t, s, y, adv=1.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_triton_and_cpu_multi_chunk_rows(backend, monkeypatch):
+    # rows wider than one Triton chunk (online LSE across chunks, max growing chunk by chunk)
+    from fastsynth.kernels import logit_losses as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 64)
+    C = 300
+    ramp = torch.linspace(0, 30, C)
+    t = torch.randn(3, C) + ramp
+    s = torch.randn(3, C) + ramp.flip(0)
+    s[1] = t[1] * 1.1
+    y = torch.tensor([299, 0, 150])
+    assert_matches(run("synthesis", backend, t, s, y, oh=0.5, adv=1.2, grad_out=3.0),
+                   oracle("synthesis", t, s, y, oh=0.5, adv=1.2, grad_out=3.0), torch.float32)
+    assert_matches(run("kd", backend, t, s, T=4.0), oracle("kd", t, s, T=4.0), torch.float32)
+    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_extreme_logits(backend):
+    torch.manual_seed(3)
+    C = 100
+    t = (torch.randint(0, 2, (4, C)).float() * 2 - 1) * 1e4 + torch.randn(4, C)
+    s = (torch.randint(0, 2, (4, C)).float() * 2 - 1) * 1e4 + torch.randn(4, C)
+    s[0] = t[0] + 0.5 * torch.randn(C)  # agreeing row with a small KL next to huge logits
+    y = torch.randint(0, C, (4,))
+    for kind, kw in (("synthesis", dict(oh=0.5, adv=1.0)), ("kd", dict(T=20.0)), ("js", dict(T=3.0))):
+        loss, parts, gt, gs = run(kind, backend, t, s, y, **kw)
+        rloss, rparts, rgt, rgs = oracle(kind, t, s, y, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(gt).all() and torch.isfinite(gs).all()
+        # fp32 logits of magnitude 1e4 carry an absolute rounding of ~1e-3 (the fp32 upstream
+        # formulation has the same); the loss is compared at that scale
+        torch.testing.assert_close(loss.double(), rloss, rtol=1e-5, atol=2e-3)
+        torch.testing.assert_close(gt.double(), rgt, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(gs.double(), rgs, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layout", ["column_strided", "row_strided", "transposed"])
+def test_non_contiguous_inputs(backend, layout):
+    n, c = 5, 37
+    base_t, base_s = make_logits(n, 2 * c)
+    if layout == "column_strided":
+        t, s = base_t[:, ::2], base_s[:, ::2]
+    elif layout == "row_strided":
+        t, s = base_t[:, :c], base_s[:, c:]
+    else:
+        t, s = base_t[:, :c].t().contiguous().t(), base_s[:, :c].t().contiguous().t()
+    assert not t.is_contiguous()
+    y = torch.randint(0, c, (n,))
+    assert_matches(run("synthesis", backend, t, s, y, adv=1.0, grad_out=0.5),
+                   oracle("synthesis", t, s, y, adv=1.0, grad_out=0.5), torch.float32, layout)
+    assert_matches(run("kd", backend, t, s, T=3.0), oracle("kd", t, s, T=3.0), torch.float32, layout)
+    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32, layout)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["synthesis", "kd", "js"])
+def test_half_precision_inputs(backend, dtype, kind):
+    t, s = make_logits(6, 100, dtype=dtype)
+    y = torch.randint(0, 100, (6,))
+    loss, parts, gt, gs = run(kind, backend, t, s, y, T=4.0, adv=1.0, grad_out=2.0)
+    assert loss.dtype == torch.float32 and gt.dtype == dtype and gs.dtype == dtype
+    # the oracle sees the same (rounded) half values: fp32 math makes the loss tight; the
+    # gradients are rounded to the input dtype
+    assert_matches((loss, parts, gt, gs), oracle(kind, t, s, y, T=4.0, adv=1.0, grad_out=2.0), dtype)
+
+
+def test_cpu_and_triton_agree():
+    t, s = make_logits(9, 257)
+    y = torch.randint(0, 257, (9,))
+    for kind in ("synthesis", "kd", "js"):
+        a = run(kind, "cpu", t, s, y, T=2.0, adv=1.5, grad_out=1.25)
+        b = run(kind, "triton", t, s, y, T=2.0, adv=1.5, grad_out=1.25)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[2], b[2], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a[3], b[3], rtol=1e-4, atol=1e-7)
+
+
+def test_cpu_batch_reduction_is_deterministic_across_thread_counts():
+    t, s = make_logits(300, 211)
+    y = torch.randint(0, 211, (300,))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run("synthesis", "cpu", t, s, y, adv=1.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradients_only_for_inputs_that_require_them(backend):
+    t, s = make_logits(4, 20)
+    y = torch.randint(0, 20, (4,))
+    s_leaf = s.clone().requires_grad_()
+    loss, _ = fastsynth.ops.synthesis_logit_loss(t, s_leaf, y, adv=1.0, backend=backend)
+    (gs,) = torch.autograd.grad(loss, [s_leaf])
+    torch.testing.assert_close(gs.double(), oracle("synthesis", t, s, y, adv=1.0)[3], rtol=1e-4, atol=1e-7)
+    # KD with a detached teacher (the upstream use), and no grad at all
+    kd = fastsynth.ops.kd_loss(s_leaf, t, 20.0, backend=backend)
+    (gs,) = torch.autograd.grad(kd, [s_leaf])
+    torch.testing.assert_close(gs.double(), oracle("kd", t, s, T=20.0)[3], rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        loss, parts = fastsynth.ops.synthesis_logit_loss(t, s_leaf, y, backend=backend)
+    assert not loss.requires_grad
+    assert not any(v.requires_grad for v in parts.values())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_parts_are_detached_and_loss_is_one_op_each_way(backend):
+    t, s = make_logits(4, 20)
+    t.requires_grad_()
+    s.requires_grad_()
+    y = torch.randint(0, 20, (4,))
+    box = {}
+
+    def fwd():
+        box["out"] = fastsynth.ops.synthesis_logit_loss(t, s, y, adv=1.0, backend=backend)
+
+    assert count_aten_ops(fwd) == 1
+    loss, parts = box["out"]
+    assert loss.requires_grad and not any(v.requires_grad for v in parts.values())
+    g = torch.tensor(2.0)
+    assert count_aten_ops(lambda: torch.autograd.grad(loss, [t, s], g)) == 1
+    assert count_aten_ops(lambda: fastsynth.ops.kd_loss(s, t, 4.0, backend=backend)) == 1
+    assert count_aten_ops(lambda: fastsynth.ops.js_divergence(s, t, backend=backend)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_bad_input_names_the_argument(backend):
+    t, s = make_logits(4, 10)
+    y = torch.randint(0, 10, (4,))
+    op = fastsynth.ops.synthesis_logit_loss
+    with pytest.raises(ValueError, match="student_logits must have the shape of teacher_logits"):
+        op(t, s[:, :9], y, backend=backend)
+    with pytest.raises(ValueError, match="teacher_logits must have 2 dimensions"):
+        op(t[0], s[0], y, backend=backend)
+    with pytest.raises(TypeError, match="targets must be int64"):
+        op(t, s, y.int(), backend=backend)
+    with pytest.raises(TypeError, match="targets must be int64"):
+        op(t, s, y.float(), backend=backend)
+    with pytest.raises(ValueError, match=r"targets must have shape \[4\]"):
+        op(t, s, y[:3], backend=backend)
+    with pytest.raises(ValueError, match="teacher_logits must not be empty"):
+        op(t[:0], s[:0], y[:0], backend=backend)
+    with pytest.raises(TypeError, match="same dtype"):
+        op(t, s.double(), y, backend=backend)
+    with pytest.raises(ValueError, match="mask must be 'agree' or None"):
+        op(t, s, y, mask="all", backend=backend)
+    with pytest.raises(TypeError, match="oh must be a real number"):
+        op(t, s, y, oh=torch.tensor(1.0), backend=backend)
+    for bad_t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="T must be a positive finite temperature"):
+            fastsynth.ops.kd_loss(s, t, bad_t, backend=backend)
+        with pytest.raises(ValueError, match="T must be a positive finite temperature"):
+            fastsynth.ops.js_divergence(s, t, T=bad_t, backend=backend)
+    with pytest.raises(ValueError, match="clamp must satisfy"):
+        fastsynth.ops.js_divergence(s, t, clamp=(0.5, 0.1), backend=backend)
+    with pytest.raises(TypeError, match="student_logits must be a torch.Tensor"):
+        fastsynth.ops.kd_loss(s.tolist(), t, 2.0, backend=backend)
+    with pytest.raises(ValueError, match="student_logits must not be empty"):
+        fastsynth.ops.kd_loss(s[:0], t[:0], 2.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_out_of_range_targets_raise_on_cpu(backend):
+    t, s = make_logits(4, 10)
+    for bad in (10, -1, -100):
+        y = torch.tensor([0, 1, bad, 2])
+        with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\)"):
+            fastsynth.ops.synthesis_logit_loss(t, s, y, backend=backend)
+
+
+def test_out_of_range_targets_poison_the_loss_on_triton():
+    # GPU backends do not sync to check values: the index is clamped and the loss is NaN
+    t, s = make_logits(4, 10)
+    y = torch.tensor([0, 1, 10, 2])
+    loss, parts = fastsynth.ops.synthesis_logit_loss(t, s, y, backend="triton")
+    assert torch.isnan(loss) and torch.isnan(parts["oh"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop-ins: upstream parity
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("T", [1.0, 3.0, 20.0])
+def test_dropin_kldiv_and_jsdiv_match_upstream(reduction, T):
+    t, s = make_logits(6, 40)
+    for ours, theirs in ((fastsynth.kldiv, upstream_kldiv), (fastsynth.jsdiv, upstream_jsdiv)):
+        a_s, a_t = s.clone().requires_grad_(), t.clone().requires_grad_()
+        b_s, b_t = s.clone().requires_grad_(), t.clone().requires_grad_()
+        a = ours(a_s, a_t, T=T, reduction=reduction)
+        b = theirs(b_s, b_t, T=T, reduction=reduction)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+        g = torch.randn_like(b)
+        ga = torch.autograd.grad(a, [a_s, a_t], g)
+        gb = torch.autograd.grad(b, [b_s, b_t], g)
+        for x, y_ in zip(ga, gb):  # both fp32: compare at fp32 resolution of the largest entry
+            torch.testing.assert_close(x, y_, rtol=1e-4, atol=1e-5 * float(y_.abs().max()))
+    mod = fastsynth.KLDiv(T=T, reduction=reduction)
+    assert isinstance(mod, torch.nn.Module)
+    torch.testing.assert_close(mod(s, t), upstream_kldiv(s, t, T=T, reduction=reduction), rtol=2e-5, atol=1e-7)
+
+
+def test_dropins_fall_back_for_other_layouts_and_keep_dtype():
+    seg_s, seg_t = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)  # segmentation logits
+    torch.testing.assert_close(fastsynth.kldiv(seg_s, seg_t, T=2.0), upstream_kldiv(seg_s, seg_t, T=2.0))
+    torch.testing.assert_close(fastsynth.jsdiv(seg_s, seg_t), upstream_jsdiv(seg_s, seg_t))
+    s, t = make_logits(4, 10, dtype=torch.float16)
+    out = fastsynth.kldiv(s, t, T=4.0)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), upstream_kldiv(s.float(), t.float(), T=4.0), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastsynth.kldiv(s, t, reduction="avg")
+    with pytest.raises(ValueError, match="T must be a positive"):
+        fastsynth.jsdiv(s, t, T=0)
+
+
+def test_dropin_used_like_fastdfkd():
+    # the FastDFKD synthesizer's adversarial term, written with the drop-in
+    t, s = make_logits(8, 10)
+    mask = (s.max(1)[1] == t.max(1)[1]).float()
+    ours = -(fastsynth.kldiv(s, t, reduction="none").sum(1) * mask).mean()
+    fused, parts = fastsynth.ops.synthesis_logit_loss(t, s, torch.zeros(8, dtype=torch.int64), oh=0.0, adv=1.0)
+    torch.testing.assert_close(fused, ours, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def _op_samples(suffix):
+    t, s = make_logits(3, 12)
+    y = torch.randint(0, 12, (3,))
+    ns = torch.ops.fastsynth
+    rg = lambda x: x.clone().requires_grad_()  # noqa: E731
+    return [
+        (getattr(ns, "synthesis_logit_loss" + suffix).default, (rg(t), rg(s), y, 0.5, 1.3, True, True, True)),
+        (getattr(ns, "synthesis_logit_loss" + suffix).default, (t, rg(s), y, 0.5, 1.3, False, False, True)),
+        (getattr(ns, "kd_loss" + suffix).default, (rg(s), t, 4.0, 16.0 / 3, True, False)),
+        (getattr(ns, "kd_loss" + suffix).default, (rg(s), rg(t), 4.0, 16.0 / 3, True, True)),
+        (getattr(ns, "js_divergence" + suffix).default, (rg(s), rg(t), 3.0, 0.01, 0.99, 1.0 / 3, True, True)),
+        (getattr(ns, "logit_loss_backward" + suffix).default, (torch.tensor(2.0), s, t[:0])),
+    ]
+
+
+@pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
+def test_opcheck_cpp_ops():
+    for op, args in _op_samples(""):
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_triton_ops():
+    for op, args in _op_samples("_triton"):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    t, s = make_logits(4, 30)
+    y = torch.randint(0, 30, (4,))
+
+    def step(t, s, y):
+        loss, parts = fastsynth.ops.synthesis_logit_loss(t, s, y, oh=0.5, adv=1.33, backend=backend)
+        kd = fastsynth.ops.kd_loss(s, t.detach(), 4.0, backend=backend)
+        js = fastsynth.ops.js_divergence(s, t, backend=backend)
+        return loss + 0.5 * kd - js, parts["agree_frac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    outs = []
+    for fn in (step, compiled):
+        a, b = t.clone().requires_grad_(), s.clone().requires_grad_()
+        total, agree = fn(a, b, y)
+        grads = torch.autograd.grad(total * 1.5, [a, b])
+        outs.append((total.detach(), agree, *grads))
+    for x, ref in zip(outs[1], outs[0]):
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("C", [2, 10, 100, 1000, 1023, 21843])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_matches_float64(backend, C, dtype):
+    t, s = make_logits(33, C, dtype=dtype)
+    t, s = t.cuda(), s.cuda()
+    y = torch.randint(0, C, (33,), device="cuda")
+    for kind in ("synthesis", "kd", "js"):
+        got = run(kind, backend, t, s, y, T=3.0, adv=1.3, oh=0.5, grad_out=2.0)
+        ref = oracle(kind, t, s, y, T=3.0, adv=1.3, oh=0.5, grad_out=2.0)
+        got = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in got)
+        ref = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in ref)
+        assert_matches(got, ref, dtype if dtype != torch.float64 else torch.float32, f"{kind} {backend} {C} {dtype}")
+
+
+@pytest.mark.needs_cuda
+def test_cuda_graph_capture_of_forward_backward():
+    t, s = make_logits(64, 1000)
+    t, s = t.cuda().requires_grad_(), s.cuda().requires_grad_()
+    y = torch.randint(0, 1000, (64,), device="cuda")
+    g = torch.tensor(1.7, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up
+            loss, _ = fastsynth.ops.synthesis_logit_loss(t, s, y, adv=1.0)
+            torch.autograd.grad(loss, [t, s], g)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, _ = fastsynth.ops.synthesis_logit_loss(t, s, y, adv=1.0)
+        gt, gs = torch.autograd.grad(loss, [t, s], g)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = oracle("synthesis", t, s, y, adv=1.0, grad_out=1.7)
+    torch.testing.assert_close(loss.double().cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs.double().cpu(), ref[3].cpu(), rtol=1e-4, atol=1e-6)
