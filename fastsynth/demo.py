@@ -141,17 +141,11 @@ def load_teacher(path: str = TEACHER_PATH):
     return model.eval()
 
 
-def label_embedding(dim: int = 64) -> torch.Tensor:
-    """Label-text embeddings of the 10 digit classes (fastsynth.lte when present, else fixed
-    random vectors: NAYER only needs one distinct vector per class)."""
-    try:
-        from . import lte
+def label_embedding() -> torch.Tensor:
+    """Label-text embeddings of the 10 digit classes (shipped with fastsynth.lte), [10, D]."""
+    from . import lte
 
-        le = lte.load_builtin("digits")
-        return torch.as_tensor(le, dtype=torch.float32)
-    except Exception:
-        g = torch.Generator().manual_seed(1234)
-        return torch.randn(NUM_CLASSES, dim, generator=g)
+    return torch.as_tensor(lte.load_builtin("digits"), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- configurations
