@@ -1,1 +1,19 @@
-"""fastsynth.synthesis."""
+"""Drop-in accelerated synthesizers for data-free knowledge distillation.
+
+Upstream scripts change only their import line::
+
+    from fastsynth.synthesis import FastMetaSynthesizer, NAYER, DeepInvSyntheiszer, Normalizer
+"""
+from .augment import Augment, crop_flip, jitter_flip
+from .base import BaseSynthesis, Normalizer, normalize
+from .core import BNCapture
+from .deepinversion import DeepInversionSynthesizer, DeepInvSyntheiszer
+from .fast_meta import FastMetaSynthesizer, FastSynthesizer
+from .nayer import NAYER, NayerSynthesizer
+from .pool import DataPool
+
+__all__ = [
+    "Augment", "BNCapture", "BaseSynthesis", "DataPool", "DeepInvSyntheiszer", "DeepInversionSynthesizer",
+    "FastMetaSynthesizer", "FastSynthesizer", "NAYER", "NayerSynthesizer", "Normalizer", "crop_flip",
+    "jitter_flip", "normalize",
+]

@@ -1,0 +1,324 @@
+"""Benchmark of one FastDFKD synthesis inner step: fastsynth's FastMetaSynthesizer against the
+eager upstream-style loop.
+
+Setting (full): CIFAR ResNet-34 teacher, ResNet-18 student (random weights, BN running
+statistics set to random values), FastDFKD generator (nz 256, ngf 64, 32x32), batch 64,
+g_steps 2, adversarial term on, bn_mmt 0.9, first-order MAML. ``--quick``: a narrow 3-stage
+CNN pair at batch 16.
+
+Providers (measured side by side in one run):
+- ``reference``: the upstream loop body, eagerly: forward hooks on every teacher BN computing
+  its loss (permute().contiguous() variance), kornia-style augmentation (affine grid + grid
+  sample per batch, normaliser tensors built per call), separate losses summed in Python,
+  ``.item()`` twice per step for best-image tracking, teacher and student parameters requiring
+  grad, per-parameter MAML gradient accumulation, Adam;
+- ``fastsynth``: ``FastMetaSynthesizer._step`` (one inner step) in eager mode;
+- ``fastsynth+compile``: the same with ``compile=True`` (inductor; skipped by ``--no-compile``);
+- ``fastsynth+cuda_graph``: on a GPU, the captured step replayed.
+
+Columns: median seconds per inner step, ATen ops per inner step (AtenOpCounter: each op is
+about one kernel launch on a GPU), peak extra memory of one step (CUDA: max_memory_allocated;
+CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mode), speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import harness
+
+KERNEL = "synthesis_step"
+
+
+# ----------------------------------------------------------------------------- models
+def _randomise_bn(model: nn.Module, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def _small_cnn(width):
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+
+
+def build(quick: bool, device):
+    from ..models import resnet18, resnet34
+    from ..nn import Generator
+
+    torch.manual_seed(0)
+    if quick:
+        teacher, student = _small_cnn(16), _small_cnn(8)
+        batch, nz, ngf = 16, 64, 16
+    else:
+        teacher, student = resnet34(10), resnet18(10)
+        batch, nz, ngf = 64, 256, 64
+    teacher = _randomise_bn(teacher, 1).to(device).eval()
+    student = _randomise_bn(student, 2).to(device).train()
+    gen = Generator(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
+    return teacher, student, gen, batch, nz
+
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+# ----------------------------------------------------------------------------- reference loop
+class _RefHook:
+    def __init__(self, module, rho):
+        self.h = module.register_forward_hook(self.fn)
+        self.rho, self.mmt = rho, None
+
+    def fn(self, module, inputs, output):
+        a = inputs[0]
+        nch = a.shape[1]
+        mean = a.mean([0, 2, 3])
+        var = a.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        if self.mmt is None:
+            r = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+        else:
+            mm, mv = self.mmt
+            r = torch.norm(module.running_var.data - (1 - self.rho) * var - self.rho * mv, 2) + \
+                torch.norm(module.running_mean.data - (1 - self.rho) * mean - self.rho * mm, 2)
+        self.r_feature = r
+        self.tmp_val = (mean, var)
+
+    def update_mmt(self):
+        mean, var = self.tmp_val
+        self.mmt = (mean.data, var.data)
+
+
+def _ref_normalize(x):
+    mean = torch.as_tensor(MEAN, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(STD, dtype=x.dtype, device=x.device)
+    return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def _ref_augment(x, pad=4):
+    """kornia-style RandomCrop(padding) + RandomHorizontalFlip: pad, then one affine warp."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device).float()
+    ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device).float()
+    flip = (torch.rand(B, device=x.device) < 0.5).float() * -2 + 1
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0] = flip * W / Wp
+    theta[:, 1, 1] = H / Hp
+    theta[:, 0, 2] = (2 * ox + W - Wp) / Wp
+    theta[:, 1, 2] = (2 * oy + H - Hp) / Hp
+    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    return _ref_normalize(F.grid_sample(xp, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+
+
+class ReferenceLoop:
+    """State of one upstream FastMeta round; ``step()`` is one inner iteration."""
+
+    def __init__(self, teacher, student, generator, batch, nz, lr_g=5e-3, lr_z=0.015, iterations=2, device="cpu"):
+        self.teacher, self.student, self.generator = teacher, student, generator
+        self.hooks = [_RefHook(m, 0.9) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.batch, self.nz, self.device, self.iterations = batch, nz, device, iterations
+        self.lr_g, self.lr_z = lr_g, lr_z
+        self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr_g * iterations, betas=[0.5, 0.999])
+        self.begin()
+
+    def begin(self):
+        self.z = torch.randn(self.batch, self.nz, device=self.device).requires_grad_()
+        self.targets = torch.randint(0, 10, (self.batch,)).to(self.device)
+        self.fast = copy.deepcopy(self.generator)
+        self.opt = torch.optim.Adam([{"params": self.fast.parameters()}, {"params": [self.z], "lr": self.lr_z}],
+                                    lr=self.lr_g, betas=[0.5, 0.999])
+        self.best_cost, self.best_inputs, self.it = 1e6, None, 0
+
+    def step(self):
+        inputs = self.fast(self.z)
+        inputs_aug = _ref_augment(inputs)
+        t_out = self.teacher(inputs_aug)
+        loss_bn = sum([h.r_feature for h in self.hooks])
+        loss_oh = F.cross_entropy(t_out, self.targets)
+        s_out = self.student(inputs_aug)
+        mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
+        kl = F.kl_div(F.log_softmax(s_out, 1), F.softmax(t_out, 1), reduction="none")
+        loss_adv = -(kl.sum(1) * mask).mean()
+        loss = 10.0 * loss_bn + 0.5 * loss_oh + 1.33 * loss_adv
+        with torch.no_grad():
+            if self.best_cost > loss.item() or self.best_inputs is None:
+                self.best_cost = loss.item()
+                self.best_inputs = inputs.data
+        self.opt.zero_grad()
+        loss.backward()
+        if self.it % self.iterations == 0:
+            self.meta_optimizer.zero_grad()
+        for p, q in zip(self.generator.parameters(), self.fast.parameters()):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.data.add_(q.grad.data)
+        self.opt.step()
+        self.it += 1
+
+
+# ----------------------------------------------------------------------------- memory
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensors allocated inside the block and still alive (approximate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set = set()
+
+    def _free(self, ptr, n):
+        self.live -= n
+        self._seen.discard(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if torch.is_tensor(t) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr and ptr not in self._seen and st.nbytes() > 0:
+                    self._seen.add(ptr)
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    try:
+                        weakref.finalize(t, self._free, ptr, st.nbytes())
+                    except TypeError:
+                        pass
+        return out
+
+
+def count_launches_profiled(fn) -> int:
+    """Top-level operator calls of ``fn`` seen by the profiler: ATen ops not nested in another
+    op, plus inductor-generated kernels. Used for compiled code, which a TorchDispatchMode
+    counter cannot observe (dynamo refuses to run under a user dispatch mode)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    n = 0
+    for e in prof.events():
+        name = e.name
+        is_op = name.startswith("aten::") or "fused" in name or name.startswith("fastsynth::")
+        if not is_op:
+            continue
+        p = e.cpu_parent
+        while p is not None and not (p.name.startswith("aten::") or p.name.startswith("fastsynth::")):
+            p = p.cpu_parent
+        if p is None:
+            n += 1
+    return n
+
+
+def _peak_mb(fn, device) -> float:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with _LiveBytes() as m:
+        fn()
+    return m.peak / 2**20
+
+
+# ----------------------------------------------------------------------------- providers
+def _fastsynth(teacher, student, gen, batch, nz, device, **kw):
+    from ..synthesis import FastMetaSynthesizer, Normalizer
+
+    syn = FastMetaSynthesizer(teacher, student, gen, nz=nz, num_classes=10, img_size=(3, 32, 32), iterations=2,
+                              lr_g=5e-3, lr_z=0.015, synthesis_batch_size=batch, sample_batch_size=batch,
+                              adv=1.33, bn=10.0, oh=0.5, normalizer=Normalizer(MEAN, STD), device=device,
+                              warmup=0, bn_mmt=0.9, is_maml=1, **kw)
+    syn.synthesize()  # lazy state, momentum statistics, compilation / capture
+    syn.synthesize()
+    return syn
+
+
+def _step_fn(syn):
+    """One inner step of ``syn`` inside an open round (for timing)."""
+    meta = syn._meta and syn.ismaml
+    if syn.cuda_graph:
+        g = syn._graphs[(True, syn.capture.mmt_active, meta)]
+        return g
+    return lambda: syn._step(True, meta)
+
+
+def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None) -> list[dict]:
+    device = torch.device(device)
+    reps = reps or (10 if quick else 5)
+    teacher, student, gen, batch, nz = build(quick, device)
+    case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} g_steps2"
+    rows = []
+
+    def record(provider, fn, compiled=False):
+        t = harness.median_time(fn, warmup=2, reps=reps, device=device)
+        if compiled:
+            ops, how = count_launches_profiled(fn), "profiler"
+            mem = float("nan") if device.type != "cuda" else _peak_mb(fn, device)
+        else:
+            ops, how = harness.count_aten_ops(fn), "dispatch"
+            mem = _peak_mb(fn, device)
+        rows.append({"kernel": KERNEL, "case": case, "provider": provider, "median_ms": t * 1e3,
+                     "aten_ops": ops, "ops_counted_by": how, "peak_mem_MB": round(mem, 2)})
+
+    ref = ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), batch, nz, device=device)
+    ref.step()  # momentum statistics exist after the first round, as in a real run
+    for h in ref.hooks:
+        h.update_mmt()
+    record("reference", ref.step)
+
+    variants = [("fastsynth", {})]
+    if compile:
+        variants.append(("fastsynth+compile", {"compile": True}))
+    if device.type == "cuda":
+        variants.append(("fastsynth+cuda_graph", {"cuda_graph": True}))
+    for name, kw in variants:
+        syn = _fastsynth(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), batch, nz, device, **kw)
+        with syn._synthesis_mode():
+            syn._begin_round()
+            record(name, _step_fn(syn), compiled="compile" in kw)
+            if name == "fastsynth":  # the profiler's count of the same eager step, to compare methods
+                rows[-1]["aten_ops_profiler"] = count_launches_profiled(_step_fn(syn))
+            syn._end_round()
+    base = rows[0]["median_ms"]
+    for r in rows:
+        r["speedup_vs_eager"] = base / r["median_ms"]
+        r["ops_frac_vs_reference"] = r["aten_ops"] / rows[0]["aten_ops"]
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(quick=args.quick, device=args.device, compile=not args.no_compile)
+    harness.print_table(rows, ["case", "provider", "median_ms", "speedup_vs_eager", "aten_ops",
+                               "ops_frac_vs_reference", "peak_mem_MB"])
+    if args.csv:
+        harness.write_csv(rows, args.csv, harness.machine_info(args.device))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Batched on-device augmentation for synthesis and for sampling from the data pool.
+
+The upstream loops augment with kornia (synthesis) or a torchvision transform applied to each
+PIL image of a rebuilt DataLoader (sampling). Here one call handles the whole batch:
+
+    crop_flip(x, padding=4):   out[b, c, i, j] = pad(x)[b, c, oy_b + i, ox_b + (W-1-j if f_b else j)]
+
+with per-sample offsets oy_b, ox_b uniform in [0, 2*padding] and flips f_b ~ Bernoulli(1/2),
+all drawn in one random call; the crop and the flip are a single gather (its backward is one
+scatter-add), then normalisation is one fused multiply-add. No per-image Python, no host sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _flat_gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+    """out[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]] for x of row width ``width``."""
+    B, C = x.shape[:2]
+    H, W = rows.shape[1], cols.shape[1]
+    idx = (rows.unsqueeze(2) * width + cols.unsqueeze(1)).reshape(B, 1, H * W).expand(B, C, H * W)
+    return torch.gather(x.reshape(B, C, -1), 2, idx).view(B, C, H, W)
+
+
+def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random crop of ``size`` (default: the input size) from the zero-padded batch,
+    and a per-sample random horizontal flip. x: (B, C, H, W)."""
+    B, C, H, W = x.shape
+    oh, ow = (H, W) if size is None else (int(size[0]), int(size[1]))
+    if padding == 0 and not flip and (oh, ow) == (H, W):
+        return x
+    ph, pw = H + 2 * padding, W + 2 * padding
+    ny, nx = ph - oh + 1, pw - ow + 1
+    # one draw encodes (oy, ox, flip) for every sample
+    code = torch.randint(0, ny * nx * 2, (B,), device=x.device, generator=generator)
+    oy = code // (nx * 2)
+    ox = (code // 2) % nx
+    ar_h = torch.arange(oh, device=x.device)
+    ar_w = torch.arange(ow, device=x.device)
+    rows = oy.unsqueeze(1) + ar_h
+    if flip:
+        f = (code % 2).bool().unsqueeze(1)
+        cols = ox.unsqueeze(1) + torch.where(f, (ow - 1) - ar_w, ar_w)
+    else:
+        cols = ox.unsqueeze(1) + ar_w
+    xp = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
+    return _flat_gather(xp, rows, cols, pw)
+
+
+def jitter_flip(x: torch.Tensor, lim: float = 1.0 / 8.0, do_flip: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DeepInversion's batch-wide jitter (torch.roll by random offsets in [-lim*H, lim*H]) and
+    random horizontal flip, with the offsets drawn on the device (no host RNG, no recompiles)."""
+    B, C, H, W = x.shape
+    l0, l1 = int(H * lim), int(W * lim)
+    r = torch.randint(0, (2 * l0 + 1) * (2 * l1 + 1) * 2, (1,), device=x.device, generator=generator)
+    off1 = r // ((2 * l1 + 1) * 2) - l0
+    off2 = (r // 2) % (2 * l1 + 1) - l1
+    ar_h = torch.arange(H, device=x.device)
+    ar_w = torch.arange(W, device=x.device)
+    rows = torch.remainder(ar_h - off1, H)  # roll: out[i] = in[(i - shift) mod H]
+    j = torch.where((r % 2).bool() & do_flip, (W - 1) - ar_w, ar_w)
+    cols = torch.remainder(j - off2, W)
+    return _flat_gather(x, rows.unsqueeze(0).expand(B, H), cols.unsqueeze(0).expand(B, W), W)
+
+
+class Augment:
+    """crop/flip then normalisation, as one callable: ``Augment(normalizer, padding=4)(x)``.
+
+    ``enabled=False`` leaves only the normalisation (what equivalence tests use)."""
+
+    def __init__(self, normalizer=None, padding: int = 4, flip: bool = True, size=None, enabled: bool = True):
+        self.normalizer = normalizer
+        self.padding = int(padding)
+        self.flip = bool(flip)
+        self.size = size
+        self.enabled = bool(enabled)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.enabled:
+            x = crop_flip(x, self.padding, self.flip, self.size, generator=generator)
+        if self.normalizer is not None:
+            x = self.normalizer(x)
+        return x

@@ -1,0 +1,415 @@
+"""Machinery shared by the synthesizers: BatchNorm-input capture, the generator objective,
+on-device best-image tracking, frozen teacher/student, autocast, NVTX, the data pool, and the
+compiled / CUDA-graph inner steps.
+
+What the upstream loops waste and this module avoids (spec section 6):
+- teacher and student parameters are switched to ``requires_grad=False`` for the duration of a
+  synthesize() call (restored afterwards), so the synthesis backward computes no weight grads;
+- the BN-statistics loss is computed only in synthesis forwards: the capture hooks exist only
+  inside synthesize() (or the fused teacher's statistics are enabled only there), and all layers
+  go through one multi-layer loss call per step;
+- the best-loss image is tracked with ``torch.where`` on device tensors, no ``.item()``;
+- the pool lives on the device and sampling never builds a DataLoader.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import fuse as _fuse
+from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
+from ..ops.logit_losses import synthesis_logit_loss
+from .augment import Augment
+from .base import BaseSynthesis
+from .pool import DataPool
+
+_WARNED: set = set()
+
+
+def warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool):
+    """An NVTX range for Nsight Systems on a GPU; nothing on the CPU."""
+    if enabled:
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Parameters of ``modules`` do not require grad inside the block (restored after)."""
+    saved = []
+    for m in modules:
+        if m is None:
+            continue
+        for p in m.parameters():
+            saved.append((p, p.requires_grad))
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, rg in saved:
+            p.requires_grad_(rg)
+
+
+def make_adam(params, lr, betas, device, capturable=False):
+    """Adam with the fused kernel where torch has one for these tensors (one op per step)."""
+    params = list(params)
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    fused_ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
+    kw = {"fused": True} if fused_ok else {}
+    if capturable:
+        kw["capturable"] = True
+    return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
+
+
+def reset_optimizer_state_(opt: torch.optim.Optimizer) -> None:
+    """Make ``opt`` behave like a freshly built optimizer, in place (tensors keep their
+    addresses, so a captured CUDA graph stays valid)."""
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                v.zero_()
+
+
+class BNCapture:
+    """Collects the teacher's BatchNorm statistics during synthesis forwards.
+
+    With the fused teacher (``fastsynth.fuse``), the fused BN layers compute the statistics in
+    their own forward and ``bn_statistics`` returns them; otherwise light forward hooks stash
+    the BN inputs, and ``loss()`` passes all of them to one ``bn_stat_loss_multi`` call.
+    Either way statistics are produced only between ``activate()`` and ``deactivate()``.
+
+    Momentum (``mmt_rate`` = bn_mmt): ``update_mmt()`` folds the detached statistics of the last
+    forward into (mu_bar, var_bar) as upstream's ``DeepInversionHook.update_mmt`` does; the
+    buffers are created on the first call and updated in place afterwards.
+    """
+
+    def __init__(self, teacher: nn.Module, mmt_rate: float = 0.0, fuse: bool = True, weights=None):
+        self.mmt_rate = float(mmt_rate)
+        self.weights = weights
+        self.fuse = None
+        if fuse and any(type(m) is nn.BatchNorm2d for m in teacher.modules()):
+            if not _fuse.fused_layers(teacher):  # a teacher shared by two synthesizers is fused once
+                teacher = _fuse.fuse_teacher(teacher)
+            _fuse.set_stats_enabled(teacher, False)
+            self.fuse = _fuse
+        self.teacher = teacher
+        self.bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+            if self.fuse is None else []
+        if self.fuse is None and not self.bns:
+            raise ValueError("teacher must contain at least one BatchNorm layer for the BN-statistics loss")
+        self._features: list = []
+        self._handles: list = []
+        self.mmt_means: list | None = None
+        self.mmt_vars: list | None = None
+        self.last_means: list | None = None
+        self.last_vars: list | None = None
+        self._op = bn_stat_loss_multi
+
+    # -- activation
+    def _hook(self, module, inputs, output):
+        self._features.append(inputs[0])
+
+    def activate(self):
+        self._features = []
+        if self.fuse is not None:
+            self.fuse.set_stats_enabled(self.teacher, True)
+        elif not self._handles:
+            self._handles = [m.register_forward_hook(self._hook) for m in self.bns]
+
+    def deactivate(self):
+        if self.fuse is not None:
+            self.fuse.set_stats_enabled(self.teacher, False)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._features = []
+
+    # -- loss
+    @property
+    def mmt_active(self) -> bool:
+        return self.mmt_means is not None
+
+    def loss(self) -> torch.Tensor:
+        mm, mv = (self.mmt_means, self.mmt_vars) if self.mmt_active else (None, None)
+        rate = self.mmt_rate if self.mmt_active else 0.0
+        if self.fuse is not None:
+            means, variances, rms, rvs = self.fuse.bn_statistics(self.teacher)
+            loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights)
+        else:
+            feats, self._features = self._features, []
+            if len(feats) != len(self.bns):
+                raise RuntimeError(f"BNCapture: expected {len(self.bns)} BatchNorm inputs in one teacher "
+                                   f"forward, got {len(feats)}")
+            loss, means, variances = self._op(
+                feats, [m.running_mean for m in self.bns], [m.running_var for m in self.bns],
+                mm, mv, rate, self.weights)
+        self.last_means, self.last_vars = list(means), list(variances)
+        return loss
+
+    def stat_buffers(self) -> list:
+        """Zeroed fp32 buffers shaped like [means..., vars...] (static outputs of a captured step)."""
+        bns = self.bns if self.fuse is None else self.fuse.fused_layers(self.teacher)
+        z = [torch.zeros(m.running_mean.shape, dtype=torch.float32, device=m.running_mean.device) for m in bns]
+        return z + [t.clone() for t in z]
+
+    def update_mmt(self):
+        if self.last_means is None:
+            return
+        means = [m.detach().float() for m in self.last_means]
+        variances = [v.detach().float() for v in self.last_vars]
+        if self.mmt_means is None:
+            self.mmt_means = [m.clone() for m in means]
+            self.mmt_vars = [v.clone() for v in variances]
+        else:
+            r = self.mmt_rate
+            with torch.no_grad():
+                torch._foreach_mul_(self.mmt_means, r)
+                torch._foreach_add_(self.mmt_means, means, alpha=1 - r)
+                torch._foreach_mul_(self.mmt_vars, r)
+                torch._foreach_add_(self.mmt_vars, variances, alpha=1 - r)
+
+    def remove(self):
+        self.deactivate()
+        if self.fuse is not None:
+            self.fuse.unfuse_teacher(self.teacher)
+            self.fuse = None
+
+
+def parse_transform(transform):
+    """Read crop padding / flip / normalisation from a torchvision-style Compose (by class name,
+    torchvision is not needed). Returns (padding, flip, mean, std) or None when unknown."""
+    if transform is None:
+        return None
+    ts = getattr(transform, "transforms", [transform])
+    padding, flip, mean, std, known = 0, False, None, None, True
+    for t in ts:
+        name = type(t).__name__
+        if name == "RandomCrop":
+            pad = getattr(t, "padding", 0) or 0
+            padding = int(pad if isinstance(pad, int) else pad[0])
+        elif name == "RandomHorizontalFlip":
+            flip = True
+        elif name == "Normalize":
+            mean, std = t.mean, t.std
+        elif name in ("ToTensor", "ToPILImage", "PILToTensor", "ConvertImageDtype"):
+            pass
+        else:
+            known = False
+    if not known:
+        warn_once("transform", "fastsynth: transform contains steps other than RandomCrop/RandomHorizontalFlip/"
+                               "Normalize/ToTensor; sample() applies only those (batched on the device)")
+    return padding, flip, mean, std
+
+
+class SynthCore(BaseSynthesis):
+    """Shared state and helpers of the fastsynth synthesizers (not an upstream class)."""
+
+    # ---------------------------------------------------------------- setup
+    def _setup_core(self, *, img_size, normalizer, device, bn_mmt, transform, autocast, use_fp16,
+                    save_dir, save_images, save_format, pool_capacity, pool_eviction, augment,
+                    fuse_teacher, seed, compile, cuda_graph, aug_padding=4, aug_flip=True, bn_weights=None):
+        if device is None:  # upstream harnesses pass args.gpu, which may be None: follow the teacher
+            p = next(self.teacher.parameters(), None)
+            device = p.device if p is not None else "cpu"
+        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        self.img_size = img_size
+        self.normalizer = normalizer
+        self.transform = transform
+        self.autocast = autocast
+        self.use_fp16 = bool(use_fp16)
+        self.save_dir = save_dir
+        self.bn_mmt = bn_mmt
+        self._nvtx = self.device.type == "cuda"
+        self._rng = None
+        if seed is not None:
+            self._rng = torch.Generator(device=self.device).manual_seed(int(seed))
+            self._cpu_rng = torch.Generator().manual_seed(int(seed) + 1) if self.device.type != "cpu" else self._rng
+        self.data_pool = DataPool(capacity=pool_capacity, eviction=pool_eviction, device=self.device,
+                                  save_dir=save_dir if save_images else None, save_format=save_format)
+        hw = tuple(img_size[-2:]) if img_size is not None else None
+        self.aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
+        # sample(): the upstream harness applies the dataset's train transform to pool images
+        parsed = parse_transform(transform)
+        if parsed is None:
+            self.sample_aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
+        else:
+            pad, flip, mean, std = parsed
+            from .base import Normalizer
+
+            norm = Normalizer(mean, std) if mean is not None else None
+            self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
+        self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
+        self.teacher = self.capture.teacher
+        # compile: True (inductor) or a dict of torch.compile keywords, e.g. {"backend": "aot_eager"}
+        self._compile_options = dict(compile) if isinstance(compile, dict) else {}
+        self.compile = bool(compile)
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            warn_once("cuda_graph_cpu", "fastsynth: cuda_graph=True needs a CUDA device; running the inner "
+                                        "steps eagerly on " + str(self.device))
+            self.cuda_graph = False
+        self._compiled: dict = {}
+        self._graphs: dict = {}
+        self._logit_loss = synthesis_logit_loss
+        self.data_iter = None  # upstream attribute; sample() uses the pool
+        # per-step losses as device tensors (no sync), for curves and tests; eager/compile modes
+        self.log_losses = False
+        self.loss_log: list = []
+
+    # ---------------------------------------------------------------- helpers
+    def _autocast_ctx(self):
+        if not self.use_fp16:
+            return contextlib.nullcontext()
+        if self.autocast is not None:
+            return self.autocast()
+        dt = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dt)
+
+    def _randn(self, *shape):
+        return torch.randn(*shape, device=self.device, generator=self._rng)
+
+    def _randint(self, high, shape):
+        # upstream draws labels on the CPU and moves them
+        g = None if self._rng is None else self._cpu_rng
+        return torch.randint(low=0, high=high, size=shape, generator=g).to(self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _synthesis_mode(self):
+        """eval() teacher and student, freeze their parameters, activate the BN capture."""
+        s_mode = self.student.training if self.student is not None else None
+        self.teacher.eval()
+        if self.student is not None:
+            self.student.eval()
+        self.capture.activate()
+        try:
+            with frozen(self.teacher, self.student):
+                yield
+        finally:
+            self.capture.deactivate()
+            if self.student is not None:
+                self.student.train(s_mode)
+
+    def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool):
+        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2)."""
+        with nvtx_range("augment", self._nvtx):
+            x_aug = self.aug(x, generator=self._rng)
+        with nvtx_range("teacher", self._nvtx):
+            t_out = self.teacher(x_aug)
+        with nvtx_range("losses", self._nvtx):
+            loss_bn = self.capture.loss() if self.bn != 0 else None
+            if adv_on:
+                with nvtx_range("student", self._nvtx):
+                    s_out = self.student(x_aug)
+                loss = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)[0]
+            else:
+                loss = self.oh * F.cross_entropy(t_out, targets)
+            if loss_bn is not None:
+                loss = loss + self.bn * loss_bn
+        return loss
+
+    def _log(self, loss):
+        if self.log_losses:
+            self.loss_log.append(loss.detach().clone())
+
+    @staticmethod
+    def _track_best(loss, x, best_cost, best_x):
+        """In place: keep x where loss < best (strictly) or where nothing is kept yet (best = inf)."""
+        ld = loss.detach().float().reshape(())
+        better = (ld < best_cost) | (best_cost == float("inf"))
+        best_cost.copy_(torch.where(better, ld, best_cost))
+        best_x.copy_(torch.where(better, x.detach().to(best_x.dtype), best_x))
+
+    def _compiled_fn(self, key, fn):
+        c = self._compiled.get(key)
+        if c is None:
+            opts = dict(self._compile_options)
+            opts.setdefault("fullgraph", True)
+            opts.setdefault("dynamic", False)
+            c = torch.compile(fn, **opts)
+            self._compiled[key] = c
+        return c
+
+    # ---------------------------------------------------------------- pool / sample
+    def sample(self):
+        """One normalised, augmented batch of ``sample_batch_size`` images drawn uniformly (without
+        replacement until exhausted) from everything kept in the pool."""
+        x = self.data_pool.sample(self.sample_batch_size, generator=self._rng)
+        return self.sample_aug(x, generator=self._rng)
+
+    def close(self):
+        self.data_pool.close()
+        self.capture.remove()
+
+
+class CudaGraphStep:
+    """Captures ``step()`` (which reads and writes only persistent tensors) into a CUDA graph.
+
+    ``snapshot()`` returns copies of every tensor the step mutates; warm-up iterations (lazy
+    optimizer state, cuDNN/Triton selection) run on a side stream and are then undone by
+    restoring the snapshot, so capture leaves the computation unchanged. Random ops inside use
+    the CUDA generator's graph-safe Philox state, so each replay draws fresh numbers."""
+
+    def __init__(self, step: Callable[[], None], mutable: Callable[[], list], warmup: int = 2,
+                 rng: torch.Generator | None = None):
+        self.step = step
+        self.mutable = mutable
+        self.warmup = warmup
+        self.rng = rng
+        self.graph = None
+
+    def __call__(self):
+        if self.graph is None:
+            tensors = [t for t in self.mutable() if t is not None]
+            saved = [t.detach().clone() for t in tensors]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(self.warmup):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(s)
+            tensors_after = [t for t in self.mutable() if t is not None]
+            with torch.no_grad():
+                for t, v in zip(tensors, saved):
+                    t.copy_(v)
+                # state created by the warm-up (optimizer moments) starts from zero like a fresh one
+                for t in tensors_after[len(tensors):]:
+                    t.zero_()
+            self.graph = torch.cuda.CUDAGraph()
+            if self.rng is not None and self.rng.device.type == "cuda":
+                # a private generator advances its Philox offset on every replay too
+                self.graph.register_generator_state(self.rng)
+            with torch.cuda.graph(self.graph):
+                self.step()
+        self.graph.replay()
+
+
+def deepcopy_module(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,150 @@
+"""DeepInversion synthesizer of the DataFree toolbox (``DeepInvSyntheiszer``, sic), spec
+sections 2 and 5.
+
+One synthesize() call optimises the images themselves (normalised space), starting from
+N(0, I), with Adam(lr_g, betas (0.5, 0.99)) for ``iterations`` steps of
+
+    bn * (L_BN(teacher) - 0.001 * L_BN(student)) + oh * CE(t, y) + adv * (-JS_3(s, t))
+      + tv * TV(x) + l2 * ||x||_2
+
+on a batch-wide random jitter (roll by up to 1/8 of the size) and flip of the images; after
+each step the images are clipped to the normalised image of [0, 1]. The lowest-loss images
+(pre-step) are returned de-normalised: ``({"synthetic": x}, seconds)``.
+
+The student's BN term needs a student forward, which runs only when ``adv > 0`` (as upstream;
+with ``adv == 0`` upstream fails on an undefined name, here the term is simply absent). The
+jitter offsets are drawn on the device (upstream: Python ``random``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.logit_losses import js_divergence
+from .augment import jitter_flip
+from .core import BNCapture, SynthCore, make_adam, now, nvtx_range
+
+
+def image_prior_tv(x: torch.Tensor) -> torch.Tensor:
+    """Upstream total variation: mean |difference| over 4 neighbour directions, summed."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return d1.abs().mean() + d2.abs().mean() + d3.abs().mean() + d4.abs().mean()
+
+
+class DeepInvSyntheiszer(SynthCore):
+    """Drop-in ``DeepInvSyntheiszer`` (the upstream spelling); alias ``DeepInversionSynthesizer``."""
+
+    def __init__(self, teacher, student, num_classes, img_size,
+                 iterations=1000, lr_g=0.1, progressive_scale=False,
+                 synthesis_batch_size=128, sample_batch_size=128,
+                 adv=0.0, bn=1, oh=1, tv=1e-5, l2=0.0,
+                 save_dir='run/deepinversion', transform=None,
+                 normalizer=None, device='cpu',
+                 autocast=None, use_fp16=False, distributed=False, *,
+                 augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 aug_padding=4, aug_flip=None):
+        super().__init__(teacher, student)
+        if len(img_size) != 3:
+            raise ValueError(f"img_size must be a 3-tuple (C, H, W), got {img_size!r}")
+        self.iterations = iterations
+        self.lr_g = lr_g
+        self.progressive_scale = progressive_scale
+        self.synthesis_batch_size = synthesis_batch_size
+        self.sample_batch_size = sample_batch_size
+        self.adv = adv
+        self.bn = bn
+        self.oh = oh
+        self.tv = tv
+        self.l2 = l2
+        self.num_classes = num_classes
+        self.distributed = distributed
+        if cuda_graph:
+            # the images are re-bound each call and clipped in place; the loop stays eager
+            cuda_graph = False
+        self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=0,
+                         transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
+                         save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
+                         pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
+                         compile=compile, cuda_graph=False, aug_padding=aug_padding,
+                         aug_flip=True if aug_flip is None else aug_flip)
+        self.s_capture = BNCapture(self.student, fuse=False)
+        self._augment_on = augment
+        self._js = js_divergence
+        if normalizer is not None:
+            mean = torch.as_tensor(normalizer.mean, dtype=torch.float32)
+            std = torch.as_tensor(normalizer.std, dtype=torch.float32)
+            self._lo = (-mean / std).view(1, -1, 1, 1).to(self.device)
+            self._hi = ((1 - mean) / std).view(1, -1, 1, 1).to(self.device)
+        else:
+            self._lo = self._hi = None
+
+    def _forward(self, inputs, targets, adv_on):
+        x_aug = jitter_flip(inputs, generator=self._rng) if self._augment_on else inputs
+        with nvtx_range("teacher", self._nvtx):
+            t_out = self.teacher(x_aug)
+        with nvtx_range("losses", self._nvtx):
+            loss_bn = self.capture.loss()
+            if adv_on:
+                with nvtx_range("student", self._nvtx):
+                    s_out = self.student(x_aug)
+                loss_bn = loss_bn - 0.001 * self.s_capture.loss()
+                loss_adv = -self._js(s_out, t_out, T=3)
+            loss_oh = F.cross_entropy(t_out, targets)
+            loss = self.bn * loss_bn + self.oh * loss_oh
+            if adv_on:
+                loss = loss + self.adv * loss_adv
+            if self.tv != 0:
+                loss = loss + self.tv * image_prior_tv(inputs)
+            if self.l2 != 0:
+                loss = loss + self.l2 * torch.norm(inputs, 2)
+        return loss
+
+    def synthesize(self, targets=None):
+        start = now()
+        inputs = self._randn(self.synthesis_batch_size, *self.img_size).requires_grad_()
+        if targets is None:
+            targets = self._randint(self.num_classes, (self.synthesis_batch_size,))
+            targets = targets.sort()[0]
+        targets = targets.to(self.device)
+        adv_on = self.adv > 0
+        optimizer = make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)
+        best_cost = torch.full((), float("inf"), device=self.device)
+        best_x = inputs.detach().clone()
+        fwd = self._forward
+        if self.compile:
+            fwd = self._compiled_fn(("fwd", adv_on), self._forward)
+        with self._synthesis_mode():
+            if adv_on:
+                self.s_capture.activate()
+            try:
+                for _ in range(self.iterations):
+                    with self._autocast_ctx():
+                        loss = fwd(inputs, targets, adv_on)
+                    with torch.no_grad():
+                        self._log(loss)
+                        self._track_best(loss, inputs, best_cost, best_x)
+                    optimizer.zero_grad(set_to_none=True)
+                    with nvtx_range("backward", self._nvtx):
+                        loss.backward()
+                    with nvtx_range("step", self._nvtx):
+                        optimizer.step()
+                    if self._lo is not None:
+                        with torch.no_grad():
+                            torch.maximum(inputs, self._lo, out=inputs)
+                            torch.minimum(inputs, self._hi, out=inputs)
+            finally:
+                self.s_capture.deactivate()
+        if self.normalizer is not None:
+            best_x = self.normalizer(best_x, True)
+        self._sync()
+        end = now()
+        self.data_pool.add(best_x)
+        return {"synthetic": best_x}, end - start
+
+
+DeepInversionSynthesizer = DeepInvSyntheiszer

@@ -1,0 +1,226 @@
+"""FastDFKD synthesizers: ``FastMetaSynthesizer`` (meta-learned generator) and
+``FastSynthesizer`` (the generator is updated directly), spec section 4.
+
+One synthesize() round:
+1. ``ep += 1``; at ``ep == 120 + warmup`` with ``reset_l0`` the generator's first Linear and
+   first BatchNorm get N(0, 0.02) weights and zero biases (FastMetaSynthesizer).
+2. ``z ~ N(0, I)`` (B x nz) and labels ``randint(num_classes)`` (or the sorted given targets).
+3. FastMeta: the fast generator is a copy of the slow one (copied in place into a persistent
+   module, which is the same as upstream's ``clone()`` without a throwaway initialisation);
+   a fresh Adam over [fast params (lr_g), z (lr_z)], betas (0.5, 0.999) (reset in place).
+4. ``iterations`` inner steps of ``bn*L_BN + oh*CE + adv*L_adv`` (adv only once ep >= warmup),
+   keeping the pre-step images of the lowest loss. MAML (``is_maml=1``): the slow generator's
+   gradient is the SUM of the inner gradients; the meta Adam (lr_g * iterations, betas (0.5,
+   0.999)) steps once after the last one. Reptile (``is_maml=0``): grad = 67 * (slow - fast).
+5. ``update_mmt`` of the BN statistics (bn_mmt != 0); the best images go to the pool.
+6. Returns ``({"synthetic": images in [0, 1]}, seconds)``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+
+REPTILE_SCALE = 67.0  # constant of the reference implementation
+
+
+def reset_l0(model: nn.Module) -> None:
+    """Upstream reset_l0: modules named 'l1.0' (first Linear) and 'conv_blocks.0' (first BN)
+    get N(0, 0.02) weights and zero bias."""
+    for n, m in model.named_modules():
+        if n in ("l1.0", "conv_blocks.0"):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.constant_(m.bias, 0)
+
+
+def _module_tensors(m: nn.Module) -> list:
+    return list(m.parameters()) + [b for b in m.buffers()]
+
+
+class FastMetaSynthesizer(SynthCore):
+    """Drop-in ``FastMetaSynthesizer`` (zju-vipa/Fast-Datafree); fastsynth keywords follow the
+    upstream ones: ``augment`` (crop/flip inside synthesis), ``pool_capacity``/``pool_eviction``,
+    ``save_images``/``save_format`` (write to save_dir in a background thread), ``fuse_teacher``,
+    ``seed`` (private RNG), ``compile`` (torch.compile of the forward/loss), ``cuda_graph``
+    (capture of the whole inner step)."""
+
+    _meta = True
+
+    def __init__(self, teacher, student, generator, nz, num_classes, img_size,
+                 init_dataset=None, iterations=100, lr_g=0.1,
+                 synthesis_batch_size=128, sample_batch_size=128,
+                 adv=0.0, bn=1, oh=1,
+                 save_dir='run/fast', transform=None, autocast=None, use_fp16=False,
+                 normalizer=None, device='cpu', distributed=False, lr_z=0.01,
+                 warmup=10, reset_l0=0, reset_bn=0, bn_mmt=0,
+                 is_maml=1, *, augment=True, pool_capacity=None, pool_eviction="fifo",
+                 save_images=False, save_format="shard", fuse_teacher=True, seed=None,
+                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None):
+        super().__init__(teacher, student)
+        self.iterations = iterations
+        self.lr_g = lr_g
+        self.lr_z = lr_z
+        self.nz = nz
+        self.adv = adv
+        self.bn = bn
+        self.oh = oh
+        self.ismaml = is_maml
+        self.num_classes = num_classes
+        self.distributed = distributed
+        self.synthesis_batch_size = synthesis_batch_size
+        self.sample_batch_size = sample_batch_size
+        self.init_dataset = init_dataset
+        self.ep = 0
+        self.ep_start = warmup
+        self.reset_l0 = reset_l0
+        self.reset_bn = reset_bn
+        self.prev_z = None
+        self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
+                         transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
+                         save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
+                         pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
+                         aug_flip=True if aug_flip is None else aug_flip)
+        self.generator = generator.to(self.device).train()
+        self._graph_mode = self.cuda_graph
+        # persistent inner state: the module optimised in the inner loop, z, the inner optimiser
+        if self._meta:
+            self._fast = copy.deepcopy(self.generator).train()
+            self.meta_optimizer = make_adam(self.generator.parameters(), self.lr_g * self.iterations,
+                                            (0.5, 0.999), self.device, capturable=self._graph_mode)
+        else:
+            self._fast = self.generator
+        self._z = torch.zeros(synthesis_batch_size, nz, device=self.device, requires_grad=True)
+        self._targets = torch.zeros(synthesis_batch_size, dtype=torch.long, device=self.device)
+        self._best_x = None
+        self._best_cost = torch.full((), float("inf"), device=self.device)
+        self._optimizer = make_adam([{"params": list(self._fast.parameters())},
+                                     {"params": [self._z], "lr": self.lr_z}],
+                                    self.lr_g, (0.5, 0.999), self.device, capturable=self._graph_mode)
+        if init_dataset is not None:
+            from .nayer import load_init_dataset
+
+            self.data_pool.add(load_init_dataset(init_dataset, img_size))
+
+    # ------------------------------------------------------------------ one inner step
+    def _forward(self, adv_on: bool):
+        with nvtx_range("generator", self._nvtx):
+            x = self._fast(self._z)
+        loss = self.objective(x, self._targets, adv_on)
+        return loss, x
+
+    def _step(self, adv_on: bool, meta_accumulate: bool):
+        fwd = self._forward
+        if self.compile:
+            fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
+        with self._autocast_ctx():
+            loss, x = fwd(adv_on)
+        if self._best_x is None:
+            self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            self._log(loss)
+            self._track_best(loss, x, self._best_cost, self._best_x)
+        self._optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("backward", self._nvtx):
+            loss.backward()
+        with nvtx_range("step", self._nvtx):
+            if meta_accumulate:
+                # first-order MAML: the slow generator's grad is the sum of the inner grads
+                fast_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._fast.parameters()]
+                torch._foreach_add_(self._meta_grads, fast_grads)
+            self._optimizer.step()
+        if self._graph_mode:
+            with torch.no_grad():
+                torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
+
+    def _mutable(self):
+        ts = _module_tensors(self._fast) + [self._z, self._best_cost]
+        if self._best_x is not None:
+            ts.append(self._best_x)
+        if self._meta:
+            ts += self._meta_grads
+        ts += getattr(self, "_last_stats", [])
+        for st in self._optimizer.state.values():
+            ts += [v for v in st.values() if torch.is_tensor(v)]
+        return ts
+
+    def _run_inner(self, adv_on: bool):
+        meta = self._meta and self.ismaml
+        if not self._graph_mode:
+            for it in range(self.iterations):
+                self._step(adv_on, meta)
+            return
+        key = (adv_on, self.capture.mmt_active, meta)
+        if key not in self._graphs:
+            if self._best_x is None:
+                self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+            if not hasattr(self, "_last_stats"):
+                self._last_stats = self.capture.stat_buffers()
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta), self._mutable, rng=self._rng)
+        g = self._graphs[key]
+        for it in range(self.iterations):
+            g()
+        n = len(self._last_stats) // 2
+        self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
+
+    # ------------------------------------------------------------------ synthesize
+    def _begin_round(self, targets=None):
+        """Fresh z and labels, fast <- slow, inner optimizer and best tracking reset (in place)."""
+        with torch.no_grad():
+            self._z.copy_(self._randn(self.synthesis_batch_size, self.nz))
+            if targets is None:
+                t = self._randint(self.num_classes, (self.synthesis_batch_size,))
+            else:
+                t = targets.sort()[0].to(self.device)
+            self._targets.copy_(t)
+            if self._meta:
+                # fast <- slow (the upstream clone()), in place
+                torch._foreach_copy_(_module_tensors(self._fast), _module_tensors(self.generator))
+            self._best_cost.fill_(float("inf"))
+        reset_optimizer_state_(self._optimizer)
+        if self._meta and self.ismaml:
+            for p in self.generator.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+            self._meta_grads = [p.grad for p in self.generator.parameters()]
+
+    def _end_round(self):
+        if self._meta and self.ismaml and self.iterations > 0:
+            self.meta_optimizer.step()
+        if self.bn_mmt != 0:
+            self.capture.update_mmt()
+        if self._meta and not self.ismaml:
+            # Reptile meta gradient
+            with torch.no_grad():
+                for p, q in zip(self.generator.parameters(), self._fast.parameters()):
+                    p.grad = (p - q) * REPTILE_SCALE
+            self.meta_optimizer.step()
+
+    def synthesize(self, targets=None):
+        start = now()
+        self.ep += 1
+        if self._meta and (self.ep == 120 + self.ep_start) and self.reset_l0:
+            reset_l0(self.generator)
+        adv_on = self.adv > 0 and (self.ep >= self.ep_start)
+        with self._synthesis_mode():
+            self._begin_round(targets)
+            self._run_inner(adv_on)
+            self._end_round()
+        best = self._best_x.clone()
+        self.prev_z = (self._z.detach().clone(), self._targets.clone())
+        self._sync()
+        end = now()
+        self.data_pool.add(best)
+        return {"synthetic": best}, end - start
+
+
+class FastSynthesizer(FastMetaSynthesizer):
+    """Drop-in ``FastSynthesizer``: the same loop, updating the generator itself (no meta step,
+    no reset_l0), with a fresh Adam over [generator (lr_g), z (lr_z)] each call."""
+
+    _meta = False

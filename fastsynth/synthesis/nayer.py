@@ -1,0 +1,231 @@
+"""NAYER synthesizer (tmtuan1307/nayer), spec section 4.
+
+One synthesize() call:
+- the generator is rebuilt with its default initialisation (``generator.reinit()``) when
+  ``(ep - warmup) % g_life == 0 or ep % g_life == 0`` (ep before the increment);
+- ``loops = gwp_loops`` while ``ep < warmup``, else ``g_loops``; then ``ep += 1``; zero loops
+  returns ``(None, 0, 0, 0)``;
+- per loop: ``re_init_le()`` (noisy layers ~ N(0, 1), bias 0), labels ``[0..C-1]`` repeated
+  ``B // C`` times followed by ``B % C`` random labels, a fresh Adam over the generator (lr_g,
+  betas (0.5, 0.999)), ``g_steps`` steps of ``bn*L_BN + oh*CE + adv*L_adv`` (adv only once
+  ``ep > warmup``) keeping the best pre-step images, ``update_mmt``, the images to the pool;
+- returns ``({"synthetic": [images per loop]}, seconds, best_cost, best_oh)``: best_cost is the
+  lowest loss of the last loop (upstream resets its tracking at each loop's first step), a Python
+  float read once at the end; best_oh the lowest one-hot loss of the call (a device tensor).
+
+Differences from the reference, on purpose: the student stays in eval() for every loop (the
+reference switches it to train() after the first loop, so its adversarial term in later loops
+used batch statistics and moved the student's running statistics); no per-step printing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+
+
+def load_init_dataset(init_dataset, img_size):
+    """Images to seed the pool with: a tensor (N, C, H, W) in [0, 1] or uint8, or a directory of
+    fastsynth uint8 shards (``shard_*.npy``)."""
+    if torch.is_tensor(init_dataset):
+        return init_dataset
+    if isinstance(init_dataset, str) and os.path.isdir(init_dataset):
+        import numpy as np
+
+        shards = sorted(f for f in os.listdir(init_dataset) if f.startswith("shard_") and f.endswith(".npy"))
+        if not shards:
+            raise ValueError(f"init_dataset: no shard_*.npy files in {init_dataset!r}")
+        return torch.from_numpy(np.concatenate([np.load(os.path.join(init_dataset, f)) for f in shards]))
+    raise TypeError(f"init_dataset must be a tensor or a directory of shard_*.npy files, got {init_dataset!r}")
+
+
+def nayer_targets(batch: int, num_classes: int, randint) -> torch.Tensor:
+    """[0..C-1] repeated batch // C times, then batch % C random labels."""
+    s, v = divmod(batch, num_classes)
+    rest = randint(num_classes, (v,))
+    base = torch.arange(num_classes, device=rest.device).repeat(s)
+    return torch.cat([base, rest])
+
+
+class NAYER(SynthCore):
+    """Drop-in ``NAYER``; fastsynth keywords follow the upstream ones (see FastMetaSynthesizer)."""
+
+    def __init__(self, teacher, student, generator, num_classes, img_size,
+                 init_dataset=None, g_steps=100, lr_g=0.1,
+                 synthesis_batch_size=128, sample_batch_size=128,
+                 adv=0.0, bn=1, oh=1,
+                 save_dir='run/fast', transform=None, autocast=None, use_fp16=False,
+                 normalizer=None, device='cpu', distributed=False,
+                 warmup=10, bn_mmt=0, bnt=30, oht=1.5,
+                 cr_loop=1, g_life=50, g_loops=1, gwp_loops=10, dataset="cifar10", *,
+                 augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 aug_padding=4, aug_flip=None):
+        super().__init__(teacher, student)
+        self.g_steps = g_steps
+        self.lr_g = lr_g
+        self.adv = adv
+        self.bn = bn
+        self.oh = oh
+        self.num_classes = num_classes
+        self.distributed = distributed
+        self.synthesis_batch_size = int(synthesis_batch_size / cr_loop)
+        self.sample_batch_size = sample_batch_size
+        self.init_dataset = init_dataset
+        self.ep = 0
+        self.ep_start = warmup
+        self.g_life = g_life
+        self.bnt = bnt
+        self.oht = oht
+        self.g_loops = g_loops
+        self.gwp_loops = gwp_loops
+        self.dataset = dataset
+        self.label_list = torch.arange(num_classes)
+        if aug_flip is None:  # upstream: no flip for the ImageNet variants
+            aug_flip = dataset not in ("imagenet", "tiny_imagenet")
+        self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
+                         transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
+                         save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
+                         pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
+                         aug_flip=aug_flip)
+        self.generator = generator.to(self.device).train()
+        self._targets = torch.zeros(self.synthesis_batch_size, dtype=torch.long, device=self.device)
+        self._best_cost = torch.full((), float("inf"), device=self.device)
+        self._best_oh = torch.full((), float("inf"), device=self.device)
+        self._best_x = None
+        self._optimizer = None
+        self._opt_owner = None
+        if init_dataset is not None:
+            self.data_pool.add(load_init_dataset(init_dataset, img_size))
+
+    # ------------------------------------------------------------------ one inner step
+    def _forward(self, adv_on: bool):
+        with nvtx_range("generator", self._nvtx):
+            x = self.generator(targets=self._targets)
+        loss, loss_oh = self._objective_nayer(x, adv_on)
+        return loss, loss_oh, x
+
+    def _objective_nayer(self, x, adv_on):
+        with nvtx_range("augment", self._nvtx):
+            x_aug = self.aug(x, generator=self._rng)
+        with nvtx_range("teacher", self._nvtx):
+            t_out = self.teacher(x_aug)
+        with nvtx_range("losses", self._nvtx):
+            loss_bn = self.capture.loss() if self.bn != 0 else None
+            if adv_on:
+                with nvtx_range("student", self._nvtx):
+                    s_out = self.student(x_aug)
+                loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
+                loss_oh = parts["oh"]  # detached; used only for best_oh
+            else:
+                loss_oh = F.cross_entropy(t_out, self._targets)
+                loss = self.oh * loss_oh
+            if loss_bn is not None:
+                loss = loss + self.bn * loss_bn
+        return loss, loss_oh
+
+    def _step(self, adv_on: bool):
+        fwd = self._forward
+        if self.compile:
+            fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
+        with self._autocast_ctx():
+            loss, loss_oh, x = fwd(adv_on)
+        if self._best_x is None:
+            self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            self._log(loss)
+            self._track_best(loss, x, self._best_cost, self._best_x)
+            self._best_oh.copy_(torch.minimum(self._best_oh, loss_oh.detach().float().reshape(())))
+        self._optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("backward", self._nvtx):
+            loss.backward()
+        with nvtx_range("step", self._nvtx):
+            self._optimizer.step()
+        if self.cuda_graph:
+            with torch.no_grad():
+                torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
+
+    def _mutable(self):
+        ts = list(self.generator.parameters()) + list(self.generator.buffers())
+        ts += [self._best_cost, self._best_oh] + ([self._best_x] if self._best_x is not None else [])
+        ts += getattr(self, "_last_stats", [])
+        for st in self._optimizer.state.values():
+            ts += [v for v in st.values() if torch.is_tensor(v)]
+        return ts
+
+    def _ensure_optimizer(self):
+        if self._opt_owner is not self.generator:
+            self._optimizer = make_adam(self.generator.parameters(), self.lr_g, (0.5, 0.999), self.device,
+                                        capturable=self.cuda_graph)
+            self._opt_owner = self.generator
+            self._graphs = {}
+            self._compiled = {}
+        else:
+            reset_optimizer_state_(self._optimizer)
+
+    def _run_inner(self, adv_on: bool):
+        if not self.cuda_graph:
+            for _ in range(self.g_steps):
+                self._step(adv_on)
+            return
+        key = (adv_on, self.capture.mmt_active)
+        if key not in self._graphs:
+            if self._best_x is None:
+                self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+            if not hasattr(self, "_last_stats"):
+                self._last_stats = self.capture.stat_buffers()
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on), self._mutable, rng=self._rng)
+        g = self._graphs[key]
+        for _ in range(self.g_steps):
+            g()
+        n = len(self._last_stats) // 2
+        self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
+
+    # ------------------------------------------------------------------ synthesize
+    def synthesize(self, targets=None):
+        start = now()
+        if (self.ep - self.ep_start) % self.g_life == 0 or self.ep % self.g_life == 0:
+            g = self.generator.reinit()
+            if isinstance(g, nn.Module):
+                self.generator = g.to(self.device).train()
+        loops = self.gwp_loops if self.ep < self.ep_start else self.g_loops
+        self.ep += 1
+        if loops == 0:
+            return None, 0, 0, 0
+        adv_on = self.adv > 0 and (self.ep > self.ep_start)
+        bi_list = []
+        self._best_oh.fill_(float("inf"))
+        with self._synthesis_mode():
+            for _ in range(loops):
+                self.generator.re_init_le()
+                t = nayer_targets(self.synthesis_batch_size, self.num_classes, self._randint)
+                with torch.no_grad():
+                    self._targets.copy_(t)
+                    self._best_cost.fill_(float("inf"))
+                self._ensure_optimizer()
+                self._run_inner(adv_on)
+                if self.bn_mmt != 0:
+                    self.capture.update_mmt()
+                best = self._best_x.clone()
+                bi_list.append(best)
+        self._sync()
+        end = now()
+        for best in bi_list:
+            self.data_pool.add(best)
+        best_cost = float(self._best_cost)  # the one host read of the call
+        return {"synthetic": bi_list}, end - start, best_cost, self._best_oh.clone()
+
+    def generate_ys(self, cr=0.0):
+        """Upstream helper: labels and their (smoothed) one-hot rows."""
+        target = nayer_targets(self.synthesis_batch_size, self.num_classes, self._randint).cpu()
+        ys = torch.full((self.synthesis_batch_size, self.num_classes), cr / (self.num_classes - 1))
+        ys.scatter_(1, target.unsqueeze(1), 1 - cr)
+        return target, ys
+
+
+NayerSynthesizer = NAYER

@@ -1,0 +1,281 @@
+"""Eager reference implementations of the upstream synthesis loops, written from
+docs/dfkd-spec.md sections 1-4 in the upstream style (forward hooks computing the BN loss,
+separate losses, ``.item()`` best tracking every step, a fresh Adam per call, generator copies).
+Augmentation is left out (the fastsynth synthesizers are run with ``augment=False``) so both
+sides draw the same random numbers in the same order.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RefHook:
+    """DeepInversion BN hook (spec section 1), momentum variant included."""
+
+    def __init__(self, module, mmt_rate):
+        self.hook = module.register_forward_hook(self.hook_fn)
+        self.mmt_rate = mmt_rate
+        self.mmt = None
+        self.tmp_val = None
+
+    def hook_fn(self, module, inputs, output):
+        a = inputs[0]
+        nch = a.shape[1]
+        mean = a.mean([0, 2, 3])
+        var = a.permute(1, 0, 2, 3).contiguous().view(nch, -1).var(1, unbiased=False)
+        if self.mmt is None:
+            r = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
+        else:
+            mm, mv = self.mmt
+            rho = self.mmt_rate
+            r = torch.norm(module.running_var - (1 - rho) * var - rho * mv, 2) + \
+                torch.norm(module.running_mean - (1 - rho) * mean - rho * mm, 2)
+        self.r_feature = r
+        self.tmp_val = (mean, var)
+
+    def update_mmt(self):
+        mean, var = self.tmp_val
+        if self.mmt is None:
+            self.mmt = (mean.data, var.data)
+        else:
+            mm, mv = self.mmt
+            self.mmt = (self.mmt_rate * mm + (1 - self.mmt_rate) * mean.data,
+                        self.mmt_rate * mv + (1 - self.mmt_rate) * var.data)
+
+    def remove(self):
+        self.hook.remove()
+
+
+def ref_kldiv(logits, targets, reduction="batchmean"):
+    q = F.log_softmax(logits, dim=1)
+    p = F.softmax(targets, dim=1)
+    return F.kl_div(q, p, reduction=reduction)
+
+
+def ref_adv(s_out, t_out):
+    mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
+    return -(ref_kldiv(s_out, t_out, reduction="none").sum(1) * mask).mean()
+
+
+def ref_reset_l0(model):
+    for n, m in model.named_modules():
+        if n == "l1.0" or n == "conv_blocks.0":
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.constant_(m.bias, 0)
+
+
+class RefFast:
+    """FastDFKD loop: meta=True is FastMetaSynthesizer (MAML / Reptile), meta=False FastSynthesizer."""
+
+    def __init__(self, teacher, student, generator, nz, num_classes, iterations, lr_g, lr_z, batch,
+                 adv, bn, oh, normalizer, warmup, reset_l0=0, bn_mmt=0.0, is_maml=1, meta=True):
+        self.teacher, self.student, self.generator = teacher, student, generator
+        self.nz, self.num_classes, self.iterations = nz, num_classes, iterations
+        self.lr_g, self.lr_z, self.batch = lr_g, lr_z, batch
+        self.adv, self.bn, self.oh = adv, bn, oh
+        self.normalizer, self.ep_start, self.reset_l0 = normalizer, warmup, reset_l0
+        self.bn_mmt, self.is_maml, self.meta = bn_mmt, is_maml, meta
+        self.ep = 0
+        self.hooks = [RefHook(m, bn_mmt) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr_g * iterations, betas=[0.5, 0.999])
+        self.losses = []
+
+    def synthesize(self):
+        self.ep += 1
+        self.student.eval()
+        self.teacher.eval()
+        best_cost, best_inputs = 1e6, None
+        if self.meta and self.ep == 120 + self.ep_start and self.reset_l0:
+            ref_reset_l0(self.generator)
+        z = torch.randn(size=(self.batch, self.nz)).requires_grad_()
+        targets = torch.randint(low=0, high=self.num_classes, size=(self.batch,))
+        fast = copy.deepcopy(self.generator) if self.meta else self.generator
+        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": self.lr_z}],
+                               lr=self.lr_g, betas=[0.5, 0.999])
+        for it in range(self.iterations):
+            inputs = fast(z)
+            inputs_aug = self.normalizer(inputs)
+            t_out = self.teacher(inputs_aug)
+            loss_bn = sum(h.r_feature for h in self.hooks)
+            loss_oh = F.cross_entropy(t_out, targets)
+            if self.adv > 0 and self.ep >= self.ep_start:
+                s_out = self.student(inputs_aug)
+                loss_adv = ref_adv(s_out, t_out)
+            else:
+                loss_adv = loss_oh.new_zeros(1)
+            loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
+            self.losses.append(loss.item())
+            with torch.no_grad():
+                if best_cost > loss.item() or best_inputs is None:
+                    best_cost = loss.item()
+                    best_inputs = inputs.data
+            opt.zero_grad()
+            loss.backward()
+            if self.meta and self.is_maml:
+                if it == 0:
+                    self.meta_optimizer.zero_grad()
+                for p, q in zip(self.generator.parameters(), fast.parameters()):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.data.add_(q.grad.data)
+                if it == self.iterations - 1:
+                    self.meta_optimizer.step()
+            opt.step()
+        if self.bn_mmt != 0:
+            for h in self.hooks:
+                h.update_mmt()
+        if self.meta and not self.is_maml:
+            self.meta_optimizer.zero_grad()
+            for p, q in zip(self.generator.parameters(), fast.parameters()):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.data.add_(p.data - q.data, alpha=67)
+            self.meta_optimizer.step()
+        self.student.train()
+        return best_inputs
+
+
+class RefNayer:
+    """NAYER loop (spec section 4); the student stays in eval() in every loop (fastsynth semantics,
+    see fastsynth/synthesis/nayer.py)."""
+
+    def __init__(self, teacher, student, generator, num_classes, g_steps, lr_g, batch, adv, bn, oh,
+                 normalizer, warmup, bn_mmt, g_life, g_loops, gwp_loops):
+        self.teacher, self.student, self.generator = teacher, student, generator
+        self.num_classes, self.g_steps, self.lr_g, self.batch = num_classes, g_steps, lr_g, batch
+        self.adv, self.bn, self.oh, self.normalizer = adv, bn, oh, normalizer
+        self.ep_start, self.bn_mmt, self.g_life = warmup, bn_mmt, g_life
+        self.g_loops, self.gwp_loops = g_loops, gwp_loops
+        self.ep = 0
+        self.hooks = [RefHook(m, bn_mmt) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.losses = []
+
+    def targets(self):
+        s = self.batch // self.num_classes
+        v = self.batch % self.num_classes
+        target = torch.randint(self.num_classes, (v,))
+        for _ in range(s):
+            target = torch.cat((torch.tensor(range(0, self.num_classes)), target))
+        ys = torch.zeros(self.batch, self.num_classes)
+        ys.scatter_(1, target.unsqueeze(1), 1.0)
+        return target, ys
+
+    def synthesize(self):
+        self.student.eval()
+        self.teacher.eval()
+        best_cost, best_oh = 1e6, 1e6
+        if (self.ep - self.ep_start) % self.g_life == 0 or self.ep % self.g_life == 0:
+            self.generator = self.generator.reinit()
+        loops = self.gwp_loops if self.ep < self.ep_start else self.g_loops
+        self.ep += 1
+        if loops == 0:
+            return None, 0, 0, 0
+        bi_list = []
+        for _ in range(loops):
+            best_inputs = None
+            self.generator.re_init_le()
+            targets, ys = self.targets()
+            opt = torch.optim.Adam([{"params": self.generator.parameters()}], lr=self.lr_g, betas=[0.5, 0.999])
+            for it in range(self.g_steps):
+                inputs = self.generator(targets=targets)
+                inputs_aug = self.normalizer(inputs)
+                t_out = self.teacher(inputs_aug)
+                loss_bn = sum(h.r_feature for h in self.hooks)
+                loss_oh = torch.mean(torch.sum(-ys * t_out.log_softmax(dim=-1), dim=-1))
+                if self.adv > 0 and self.ep > self.ep_start:
+                    s_out = self.student(inputs_aug)
+                    loss_adv = ref_adv(s_out, t_out)
+                else:
+                    loss_adv = loss_oh.new_zeros(1)
+                loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
+                self.losses.append(loss.item())
+                if loss_oh.item() < best_oh:
+                    best_oh = loss_oh
+                with torch.no_grad():
+                    if best_cost > loss.item() or best_inputs is None:
+                        best_cost = loss.item()
+                        best_inputs = inputs.data
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if self.bn_mmt != 0:
+                for h in self.hooks:
+                    h.update_mmt()
+            bi_list.append(best_inputs)
+        self.student.train()
+        return {"synthetic": bi_list}, 0.0, best_cost, best_oh
+
+
+def ref_tv(x):
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return (d1.abs() / 255.0).mean() * 255.0 + (d2.abs() / 255.0).mean() * 255.0 + \
+        (d3.abs() / 255.0).mean() * 255.0 + (d4.abs() / 255.0).mean() * 255.0
+
+
+def ref_jsdiv(logits, targets, T=1.0):
+    P = F.softmax(logits / T, dim=1)
+    Q = F.softmax(targets / T, dim=1)
+    M = 0.5 * (P + Q)
+    P = torch.clamp(P, 0.01, 0.99)
+    Q = torch.clamp(Q, 0.01, 0.99)
+    M = torch.clamp(M, 0.01, 0.99)
+    return 0.5 * F.kl_div(torch.log(P), M, reduction="batchmean") + 0.5 * F.kl_div(torch.log(Q), M, reduction="batchmean")
+
+
+class RefDeepInv:
+    """DataFree DeepInversion loop without jitter (fastsynth is run with augment=False)."""
+
+    def __init__(self, teacher, student, num_classes, img_size, iterations, lr_g, batch, adv, bn, oh, tv, l2,
+                 normalizer):
+        self.teacher, self.student = teacher, student
+        self.num_classes, self.img_size, self.iterations, self.lr_g = num_classes, img_size, iterations, lr_g
+        self.batch, self.adv, self.bn, self.oh, self.tv, self.l2 = batch, adv, bn, oh, tv, l2
+        self.normalizer = normalizer
+        self.hooks = [RefHook(m, 0) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.s_hooks = [RefHook(m, 0) for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.losses = []
+
+    def synthesize(self):
+        self.student.eval()
+        inputs = torch.randn(size=[self.batch, *self.img_size]).requires_grad_()
+        targets = torch.randint(low=0, high=self.num_classes, size=(self.batch,)).sort()[0]
+        opt = torch.optim.Adam([inputs], self.lr_g, betas=[0.5, 0.99])
+        best_cost, best_inputs = 1e6, None
+        mean = torch.tensor(self.normalizer.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.normalizer.std).view(1, -1, 1, 1)
+        for it in range(self.iterations):
+            t_out = self.teacher(inputs)
+            s_out = self.student(inputs)
+            loss_adv = -ref_jsdiv(s_out, t_out, T=3)
+            loss_bn = sum(h.r_feature for h in self.hooks) - 0.001 * sum(h.r_feature for h in self.s_hooks)
+            loss_oh = F.cross_entropy(t_out, targets)
+            loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv + \
+                self.tv * ref_tv(inputs) + self.l2 * torch.norm(inputs, 2)
+            self.losses.append(loss.item())
+            if best_cost > loss.item() or best_inputs is None:
+                best_cost = loss.item()
+                best_inputs = inputs.detach().clone()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                inputs.data = torch.max(torch.min(inputs.data, (1 - mean) / std), -mean / std)
+        self.student.train()
+        return self.normalizer(best_inputs, True)
+
+
+def max_rel_err(a, b):
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp_min(1e-6)).max())
+
+
+_ = math  # (kept for readers computing tolerances by hand)
