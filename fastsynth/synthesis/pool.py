@@ -16,6 +16,7 @@ permutation starts after every addition and whenever the current one runs out).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -41,6 +42,13 @@ class _SaveWorker:
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, name="fastsynth-pool-saver", daemon=True)
         self.thread.start()
+        # images still queued when the interpreter exits are written before it does: nothing
+        # the user synthesized is lost to the daemon thread being stopped
+        atexit.register(self._drain_at_exit)
+
+    def _drain_at_exit(self):
+        if self.thread.is_alive():
+            self.queue.join()
 
     def _run(self):
         while True:
