@@ -25,7 +25,6 @@
 
 #include <stdint.h>
 #include <string.h>
-#include <cmath>
 
 #include "common/macros.h"
 
@@ -95,10 +94,24 @@ FS_HD float fadd(float a, float b) { return a + b; }
 FS_HD float fsub(float a, float b) { return a - b; }
 FS_HD float fmul(float a, float b) { return a * b; }
 FS_HD float fdiv(float a, float b) { return a / b; }
-// IEEE sqrt is exactly rounded in hardware (sqrtss/vsqrtps), so host and device agree. The CPU
-// kernel compiles with no-math-errno (csrc/cpu/reinit.cpp), which turns this into the plain
-// instruction and lets the Box-Muller loops vectorise; elsewhere it is a libm call, same value.
-FS_HD float fsqrt(float a) { return std::sqrt(a); }
+// Exactly rounded float32 sqrt without libm: sqrtf's errno branch (-fmath-errno, the default)
+// keeps compilers from vectorising the Box-Muller loops. Four Newton steps on 1/sqrt in float64
+// from a bit-trick start (3.4% -> 1.8e-3 -> 4.6e-6 -> 3e-11 -> rounding level) give sqrt(a) to
+// a few float64 ulps, which rounds to the correctly rounded float32 value (checked exhaustively
+// over [2^-23, 64) in csrc/tests/test_philox.cpp); the device uses __fsqrt_rn.
+FS_HD float fsqrt(float a) {
+  const double d = static_cast<double>(a);
+  uint64_t bits;
+  memcpy(&bits, &d, sizeof bits);
+  bits = 0x5fe6eb50c7b537a9ull - (bits >> 1);
+  double y;
+  memcpy(&y, &bits, sizeof y);
+  y = y * (1.5 - 0.5 * d * y * y);
+  y = y * (1.5 - 0.5 * d * y * y);
+  y = y * (1.5 - 0.5 * d * y * y);
+  y = y * (1.5 - 0.5 * d * y * y);
+  return static_cast<float>(d * y);  // a = +-0: y stays finite (1.3e154 * 1.5^4), d * y = +-0
+}
 FS_HD uint32_t float_bits(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
