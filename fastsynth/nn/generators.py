@@ -179,7 +179,11 @@ class NoisyLayers(nn.Module):
         rows = kb * self.nl
         if rows != b:
             x = torch.cat([x, x.new_zeros(rows - b, x.shape[1])])
-        out = torch.baddbmm(self.bias[:kb, None, :], x.view(kb, self.nl, self.in_features), self.weight[:kb])
+        # all layers in use (the usual case): no slice, whose backward would materialise a zero
+        # gradient of the whole weight and copy into it (an extra pass over K x in x out)
+        weight = self.weight if kb == self.k else self.weight[:kb]
+        bias = self.bias.unsqueeze(1) if kb == self.k else self.bias[:kb, None, :]
+        out = torch.baddbmm(bias, x.view(kb, self.nl, self.in_features), weight)
         out = out.reshape(rows, self.out_features)
         return out[:b] if rows != b else out
 
