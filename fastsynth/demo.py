@@ -241,12 +241,12 @@ def run(method: str = "nayer", seed: int = 0, out_dir: str = "fastsynth-demo", q
 def report(res: dict) -> str:
     lines = [
         f"data-free distillation on scikit-learn digits ({res['method']}, seed {res['seed']})",
-        f"  teacher (trained on the digits)          test accuracy {res['teacher_acc']:6.2f}%",
-        f"  student, data-free ({res['method']:5s})            test accuracy {res['student_acc']:6.2f}%"
+        f"  {'teacher (trained on the digits)':40s} test accuracy {res['teacher_acc']:6.2f}%",
+        f"  {'student, data-free (' + res['method'] + ')':40s} test accuracy {res['student_acc']:6.2f}%"
         f"   ({100 * res['student_acc'] / max(res['teacher_acc'], 1e-9):.1f}% of the teacher)",
     ]
     if "noise_acc" in res:
-        lines.append(f"  student, distilled from noise images     test accuracy {res['noise_acc']:6.2f}%")
+        lines.append(f"  {'student, distilled from noise images':40s} test accuracy {res['noise_acc']:6.2f}%")
     lines += [
         f"  synthesized images: {res['pool_images']} (grid: {res['grid_png']})",
         f"  wall time {res['wall_s']:.1f} s (synthesis {res['synthesis_s']:.1f} s)",
