@@ -555,10 +555,10 @@ def synthesis_step(tr: OpTrace, variant: str, batch=64, nz=256, num_classes=10):
     from fastsynth.models import resnet18, resnet34
     from fastsynth.ops.bn_stat_loss import loss_from_stats
 
-    from .workloads import _FastDFKDGenerator
+    from fastsynth.nn import Generator
 
     teacher, student = resnet34(num_classes).to(META).eval(), resnet18(num_classes).to(META).eval()
-    gen = _FastDFKDGenerator(nz=nz).to(META).train()
+    gen = Generator(nz=nz).to(META).train()
     slow = [torch.empty_like(p) for p in gen.parameters()]  # the slow generator's .grad buffers
     upstream = variant == "upstream"
     if not upstream:

@@ -6,49 +6,15 @@ import contextlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-class _FastDFKDGenerator(nn.Module):
-    """FastDFKD ``Generator(nz, ngf, img_size, nc)`` (spec section 3), used when
-    ``fastsynth.nn.Generator`` is not in this installation."""
-
-    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3):
-        super().__init__()
-        self.init_size = img_size // 4
-        self.l1 = nn.Linear(nz, ngf * 2 * self.init_size ** 2)
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.l1(z.flatten(1))
-        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
-
-
 def fastdfkd_generator(nz: int = 256, ngf: int = 64, img_size: int = 32, nc: int = 3) -> nn.Module:
-    """fastsynth.nn.Generator when it exists, else the same architecture defined here."""
-    try:
-        from fastsynth.nn import Generator  # type: ignore[attr-defined]
-    except ImportError:
-        Generator = None
-    if Generator is not None:
-        return Generator(nz=nz, ngf=ngf, img_size=img_size, nc=nc)
-    return _FastDFKDGenerator(nz=nz, ngf=ngf, img_size=img_size, nc=nc)
+    from fastsynth.nn import Generator
+
+    return Generator(nz=nz, ngf=ngf, img_size=img_size, nc=nc)
 
 
 @contextlib.contextmanager
@@ -109,26 +75,14 @@ class SynthesisStep:
         feats, self._feats = self._feats, []
         rms = [m.running_mean for m in self.bn_layers]
         rvs = [m.running_var for m in self.bn_layers]
-        fused = getattr(ops, "bn_stat_loss_multi", None)
-        if fused is not None:
-            out = fused(feats, rms, rvs)
-            return out[0] if isinstance(out, (tuple, list)) else out
-        from fastsynth.ops.bn_stat_loss import loss_from_stats
-
-        stats = [torch.var_mean(f, dim=(0, 2, 3), unbiased=False) for f in feats]
-        return loss_from_stats([m for _, m in stats], [v for v, _ in stats], rms, rvs)
+        loss, _means, _vars = ops.bn_stat_loss_multi(feats, rms, rvs)
+        return loss
 
     def logit_loss(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         from fastsynth import ops
 
-        fused = getattr(ops, "synthesis_logit_loss", None)
-        if fused is not None:
-            loss, _parts = fused(t, s, self.targets, oh=self.oh, adv=self.adv)
-            return loss
-        ce = F.cross_entropy(t, self.targets)
-        mask = (s.argmax(1) == t.argmax(1)).to(t.dtype)
-        kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)
-        return self.oh * ce - self.adv * (mask * kl).sum() / t.shape[0]
+        loss, _parts = ops.synthesis_logit_loss(t, s, self.targets, oh=self.oh, adv=self.adv)
+        return loss
 
     def __call__(self) -> torch.Tensor:
         dev = self.device
