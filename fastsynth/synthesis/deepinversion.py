@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops.logit_losses import js_divergence
 from .augment import jitter_flip
-from .core import BNCapture, SynthCore, make_adam, now, nvtx_range
+from .core import BNCapture, SynthCore, make_adam, now, nvtx_range, warn_once
 
 
 def image_prior_tv(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,8 @@ class DeepInvSyntheiszer(SynthCore):
         self.distributed = distributed
         if cuda_graph:
             # the images are re-bound each call and clipped in place; the loop stays eager
+            warn_once("deepinv_cuda_graph", "fastsynth: DeepInvSyntheiszer does not capture CUDA graphs "
+                      "(its images are re-bound every call); cuda_graph=True runs the loop eagerly")
             cuda_graph = False
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=0,
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
