@@ -13,6 +13,7 @@ from fastsynth import DeepInversionHook
 from fastsynth.ops import bn_stat_loss, bn_stat_loss_multi, loss_from_stats
 
 from conftest import HAS_CUDA
+from reference_loops import RefHook
 
 BACKENDS = ["cpu", "triton"]
 
@@ -317,40 +318,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 # ---- hook ----------------------------------------------------------------------------------------
-class UpstreamStyleHook:
-    """The upstream DeepInversion hook's behaviour, restated (the parity oracle)."""
-
-    def __init__(self, module, mmt_rate):
-        self.hook = module.register_forward_hook(self.hook_fn)
-        self.module = module
-        self.mmt_rate = mmt_rate
-        self.mmt = None
-        self.tmp_val = None
-
-    def hook_fn(self, module, input, output):
-        nch = input[0].shape[1]
-        mean = input[0].mean([0, 2, 3])
-        var = input[0].permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
-        if self.mmt is None:
-            r = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
-        else:
-            mm, mv = self.mmt
-            r = (torch.norm(module.running_var.data - (1 - self.mmt_rate) * var - self.mmt_rate * mv, 2)
-                 + torch.norm(module.running_mean.data - (1 - self.mmt_rate) * mean - self.mmt_rate * mm, 2))
-        self.r_feature = r
-        self.tmp_val = (mean, var)
-
-    def update_mmt(self):
-        mean, var = self.tmp_val
-        if self.mmt is None:
-            self.mmt = (mean.data, var.data)
-        else:
-            mm, mv = self.mmt
-            self.mmt = (self.mmt_rate * mm + (1 - self.mmt_rate) * mean.data,
-                        self.mmt_rate * mv + (1 - self.mmt_rate) * var.data)
-
-    def remove(self):
-        self.hook.remove()
+# the upstream DeepInversion hook restated (the parity oracle), shared with the synthesis tests
+UpstreamStyleHook = RefHook
 
 
 def small_cnn():
