@@ -229,20 +229,8 @@ def _grads_or_zeros(means, g_means, g_vars):
             g_vars if g_vars is not None else torch.zeros_like(means))
 
 
-def _setup_stats(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-
-
 def _setup_stats_multi(ctx, inputs, output):
     ctx.save_for_backward(*inputs[0], output[0])
-
-
-def _make_backward(backward_op):
-    def _backward(ctx, g_mean, g_var):
-        x, mean = ctx.saved_tensors
-        g_mean, g_var = _grads_or_zeros(mean, g_mean, g_var)
-        return backward_op(x, mean, g_mean, g_var)
-    return _backward
 
 
 def _make_backward_multi(backward_op):
@@ -254,16 +242,12 @@ def _make_backward_multi(backward_op):
 
 
 if _ext.has_extension():
-    _ops = torch.ops.fastsynth
     torch.library.register_fake("fastsynth::bn_batch_stats")(_fake_stats)
     torch.library.register_fake("fastsynth::bn_batch_stats_multi")(_fake_stats_multi)
     torch.library.register_fake("fastsynth::bn_batch_stats_backward")(_fake_backward)
     torch.library.register_fake("fastsynth::bn_batch_stats_multi_backward")(_fake_backward_multi)
-    torch.library.register_autograd("fastsynth::bn_batch_stats", _make_backward(_ops.bn_batch_stats_backward),
-                                    setup_context=_setup_stats)
-    torch.library.register_autograd("fastsynth::bn_batch_stats_multi",
-                                    _make_backward_multi(_ops.bn_batch_stats_multi_backward),
-                                    setup_context=_setup_stats_multi)
+    # autograd of the C++ ops: csrc/autograd/bn_stat_loss.cpp (the formulas of _make_backward_multi,
+    # registered for the Autograd key, without a Python wrapper per call)
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,11 +133,8 @@ def _make_backward(backward_op):
 if _ext.has_extension():
     torch.library.register_fake("fastsynth::fused_bn_forward")(_fake_forward)
     torch.library.register_fake("fastsynth::fused_bn_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastsynth::fused_bn_forward",
-        _make_backward(lambda *a: torch.ops.fastsynth.fused_bn_backward(*a)),
-        setup_context=_setup_context,
-    )
+    # autograd of the C++ op: csrc/autograd/fused_bn.cpp (the formulas of _make_backward,
+    # registered for the Autograd key, without a Python wrapper per layer)
 
 
 # ---------------------------------------------------------------------------------------------
