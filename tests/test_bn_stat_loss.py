@@ -145,6 +145,26 @@ def test_chunked_reductions(backend, shape, layout):
     assert rel(loss, rl) < 1e-5 and rel(g, rg) < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_gradients_in_huge_page_buffers(layout):
+    # gradients of >= 32 MB come from csrc/cpu/large_alloc.h (huge-page-backed, own deleter):
+    # values, strides and lifetime as with torch's allocator
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 4, 1024, 1040) * 2 + 3).to(memory_format=fmt).requires_grad_()
+    assert x.numel() * 4 >= 32 << 20
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    loss, _, _ = bn_stat_loss(x, rm, rv, backend="cpu")
+    (g,) = torch.autograd.grad(loss, [x], torch.tensor(1.5))
+    x64 = x.detach().double().requires_grad_()
+    ref, _, _ = bn_stat_loss(x64, rm.double(), rv.double(), backend="reference")
+    (g_ref,) = torch.autograd.grad(ref, [x64], torch.tensor(1.5, dtype=torch.float64))
+    assert g.stride() == x.stride()
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-10)
+    g.add_(1.0)  # an ordinary writable tensor
+    del g
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_small_variance(backend):
     # mean 1000, std 0.01 in fp32: E[x^2]-E[x]^2 in fp32 loses the variance entirely

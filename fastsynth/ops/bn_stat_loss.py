@@ -82,17 +82,28 @@ def loss_from_stats(
             f"loss_from_stats: got {L} means, {len(variances)} variances, {len(running_means)} running_means, "
             f"{len(running_vars)} running_vars; all must have one entry per layer"
         )
-    dtype = means[0].dtype
-    device = means[0].device
     sizes = [int(m.numel()) for m in means]
+    mu = _flat(means)
+    var = _flat(variances)
+    return _loss_from_flat_stats(mu, var, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate, weights)
+
+
+def _flat(ts, dtype=None):
+    # one layer: no concatenation copy
+    t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
+    return t if dtype is None else t.to(dtype)
+
+
+def _loss_from_flat_stats(mu, var, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate, weights):
+    """loss_from_stats with the statistics of all layers already concatenated (``mu``, ``var``;
+    ``sizes`` channels per layer): what the fused statistics op returns, used as is."""
+    L = len(sizes)
+    dtype = mu.dtype
+    device = mu.device
 
     def flat(ts, cast=False):
-        # one layer: no concatenation copy
-        t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
-        return t.to(dtype) if cast else t
+        return _flat(ts, dtype if cast else None)
 
-    mu = flat(means)
-    var = flat(variances)
     rm = flat(running_means, True)
     rv = flat(running_vars, True)
 
@@ -380,8 +391,7 @@ def bn_stat_loss_multi(
         return total, means, variances
     mu_cat, var_cat = _stats_multi(list(features), be)
     sizes = [int(x.shape[1]) for x in features]
-    means = list(mu_cat.split(sizes))
-    variances = list(var_cat.split(sizes))
-    loss = loss_from_stats(means, variances, running_means, running_vars, mmt_means, mmt_vars, float(mmt_rate),
-                           weights)
-    return loss, [m.detach() for m in means], [v.detach() for v in variances]
+    # the concatenated statistics feed the loss directly (no split + re-concatenation in autograd)
+    loss = _loss_from_flat_stats(mu_cat, var_cat, sizes, running_means, running_vars, mmt_means, mmt_vars,
+                                 float(mmt_rate), weights)
+    return loss, list(mu_cat.detach().split(sizes)), list(var_cat.detach().split(sizes))
