@@ -189,7 +189,8 @@ def fused_bn(x, weight, bias, running_mean, running_var, eps: float = 1e-5, appl
     eps, apply_relu, with_stats = float(eps), bool(apply_relu), bool(with_stats)
     if b == "reference":
         return fused_bn_reference(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)
-    running_mean, running_var = running_mean.detach(), running_var.detach()
+    if running_mean.requires_grad or running_var.requires_grad:  # buffers never do: no detach op for them
+        running_mean, running_var = running_mean.detach(), running_var.detach()
     if b == "triton":
         return _fused_bn_forward_triton(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)
     return torch.ops.fastsynth.fused_bn_forward(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)

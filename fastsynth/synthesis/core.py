@@ -149,12 +149,14 @@ class BNCapture:
     def mmt_active(self) -> bool:
         return self.mmt_means is not None
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, scale: float = 1.0) -> torch.Tensor:
+        """``scale * sum_l w_l R_l`` (``scale``: the synthesizer's ``bn`` coefficient, folded into
+        the fused loss instead of a separate multiply)."""
         mm, mv = (self.mmt_means, self.mmt_vars) if self.mmt_active else (None, None)
         rate = self.mmt_rate if self.mmt_active else 0.0
         if self.fuse is not None:
             means, variances, rms, rvs = self.fuse.bn_statistics(self.teacher)
-            loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights)
+            loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights, scale=scale)
         else:
             feats, self._features = self._features, []
             if len(feats) != len(self.bns):
@@ -163,6 +165,8 @@ class BNCapture:
             loss, means, variances = self._op(
                 feats, [m.running_mean for m in self.bns], [m.running_var for m in self.bns],
                 mm, mv, rate, self.weights)
+            if scale != 1.0:
+                loss = loss * scale
         self.last_means, self.last_vars = list(means), list(variances)
         return loss
 
@@ -320,7 +324,7 @@ class SynthCore(BaseSynthesis):
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss() if self.bn != 0 else None
+            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self.student(x_aug)
@@ -328,7 +332,7 @@ class SynthCore(BaseSynthesis):
             else:
                 loss = self.oh * F.cross_entropy(t_out, targets)
             if loss_bn is not None:
-                loss = loss + self.bn * loss_bn
+                loss = loss + loss_bn
         return loss
 
     def _log(self, loss):
@@ -336,12 +340,36 @@ class SynthCore(BaseSynthesis):
             self.loss_log.append(loss.detach().clone())
 
     @staticmethod
-    def _track_best(loss, x, best_cost, best_x):
-        """In place: keep x where loss < best (strictly) or where nothing is kept yet (best = inf)."""
-        ld = loss.detach().float().reshape(())
-        better = (ld < best_cost) | (best_cost == float("inf"))
-        best_cost.copy_(torch.where(better, ld, best_cost))
-        best_x.copy_(torch.where(better, x.detach().to(best_x.dtype), best_x))
+    def _track_best(loss, x, best_cost, best_x, first: bool | None = False):
+        """In place, under no_grad: keep the images x of the lowest loss, on the device.
+
+        ``first=True`` (the first step of a round, known to the Python loop): take x
+        unconditionally, as upstream's ``best_inputs is None`` branch does. ``first=False``: take
+        x where loss < best (strictly; upstream's ``best_cost > loss``). ``first=None`` (a
+        captured step, which the same graph replays for every step): the generic form, which
+        also takes x while nothing is kept yet (best = inf)."""
+        ld = loss if loss.dim() == 0 else loss.reshape(())
+        if first:
+            best_cost.copy_(ld)
+            best_x.copy_(x)
+            return
+        better = ld < best_cost
+        if first is None:
+            better = better | (best_cost == float("inf"))
+        torch.where(better, ld, best_cost, out=best_cost)
+        torch.where(better, x, best_x, out=best_x)
+
+    @staticmethod
+    def _backward(loss, optimizer: torch.optim.Optimizer) -> list:
+        """``optimizer.zero_grad(set_to_none=True); loss.backward()`` for the optimizer's
+        parameters, as ``torch.autograd.grad``: the same gradients, set as ``.grad``, without
+        an AccumulateGrad node (one detach op) per leaf or zero_grad's profiling ops. Returns
+        the gradients (None for a parameter the loss does not use)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return list(grads)
 
     def _compiled_fn(self, key, fn):
         c = self._compiled.get(key)

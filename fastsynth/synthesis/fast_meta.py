@@ -112,7 +112,7 @@ class FastMetaSynthesizer(SynthCore):
         loss = self.objective(x, self._targets, adv_on)
         return loss, x
 
-    def _step(self, adv_on: bool, meta_accumulate: bool):
+    def _step(self, adv_on: bool, meta_accumulate: bool, first: bool | None = False):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
@@ -122,14 +122,14 @@ class FastMetaSynthesizer(SynthCore):
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             self._log(loss)
-            self._track_best(loss, x, self._best_cost, self._best_x)
-        self._optimizer.zero_grad(set_to_none=True)
+            self._track_best(loss, x, self._best_cost, self._best_x, first)
         with nvtx_range("backward", self._nvtx):
-            loss.backward()
+            grads = self._backward(loss, self._optimizer)  # param group 0: the fast generator, then z
         with nvtx_range("step", self._nvtx):
             if meta_accumulate:
-                # first-order MAML: the slow generator's grad is the sum of the inner grads
-                fast_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._fast.parameters()]
+                # first-order MAML: the slow generator's grad is the sum of the inner grads (one op)
+                fast = self._optimizer.param_groups[0]["params"]
+                fast_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(fast, grads)]
                 torch._foreach_add_(self._meta_grads, fast_grads)
             self._optimizer.step()
         if self._graph_mode:
@@ -151,7 +151,7 @@ class FastMetaSynthesizer(SynthCore):
         meta = self._meta and self.ismaml
         if not self._graph_mode:
             for it in range(self.iterations):
-                self._step(adv_on, meta)
+                self._step(adv_on, meta, first=(it == 0))
             return
         key = (adv_on, self.capture.mmt_active, meta)
         if key not in self._graphs:
@@ -159,7 +159,8 @@ class FastMetaSynthesizer(SynthCore):
                 self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             if not hasattr(self, "_last_stats"):
                 self._last_stats = self.capture.stat_buffers()
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta), self._mutable, rng=self._rng)
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta, first=None), self._mutable,
+                                              rng=self._rng)
         g = self._graphs[key]
         for it in range(self.iterations):
             g()
