@@ -105,13 +105,17 @@ def _fake_backward(grad_y, x, weight, bias, running_mean, running_var, mean, gra
 def _setup_context(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats = inputs
     _, mean, _ = output
-    ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    # the batch mean is an output: save_for_backward would detach it when saving AND when
+    # unpacking (two ops per layer); one explicit detach (a constant for the backward) is enough
+    ctx.mean = mean.detach()
     ctx.eps, ctx.apply_relu, ctx.with_stats = eps, apply_relu, with_stats
 
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_y, grad_mean, grad_var):
-        x, weight, bias, running_mean, running_var, mean = ctx.saved_tensors
+        x, weight, bias, running_mean, running_var = ctx.saved_tensors
+        mean = ctx.mean
         need_wgrad = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         if grad_y is None:
             grad_y = torch.zeros_like(x)

@@ -90,6 +90,18 @@ def reset_optimizer_state_(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
+_UNIT_SEEDS: dict = {}
+
+
+def _unit_seed(loss: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim 1 matching ``loss`` (the backward seed; backward() builds it every call)."""
+    key = (loss.dtype, loss.device)
+    one = _UNIT_SEEDS.get(key)
+    if one is None:
+        one = _UNIT_SEEDS[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return one
+
+
 class BNCapture:
     """Collects the teacher's BatchNorm statistics during synthesis forwards.
 
@@ -366,7 +378,7 @@ class SynthCore(BaseSynthesis):
         an AccumulateGrad node (one detach op) per leaf or zero_grad's profiling ops. Returns
         the gradients (None for a parameter the loss does not use)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, grad_outputs=_unit_seed(loss), allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
         return list(grads)

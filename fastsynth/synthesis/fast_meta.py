@@ -40,6 +40,25 @@ def _module_tensors(m: nn.Module) -> list:
     return list(m.parameters()) + [b for b in m.buffers()]
 
 
+def _drop_batch_counters(fast: nn.Module) -> None:
+    """The fast generator is thrown away after each round (its BN running statistics included,
+    as upstream's clone): a BatchNorm with a fixed momentum never reads ``num_batches_tracked``,
+    so the fast copy does without it (no ``add_`` per BatchNorm per step)."""
+    for m in fast.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and \
+                getattr(m, "num_batches_tracked", None) is not None:
+            m.num_batches_tracked = None
+
+
+def _copy_pairs(dst: nn.Module, src: nn.Module) -> tuple[list, list]:
+    """(dst tensors, src tensors) matched by name, for fast <- slow: every parameter and every
+    buffer ``dst`` still has."""
+    s = dict(src.named_parameters())
+    s.update(dict(src.named_buffers()))
+    d = list(dst.named_parameters()) + list(dst.named_buffers())
+    return [t for _, t in d], [s[n] for n, _ in d]
+
+
 class FastMetaSynthesizer(SynthCore):
     """Drop-in ``FastMetaSynthesizer`` (zju-vipa/Fast-Datafree); fastsynth keywords follow the
     upstream ones: ``augment`` (crop/flip inside synthesis), ``pool_capacity``/``pool_eviction``,
@@ -89,6 +108,7 @@ class FastMetaSynthesizer(SynthCore):
         # persistent inner state: the module optimised in the inner loop, z, the inner optimiser
         if self._meta:
             self._fast = copy.deepcopy(self.generator).train()
+            _drop_batch_counters(self._fast)
             self.meta_optimizer = make_adam(self.generator.parameters(), self.lr_g * self.iterations,
                                             (0.5, 0.999), self.device, capturable=self._graph_mode)
         else:
@@ -179,7 +199,7 @@ class FastMetaSynthesizer(SynthCore):
             self._targets.copy_(t)
             if self._meta:
                 # fast <- slow (the upstream clone()), in place
-                torch._foreach_copy_(_module_tensors(self._fast), _module_tensors(self.generator))
+                torch._foreach_copy_(*_copy_pairs(self._fast, self.generator))
             self._best_cost.fill_(float("inf"))
         reset_optimizer_state_(self._optimizer)
         if self._meta and self.ismaml:
