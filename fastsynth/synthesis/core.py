@@ -275,6 +275,11 @@ class SynthCore(BaseSynthesis):
             norm = Normalizer(mean, std) if mean is not None else None
             self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
+        # the student's eval-mode forward with BN+ReLU through fused_bn (no statistics), built on
+        # first use; the student module itself is not changed (fuse.fused_eval_view)
+        self._fuse_student = bool(fuse_teacher)
+        self._student_view = None  # (student, view or None)
+        self._student_fwd = self.student
         self.teacher = self.capture.teacher
         # compile: True (inductor) or a dict of torch.compile keywords, e.g. {"backend": "aot_eager"}
         self._compile_options = dict(compile) if isinstance(compile, dict) else {}
@@ -320,6 +325,7 @@ class SynthCore(BaseSynthesis):
         self.teacher.eval()
         if self.student is not None:
             self.student.eval()
+        self._student_fwd = self._student_eval_forward()
         self.capture.activate()
         try:
             with frozen(self.teacher, self.student):
@@ -328,6 +334,19 @@ class SynthCore(BaseSynthesis):
             self.capture.deactivate()
             if self.student is not None:
                 self.student.train(s_mode)
+
+    def _student_eval_forward(self):
+        """What computes the student's logits in synthesis: its fused eval view, or the student
+        itself when fusion is off, impossible (no BatchNorm2d, untraceable) or when any of its
+        modules carries hooks (checked on every synthesize() call; they run as written)."""
+        st = self.student
+        if st is None or not self._fuse_student:
+            return st
+        if any(m._forward_hooks or m._forward_pre_hooks for m in st.modules()):
+            return st
+        if self._student_view is None or self._student_view[0] is not st:
+            self._student_view = (st, _fuse.fused_eval_view(st))
+        return self._student_view[1] if self._student_view[1] is not None else st
 
     def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool):
         """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2)."""
@@ -339,7 +358,7 @@ class SynthCore(BaseSynthesis):
             loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
             if adv_on:
                 with nvtx_range("student", self._nvtx):
-                    s_out = self.student(x_aug)
+                    s_out = self._student_fwd(x_aug)
                 loss = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)[0]
             else:
                 loss = self.oh * F.cross_entropy(t_out, targets)

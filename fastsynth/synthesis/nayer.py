@@ -119,7 +119,7 @@ class NAYER(SynthCore):
             loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
             if adv_on:
                 with nvtx_range("student", self._nvtx):
-                    s_out = self.student(x_aug)
+                    s_out = self._student_fwd(x_aug)
                 loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
                 loss_oh = parts["oh"]  # detached; used only for best_oh
             else:
