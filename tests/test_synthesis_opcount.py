@@ -170,3 +170,16 @@ def test_quick_inner_step_has_at_most_a_quarter_of_the_reference_ops():
         n_ours = count_aten_ops(bench._step_fn(syn))
         syn._end_round()
     assert n_ours * 4 <= n_ref, (n_ours, n_ref)
+
+
+def test_op_breakdown_files_every_counted_op_under_a_phase():
+    total, by_phase = bench.op_breakdown(quick=True)
+    assert total == sum(sum(ops.values()) for ops in by_phase.values())
+    assert "other" not in by_phase, by_phase.get("other")
+    for ph in ("fwd generator", "fwd augment", "fwd teacher", "fwd student", "fwd losses", "bwd losses",
+               "bwd student", "bwd teacher", "bwd augment", "bwd generator", "best-image tracking",
+               "MAML accumulation + Adam step"):
+        assert by_phase.get(ph), ph
+    # the student's BN+ReLU run fused; backward reaches no leaf through AccumulateGrad
+    assert "relu" not in by_phase["fwd student"] and "native_batch_norm" not in by_phase["fwd student"]
+    assert by_phase["fwd student"]["fastsynth.fused_bn_forward"] == 3
