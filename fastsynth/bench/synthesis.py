@@ -19,6 +19,7 @@ Providers (measured side by side in one run):
 Columns: median seconds per inner step, ATen ops per inner step (AtenOpCounter: each op is
 about one kernel launch on a GPU), peak extra memory of one step (CUDA: max_memory_allocated;
 CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mode), speedup.
+``--breakdown``: only the eager fastsynth step's ATen ops by phase and op name (``op_breakdown``).
 """
 from __future__ import annotations
 

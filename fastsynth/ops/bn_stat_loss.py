@@ -95,8 +95,8 @@ class _StatLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, target, sbar, rho, seg, zeros, w2, sizes, *stats):
         s = torch.cat(stats)
-        if sbar is None:
-            r = torch.sub(target, s, alpha=1.0 - rho) if rho != 0.0 else target - s
+        if sbar is None:  # no momentum state: rho = 0
+            r = target - s
         else:
             r = torch.sub(torch.sub(target, s, alpha=1.0 - rho), sbar, alpha=rho)
         norm = torch.index_add(zeros, 0, seg, r * r).sqrt_()
@@ -121,7 +121,9 @@ class _StatLoss(torch.autograd.Function):
 def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_means, mmt_vars, rho, weights,
                            scale, dtype, device, sizes):
     L = len(means)
-    compiling = torch.compiler.is_compiling()
+    # traced (torch.compile) or captured (CUDA graph) steps concatenate inside the step, so that a
+    # replay reads the current momentum state; the eager step reuses the version-checked cache
+    compiling = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     tg = list(running_vars) + list(running_means)
     if compiling:
         target = torch.cat([t.to(dtype) for t in tg])
