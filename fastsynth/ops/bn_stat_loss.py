@@ -94,13 +94,14 @@ class _StatLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, sbar, rho, seg, zeros, w2, sizes, *stats):
-        s = torch.cat(stats)
-        if sbar is None:  # no momentum state: rho = 0
-            r = target - s
-        else:
-            r = torch.sub(torch.sub(target, s, alpha=1.0 - rho), sbar, alpha=rho)
-        norm = torch.index_add(zeros, 0, seg, r * r).sqrt_()
-        loss = norm.sum() if w2 is None else torch.dot(norm, w2)
+        with torch.autocast(device_type=zeros.device.type, enabled=False):  # fp32/fp64 math as given
+            s = torch.cat(stats)
+            if sbar is None:  # no momentum state: rho = 0
+                r = target - s
+            else:
+                r = torch.sub(torch.sub(target, s, alpha=1.0 - rho), sbar, alpha=rho)
+            norm = torch.index_add(zeros, 0, seg, r * r).sqrt_()
+            loss = norm.sum() if w2 is None else torch.dot(norm, w2)
         ctx.save_for_backward(r, norm, w2, seg)
         ctx.rho, ctx.sizes = rho, sizes
         return loss
