@@ -208,6 +208,30 @@ def test_multi_layer_with_weights_and_partial_momentum(backend):
     assert rel(loss, ref_total) < 1e-10
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_layer_full_momentum_and_weights(backend):
+    # every layer with momentum state and float weights: the one-node loss on the concatenated
+    # statistics of the fused multi-layer op, against per-layer float64 references
+    shapes = [(4, 6, 5, 5), (4, 3, 7, 3), (4, 9, 2, 2)]
+    xs = [make_map(sh, torch.float64) for sh in shapes]
+    rms, rvs = zip(*[stats_for(sh[1], torch.float64) for sh in shapes])
+    mms, mvs = zip(*[stats_for(sh[1], torch.float64) for sh in shapes])
+    w = [2.0, 0.5, 1.5]
+    ts = [x.clone().requires_grad_() for x in xs]
+    loss, means, variances = bn_stat_loss_multi(ts, list(rms), list(rvs), list(mms), list(mvs), mmt_rate=0.9,
+                                                weights=w, backend=backend)
+    grads = torch.autograd.grad(loss, ts, torch.tensor(1.7, dtype=torch.float64))
+    total = 0.0
+    for i, x in enumerate(xs):
+        xr = x.clone().requires_grad_()
+        r, m, v = bn_stat_loss(xr, rms[i], rvs[i], mms[i], mvs[i], mmt_rate=0.9, backend="reference")
+        (g,) = torch.autograd.grad(r * w[i], [xr], torch.tensor(1.7, dtype=torch.float64))
+        total = total + w[i] * r.detach()
+        assert rel(grads[i], g) < 1e-10
+        assert rel(means[i], m) < 1e-10 and rel(variances[i], v) < 1e-10
+    assert rel(loss, total) < 1e-10
+
+
 def test_cross_backend_agreement_fp32():
     xs = [make_map((8, 16, 8, 8), torch.float32), make_map((8, 32, 4, 4), torch.float32, "channels_last")]
     rms, rvs = zip(*[stats_for(x.shape[1], torch.float32) for x in xs])

@@ -121,7 +121,7 @@ class _StatLoss(torch.autograd.Function):
 
 def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_means, mmt_vars, rho, weights,
                            scale, dtype, device, sizes):
-    L = len(means)
+    L = len(sizes)  # layers; means/variances may be one concatenated part each
     # traced (torch.compile) or captured (CUDA graph) steps concatenate inside the step, so that a
     # replay reads the current momentum state; the eager step reuses the version-checked cache
     compiling = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
@@ -149,7 +149,7 @@ def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_me
         if w2 is None:
             w2 = _SEGMENT_IDS[wkey] = torch.tensor([v * scale for v in w] * 2, dtype=dtype, device=device)
     stats = tuple(t.reshape(-1) if t.dim() != 1 else t for t in list(variances) + list(means))
-    return _StatLoss.apply(target, sbar, float(rho), seg, zeros, w2, sizes + sizes, *stats)
+    return _StatLoss.apply(target, sbar, float(rho), seg, zeros, w2, [t.numel() for t in stats], *stats)
 
 
 def loss_from_stats(
@@ -185,9 +185,8 @@ def loss_from_stats(
             f"{len(running_vars)} running_vars; all must have one entry per layer"
         )
     sizes = [int(m.numel()) for m in means]
-    mu = _flat(means)
-    var = _flat(variances)
-    return _loss_from_flat_stats(mu, var, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate, weights)
+    return _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate,
+                                 weights, scale)
 
 
 def _flat(ts, dtype=None):
@@ -196,12 +195,14 @@ def _flat(ts, dtype=None):
     return t if dtype is None else t.to(dtype)
 
 
-def _loss_from_flat_stats(mu, var, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate, weights):
-    """loss_from_stats with the statistics of all layers already concatenated (``mu``, ``var``;
-    ``sizes`` channels per layer): what the fused statistics op returns, used as is."""
+def _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate,
+                          weights, scale=1.0):
+    """loss_from_stats of per-channel statistics given in parts whose concatenation covers the
+    layers in order (``sizes``: channels per layer): one tensor per layer, or one tensor for all
+    layers, as the fused multi-layer statistics op returns them (used as is, no split)."""
     L = len(sizes)
-    dtype = mu.dtype
-    device = mu.device
+    dtype = means[0].dtype
+    device = means[0].device
 
     has_mmt = mmt_means is not None and any(m is not None for m in mmt_means)
     if has_mmt and (mmt_vars is None or len(mmt_means) != L or len(mmt_vars) != L):
@@ -219,6 +220,8 @@ def _loss_from_flat_stats(mu, var, sizes, running_means, running_vars, mmt_means
     def flat(ts, cast=False):
         return _flat(ts, dtype if cast else None)
 
+    mu = flat(means)
+    var = flat(variances)
     rm = flat(running_means, True)
     rv = flat(running_vars, True)
 
@@ -503,6 +506,6 @@ def bn_stat_loss_multi(
     mu_cat, var_cat = _stats_multi(list(features), be)
     sizes = [int(x.shape[1]) for x in features]
     # the concatenated statistics feed the loss directly (no split + re-concatenation in autograd)
-    loss = _loss_from_flat_stats(mu_cat, var_cat, sizes, running_means, running_vars, mmt_means, mmt_vars,
+    loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means, mmt_vars,
                                  float(mmt_rate), weights)
     return loss, list(mu_cat.detach().split(sizes)), list(var_cat.detach().split(sizes))
