@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/large_alloc.h"
+
 TORCH_LIBRARY(fastsynth, m) {
   // ---- bn_stat_loss (fastsynth/ops/bn_stat_loss.py) ----
   // Per-channel batch statistics (mean, biased variance) over every dim but dim 1 of a 2/3/4-D
@@ -86,4 +88,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastsynth compiled kernels (ops are registered under torch.ops.fastsynth)";
   m.def("build_info", &build_info, "Which backends this build of fastsynth._C contains");
+  m.def("empty_cache", [] { return fastsynth::large_block_cache().release(); },
+        "Free the recycled large CPU output blocks (csrc/cpu/large_alloc.h); returns the bytes freed");
+  m.def("cached_bytes", [] { return fastsynth::large_block_cache().cached_bytes(); },
+        "Bytes held by the recycled large CPU output blocks");
 }

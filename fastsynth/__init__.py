@@ -5,7 +5,7 @@ from . import _ext
 
 _ext.ensure_kernels_package()
 
-from ._ext import build_info  # noqa: E402
+from ._ext import build_info, empty_cache  # noqa: E402
 from . import ops  # noqa: E402
 from .fuse import fuse_teacher, unfuse_teacher  # noqa: E402
 from .hooks import DeepInversionHook  # noqa: E402
@@ -14,6 +14,7 @@ from .losses import KLDiv, jsdiv, kldiv  # noqa: E402
 __version__ = "0.1.0"
 __all__ = [
     "build_info",
+    "empty_cache",
     "ops",
     "DeepInversionHook",
     "kldiv",

@@ -146,13 +146,13 @@ def test_chunked_reductions(backend, shape, layout):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_gradients_in_huge_page_buffers(layout):
-    # gradients of >= 32 MB come from csrc/cpu/large_alloc.h (huge-page-backed, own deleter):
-    # values, strides and lifetime as with torch's allocator
+def test_large_gradients_in_recycled_blocks(layout):
+    # gradients of >= 4 MB come from csrc/cpu/large_alloc.h (recycled blocks, own deleter):
+    # values, strides and lifetime as with torch's allocator; a freed block serves the next call
     torch.manual_seed(0)
+    fastsynth.empty_cache()
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = (torch.randn(2, 4, 1024, 1040) * 2 + 3).to(memory_format=fmt).requires_grad_()
-    assert x.numel() * 4 >= 32 << 20
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     loss, _, _ = bn_stat_loss(x, rm, rv, backend="cpu")
     (g,) = torch.autograd.grad(loss, [x], torch.tensor(1.5))
@@ -161,8 +161,18 @@ def test_large_gradients_in_huge_page_buffers(layout):
     (g_ref,) = torch.autograd.grad(ref, [x64], torch.tensor(1.5, dtype=torch.float64))
     assert g.stride() == x.stride()
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-10)
-    g.add_(1.0)  # an ordinary writable tensor
-    del g
+    keep = g.clone()
+    ptr = g.data_ptr()
+    del g  # back to the cache, not to the system
+    loss, _, _ = bn_stat_loss(x, rm, rv, backend="cpu")
+    (g2,) = torch.autograd.grad(loss, [x], torch.tensor(1.5))
+    assert g2.data_ptr() == ptr  # the same block, reused
+    torch.testing.assert_close(g2, keep, rtol=0, atol=0)
+    g2.add_(1.0)  # an ordinary writable tensor
+    assert fastsynth.empty_cache() == 0  # the block is in use by g2: nothing cached
+    del g2
+    assert fastsynth.empty_cache() == x.numel() * 4
+    assert fastsynth.empty_cache() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

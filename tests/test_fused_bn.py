@@ -50,8 +50,8 @@ def rand_inputs(N, C, H, W, dtype=torch.float64, mean_scale=1.0):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_large_maps_in_huge_page_buffers(layout):
-    # y and grad_x of >= 32 MB come from csrc/cpu/large_alloc.h (huge-page-backed): values and
+def test_large_maps_in_recycled_blocks(layout):
+    # y and grad_x of >= 4 MB come from csrc/cpu/large_alloc.h (recycled blocks): values and
     # layout as with torch's allocator
     x, w, b, rm, rv = rand_inputs(2, 4, 1024, 1040, dtype=torch.float32)
     x = make_layout(x, layout).requires_grad_()

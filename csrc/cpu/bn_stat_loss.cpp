@@ -244,7 +244,7 @@ std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, 
   std::vector<at::Tensor> grads;
   std::vector<LayerDesc> layers;
   for (const auto& x : xs) {
-    grads.push_back(empty_like_large(x));  // as empty_like (x's layout where dense), huge pages when large
+    grads.push_back(empty_like_large(x));  // as empty_like (x's layout where dense); large blocks recycled
     layers.push_back(describe(x, &grads.back()));
   }
   const int nthreads = at::get_num_threads();

@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
   const bool cl = use_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor grad_y = grad_y_in.contiguous(fmt);
-  auto grad_x = empty_large(x.sizes(), x.options(), fmt);  // huge pages when large (cpu/large_alloc.h)
+  auto grad_x = empty_large(x.sizes(), x.options(), fmt);  // large blocks recycled (cpu/large_alloc.h)
   const bool need_x = apply_relu || with_stats || need_weight_grad;
   const Shape s = shape_of(x);
   at::Tensor grad_weight, grad_bias;

@@ -1,17 +1,23 @@
-// Output buffers for the CPU kernels that write whole feature maps (BN-statistics backward,
-// fused BatchNorm): large ones are backed by transparent huge pages.
+// Output buffers for the CPU kernels that write whole feature maps or weight gradients
+// (BN-statistics backward, fused BatchNorm, noisy-layer grad_W): large blocks are recycled.
 //
-// A freshly allocated buffer is mapped on first touch, one page fault per 4 KB page, and the
-// kernel zeroes every page: writing a 51 MB gradient into new memory took 38 ms against 7 ms
-// into memory already mapped (measured on the 2-core machine), so the faults, not the kernel,
-// set the speed of a backward pass. Asking for huge pages (madvise(MADV_HUGEPAGE), which the
-// system honours in its default "madvise" mode) faults once per 2 MB instead. The buffer is an
-// ordinary tensor with its own deleter; buffers below 32 MB keep torch's allocator.
+// Why: glibc maps every block of 32 MB or more afresh (and trims freed heap tops), and a fresh
+// mapping costs a page fault per 4 KB page on first touch, with the kernel zeroing each page:
+// writing a 51 MB gradient into new memory took 38 ms against 7 ms into memory already mapped
+// (measured on the 2-core machine), so the faults, not the kernel, set the speed of a backward
+// pass. A synthesis step allocates the same shapes every step and frees them before the next,
+// so blocks of kMinCachedBytes or more are kept when their tensor dies and handed out again for
+// the next request of the same size; at most kMaxCachedBytes stay cached (fastsynth.empty_cache()
+// releases them). New blocks are 2 MB aligned and advised as huge pages (Linux), which makes
+// their first touch cheaper as well. The buffers are ordinary tensors with their own deleter.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -19,31 +25,93 @@
 
 namespace fastsynth {
 
-constexpr int64_t kHugePage = int64_t(2) << 20;
-// glibc serves blocks below its dynamic mmap threshold (up to 32 MB) from the heap, where a
-// freed block is reused without new faults; from 32 MB on every allocation is a fresh mapping
-constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
+constexpr size_t kMinCachedBytes = size_t(4) << 20;
+constexpr size_t kMaxCachedBytes = size_t(512) << 20;
+constexpr size_t kBlockAlign = size_t(2) << 20;
 
-// An uninitialised tensor of these sizes and strides (strides of a dense layout).
-inline at::Tensor empty_strided_large(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  if (options.device().is_cpu() && bytes >= kHugePageMinBytes) {
-    const int64_t padded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = std::aligned_alloc(static_cast<size_t>(kHugePage), static_cast<size_t>(padded));
-    if (p != nullptr) {
-      madvise(p, static_cast<size_t>(padded), MADV_HUGEPAGE);  // advice only: failure is harmless
-      return at::from_blob(p, sizes, strides, [](void* q) { std::free(q); }, options);
+class LargeBlockCache {
+ public:
+  void* take(size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t j = 0; j < free_.size(); ++j) {
+        if (free_[j].second == nbytes) {
+          void* p = free_[j].first;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(j));
+          cached_ -= nbytes;
+          return p;
+        }
+      }
     }
+    void* p = nullptr;
+    const size_t rounded = (nbytes + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
+    if (posix_memalign(&p, kBlockAlign, rounded) != 0) return nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // a hint; ignored where transparent huge pages are off
+#endif
+    return p;
+  }
+
+  void give_back(void* p, size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + nbytes <= kMaxCachedBytes) {
+        free_.emplace_back(p, nbytes);
+        cached_ += nbytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  // Frees every cached block; returns the bytes released.
+  size_t release() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    size_t n = 0;
+    for (auto& b : blocks) {
+      std::free(b.first);
+      n += b.second;
+    }
+    return n;
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> free_;
+  size_t cached_ = 0;
+};
+
+inline LargeBlockCache& large_block_cache() {
+  static LargeBlockCache* cache = new LargeBlockCache();  // never destroyed: tensors may outlive static destructors
+  return *cache;
+}
+
+// An uninitialised CPU tensor of these sizes and strides (strides of a dense layout).
+inline at::Tensor empty_strided_large(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+#if defined(__linux__)
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (options.device().is_cpu() && nbytes >= kMinCachedBytes) {
+    void* p = large_block_cache().take(nbytes);
+    if (p != nullptr)
+      return at::from_blob(p, sizes, strides, [nbytes](void* q) { large_block_cache().give_back(q, nbytes); }, options);
   }
 #endif
   return at::empty_strided(sizes, strides, options);
 }
 
 // As at::empty(sizes, options.memory_format(fmt)).
-inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat fmt) {
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
+                              at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
   const at::Tensor meta = at::empty(sizes, options.device(at::kMeta).memory_format(fmt));  // strides, no memory
   return empty_strided_large(sizes, meta.strides(), options);
 }
