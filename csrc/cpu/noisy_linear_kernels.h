@@ -1,0 +1,220 @@
+// Torch-free CPU kernels of fastsynth::noisy_linear (see csrc/cpu/noisy_linear.cpp for the
+// scheme); included by that file only.
+#pragma once
+
+// The 32-byte vector types are only passed between inlined helpers of one ISA clone.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace fastsynth {
+namespace noisy_linear_kernels {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FS_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define FS_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FS_ALWAYS_INLINE inline
+#endif
+
+constexpr int64_t kVecBytes = 32;
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(T));
+};
+
+template <typename T>
+FS_ALWAYS_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
+}
+
+template <typename T>
+FS_ALWAYS_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+FS_ALWAYS_INLINE typename Vec<T>::type vsplat(T s) {
+  typename Vec<T>::type v;
+  for (int64_t l = 0; l < Vec<T>::kLanes; ++l) v[l] = s;
+  return v;
+}
+
+template <typename T>
+FS_ALWAYS_INLINE T vsum(typename Vec<T>::type v) {
+  T s = 0;
+  for (int64_t l = 0; l < Vec<T>::kLanes; ++l) s += v[l];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward: columns [o0, o1) of one layer's nr output rows
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kFwdRows = 4;  // weight rows per step: 4 FMAs per load/store of the output
+
+// out[r, o] = bias[o] + sum_i x[r, i] w[i, o] for r < nr, o in [o0, o1).
+// x: [nr, I] (row stride I), w: [I, O], out: [nr, O] (row stride O).
+template <typename T>
+FS_ALWAYS_INLINE void forward_tile(const T* x, const T* w, const T* bias, T* out, int64_t nr, int64_t I, int64_t O,
+                                   int64_t o0, int64_t o1) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t ov = o0 + (o1 - o0) / L * L;  // end of the whole vectors
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t o = o0; o < o1; ++o) out[r * O + o] = bias[o];
+  }
+  int64_t i = 0;
+  for (; i + kFwdRows <= I; i += kFwdRows) {
+    const T* w0 = w + i * O;
+    const T* w1 = w0 + O;
+    const T* w2 = w1 + O;
+    const T* w3 = w2 + O;
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* xr = x + r * I + i;
+      const T a0 = xr[0], a1 = xr[1], a2 = xr[2], a3 = xr[3];
+      const V b0 = vsplat<T>(a0), b1 = vsplat<T>(a1), b2 = vsplat<T>(a2), b3 = vsplat<T>(a3);
+      T* orow = out + r * O;
+      for (int64_t o = o0; o < ov; o += L) {
+        const V acc = vload(orow + o) + ((b0 * vload(w0 + o) + b1 * vload(w1 + o)) +
+                                         (b2 * vload(w2 + o) + b3 * vload(w3 + o)));
+        vstore(orow + o, acc);
+      }
+      for (int64_t o = ov; o < o1; ++o) orow[o] += (a0 * w0[o] + a1 * w1[o]) + (a2 * w2[o] + a3 * w3[o]);
+    }
+  }
+  for (; i < I; ++i) {
+    const T* w0 = w + i * O;
+    for (int64_t r = 0; r < nr; ++r) {
+      const T a0 = x[r * I + i];
+      const V b0 = vsplat<T>(a0);
+      T* orow = out + r * O;
+      for (int64_t o = o0; o < ov; o += L) vstore(orow + o, vload(orow + o) + b0 * vload(w0 + o));
+      for (int64_t o = ov; o < o1; ++o) orow[o] += a0 * w0[o];
+    }
+  }
+}
+
+template <typename T>
+FS_SIMD_CLONES void forward_tile_cloned(const T* x, const T* w, const T* bias, T* out, int64_t nr, int64_t I,
+                                        int64_t O, int64_t o0, int64_t o1) {
+  forward_tile(x, w, bias, out, nr, I, O, o0, o1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: weight rows [i0, i1) of one layer, each read once
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kBwdRows = 8;  // grad_out rows per sweep of a weight row (dot accumulators in registers)
+
+// One sweep of weight row w[0..O) against R grad_out rows g[j*O ..] (j < R):
+//   dots[j]  = <g_j, w>                          (when GX)
+//   gw[o]    = (first ? 0 : gw[o]) + sum_j xs[j] g_j[o]   (when GW; gw is an L1 row buffer)
+template <typename T, int R, bool GX, bool GW>
+FS_ALWAYS_INLINE void backward_sweep(const T* w, const T* g, const T* xs, T* gw, bool first, int64_t O, T* dots) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t ov = O / L * L;
+  V acc[R];
+  V bx[R];
+  for (int j = 0; j < R; ++j) {
+    acc[j] = vsplat<T>(0);
+    bx[j] = vsplat<T>(xs[j]);
+  }
+  for (int64_t o = 0; o < ov; o += L) {
+    V wv;
+    if (GX) wv = vload(w + o);
+    V gwv = first ? vsplat<T>(0) : vload(gw + o);
+    for (int j = 0; j < R; ++j) {
+      const V gv = vload(g + j * O + o);
+      if (GW) gwv += bx[j] * gv;
+      if (GX) acc[j] += gv * wv;
+    }
+    if (GW) vstore(gw + o, gwv);
+  }
+  T tail[R];
+  for (int j = 0; j < R; ++j) tail[j] = 0;
+  for (int64_t o = ov; o < O; ++o) {
+    T gwo = first ? T(0) : gw[o];
+    for (int j = 0; j < R; ++j) {
+      const T gv = g[j * O + o];
+      if (GW) gwo += xs[j] * gv;
+      if (GX) tail[j] += gv * w[o];
+    }
+    if (GW) gw[o] = gwo;
+  }
+  if (GX) {
+    for (int j = 0; j < R; ++j) dots[j] = vsum<T>(acc[j]) + tail[j];
+  }
+}
+
+template <typename T, bool GX, bool GW>
+FS_ALWAYS_INLINE void backward_sweep_n(int n, const T* w, const T* g, const T* xs, T* gw, bool first, int64_t O,
+                                       T* dots) {
+  switch (n) {
+    case 1: backward_sweep<T, 1, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 2: backward_sweep<T, 2, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 3: backward_sweep<T, 3, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 4: backward_sweep<T, 4, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 5: backward_sweep<T, 5, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 6: backward_sweep<T, 6, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 7: backward_sweep<T, 7, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    default: backward_sweep<T, kBwdRows, GX, GW>(w, g, xs, gw, first, O, dots); break;
+  }
+}
+
+// Weight rows [i0, i1) of one layer with nr rows: x [nr, I], g [nr, O], w [I, O];
+// gx [nr, I] (column i written), gw [I, O] (row i written), xt/rowbuf: scratch of nr and O.
+template <typename T, bool GX, bool GW>
+FS_ALWAYS_INLINE void backward_rows(const T* x, const T* g, const T* w, T* gx, T* gw, int64_t nr, int64_t I,
+                                    int64_t O, int64_t i0, int64_t i1, T* xt, T* rowbuf) {
+  T dots[kBwdRows];
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t r = 0; r < nr; ++r) xt[r] = x[r * I + i];  // column i of x
+    for (int64_t r0 = 0; r0 < nr; r0 += kBwdRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kBwdRows, nr - r0));
+      backward_sweep_n<T, GX, GW>(n, w + i * O, g + r0 * O, xt + r0, rowbuf, r0 == 0, O, dots);
+      if (GX) {
+        for (int j = 0; j < n; ++j) gx[(r0 + j) * I + i] = dots[j];
+      }
+    }
+    if (GW) std::memcpy(gw + i * O, rowbuf, sizeof(T) * O);
+  }
+}
+
+template <typename T>
+FS_SIMD_CLONES void backward_rows_cloned(const T* x, const T* g, const T* w, T* gx, T* gw, int64_t nr, int64_t I,
+                                         int64_t O, int64_t i0, int64_t i1, T* xt, T* rowbuf, bool need_gx,
+                                         bool need_gw) {
+  if (need_gx && need_gw) {
+    backward_rows<T, true, true>(x, g, w, gx, gw, nr, I, O, i0, i1, xt, rowbuf);
+  } else if (need_gx) {
+    backward_rows<T, true, false>(x, g, w, gx, gw, nr, I, O, i0, i1, xt, rowbuf);
+  } else if (need_gw) {
+    backward_rows<T, false, true>(x, g, w, gx, gw, nr, I, O, i0, i1, xt, rowbuf);
+  }
+}
+
+// grad_bias row of one layer: gb[o] = sum_{r < nr} g[r, o] (rows in order).
+template <typename T>
+void bias_grad_row(const T* g, T* gb, int64_t nr, int64_t O) {
+  for (int64_t o = 0; o < O; ++o) gb[o] = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* grow = g + r * O;
+#pragma omp simd
+    for (int64_t o = 0; o < O; ++o) gb[o] += grow[o];
+  }
+}
+
+}  // namespace noisy_linear_kernels
+}  // namespace fastsynth
