@@ -217,3 +217,18 @@ def test_torch_compile_fullgraph_forward_backward():
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_automatic_backend_fused_for_few_rows_per_layer_batched_gemm_above():
+    from fastsynth.bench.harness import AtenOpCounter
+    from fastsynth.ops.noisy_linear import FUSED_MAX_NL
+
+    for nl, fused in ((10, True), (FUSED_MAX_NL + 1, False)):
+        layers = NoisyLayers(2, 8, 6, nl)
+        x = torch.randn(2 * nl - 1, 8)
+        with AtenOpCounter() as counter:
+            out = layers(x)
+        assert (counter.counts.get("fastsynth.noisy_linear", 0) == 1) == fused, counter.counts
+        assert (counter.counts.get("aten.baddbmm", 0) == 1) == (not fused), counter.counts
+        torch.testing.assert_close(out, loop_reference(x, layers.weight, layers.bias, nl), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,11 @@ re-init (once per synthesised batch):
 noisy layers forward + backward (every inner step):
   upstream          ModuleList loop over row blocks of nl rows + torch.cat (NLGenerator.forward)
   upstream_compile  torch.compile of it
-  fastsynth         fastsynth.nn.NoisyLayers: one baddbmm over [K, nl, 512] x [K, 512, 1000]
+  baddbmm           one baddbmm over [K, nl, 512] x [K, 512, 1000] (noisy_linear backend="reference",
+                    the CUDA path)
+  fastsynth         fastsynth.nn.NoisyLayers: fastsynth.ops.noisy_linear (fused CPU kernels)
+  Each step sets the gradients to None first (NAYER's optimizer.zero_grad()), so every
+  provider allocates its weight gradient afresh, as in training.
   bytes ~ 3 * 4 K 512*1000 (read W forward, read W for grad_input, write grad_W) + activations,
   FLOPs = 3 * 2 * B * 512 * 1000.
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.generators import NoisyLayers
+from ..ops.noisy_linear import noisy_linear
 from ..ops.reinit import make_seed, reinit_
 from . import harness
 
@@ -118,21 +123,30 @@ def run(quick: bool = False, device: str = "cpu", compile_upstream: bool | None 
         fb_bytes = 4 * (3 * k * le_size * emb + 3 * b * le_size + 2 * b * emb)
         flops = 3 * 2 * b * le_size * emb
 
-        def fwd_bwd(fn):
+        def fwd_bwd(fn, params):
+            # as in NAYER's inner step: gradients set to None (optimizer.zero_grad()), forward, backward
             def step():
+                for p in params:
+                    p.grad = None
+                le.grad = None
                 out = fn(le)
                 out.backward(grad)
             return step
 
-        up = fwd_bwd(lambda x: _upstream_forward(layers, x, nl))
-        ours = fwd_bwd(noisy)
+        up_params = list(layers.parameters())
+        up = fwd_bwd(lambda x: _upstream_forward(layers, x, nl), up_params)
+        ours = fwd_bwd(noisy, [noisy.weight, noisy.bias])
+        bmm = fwd_bwd(lambda x: noisy_linear(x, noisy.weight, noisy.bias, nl, backend="reference"),
+                      [noisy.weight, noisy.bias])
         times = {"upstream": harness.median_time(up, warmup=warmup, reps=reps, device=device)}
         if with_compile:
             try:
                 cfwd = torch.compile(lambda x: _upstream_forward(layers, x, nl))
-                times["upstream_compile"] = harness.median_time(fwd_bwd(cfwd), warmup=warmup, reps=reps, device=device)
+                times["upstream_compile"] = harness.median_time(fwd_bwd(cfwd, up_params), warmup=warmup, reps=reps,
+                                                                device=device)
             except Exception as exc:  # noqa: BLE001
                 print(f"# upstream_compile fwd+bwd failed: {type(exc).__name__}: {exc}")
+        times["baddbmm"] = harness.median_time(bmm, warmup=warmup, reps=reps, device=device)
         times["fastsynth"] = harness.median_time(ours, warmup=warmup, reps=reps, device=device)
         base, base_c = times["upstream"], times.get("upstream_compile")
         for prov, t in times.items():

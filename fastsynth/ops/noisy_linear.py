@@ -16,7 +16,9 @@ Backends:
              products with the layer's nl grad_out rows, held in cache) and writes the grad_W row
              (where MKL runs grad_W as a GEMM of inner dimension nl, far below the bandwidth
              floor). float16/bfloat16 CPU tensors take the reference below (no fp32-accumulating
-             CPU kernel for them).
+             CPU kernel for them), and so do layers of more than FUSED_MAX_NL rows unless
+             ``backend="cpu"`` is asked for: there each weight element serves enough rows for
+             MKL's GEMM to be the faster kernel.
   reference  one ``torch.baddbmm(bias, x.view(kb, nl, I), W[:kb])`` over the kb layers in use
              (x zero-padded to whole blocks; the padded rows' outputs are dropped), autograd by
              torch. This is also the path on CUDA tensors: there cuBLAS's batched GEMM is the
@@ -32,6 +34,11 @@ from ..backend import check_tensor, resolve_backend
 
 OP = "noisy_linear"
 _CPU_DTYPES = (torch.float32, torch.float64)
+# With the backend chosen automatically, CPU tensors take the fused kernel up to this many rows
+# per layer and the batched GEMM above it: at nl = 10 (CIFAR-10) the fused kernel is about twice
+# as fast as MKL's bmm, at nl = 100 (CIFAR-100) each layer's GEMM has 100 rows, MKL runs it near
+# its compute peak and is about twice as fast as the fused kernel (docs/PERFORMANCE.md).
+FUSED_MAX_NL = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +130,6 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nl: 
     """
     _validate(x, weight, bias, nl)
     be = resolve_backend(backend, x.device, OP)
-    if be == "cpu" and x.dtype in _CPU_DTYPES:
+    if be == "cpu" and x.dtype in _CPU_DTYPES and (backend == "cpu" or nl <= FUSED_MAX_NL):
         return torch.ops.fastsynth.noisy_linear(x, weight, bias, int(nl))
     return noisy_linear_reference(x, weight, bias, int(nl))
