@@ -120,7 +120,10 @@ FS_SIMD_CLONES void forward_tile_cloned(const T* x, const T* w, const T* bias, T
 // backward: weight rows [i0, i1) of one layer, each read once
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kBwdRows = 8;  // grad_out rows per sweep of a weight row (dot accumulators in registers)
+// grad_out rows per sweep of a weight row: NAYER's CIFAR-10 nl = 10 in one sweep. The 10 dot
+// accumulators and 10 broadcasts stay in registers with AVX-512's 32 vector registers (the AVX2
+// clone spills some of them; measured 15-25% faster than sweeps of 8 + 2 rows here).
+constexpr int kBwdRows = 10;
 
 // One sweep of weight row w[0..O) against R grad_out rows g[j*O ..] (j < R):
 //   dots[j]  = <g_j, w>                          (when GX)
@@ -174,6 +177,8 @@ FS_ALWAYS_INLINE void backward_sweep_n(int n, const T* w, const T* g, const T* x
     case 5: backward_sweep<T, 5, GX, GW>(w, g, xs, gw, first, O, dots); break;
     case 6: backward_sweep<T, 6, GX, GW>(w, g, xs, gw, first, O, dots); break;
     case 7: backward_sweep<T, 7, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 8: backward_sweep<T, 8, GX, GW>(w, g, xs, gw, first, O, dots); break;
+    case 9: backward_sweep<T, 9, GX, GW>(w, g, xs, gw, first, O, dots); break;
     default: backward_sweep<T, kBwdRows, GX, GW>(w, g, xs, gw, first, O, dots); break;
   }
 }
