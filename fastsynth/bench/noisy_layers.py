@@ -21,7 +21,7 @@ noisy layers forward + backward (every inner step):
   bytes ~ 3 * 4 K 512*1000 (read W forward, read W for grad_input, write grad_W) + activations,
   FLOPs = 3 * 2 * B * 512 * 1000.
 
-    python benchmarks/bench_noisy_layers.py [--quick] [--device cpu|cuda] [--csv PATH]
+    python benchmarks/bench_noisy_layers.py [--quick] [--device cpu|cuda] [--csv PATH] [--threads N]
 """
 from __future__ import annotations
 
@@ -160,7 +160,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers (slow to compile)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) before measuring")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(quick=args.quick, device=args.device, compile_upstream=False if args.no_compile else None)
     harness.print_table(rows, ["kernel", "case", "provider", "median_ms", "speedup_vs_eager", "speedup_vs_compile",
                                "bytes", "GBps", "bw_frac", "aten_ops"])
