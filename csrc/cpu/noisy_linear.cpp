@@ -5,20 +5,22 @@
 // is used by only nl rows, so the op is bound by streaming the weight (82 MB at K = 40), and the
 // point of these kernels is to touch each weight row as few times as possible:
 //   forward   one pass over W: per layer, the nl output rows of a column block stay in L1/L2
-//             while blocks of 4 weight rows stream past (out[r] += sum_j x[r, i+j] W[i+j]).
+//             while blocks of 8 weight rows stream past (out[r] += sum_j x[r, i+j] W[i+j]).
 //   backward  one pass over W that reads each weight row once and, in the same sweep,
 //               grad_x[r, i] = <grad_out[r, :], W[i, :]>            (nl dot products)
 //               grad_W[i, :] = sum_r x[r, i] grad_out[r, :]          (written once)
-//             with the layer's nl grad_out rows held in cache. MKL runs the second product as a
-//             GEMM of inner dimension nl, far below the bandwidth floor.
-// grad_bias[k] = sum of the layer's grad_out rows (a separate small pass).
+//             with the layer's nl grad_out rows held in cache (10 rows per sweep), the grad_W
+//             row leaving through streaming stores. MKL runs the second product as a GEMM of
+//             inner dimension nl, far below the bandwidth floor.
+// grad_bias[k] = sum of the layer's grad_out rows (a separate small pass). grad_W blocks come
+// from a cache of recycled blocks (empty_recycled below: a fresh 82 MB block costs more in page
+// faults than the kernel).
 //
 // Vectors are GCC/Clang vector extensions of 32 bytes (8 floats, 4 doubles), cloned for
 // x86-64-v4 / v3 / baseline (target_clones, picked at load time): 256-bit FMAs are far faster
-// than the memory stream here, and 32-byte vectors keep the row-chunk accumulators in registers
-// on AVX2 as well. Every output element is computed by one task in a fixed order (column and row
-// blocks are multiples of the vector width and do not depend on the thread count), so results are
-// deterministic for any number of threads.
+// than the memory stream here. Every output element is computed by one task in a fixed order
+// (column blocks are multiples of the vector width, row chunks fixed; neither depends on the
+// thread count), so results are deterministic for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
