@@ -1,6 +1,6 @@
 """Build fastsynth and its C++/CUDA extension ``fastsynth._C``.
 
-CPU sources (csrc/register.cpp, csrc/cpu/*.cpp) are always compiled. CUDA sources
+CPU sources (csrc/register.cpp, csrc/cpu/*.cpp, csrc/autograd/*.cpp) are always compiled. CUDA sources
 (csrc/cuda/*.cu and csrc/cuda/*_binding.cpp) are compiled only where torch was built
 with CUDA and a CUDA toolkit is found; ``FASTSYNTH_CUDA=0`` opts out, ``FASTSYNTH_CUDA=1``
 makes a missing toolkit an error. With no GPU visible the arch list is explicit
@@ -38,7 +38,8 @@ def _extension():
             f"FASTSYNTH_CUDA=1 but torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
         )
 
-    sources = _rel([os.path.join(ROOT, "csrc", "register.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "register.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                   + glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTSYNTH_WITH_CPU"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]

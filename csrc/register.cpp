@@ -4,7 +4,8 @@
 // in one place. Backend implementations register themselves next to their kernels:
 //   csrc/cpu/<op>.cpp           TORCH_LIBRARY_IMPL(fastsynth, CPU, m)
 //   csrc/cuda/<op>_binding.cpp  TORCH_LIBRARY_IMPL(fastsynth, CUDA, m)   (CUDA builds only)
-// Fake (meta) kernels and autograd formulas are registered from Python (fastsynth/ops/<op>.py).
+//   csrc/autograd/<op>.cpp      TORCH_LIBRARY_IMPL(fastsynth, Autograd, m)  (every backend)
+// Fake (meta) kernels are registered from Python (fastsynth/ops/<op>.py), as are the Triton ops.
 // The pybind11 module serves non-tensor utilities only.
 #include <torch/extension.h>
 #include <torch/library.h>

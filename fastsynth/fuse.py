@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers"]
+           "fused_layers", "fused_eval_view"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -249,3 +249,68 @@ def bn_statistics(teacher: nn.Module):
         rms.append(m.running_mean)
         rvs.append(m.running_var)
     return means, variances, rms, rvs
+
+
+def _attr(root: nn.Module, target: str):
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def fused_eval_view(model: nn.Module, backend: str | None = None):
+    """A module computing ``model``'s eval-mode forward with every ``nn.BatchNorm2d`` (and a ReLU
+    that directly and solely consumes it) through ``fused_bn`` without statistics -- one op per
+    BN+ReLU pair forward and one backward, where eval BatchNorm + ReLU dispatch five forward
+    (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops.
+
+    ``model`` is not changed: the view is a ``torch.fx`` GraphModule over the SAME submodules,
+    parameters and buffers, with a ``FusedBatchNorm2d`` per BatchNorm that shares the original's
+    parameter/buffer/hook dicts (weights trained later are seen). The view is for eval-mode
+    forwards only (its BN layers always run the eval formula); a BatchNorm with forward hooks
+    keeps its ReLU separate (the hook sees the BN output). Returns None when ``model`` does not
+    trace or has no BatchNorm2d.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    root: dict = {}
+    fused: dict[int, FusedBatchNorm2d] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            if type(m) is nn.BatchNorm2d:
+                if id(m) not in fused:
+                    f = FusedBatchNorm2d.from_batchnorm(m, backend)
+                    f.__dict__["training"] = False  # its own flag: always the eval formula
+                    f.stats_enabled = False
+                    fused[id(m)] = f
+                m = fused[id(m)]
+            root[node.target] = m
+        elif node.op == "get_attr":
+            root[node.target] = _attr(model, node.target)
+    if not fused:
+        return None
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(root.get(node.target), FusedBatchNorm2d):
+            continue
+        bn = root[node.target]
+        if bn._forward_hooks or bn._forward_pre_hooks or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if not _is_relu(user, modules) or len(user.args) < 1 or user.args[0] is not node:
+            continue
+        if any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
+            continue
+        node.kwargs = {**node.kwargs, "relu": True}
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+    graph.lint()
+    view = fx.GraphModule(root, graph)
+    view.__dict__["training"] = False
+    return view

@@ -145,6 +145,26 @@ def test_chunked_reductions(backend, shape, layout):
     assert rel(loss, rl) < 1e-5 and rel(g, rg) < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_gradients_in_huge_page_buffers(layout):
+    # gradients of >= 32 MB come from csrc/cpu/large_alloc.h (huge-page-backed, own deleter):
+    # values, strides and lifetime as with torch's allocator
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 4, 1024, 1040) * 2 + 3).to(memory_format=fmt).requires_grad_()
+    assert x.numel() * 4 >= 32 << 20
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    loss, _, _ = bn_stat_loss(x, rm, rv, backend="cpu")
+    (g,) = torch.autograd.grad(loss, [x], torch.tensor(1.5))
+    x64 = x.detach().double().requires_grad_()
+    ref, _, _ = bn_stat_loss(x64, rm.double(), rv.double(), backend="reference")
+    (g_ref,) = torch.autograd.grad(ref, [x64], torch.tensor(1.5, dtype=torch.float64))
+    assert g.stride() == x.stride()
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-10)
+    g.add_(1.0)  # an ordinary writable tensor
+    del g
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_small_variance(backend):
     # mean 1000, std 0.01 in fp32: E[x^2]-E[x]^2 in fp32 loses the variance entirely
@@ -186,6 +206,30 @@ def test_multi_layer_with_weights_and_partial_momentum(backend):
         assert rel(means[i], rmean) < 1e-10 and rel(variances[i], rvar) < 1e-10
         assert means[i].shape == (shapes[i][1],) and not means[i].requires_grad
     assert rel(loss, ref_total) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_layer_full_momentum_and_weights(backend):
+    # every layer with momentum state and float weights: the one-node loss on the concatenated
+    # statistics of the fused multi-layer op, against per-layer float64 references
+    shapes = [(4, 6, 5, 5), (4, 3, 7, 3), (4, 9, 2, 2)]
+    xs = [make_map(sh, torch.float64) for sh in shapes]
+    rms, rvs = zip(*[stats_for(sh[1], torch.float64) for sh in shapes])
+    mms, mvs = zip(*[stats_for(sh[1], torch.float64) for sh in shapes])
+    w = [2.0, 0.5, 1.5]
+    ts = [x.clone().requires_grad_() for x in xs]
+    loss, means, variances = bn_stat_loss_multi(ts, list(rms), list(rvs), list(mms), list(mvs), mmt_rate=0.9,
+                                                weights=w, backend=backend)
+    grads = torch.autograd.grad(loss, ts, torch.tensor(1.7, dtype=torch.float64))
+    total = 0.0
+    for i, x in enumerate(xs):
+        xr = x.clone().requires_grad_()
+        r, m, v = bn_stat_loss(xr, rms[i], rvs[i], mms[i], mvs[i], mmt_rate=0.9, backend="reference")
+        (g,) = torch.autograd.grad(r * w[i], [xr], torch.tensor(1.7, dtype=torch.float64))
+        total = total + w[i] * r.detach()
+        assert rel(grads[i], g) < 1e-10
+        assert rel(means[i], m) < 1e-10 and rel(variances[i], v) < 1e-10
+    assert rel(loss, total) < 1e-10
 
 
 def test_cross_backend_agreement_fp32():
@@ -235,6 +279,78 @@ def test_zero_residual_has_zero_gradient_not_nan():
     loss, _, _ = bn_stat_loss(x, rm, rv)
     (g,) = torch.autograd.grad(loss, x)
     assert loss.item() < 1e-12 and torch.isfinite(g).all()
+
+
+def _loss_from_stats_oracle(means, variances, rms, rvs, mms, mvs, rho, weights, scale):
+    """Per-layer float64 formulation of the spec (torch.norm, as the upstream hook)."""
+    total = 0.0
+    for l in range(len(means)):
+        if mms is None:
+            r = torch.norm(rvs[l] - variances[l], 2) + torch.norm(rms[l] - means[l], 2)
+        else:
+            r = (torch.norm(rvs[l] - (1 - rho) * variances[l] - rho * mvs[l], 2)
+                 + torch.norm(rms[l] - (1 - rho) * means[l] - rho * mms[l], 2))
+        total = total + (1.0 if weights is None else weights[l]) * r
+    return scale * total
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@pytest.mark.parametrize("weights,scale", [(None, 1.0), ([2.0, 0.5, 1.0], 1.0), (None, 10.0), ([3.0, 1.0, 0.25], 0.7)])
+def test_loss_from_stats_fused_path_matches_oracle(momentum, weights, scale):
+    """The one-node path (every layer with or without momentum state, float weights, ``scale``):
+    loss and gradients w.r.t. the statistics in float64, grad_output != 1, one layer with an
+    exactly zero residual (gradient 0, not NaN) and a NaN layer that propagates."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [3, 5, 2]
+    mk = lambda: [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]  # noqa: E731
+    rms, rvs = mk(), [v.abs() + 0.5 for v in mk()]
+    mms, mvs = (mk(), [v.abs() + 0.5 for v in mk()]) if momentum else (None, None)
+    rho = 0.5 if momentum else 0.0  # 0.5: the zero residual below is exact in binary
+    means = [t.clone().requires_grad_() for t in mk()]
+    variances = [t.abs().add(0.3).requires_grad_() for t in mk()]
+    with torch.no_grad():  # layer 1's mean residual is exactly zero: rm - (1-rho) mu - rho mbar = 0
+        if momentum:
+            mms[1].zero_()
+            means[1].copy_(2 * rms[1])
+        else:
+            means[1].copy_(rms[1])
+    loss = loss_from_stats(means, variances, rms, rvs, mms, mvs, rho, weights, scale=scale)
+    assert loss.grad_fn is not None and "StatLoss" in type(loss.grad_fn).__name__  # the fused path ran
+    ref_means = [m.detach().clone().requires_grad_() for m in means]
+    ref_vars = [v.detach().clone().requires_grad_() for v in variances]
+    ref = _loss_from_stats_oracle(ref_means, ref_vars, rms, rvs, mms, mvs, rho, weights, scale)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.tensor(0.37, dtype=torch.float64)
+    got = torch.autograd.grad(loss, means + variances, gout)
+    exp = torch.autograd.grad(ref, ref_means + ref_vars, gout)
+    for a, b in zip(got, exp):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, torch.nan_to_num(b, nan=0.0), rtol=1e-10, atol=1e-12)
+    # NaN in one layer's statistics: the loss is NaN and so is that layer's gradient
+    bad = [m.detach().clone().requires_grad_() for m in means]
+    with torch.no_grad():
+        bad[2][0] = float("nan")
+    l2 = loss_from_stats(bad, variances, rms, rvs, mms, mvs, rho, weights, scale=scale)
+    assert torch.isnan(l2)
+    assert torch.isnan(torch.autograd.grad(l2, bad[2])[0]).all()
+
+
+def test_loss_from_stats_fused_path_op_count():
+    """The fused path is a fixed number of ops whatever the number of layers (no op per layer)."""
+    from fastsynth.bench.harness import AtenOpCounter
+
+    counts = []
+    for L in (3, 30):
+        means = [torch.randn(4, requires_grad=True) for _ in range(L)]
+        variances = [torch.rand(4).add(0.1).requires_grad_() for _ in range(L)]
+        rms = [torch.randn(4) for _ in range(L)]
+        rvs = [torch.rand(4) + 0.5 for _ in range(L)]
+        loss_from_stats(means, variances, rms, rvs, rms, rvs, 0.9, scale=2.0)  # warm the constant caches
+        with AtenOpCounter() as c:
+            loss = loss_from_stats(means, variances, rms, rvs, rms, rvs, 0.9, scale=2.0)
+            torch.autograd.grad(loss, means + variances)  # (backward() would add a detach per leaf)
+        counts.append(c.total)
+    assert counts[0] == counts[1] and counts[0] <= 16, counts
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -49,6 +49,22 @@ def rand_inputs(N, C, H, W, dtype=torch.float64, mean_scale=1.0):
 # the op
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_maps_in_huge_page_buffers(layout):
+    # y and grad_x of >= 32 MB come from csrc/cpu/large_alloc.h (huge-page-backed): values and
+    # layout as with torch's allocator
+    x, w, b, rm, rv = rand_inputs(2, 4, 1024, 1040, dtype=torch.float32)
+    x = make_layout(x, layout).requires_grad_()
+    y, mean, var = fused_bn(x, w.float(), b.float(), rm.float(), rv.float(), 1e-5, True, True, backend="cpu")
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad((y * gy).sum() + mean.sum() + var.sum(), [x])
+    x64 = x.detach().double().requires_grad_()
+    ry, rmean, rvar = fused_bn_reference(x64, w, b, rm, rv, 1e-5, True, True)
+    (rgx,) = torch.autograd.grad((ry * gy.double()).sum() + rmean.sum() + rvar.sum(), [x64])
+    assert y.stride() == x.stride() and gx.stride() == x.stride()
+    assert relerr(y, ry) < 1e-6 and relerr(gx, rgx) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
 @pytest.mark.parametrize("relu", [False, True])

@@ -21,6 +21,7 @@
 
 #include "common/fused_bn_math.h"
 #include "common/welford.h"
+#include "cpu/large_alloc.h"
 
 namespace fastsynth {
 namespace {
@@ -283,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(const at::Te
   check_params("fused_bn_forward", x, weight, bias, running_mean, running_var);
   const bool cl = use_channels_last(x);
   const int64_t C = x.size(1);
-  auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  auto y = empty_large(x.sizes(), x.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const auto sdt = stat_dtype(x.scalar_type());
   auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
   auto var = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
@@ -369,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
   const bool cl = use_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor grad_y = grad_y_in.contiguous(fmt);
-  auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+  auto grad_x = empty_large(x.sizes(), x.options(), fmt);  // huge pages when large (cpu/large_alloc.h)
   const bool need_x = apply_relu || with_stats || need_weight_grad;
   const Shape s = shape_of(x);
   at::Tensor grad_weight, grad_bias;

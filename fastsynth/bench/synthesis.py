@@ -19,6 +19,7 @@ Providers (measured side by side in one run):
 Columns: median seconds per inner step, ATen ops per inner step (AtenOpCounter: each op is
 about one kernel launch on a GPU), peak extra memory of one step (CUDA: max_memory_allocated;
 CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mode), speedup.
+``--breakdown``: only the eager fastsynth step's ATen ops by phase and op name (``op_breakdown``).
 """
 from __future__ import annotations
 
@@ -258,6 +259,110 @@ def _step_fn(syn):
     return lambda: syn._step(True, meta)
 
 
+# ----------------------------------------------------------------------------- op breakdown
+class _PhaseCounter(harness.AtenOpCounter):
+    """AtenOpCounter that also files every op under the phase current when it is dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "other"
+        self.by_phase: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket).replace("aten.", "")
+        ph = self.by_phase.setdefault(self.phase, {})
+        ph[name] = ph.get(name, 0) + 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+_FWD_PHASES = {"generator": "fwd generator", "augment": "fwd augment", "teacher": "fwd teacher",
+               "student": "fwd student", "losses": "fwd losses", "backward": "bwd losses",
+               "step": "MAML accumulation + Adam step"}
+
+
+def op_breakdown(quick: bool = False, device: str = "cpu") -> tuple[int, dict]:
+    """ATen ops of one eager FastMetaSynthesizer inner step by phase and op name, counted like
+    ``harness.count_aten_ops`` (the same total). Forward phases are the synthesizer's NVTX range
+    names; backward ops are filed by autograd-node pre-hooks placed on each phase's output (the
+    engine runs a phase's nodes together: student, BN-loss, teacher, augmentation, generator);
+    best-image tracking is its own phase. Returns (total, {phase: {op: count}})."""
+    import contextlib
+
+    from ..synthesis import core, fast_meta
+
+    teacher, student, gen, batch, nz = build(quick, torch.device(device))
+    syn = _fastsynth(teacher, student, gen, batch, nz, device)
+    counter = _PhaseCounter()
+    active = [False]
+
+    @contextlib.contextmanager
+    def phase_range(name, enabled):
+        old = counter.phase
+        if active[0]:
+            counter.phase = _FWD_PHASES.get(name, name)
+        try:
+            yield
+        finally:
+            if active[0] and name != "backward":  # backward phases are set by the node hooks
+                counter.phase = old
+
+    def mark(t, name):
+        if active[0] and t.grad_fn is not None:
+            t.grad_fn.register_prehook(lambda grads: setattr(counter, "phase", name))
+        return t
+
+    saved = (core.nvtx_range, fast_meta.nvtx_range)
+    core.nvtx_range = fast_meta.nvtx_range = phase_range
+    aug, loss, logit, track = syn.aug, syn.capture.loss, syn._logit_loss, syn._track_best
+
+    def track_best(*a, **k):
+        old, counter.phase = counter.phase, "best-image tracking"
+        try:
+            return track(*a, **k)
+        finally:
+            counter.phase = old
+
+    syn.aug = lambda x, generator=None: mark(aug(mark(x, "bwd generator"), generator=generator), "bwd augment")
+    syn.capture.loss = lambda **kw: mark(loss(**kw), "bwd losses")
+    syn._logit_loss = lambda *a: (lambda r: (mark(r[0], "bwd losses"),) + tuple(r[1:]))(logit(*a))
+    syn._track_best = track_best
+    try:
+        with syn._synthesis_mode():
+            student_fwd = syn._student_fwd
+            syn._student_fwd = lambda x: mark(student_fwd(x), "bwd student")
+            real_teacher = syn.teacher
+
+            class _Teacher:  # marks the teacher's logits; everything else goes to the real one
+                def __call__(self, x):
+                    return mark(real_teacher(x), "bwd teacher")
+
+                def __getattr__(self, n):
+                    return getattr(real_teacher, n)
+
+            syn.teacher = _Teacher()
+            syn._begin_round()
+            step = _step_fn(syn)
+            step()
+            active[0] = True
+            with counter:
+                step()
+            active[0] = False
+            syn.teacher = real_teacher
+            syn._end_round()
+    finally:
+        core.nvtx_range, fast_meta.nvtx_range = saved
+    return counter.total, counter.by_phase
+
+
+def print_breakdown(total: int, by_phase: dict) -> None:
+    print(f"ATen ops per inner step: {total}")
+    print("| phase | ops | by op name |")
+    print("|---|---|---|")
+    for ph, ops in sorted(by_phase.items(), key=lambda kv: -sum(kv[1].values())):
+        names = ", ".join(f"{n} {c}" for n, c in sorted(ops.items(), key=lambda kv: -kv[1]))
+        print(f"| {ph} | {sum(ops.values())} | {names} |")
+
+
 def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None) -> list[dict]:
     device = torch.device(device)
     reps = reps or (10 if quick else 5)
@@ -309,9 +414,15 @@ def main(argv=None):
     p.add_argument("--csv", default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--breakdown", action="store_true",
+                   help="only print the eager fastsynth step's ATen ops by phase and op name")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.breakdown:
+        total, by_phase = op_breakdown(quick=args.quick, device=args.device)
+        print_breakdown(total, by_phase)
+        return total, by_phase
     rows = run(quick=args.quick, device=args.device, compile=not args.no_compile)
     harness.print_table(rows, ["case", "provider", "median_ms", "speedup_vs_eager", "aten_ops",
                                "ops_frac_vs_reference", "peak_mem_MB"])

@@ -58,6 +58,100 @@ def _segment_ids(sizes: tuple, device: torch.device) -> torch.Tensor:
     return seg
 
 
+def _layer_segments(sizes: tuple, device: torch.device) -> torch.Tensor:
+    """Segment index of every entry of cat([vars..., means...]): layer l's variances are segment l,
+    its means segment L + l (cached like ``_segment_ids``)."""
+    key = ("vm", sizes, str(device))
+    seg = _SEGMENT_IDS.get(key)
+    if seg is None:
+        L = len(sizes)
+        seg = torch.repeat_interleave(torch.arange(2 * L), torch.tensor(sizes + sizes)).to(device)
+        _SEGMENT_IDS[key] = seg
+    return seg
+
+
+_CONST_CACHE: dict = {}
+
+
+def _cat_constants(key: str, ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat(ts) cast to ``dtype``, rebuilt only when one of ``ts`` changed (a new tensor or an
+    in-place update bumps ``_version``): running buffers and momentum state are constant across
+    the inner steps of a synthesis round, so the step does not re-concatenate them."""
+    sig = tuple((id(t), t._version) for t in ts)
+    hit = _CONST_CACHE.get(key)
+    if hit is not None and hit[0] == sig and hit[1].dtype == dtype:
+        return hit[1]
+    out = torch.cat(list(ts)).to(dtype)
+    _CONST_CACHE[key] = (sig, out, list(ts))  # keep ts alive so their ids stay unique
+    return out
+
+
+class _StatLoss(torch.autograd.Function):
+    """loss = sum_k w_k ||r_k||,  r = target - (1-rho) s - rho sbar  over the 2L segments k of the
+    concatenated statistics s = [vars..., means...]; analytic backward
+    dL/ds_c = -(1-rho) w_k g r_c / ||r_k||  (0 where ||r_k|| = 0, NaN propagates).
+    A fixed, small number of ops whatever L is, and one split for the backward."""
+
+    @staticmethod
+    def forward(ctx, target, sbar, rho, seg, zeros, w2, sizes, *stats):
+        with torch.autocast(device_type=zeros.device.type, enabled=False):  # fp32/fp64 math as given
+            s = torch.cat(stats)
+            if sbar is None:  # no momentum state: rho = 0
+                r = target - s
+            else:
+                r = torch.sub(torch.sub(target, s, alpha=1.0 - rho), sbar, alpha=rho)
+            norm = torch.index_add(zeros, 0, seg, r * r).sqrt_()
+            loss = norm.sum() if w2 is None else torch.dot(norm, w2)
+        ctx.save_for_backward(r, norm, w2, seg)
+        ctx.rho, ctx.sizes = rho, sizes
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        r, norm, w2, seg = ctx.saved_tensors
+        # coef_k = -(1-rho) * g * w_k / ||r_k||, then 0 where ||r_k|| = 0
+        num = g * -(1.0 - ctx.rho)
+        if w2 is not None:
+            num = w2 * num
+        coef = (num / norm).masked_fill_(norm == 0, 0.0)
+        grad_s = coef.index_select(0, seg).mul_(r)
+        grads = grad_s.split_with_sizes(ctx.sizes)
+        return (None,) * 7 + tuple(grads)
+
+
+def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_means, mmt_vars, rho, weights,
+                           scale, dtype, device, sizes):
+    L = len(sizes)  # layers; means/variances may be one concatenated part each
+    # traced (torch.compile) or captured (CUDA graph) steps concatenate inside the step, so that a
+    # replay reads the current momentum state; the eager step reuses the version-checked cache
+    compiling = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    tg = list(running_vars) + list(running_means)
+    if compiling:
+        target = torch.cat([t.to(dtype) for t in tg])
+    else:
+        target = _cat_constants("target", tg, dtype)
+    sbar = None
+    if mmt_means is not None:
+        mb = list(mmt_vars) + list(mmt_means)
+        sbar = torch.cat([t.to(dtype) for t in mb]) if compiling else _cat_constants("mmt", mb, dtype)
+    seg = _layer_segments(tuple(sizes), device)
+    zkey = ("zeros", 2 * L, dtype, str(device))
+    zeros = _SEGMENT_IDS.get(zkey)
+    if zeros is None:
+        zeros = _SEGMENT_IDS[zkey] = torch.zeros(2 * L, dtype=dtype, device=device)
+    w2 = None
+    if weights is not None or scale != 1.0:
+        w = [1.0] * L if weights is None else [float(v) for v in weights]
+        if len(w) != L:
+            raise ValueError(f"loss_from_stats: weights must have one entry per layer ({L}), got {len(w)}")
+        wkey = ("w2", tuple(w), float(scale), dtype, str(device))
+        w2 = _SEGMENT_IDS.get(wkey)
+        if w2 is None:
+            w2 = _SEGMENT_IDS[wkey] = torch.tensor([v * scale for v in w] * 2, dtype=dtype, device=device)
+    stats = tuple(t.reshape(-1) if t.dim() != 1 else t for t in list(variances) + list(means))
+    return _StatLoss.apply(target, sbar, float(rho), seg, zeros, w2, [t.numel() for t in stats], *stats)
+
+
 def loss_from_stats(
     means: Sequence[torch.Tensor],
     variances: Sequence[torch.Tensor],
@@ -67,12 +161,20 @@ def loss_from_stats(
     mmt_vars: Sequence[torch.Tensor | None] | None = None,
     mmt_rate: float = 0.0,
     weights: torch.Tensor | Sequence[float] | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Summed BN-statistics loss of L layers from their batch statistics (differentiable in
     ``means`` and ``variances``), as a fixed number of vectorised ops whatever L is.
 
     ``mmt_means[l]``/``mmt_vars[l]`` may be None for a layer with no momentum state yet (that
-    layer uses the plain loss). ``weights``: optional per-layer weights (length L).
+    layer uses the plain loss). ``weights``: optional per-layer weights (length L). ``scale``: a
+    constant factor on the whole loss (the synthesizers' ``bn`` coefficient, folded in here so
+    it costs no extra op).
+
+    Fast path (the synthesis steady state: constant running buffers / momentum state / float
+    weights that need no gradient): one autograd node, ``_StatLoss``, of ~6 forward and ~6
+    backward ops. Otherwise (a momentum state on only some layers, or tensors of the loss's
+    constants requiring grad) the plain autograd formulation below.
     """
     L = len(means)
     if L == 0:
@@ -82,27 +184,49 @@ def loss_from_stats(
             f"loss_from_stats: got {L} means, {len(variances)} variances, {len(running_means)} running_means, "
             f"{len(running_vars)} running_vars; all must have one entry per layer"
         )
+    sizes = [int(m.numel()) for m in means]
+    return _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate,
+                                 weights, scale)
+
+
+def _flat(ts, dtype=None):
+    # one layer: no concatenation copy
+    t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
+    return t if dtype is None else t.to(dtype)
+
+
+def _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate,
+                          weights, scale=1.0):
+    """loss_from_stats of per-channel statistics given in parts whose concatenation covers the
+    layers in order (``sizes``: channels per layer): one tensor per layer, or one tensor for all
+    layers, as the fused multi-layer statistics op returns them (used as is, no split)."""
+    L = len(sizes)
     dtype = means[0].dtype
     device = means[0].device
-    sizes = [int(m.numel()) for m in means]
+
+    has_mmt = mmt_means is not None and any(m is not None for m in mmt_means)
+    if has_mmt and (mmt_vars is None or len(mmt_means) != L or len(mmt_vars) != L):
+        raise ValueError("loss_from_stats: mmt_means and mmt_vars must both have one entry per layer")
+    full_mmt = has_mmt and all(m is not None for m in mmt_means) and all(v is not None for v in mmt_vars)
+    consts = list(running_means) + list(running_vars) + (list(mmt_means) + list(mmt_vars) if full_mmt else [])
+    # tensor weights would have to be read back to the host for the fast path: plain path
+    if (not isinstance(weights, torch.Tensor)) and (not has_mmt or full_mmt) and not any(t.requires_grad for t in consts) and \
+            all(v.dtype == dtype for v in variances):
+        return _loss_from_stats_fused(means, variances, running_means, running_vars,
+                                      mmt_means if full_mmt else None, mmt_vars if full_mmt else None,
+                                      float(mmt_rate) if full_mmt else 0.0, weights, float(scale), dtype, device,
+                                      sizes)
 
     def flat(ts, cast=False):
-        # one layer: no concatenation copy
-        t = ts[0].reshape(-1) if len(ts) == 1 else torch.cat([r.reshape(-1) for r in ts])
-        return t.to(dtype) if cast else t
+        return _flat(ts, dtype if cast else None)
 
     mu = flat(means)
     var = flat(variances)
     rm = flat(running_means, True)
     rv = flat(running_vars, True)
 
-    has_mmt = mmt_means is not None and any(m is not None for m in mmt_means)
     if has_mmt:
-        if mmt_vars is None or len(mmt_means) != L or len(mmt_vars) != L:
-            raise ValueError("loss_from_stats: mmt_means and mmt_vars must both have one entry per layer")
-        if all(m is not None for m in mmt_means) and all(v is not None for v in mmt_vars):
-            # every layer has momentum state (the steady state of a synthesis run): one scalar
-            # rate and one concatenation per vector, not a small op per layer
+        if full_mmt:
             rho = float(mmt_rate)
             mbar = flat(mmt_means, True)
             vbar = flat(mmt_vars, True)
@@ -137,7 +261,8 @@ def loss_from_stats(
         if w.numel() != L:
             raise ValueError(f"loss_from_stats: weights must have one entry per layer ({L}), got {w.numel()}")
         per_layer = per_layer * w
-    return per_layer.sum()
+    loss = per_layer.sum()
+    return loss * scale if scale != 1.0 else loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,20 +354,8 @@ def _grads_or_zeros(means, g_means, g_vars):
             g_vars if g_vars is not None else torch.zeros_like(means))
 
 
-def _setup_stats(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-
-
 def _setup_stats_multi(ctx, inputs, output):
     ctx.save_for_backward(*inputs[0], output[0])
-
-
-def _make_backward(backward_op):
-    def _backward(ctx, g_mean, g_var):
-        x, mean = ctx.saved_tensors
-        g_mean, g_var = _grads_or_zeros(mean, g_mean, g_var)
-        return backward_op(x, mean, g_mean, g_var)
-    return _backward
 
 
 def _make_backward_multi(backward_op):
@@ -254,16 +367,12 @@ def _make_backward_multi(backward_op):
 
 
 if _ext.has_extension():
-    _ops = torch.ops.fastsynth
     torch.library.register_fake("fastsynth::bn_batch_stats")(_fake_stats)
     torch.library.register_fake("fastsynth::bn_batch_stats_multi")(_fake_stats_multi)
     torch.library.register_fake("fastsynth::bn_batch_stats_backward")(_fake_backward)
     torch.library.register_fake("fastsynth::bn_batch_stats_multi_backward")(_fake_backward_multi)
-    torch.library.register_autograd("fastsynth::bn_batch_stats", _make_backward(_ops.bn_batch_stats_backward),
-                                    setup_context=_setup_stats)
-    torch.library.register_autograd("fastsynth::bn_batch_stats_multi",
-                                    _make_backward_multi(_ops.bn_batch_stats_multi_backward),
-                                    setup_context=_setup_stats_multi)
+    # autograd of the C++ ops: csrc/autograd/bn_stat_loss.cpp (the formulas of _make_backward_multi,
+    # registered for the Autograd key, without a Python wrapper per call)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,8 +505,7 @@ def bn_stat_loss_multi(
         return total, means, variances
     mu_cat, var_cat = _stats_multi(list(features), be)
     sizes = [int(x.shape[1]) for x in features]
-    means = list(mu_cat.split(sizes))
-    variances = list(var_cat.split(sizes))
-    loss = loss_from_stats(means, variances, running_means, running_vars, mmt_means, mmt_vars, float(mmt_rate),
-                           weights)
-    return loss, [m.detach() for m in means], [v.detach() for v in variances]
+    # the concatenated statistics feed the loss directly (no split + re-concatenation in autograd)
+    loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means, mmt_vars,
+                                 float(mmt_rate), weights)
+    return loss, list(mu_cat.detach().split(sizes)), list(var_cat.detach().split(sizes))

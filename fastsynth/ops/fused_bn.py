@@ -102,26 +102,47 @@ def _fake_backward(grad_y, x, weight, bias, running_mean, running_var, mean, gra
     return gx, weight.new_empty((n,)), bias.new_empty((n,))
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(x: torch.Tensor) -> torch.Tensor:
+    """An empty stats-dtype tensor for the unused mean/grad_mean/grad_var arguments of a backward
+    without statistics (cached: no op per call)."""
+    key = (_stat_dtype(x.dtype), x.device)
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # fake/functional tracing: no real tensor
+        return x.new_empty((0,), dtype=key[0])
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.empty((0,), dtype=key[0], device=x.device)
+    return t
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats = inputs
     _, mean, _ = output
-    ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean)
+    ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+    # the batch mean is an output: save_for_backward would detach it when saving AND when
+    # unpacking (two ops per layer); one explicit detach (a constant for the backward) is enough
+    ctx.mean = mean.detach() if with_stats else None
+    # unused outputs (the statistics of a layer outside the loss) get None, not a zeros op each
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.apply_relu, ctx.with_stats = eps, apply_relu, with_stats
 
 
 def _make_backward(backward_op):
     def _backward(ctx, grad_y, grad_mean, grad_var):
-        x, weight, bias, running_mean, running_var, mean = ctx.saved_tensors
+        x, weight, bias, running_mean, running_var = ctx.saved_tensors
         need_wgrad = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         if ctx.with_stats:
+            mean = ctx.mean
             if grad_mean is None:
                 grad_mean = torch.zeros_like(mean)
             if grad_var is None:
                 grad_var = torch.zeros_like(mean)
         else:
-            grad_mean = grad_var = mean  # empty; unused by the kernels
+            mean = grad_mean = grad_var = _placeholder(x)  # empty; unused by the kernels
         gx, gw, gb = backward_op(grad_y.to(x.dtype), x, weight, bias, running_mean, running_var, mean, grad_mean,
                                  grad_var, ctx.eps, ctx.apply_relu, ctx.with_stats, need_wgrad)
         return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
@@ -133,11 +154,8 @@ def _make_backward(backward_op):
 if _ext.has_extension():
     torch.library.register_fake("fastsynth::fused_bn_forward")(_fake_forward)
     torch.library.register_fake("fastsynth::fused_bn_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastsynth::fused_bn_forward",
-        _make_backward(lambda *a: torch.ops.fastsynth.fused_bn_backward(*a)),
-        setup_context=_setup_context,
-    )
+    # autograd of the C++ op: csrc/autograd/fused_bn.cpp (the formulas of _make_backward,
+    # registered for the Autograd key, without a Python wrapper per layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +207,8 @@ def fused_bn(x, weight, bias, running_mean, running_var, eps: float = 1e-5, appl
     eps, apply_relu, with_stats = float(eps), bool(apply_relu), bool(with_stats)
     if b == "reference":
         return fused_bn_reference(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)
-    running_mean, running_var = running_mean.detach(), running_var.detach()
+    if running_mean.requires_grad or running_var.requires_grad:  # buffers never do: no detach op for them
+        running_mean, running_var = running_mean.detach(), running_var.detach()
     if b == "triton":
         return _fused_bn_forward_triton(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)
     return torch.ops.fastsynth.fused_bn_forward(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats)

@@ -252,13 +252,8 @@ if _ext.has_extension():
     torch.library.register_fake("fastsynth::kd_loss")(_kd_fake)
     torch.library.register_fake("fastsynth::js_divergence")(_js_fake)
     torch.library.register_fake("fastsynth::logit_loss_backward")(_backward_fake)
-
-    def _cxx_backward(grad_loss, grad_a, grad_b):
-        return torch.ops.fastsynth.logit_loss_backward(grad_loss, grad_a, grad_b)
-
-    for _name, _n_in, _n_loss in (("synthesis_logit_loss", 8, 4), ("kd_loss", 6, 1), ("js_divergence", 8, 1)):
-        _setup, _bwd = _make_autograd(_cxx_backward, _n_in, _n_loss)
-        torch.library.register_autograd(f"fastsynth::{_name}", _bwd, setup_context=_setup)
+    # autograd of the C++ ops: csrc/autograd/logit_losses.cpp (the same formulas as
+    # _make_autograd, registered for the Autograd key, without a Python wrapper per call)
 
 
 # ---------------------------------------------------------------------------------------------

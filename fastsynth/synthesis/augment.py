@@ -23,6 +23,35 @@ def _flat_gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width:
     return torch.gather(x.reshape(B, C, -1), 2, idx).view(B, C, H, W)
 
 
+_TABLE_MAX_BYTES = 8 * 2**20
+_TABLES: dict = {}
+
+
+def _crop_tables(B: int, C: int, ph: int, pw: int, oh: int, ow: int, flip: bool, device):
+    """(table, base) for the one-gather form of crop_flip, or None when the table is too big.
+
+    table[code, 0, i, j] = (oy + i) * pw + (ox + (ow-1-j if f else j)) for the (oy, ox, f) that
+    ``code`` encodes; base[b, c] = (b*C + c) * ph * pw, the offset of plane (b, c) in the padded
+    batch. Then out = take(padded, base + table[code]): no per-step index arithmetic."""
+    ny, nx = ph - oh + 1, pw - ow + 1
+    n = ny * nx * 2
+    if n * oh * ow * 8 > _TABLE_MAX_BYTES:
+        return None
+    key = (B, C, ph, pw, oh, ow, flip, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        code = torch.arange(n)
+        oy, ox = code // (nx * 2), (code // 2) % nx
+        ar_h, ar_w = torch.arange(oh), torch.arange(ow)
+        f = (code % 2).bool().unsqueeze(1) if flip else torch.zeros(n, 1, dtype=torch.bool)
+        cols = ox.unsqueeze(1) + torch.where(f, (ow - 1) - ar_w, ar_w)
+        rows = oy.unsqueeze(1) + ar_h
+        table = (rows.unsqueeze(2) * pw + cols.unsqueeze(1)).unsqueeze(1).to(device)  # (n, 1, oh, ow)
+        base = (torch.arange(B * C) * (ph * pw)).view(B, C, 1, 1).to(device)
+        t = _TABLES[key] = (table, base)
+    return t
+
+
 def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample random crop of ``size`` (default: the input size) from the zero-padded batch,
@@ -35,6 +64,12 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
     ny, nx = ph - oh + 1, pw - ow + 1
     # one draw encodes (oy, ox, flip) for every sample
     code = torch.randint(0, ny * nx * 2, (B,), device=x.device, generator=generator)
+    xp = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
+    tables = None if torch.compiler.is_compiling() else _crop_tables(B, C, ph, pw, oh, ow, flip, x.device)
+    if tables is not None:
+        # 4 ops: randint, pad, index_select of the cached per-code index rows, add, take
+        table, base = tables
+        return torch.take(xp, base + table.index_select(0, code))
     oy = code // (nx * 2)
     ox = (code // 2) % nx
     ar_h = torch.arange(oh, device=x.device)
@@ -45,7 +80,6 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
         cols = ox.unsqueeze(1) + torch.where(f, (ow - 1) - ar_w, ar_w)
     else:
         cols = ox.unsqueeze(1) + ar_w
-    xp = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
     return _flat_gather(xp, rows, cols, pw)
 
 

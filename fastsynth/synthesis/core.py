@@ -90,6 +90,18 @@ def reset_optimizer_state_(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
+_UNIT_SEEDS: dict = {}
+
+
+def _unit_seed(loss: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim 1 matching ``loss`` (the backward seed; backward() builds it every call)."""
+    key = (loss.dtype, loss.device)
+    one = _UNIT_SEEDS.get(key)
+    if one is None:
+        one = _UNIT_SEEDS[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return one
+
+
 class BNCapture:
     """Collects the teacher's BatchNorm statistics during synthesis forwards.
 
@@ -149,12 +161,14 @@ class BNCapture:
     def mmt_active(self) -> bool:
         return self.mmt_means is not None
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, scale: float = 1.0) -> torch.Tensor:
+        """``scale * sum_l w_l R_l`` (``scale``: the synthesizer's ``bn`` coefficient, folded into
+        the fused loss instead of a separate multiply)."""
         mm, mv = (self.mmt_means, self.mmt_vars) if self.mmt_active else (None, None)
         rate = self.mmt_rate if self.mmt_active else 0.0
         if self.fuse is not None:
             means, variances, rms, rvs = self.fuse.bn_statistics(self.teacher)
-            loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights)
+            loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights, scale=scale)
         else:
             feats, self._features = self._features, []
             if len(feats) != len(self.bns):
@@ -163,6 +177,8 @@ class BNCapture:
             loss, means, variances = self._op(
                 feats, [m.running_mean for m in self.bns], [m.running_var for m in self.bns],
                 mm, mv, rate, self.weights)
+            if scale != 1.0:
+                loss = loss * scale
         self.last_means, self.last_vars = list(means), list(variances)
         return loss
 
@@ -259,6 +275,11 @@ class SynthCore(BaseSynthesis):
             norm = Normalizer(mean, std) if mean is not None else None
             self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
+        # the student's eval-mode forward with BN+ReLU through fused_bn (no statistics), built on
+        # first use; the student module itself is not changed (fuse.fused_eval_view)
+        self._fuse_student = bool(fuse_teacher)
+        self._student_view = None  # (student, view or None)
+        self._student_fwd = self.student
         self.teacher = self.capture.teacher
         # compile: True (inductor) or a dict of torch.compile keywords, e.g. {"backend": "aot_eager"}
         self._compile_options = dict(compile) if isinstance(compile, dict) else {}
@@ -304,6 +325,7 @@ class SynthCore(BaseSynthesis):
         self.teacher.eval()
         if self.student is not None:
             self.student.eval()
+        self._student_fwd = self._student_eval_forward()
         self.capture.activate()
         try:
             with frozen(self.teacher, self.student):
@@ -313,6 +335,19 @@ class SynthCore(BaseSynthesis):
             if self.student is not None:
                 self.student.train(s_mode)
 
+    def _student_eval_forward(self):
+        """What computes the student's logits in synthesis: its fused eval view, or the student
+        itself when fusion is off, impossible (no BatchNorm2d, untraceable) or when any of its
+        modules carries hooks (checked on every synthesize() call; they run as written)."""
+        st = self.student
+        if st is None or not self._fuse_student:
+            return st
+        if any(m._forward_hooks or m._forward_pre_hooks for m in st.modules()):
+            return st
+        if self._student_view is None or self._student_view[0] is not st:
+            self._student_view = (st, _fuse.fused_eval_view(st))
+        return self._student_view[1] if self._student_view[1] is not None else st
+
     def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool):
         """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2)."""
         with nvtx_range("augment", self._nvtx):
@@ -320,15 +355,15 @@ class SynthCore(BaseSynthesis):
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss() if self.bn != 0 else None
+            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
             if adv_on:
                 with nvtx_range("student", self._nvtx):
-                    s_out = self.student(x_aug)
+                    s_out = self._student_fwd(x_aug)
                 loss = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)[0]
             else:
                 loss = self.oh * F.cross_entropy(t_out, targets)
             if loss_bn is not None:
-                loss = loss + self.bn * loss_bn
+                loss = loss + loss_bn
         return loss
 
     def _log(self, loss):
@@ -336,12 +371,36 @@ class SynthCore(BaseSynthesis):
             self.loss_log.append(loss.detach().clone())
 
     @staticmethod
-    def _track_best(loss, x, best_cost, best_x):
-        """In place: keep x where loss < best (strictly) or where nothing is kept yet (best = inf)."""
-        ld = loss.detach().float().reshape(())
-        better = (ld < best_cost) | (best_cost == float("inf"))
-        best_cost.copy_(torch.where(better, ld, best_cost))
-        best_x.copy_(torch.where(better, x.detach().to(best_x.dtype), best_x))
+    def _track_best(loss, x, best_cost, best_x, first: bool | None = False):
+        """In place, under no_grad: keep the images x of the lowest loss, on the device.
+
+        ``first=True`` (the first step of a round, known to the Python loop): take x
+        unconditionally, as upstream's ``best_inputs is None`` branch does. ``first=False``: take
+        x where loss < best (strictly; upstream's ``best_cost > loss``). ``first=None`` (a
+        captured step, which the same graph replays for every step): the generic form, which
+        also takes x while nothing is kept yet (best = inf)."""
+        ld = loss if loss.dim() == 0 else loss.reshape(())
+        if first:
+            best_cost.copy_(ld)
+            best_x.copy_(x)
+            return
+        better = ld < best_cost
+        if first is None:
+            better = better | (best_cost == float("inf"))
+        torch.where(better, ld, best_cost, out=best_cost)
+        torch.where(better, x, best_x, out=best_x)
+
+    @staticmethod
+    def _backward(loss, optimizer: torch.optim.Optimizer) -> list:
+        """``optimizer.zero_grad(set_to_none=True); loss.backward()`` for the optimizer's
+        parameters, as ``torch.autograd.grad``: the same gradients, set as ``.grad``, without
+        an AccumulateGrad node (one detach op) per leaf or zero_grad's profiling ops. Returns
+        the gradients (None for a parameter the loss does not use)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = torch.autograd.grad(loss, params, grad_outputs=_unit_seed(loss), allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return list(grads)
 
     def _compiled_fn(self, key, fn):
         c = self._compiled.get(key)

@@ -124,15 +124,14 @@ class DeepInvSyntheiszer(SynthCore):
             if adv_on:
                 self.s_capture.activate()
             try:
-                for _ in range(self.iterations):
+                for it in range(self.iterations):
                     with self._autocast_ctx():
                         loss = fwd(inputs, targets, adv_on)
                     with torch.no_grad():
                         self._log(loss)
-                        self._track_best(loss, inputs, best_cost, best_x)
-                    optimizer.zero_grad(set_to_none=True)
+                        self._track_best(loss, inputs, best_cost, best_x, first=(it == 0))
                     with nvtx_range("backward", self._nvtx):
-                        loss.backward()
+                        self._backward(loss, optimizer)
                     with nvtx_range("step", self._nvtx):
                         optimizer.step()
                     if self._lo is not None:

@@ -40,6 +40,25 @@ def _module_tensors(m: nn.Module) -> list:
     return list(m.parameters()) + [b for b in m.buffers()]
 
 
+def _drop_batch_counters(fast: nn.Module) -> None:
+    """The fast generator is thrown away after each round (its BN running statistics included,
+    as upstream's clone): a BatchNorm with a fixed momentum never reads ``num_batches_tracked``,
+    so the fast copy does without it (no ``add_`` per BatchNorm per step)."""
+    for m in fast.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and \
+                getattr(m, "num_batches_tracked", None) is not None:
+            m.num_batches_tracked = None
+
+
+def _copy_pairs(dst: nn.Module, src: nn.Module) -> tuple[list, list]:
+    """(dst tensors, src tensors) matched by name, for fast <- slow: every parameter and every
+    buffer ``dst`` still has."""
+    s = dict(src.named_parameters())
+    s.update(dict(src.named_buffers()))
+    d = list(dst.named_parameters()) + list(dst.named_buffers())
+    return [t for _, t in d], [s[n] for n, _ in d]
+
+
 class FastMetaSynthesizer(SynthCore):
     """Drop-in ``FastMetaSynthesizer`` (zju-vipa/Fast-Datafree); fastsynth keywords follow the
     upstream ones: ``augment`` (crop/flip inside synthesis), ``pool_capacity``/``pool_eviction``,
@@ -89,6 +108,7 @@ class FastMetaSynthesizer(SynthCore):
         # persistent inner state: the module optimised in the inner loop, z, the inner optimiser
         if self._meta:
             self._fast = copy.deepcopy(self.generator).train()
+            _drop_batch_counters(self._fast)
             self.meta_optimizer = make_adam(self.generator.parameters(), self.lr_g * self.iterations,
                                             (0.5, 0.999), self.device, capturable=self._graph_mode)
         else:
@@ -112,7 +132,7 @@ class FastMetaSynthesizer(SynthCore):
         loss = self.objective(x, self._targets, adv_on)
         return loss, x
 
-    def _step(self, adv_on: bool, meta_accumulate: bool):
+    def _step(self, adv_on: bool, meta_accumulate: bool, first: bool | None = False):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
@@ -122,14 +142,14 @@ class FastMetaSynthesizer(SynthCore):
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             self._log(loss)
-            self._track_best(loss, x, self._best_cost, self._best_x)
-        self._optimizer.zero_grad(set_to_none=True)
+            self._track_best(loss, x, self._best_cost, self._best_x, first)
         with nvtx_range("backward", self._nvtx):
-            loss.backward()
+            grads = self._backward(loss, self._optimizer)  # param group 0: the fast generator, then z
         with nvtx_range("step", self._nvtx):
             if meta_accumulate:
-                # first-order MAML: the slow generator's grad is the sum of the inner grads
-                fast_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._fast.parameters()]
+                # first-order MAML: the slow generator's grad is the sum of the inner grads (one op)
+                fast = self._optimizer.param_groups[0]["params"]
+                fast_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(fast, grads)]
                 torch._foreach_add_(self._meta_grads, fast_grads)
             self._optimizer.step()
         if self._graph_mode:
@@ -151,7 +171,7 @@ class FastMetaSynthesizer(SynthCore):
         meta = self._meta and self.ismaml
         if not self._graph_mode:
             for it in range(self.iterations):
-                self._step(adv_on, meta)
+                self._step(adv_on, meta, first=(it == 0))
             return
         key = (adv_on, self.capture.mmt_active, meta)
         if key not in self._graphs:
@@ -159,7 +179,8 @@ class FastMetaSynthesizer(SynthCore):
                 self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             if not hasattr(self, "_last_stats"):
                 self._last_stats = self.capture.stat_buffers()
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta), self._mutable, rng=self._rng)
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta, first=None), self._mutable,
+                                              rng=self._rng)
         g = self._graphs[key]
         for it in range(self.iterations):
             g()
@@ -178,7 +199,7 @@ class FastMetaSynthesizer(SynthCore):
             self._targets.copy_(t)
             if self._meta:
                 # fast <- slow (the upstream clone()), in place
-                torch._foreach_copy_(_module_tensors(self._fast), _module_tensors(self.generator))
+                torch._foreach_copy_(*_copy_pairs(self._fast, self.generator))
             self._best_cost.fill_(float("inf"))
         reset_optimizer_state_(self._optimizer)
         if self._meta and self.ismaml:

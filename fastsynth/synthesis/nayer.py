@@ -116,20 +116,20 @@ class NAYER(SynthCore):
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss() if self.bn != 0 else None
+            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
             if adv_on:
                 with nvtx_range("student", self._nvtx):
-                    s_out = self.student(x_aug)
+                    s_out = self._student_fwd(x_aug)
                 loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
                 loss_oh = parts["oh"]  # detached; used only for best_oh
             else:
                 loss_oh = F.cross_entropy(t_out, self._targets)
                 loss = self.oh * loss_oh
             if loss_bn is not None:
-                loss = loss + self.bn * loss_bn
+                loss = loss + loss_bn
         return loss, loss_oh
 
-    def _step(self, adv_on: bool):
+    def _step(self, adv_on: bool, first: bool | None = False):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
@@ -139,11 +139,10 @@ class NAYER(SynthCore):
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             self._log(loss)
-            self._track_best(loss, x, self._best_cost, self._best_x)
-            self._best_oh.copy_(torch.minimum(self._best_oh, loss_oh.detach().float().reshape(())))
-        self._optimizer.zero_grad(set_to_none=True)
+            self._track_best(loss, x, self._best_cost, self._best_x, first)
+            torch.minimum(self._best_oh, loss_oh, out=self._best_oh)
         with nvtx_range("backward", self._nvtx):
-            loss.backward()
+            self._backward(loss, self._optimizer)
         with nvtx_range("step", self._nvtx):
             self._optimizer.step()
         if self.cuda_graph:
@@ -170,8 +169,8 @@ class NAYER(SynthCore):
 
     def _run_inner(self, adv_on: bool):
         if not self.cuda_graph:
-            for _ in range(self.g_steps):
-                self._step(adv_on)
+            for i in range(self.g_steps):
+                self._step(adv_on, first=(i == 0))
             return
         key = (adv_on, self.capture.mmt_active)
         if key not in self._graphs:
@@ -179,7 +178,7 @@ class NAYER(SynthCore):
                 self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             if not hasattr(self, "_last_stats"):
                 self._last_stats = self.capture.stat_buffers()
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on), self._mutable, rng=self._rng)
+            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, first=None), self._mutable, rng=self._rng)
         g = self._graphs[key]
         for _ in range(self.g_steps):
             g()
