@@ -83,7 +83,7 @@ def _validate(x, weight, bias, nl):
 
 
 # ---------------------------------------------------------------------------------------------
-# C++ op (cpu): fake kernels and autograd
+# C++ op (cpu): fake kernels (the autograd is C++: csrc/autograd/noisy_linear.cpp)
 
 
 def _fake_forward(x, weight, bias, nl):
@@ -97,23 +97,9 @@ def _fake_backward(grad_out, x, weight, nl, need_grad_x, need_grad_weight, need_
     return gx, gw, gb
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, nl = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.nl = nl
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = (bool(n) for n in ctx.needs_input_grad[:3])
-    gx, gw, gb = torch.ops.fastsynth.noisy_linear_backward(grad_out, x, weight, ctx.nl, need_x, need_w, need_b)
-    return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
-
-
 if _ext.has_extension():
     torch.library.register_fake("fastsynth::noisy_linear")(_fake_forward)
     torch.library.register_fake("fastsynth::noisy_linear_backward")(_fake_backward)
-    torch.library.register_autograd("fastsynth::noisy_linear", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
