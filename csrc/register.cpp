@@ -50,6 +50,16 @@ TORCH_LIBRARY(fastsynth, m) {
 
   // ---- end reinit ----
 
+  // ---- noisy_linear (fastsynth/ops/noisy_linear.py) ----
+  // K Linear layers on consecutive row blocks of nl rows: out[b] = bias[k] + x[b] @ weight[k],
+  // k = b // nl; weight [K, in, out], bias [K, out], x [B, in] with B <= K * nl. The backward
+  // returns empty [0] tensors for the gradients not requested.
+  m.def("noisy_linear(Tensor x, Tensor weight, Tensor bias, int nl) -> Tensor");
+  m.def(
+      "noisy_linear_backward(Tensor grad_out, Tensor x, Tensor weight, int nl, bool need_grad_x, "
+      "bool need_grad_weight, bool need_grad_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // ---- end noisy_linear ----
+
   // ---- fused teacher BatchNorm (fastsynth/ops/fused_bn.py) ----
   // Eval-mode BatchNorm (+ optional ReLU) and, when with_stats, the per-channel batch mean and
   // biased variance of x (fp32 for fp16/bf16 x; empty when with_stats is false), in one pass.

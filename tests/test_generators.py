@@ -137,7 +137,9 @@ def test_upstream_state_dict_loads_and_round_trips():
     back = ours.upstream_state_dict()
     assert set(back) == set(sd)
     for k, v in sd.items():
-        assert torch.equal(back[k], v), k
+        # the BatchNorm running statistics were updated by the two train-mode forwards, whose
+        # noisy-layer outputs agree to rounding (different kernels), not bit for bit
+        torch.testing.assert_close(back[k], v, rtol=1e-12, atol=1e-12, msg=k)
 
 
 def test_re_init_le_is_one_fused_op_with_normal_weights_and_zero_bias():

@@ -13,11 +13,15 @@ re-init (once per synthesised batch):
 noisy layers forward + backward (every inner step):
   upstream          ModuleList loop over row blocks of nl rows + torch.cat (NLGenerator.forward)
   upstream_compile  torch.compile of it
-  fastsynth         fastsynth.nn.NoisyLayers: one baddbmm over [K, nl, 512] x [K, 512, 1000]
+  baddbmm           one baddbmm over [K, nl, 512] x [K, 512, 1000] (noisy_linear backend="reference",
+                    the CUDA path)
+  fastsynth         fastsynth.nn.NoisyLayers: fastsynth.ops.noisy_linear (fused CPU kernels)
+  Each step sets the gradients to None first (NAYER's optimizer.zero_grad()), so every
+  provider allocates its weight gradient afresh, as in training.
   bytes ~ 3 * 4 K 512*1000 (read W forward, read W for grad_input, write grad_W) + activations,
   FLOPs = 3 * 2 * B * 512 * 1000.
 
-    python benchmarks/bench_noisy_layers.py [--quick] [--device cpu|cuda] [--csv PATH]
+    python benchmarks/bench_noisy_layers.py [--quick] [--device cpu|cuda] [--csv PATH] [--threads N]
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.generators import NoisyLayers
+from ..ops.noisy_linear import noisy_linear
 from ..ops.reinit import make_seed, reinit_
 from . import harness
 
@@ -118,21 +123,30 @@ def run(quick: bool = False, device: str = "cpu", compile_upstream: bool | None 
         fb_bytes = 4 * (3 * k * le_size * emb + 3 * b * le_size + 2 * b * emb)
         flops = 3 * 2 * b * le_size * emb
 
-        def fwd_bwd(fn):
+        def fwd_bwd(fn, params):
+            # as in NAYER's inner step: gradients set to None (optimizer.zero_grad()), forward, backward
             def step():
+                for p in params:
+                    p.grad = None
+                le.grad = None
                 out = fn(le)
                 out.backward(grad)
             return step
 
-        up = fwd_bwd(lambda x: _upstream_forward(layers, x, nl))
-        ours = fwd_bwd(noisy)
+        up_params = list(layers.parameters())
+        up = fwd_bwd(lambda x: _upstream_forward(layers, x, nl), up_params)
+        ours = fwd_bwd(noisy, [noisy.weight, noisy.bias])
+        bmm = fwd_bwd(lambda x: noisy_linear(x, noisy.weight, noisy.bias, nl, backend="reference"),
+                      [noisy.weight, noisy.bias])
         times = {"upstream": harness.median_time(up, warmup=warmup, reps=reps, device=device)}
         if with_compile:
             try:
                 cfwd = torch.compile(lambda x: _upstream_forward(layers, x, nl))
-                times["upstream_compile"] = harness.median_time(fwd_bwd(cfwd), warmup=warmup, reps=reps, device=device)
+                times["upstream_compile"] = harness.median_time(fwd_bwd(cfwd, up_params), warmup=warmup, reps=reps,
+                                                                device=device)
             except Exception as exc:  # noqa: BLE001
                 print(f"# upstream_compile fwd+bwd failed: {type(exc).__name__}: {exc}")
+        times["baddbmm"] = harness.median_time(bmm, warmup=warmup, reps=reps, device=device)
         times["fastsynth"] = harness.median_time(ours, warmup=warmup, reps=reps, device=device)
         base, base_c = times["upstream"], times.get("upstream_compile")
         for prov, t in times.items():
@@ -146,7 +160,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers (slow to compile)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) before measuring")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(quick=args.quick, device=args.device, compile_upstream=False if args.no_compile else None)
     harness.print_table(rows, ["kernel", "case", "provider", "median_ms", "speedup_vs_eager", "speedup_vs_compile",
                                "bytes", "GBps", "bw_frac", "aten_ops"])

@@ -5,9 +5,9 @@ batch z; ``NLGenerator`` (NAYER) and ``NLDeepGenerator`` take class targets and 
 label-text embeddings through the noisy layers. Parameter names (state_dict keys) follow the
 upstream modules, except that NAYER's K noisy layers ``le1.{i}.weight`` / ``le1.{i}.bias`` are held
 as ONE weight [K, le_size, le_emb_size] and ONE bias [K, le_emb_size] (``le1_weight``,
-``le1_bias``): the forward is one batched matmul over the K row blocks, and ``re_init_le()`` is one
-call of the fused ``fastsynth.ops.reinit_`` keyed by an int64 seed buffer advanced in place (so it
-is CUDA-graph friendly). Upstream state_dicts (``le1.{i}.*``) load directly.
+``le1_bias``): the forward is one op over the K row blocks (``fastsynth.ops.noisy_linear``), and
+``re_init_le()`` is one call of the fused ``fastsynth.ops.reinit_`` keyed by an int64 seed buffer
+advanced in place (so it is CUDA-graph friendly). Upstream state_dicts (``le1.{i}.*``) load directly.
 
 No module here hard-codes a device: ``clone()`` and ``reinit()`` return modules on the device
 (and dtype) of the original.
@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..ops.noisy_linear import noisy_linear
 from ..ops.reinit import advance_seed_, make_seed, reinit_
 
 __all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers"]
@@ -129,10 +130,12 @@ class DeepGenerator(nn.Module):
 class NoisyLayers(nn.Module):
     """K noisy Linear(in -> out) layers as one weight [K, in, out] and one bias [K, out].
 
-    Row block k (rows k*nl .. (k+1)*nl - 1 of the input) goes through layer k: one batched
-    matmul ``baddbmm(bias, x.view(K, nl, in), weight)``. A batch that is not a multiple of nl is
-    zero-padded to whole blocks (the padded rows' outputs are dropped, so they receive no
-    gradient); a batch smaller than K*nl uses only the first ceil(B/nl) layers.
+    Row block k (rows k*nl .. (k+1)*nl - 1 of the input) goes through layer k, all layers in one
+    op, ``fastsynth.ops.noisy_linear``: on CPU (float32/64) a fused kernel that streams the
+    weight once in the forward and once in the backward (grad_input and grad_weight from the same
+    sweep); on CUDA one ``torch.baddbmm(bias, x.view(K, nl, in), weight)``, cuBLAS's batched GEMM
+    being the right kernel there. A batch that is not a multiple of nl ends in a partial block; a
+    batch smaller than K*nl uses only the first ceil(B/nl) layers (the others get zero gradients).
     """
 
     def __init__(self, k: int, in_features: int, out_features: int, nl: int):
@@ -175,17 +178,7 @@ class NoisyLayers(nn.Module):
         if b > self.k * self.nl:
             raise ValueError(f"NoisyLayers: batch {b} exceeds the {self.k} noisy layers x nl={self.nl} rows "
                              f"({self.k * self.nl}); build the generator with sbz >= batch")
-        kb = -(-b // self.nl)  # layers in use
-        rows = kb * self.nl
-        if rows != b:
-            x = torch.cat([x, x.new_zeros(rows - b, x.shape[1])])
-        # all layers in use (the usual case): no slice, whose backward would materialise a zero
-        # gradient of the whole weight and copy into it (an extra pass over K x in x out)
-        weight = self.weight if kb == self.k else self.weight[:kb]
-        bias = self.bias.unsqueeze(1) if kb == self.k else self.bias[:kb, None, :]
-        out = torch.baddbmm(bias, x.view(kb, self.nl, self.in_features), weight)
-        out = out.reshape(rows, self.out_features)
-        return out[:b] if rows != b else out
+        return noisy_linear(x, self.weight, self.bias, self.nl)
 
 
 class _NoisyGeneratorBase(nn.Module):
