@@ -13,8 +13,8 @@
 //             row leaving through streaming stores. MKL runs the second product as a GEMM of
 //             inner dimension nl, far below the bandwidth floor.
 // grad_bias[k] = sum of the layer's grad_out rows (a separate small pass). grad_W blocks come
-// from a cache of recycled blocks (empty_recycled below: a fresh 82 MB block costs more in page
-// faults than the kernel).
+// from the recycled large blocks of cpu/large_alloc.h (a fresh 82 MB block costs more in page
+// faults than the kernel, ~60 ms).
 //
 // Vectors are GCC/Clang vector extensions of 32 bytes (8 floats, 4 doubles), cloned for
 // x86-64-v4 / v3 / baseline (target_clones, picked at load time): 256-bit FMAs are far faster
@@ -29,93 +29,15 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "cpu/large_alloc.h"
 #include "cpu/noisy_linear_kernels.h"
 
 namespace fastsynth {
 namespace {
 
 using namespace noisy_linear_kernels;
-
-// ---------------------------------------------------------------------------------------------
-// recycled grad_weight buffers
-// ---------------------------------------------------------------------------------------------
-// grad_weight is K * in * out elements (82 MB for NAYER's CIFAR-10 layers) and is freed after
-// every optimiser step (zero_grad(set_to_none=True)). A fresh allocation of that size is an mmap
-// whose first touch costs a page fault per 4 KB page: measured ~60 ms for 82 MB on the 2-core
-// machine, more than the backward kernel itself (the per-layer upstream loop's 2 MB gradients
-// come from the malloc heap and do not pay this). So blocks of kMinCachedBytes or more are kept
-// in a small cache when their tensor dies and handed out again for the next backward; at most
-// kMaxCachedBytes stay cached. New blocks are 2 MiB aligned and advised as huge pages (Linux),
-// which makes their first touch cheaper as well.
-constexpr size_t kMinCachedBytes = size_t(4) << 20;
-constexpr size_t kMaxCachedBytes = size_t(1) << 30;
-constexpr size_t kBlockAlign = size_t(2) << 20;
-
-class BlockCache {
- public:
-  void* take(size_t nbytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (size_t j = 0; j < free_.size(); ++j) {
-        if (free_[j].second == nbytes) {
-          void* p = free_[j].first;
-          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(j));
-          cached_ -= nbytes;
-          return p;
-        }
-      }
-    }
-    void* p = nullptr;
-    const size_t rounded = (nbytes + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
-    if (posix_memalign(&p, kBlockAlign, rounded) != 0) return nullptr;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, rounded, MADV_HUGEPAGE);  // a hint; ignored where THP is off
-#endif
-    return p;
-  }
-
-  void give_back(void* p, size_t nbytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + nbytes <= kMaxCachedBytes) {
-        free_.emplace_back(p, nbytes);
-        cached_ += nbytes;
-        return;
-      }
-    }
-    std::free(p);
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<std::pair<void*, size_t>> free_;
-  size_t cached_ = 0;
-};
-
-BlockCache& block_cache() {
-  static BlockCache* cache = new BlockCache();  // never destroyed: tensors may outlive static destructors
-  return *cache;
-}
-
-// at::empty, with large blocks drawn from (and returned to) the block cache.
-at::Tensor empty_recycled(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-#if !defined(__linux__)
-  if (true) return at::empty(sizes, options);  // the cache is written for Linux (posix_memalign, madvise)
-#endif
-  if (nbytes < kMinCachedBytes) return at::empty(sizes, options);
-  void* p = block_cache().take(nbytes);
-  if (p == nullptr) return at::empty(sizes, options);
-  return at::from_blob(p, sizes, [nbytes](void* q) { block_cache().give_back(q, nbytes); }, options);
-}
 
 // ---------------------------------------------------------------------------------------------
 // launchers
@@ -200,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_linear_backward_cpu(const a
   const int64_t B = x.size(0), I = x.size(1), K = weight.size(0), O = weight.size(2);
   const int64_t kb = (B + nl - 1) / nl;
   at::Tensor gx = need_grad_x ? at::empty({B, I}, x.options()) : at::empty({0}, x.options());
-  at::Tensor gw = need_grad_weight ? empty_recycled({K, I, O}, x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = need_grad_weight ? empty_large({K, I, O}, x.options()) : at::empty({0}, x.options());
   at::Tensor gb = need_grad_bias ? at::empty({K, O}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "noisy_linear_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
