@@ -313,7 +313,8 @@ for _op, _n_in, _n_loss in ((_synthesis_triton, 8, 4), (_kd_triton, 6, 1), (_js_
 def _fused(name: str, backend: str):
     if backend == "triton":
         return {"synthesis_logit_loss": _synthesis_triton, "kd_loss": _kd_triton, "js_divergence": _js_triton}[name]
-    return getattr(torch.ops.fastsynth, name)
+    # the OpOverload itself: calling the packet would resolve the overload on every call
+    return getattr(torch.ops.fastsynth, name).default
 
 
 # ---------------------------------------------------------------------------------------------
