@@ -112,6 +112,8 @@ inline at::Tensor empty_strided_large(at::IntArrayRef sizes, at::IntArrayRef str
 // As at::empty(sizes, options.memory_format(fmt)).
 inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
                               at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (nbytes < kMinCachedBytes) return at::empty(sizes, options.memory_format(fmt));  // the common, small case
   const at::Tensor meta = at::empty(sizes, options.device(at::kMeta).memory_format(fmt));  // strides, no memory
   return empty_strided_large(sizes, meta.strides(), options);
 }
