@@ -40,7 +40,9 @@ def _extension():
 
     sources = _rel([os.path.join(ROOT, "csrc", "register.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
                    + glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFASTSYNTH_WITH_CPU"]
+    # -fno-math-errno: no C++ code here reads errno, and with it sqrt is one instruction that
+    # vectorises (the Philox Box-Muller loops of csrc/cpu/reinit.cpp run 2x faster).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DFASTSYNTH_WITH_CPU"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx_flags}

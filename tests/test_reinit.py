@@ -132,6 +132,23 @@ def test_cpu_kernel_bit_identical_large_and_mixed():
     assert torch.all(got[1] == 0.5)
 
 
+@pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
+def test_cpu_kernel_bit_identical_streaming_stores():
+    """Lists of 2^21 elements or more are written with non-temporal stores (float32 normal and
+    constant): same values, including tensors whose data does not start on a 64-byte line."""
+    seed = make_seed(77)
+    unaligned = torch.full((1200 * 1777 + 3,), float("nan"))[3:].view(1200, 1777)  # 12 bytes past a line
+    got = [_poisoned((3,)), unaligned, _poisoned((1001,)), _poisoned((5,), torch.bfloat16), _poisoned((19, 3))]
+    want = [t.clone() for t in got]
+    assert sum(t.numel() for t in got) >= 2**21
+    spec = (["normal", "normal", "constant", "normal", "uniform"], [0.0, -0.5, 0.25, 0.0, -1.0], [1.0, 2.0, 0.0, 1.0, 1.0])
+    reinit_(got, seed, *spec, backend="cpu")
+    reinit_(want, seed, *spec, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert torch.all(got[2] == 0.25)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_tensor_distributions(backend):
     w, bias = _poisoned((40, 50)), _poisoned((50,))

@@ -94,12 +94,12 @@ FS_HD float fadd(float a, float b) { return a + b; }
 FS_HD float fsub(float a, float b) { return a - b; }
 FS_HD float fmul(float a, float b) { return a * b; }
 FS_HD float fdiv(float a, float b) { return a / b; }
-// Exactly rounded float32 sqrt without libm: sqrtf's errno branch (-fmath-errno, the default)
-// keeps compilers from vectorising the Box-Muller loops. Four Newton steps on 1/sqrt in float64
-// from a bit-trick start (3.4% -> 1.8e-3 -> 4.6e-6 -> 3e-11 -> rounding level) give sqrt(a) to
-// a few float64 ulps, which rounds to the correctly rounded float32 value (checked exhaustively
-// over [2^-23, 64) in csrc/tests/test_philox.cpp); the device uses __fsqrt_rn.
-FS_HD float fsqrt(float a) {
+// Exactly rounded float32 sqrt without libm, for builds with math-errno on: there sqrtf's errno
+// branch keeps compilers from vectorising the Box-Muller loops. Four Newton steps on 1/sqrt in
+// float64 from a bit-trick start (3.4% -> 1.8e-3 -> 4.6e-6 -> 3e-11 -> rounding level) give
+// sqrt(a) to a few float64 ulps, which rounds to the correctly rounded float32 value (checked
+// exhaustively over [2^-23, 64) in csrc/tests/test_philox.cpp).
+FS_HD float fsqrt_newton(float a) {
   const double d = static_cast<double>(a);
   uint64_t bits;
   memcpy(&bits, &d, sizeof bits);
@@ -111,6 +111,16 @@ FS_HD float fsqrt(float a) {
   y = y * (1.5 - 0.5 * d * y * y);
   y = y * (1.5 - 0.5 * d * y * y);
   return static_cast<float>(d * y);  // a = +-0: y stays finite (1.3e154 * 1.5^4), d * y = +-0
+}
+// The extension is built with -fno-math-errno (setup.py): then sqrt is the IEEE instruction
+// (sqrtss / vsqrtps, correctly rounded like the device's __fsqrt_rn) and still vectorises; the
+// Newton form costs twice the whole Box-Muller transform.
+FS_HD float fsqrt(float a) {
+#if defined(__NO_MATH_ERRNO__)
+  return __builtin_sqrtf(a);
+#else
+  return fsqrt_newton(a);
+#endif
 }
 FS_HD uint32_t float_bits(float f) {
   uint32_t u;

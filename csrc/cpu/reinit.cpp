@@ -39,6 +39,7 @@ namespace ph = fastsynth::philox;
 
 constexpr int64_t kGroups = 256;          // Philox groups per block
 constexpr int64_t kBlock = 4 * kGroups;   // elements per block
+constexpr int64_t kStreamMinElements = int64_t{1} << 21;  // 8 MB of float32
 
 // ---- Philox lanes of kGroups consecutive groups g0 .. g0+kGroups-1 (g0 a multiple of 16) ----
 // Compilers vectorise the 32x32->64-bit products of Philox poorly, so the x86 paths use the
@@ -56,42 +57,58 @@ void philox_lanes_generic(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FS_HAVE_X86_PHILOX 1
+// 0xB1 swaps the two 32-bit words of each 64-bit lane. Masked swaps merge the halves of the
+// even- and odd-lane products in one instruction each (shuffles run on a different port than the
+// multiplies, the 512-bit shifts do not).
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                        // 64-bit products of lanes 0, 2, ...
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1, 3, ...
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  const auto swap = static_cast<_MM_PERM_ENUM>(0xB1);
+  const __m512i even = _mm512_mul_epu32(a, m);                              // 64-bit products of lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, swap), m);  // lanes 1, 3, ...
+  *lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, swap);  // odd lanes: low word of the odd product
+  *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, swap);  // even lanes: high word of the even product
 }
 
+// Four independent 16-lane counters per iteration: one Philox round is a chain of multiply,
+// shift/blend and xor (about 8 cycles of latency), so a single vector leaves the multiplier idle.
 __attribute__((target("avx512f"))) void philox_lanes_avx512(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
                                                              uint32_t* x2, uint32_t* x3) {
+  constexpr int kWays = 4;
+  static_assert(kGroups % (16 * kWays) == 0, "kGroups must be a multiple of 64");
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm512_set1_epi32(static_cast<int>(ph::kM1));
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t i = 0; i < kGroups; i += 16) {
-    const uint64_t g = static_cast<uint64_t>(g0 + i);  // a multiple of 16: the low word does not wrap below
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kGroups; i += 16 * kWays) {
+    __m512i c0[kWays], c1[kWays], c2[kWays], c3[kWays];
+    for (int w = 0; w < kWays; ++w) {
+      const uint64_t g = static_cast<uint64_t>(g0 + i + 16 * w);  // a multiple of 16: no wrap inside the vector
+      c0[w] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+      c1[w] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+      c2[w] = _mm512_setzero_si512();
+      c3[w] = _mm512_setzero_si512();
+    }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < 10; ++r) {
       if (r > 0) {
         k0 += ph::kW0;
         k1 += ph::kW1;
       }
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0, m0, &hi0, &lo0);
-      mulhilo16(c2, m1, &hi1, &lo1);
-      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int w = 0; w < kWays; ++w) {
+        __m512i hi0, lo0, hi1, lo1;
+        mulhilo16(c0[w], m0, &hi0, &lo0);
+        mulhilo16(c2[w], m1, &hi1, &lo1);
+        // 0x96 = a ^ b ^ c in one ternary-logic instruction
+        c0[w] = _mm512_ternarylogic_epi32(hi1, c1[w], key0, 0x96);
+        c2[w] = _mm512_ternarylogic_epi32(hi0, c3[w], key1, 0x96);
+        c1[w] = lo1;
+        c3[w] = lo0;
+      }
     }
-    _mm512_storeu_si512(x0 + i, c0);
-    _mm512_storeu_si512(x1 + i, c1);
-    _mm512_storeu_si512(x2 + i, c2);
-    _mm512_storeu_si512(x3 + i, c3);
+    for (int w = 0; w < kWays; ++w) {
+      _mm512_storeu_si512(x0 + i + 16 * w, c0[w]);
+      _mm512_storeu_si512(x1 + i + 16 * w, c1[w]);
+      _mm512_storeu_si512(x2 + i + 16 * w, c2[w]);
+      _mm512_storeu_si512(x3 + i + 16 * w, c3[w]);
+    }
   }
 }
 
@@ -219,10 +236,38 @@ void store_f64(double* dst, const float* draw, int64_t count, int dist, double l
   }
 }
 
-void store(const ReinitEntry& e, int64_t local, const float* draw, int64_t count) {
+// float32 normal/constant values with non-temporal stores: a large re-initialisation writes more
+// than the caches hold, and a plain store first reads each line in (read-for-ownership), doubling
+// the memory traffic. Same arithmetic as store_f32 (mul then add, two roundings).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FS_HAVE_STREAM_STORE 1
+__attribute__((target("avx512f"))) void store_f32_stream_avx512(float* dst, const float* draw, int64_t count, int dist,
+                                                                 float lo, float scale) {
+  int64_t i = 0;
+  for (; i < count && (reinterpret_cast<uintptr_t>(dst + i) & 63u) != 0; ++i)  // up to a 64-byte line
+    dst[i] = ph::affine_f32(dist, draw[i], lo, scale);
+  const __m512 lo_v = _mm512_set1_ps(lo), scale_v = _mm512_set1_ps(scale);
+  if (dist == ph::kConstant) {
+    for (; i + 16 <= count; i += 16) _mm512_stream_ps(dst + i, lo_v);
+  } else {
+    for (; i + 16 <= count; i += 16)
+      _mm512_stream_ps(dst + i, _mm512_add_ps(lo_v, _mm512_mul_ps(scale_v, _mm512_loadu_ps(draw + i))));
+  }
+  for (; i < count; ++i) dst[i] = ph::affine_f32(dist, draw[i], lo, scale);
+}
+#endif
+
+void store(const ReinitEntry& e, int64_t local, const float* draw, int64_t count, bool stream) {
   const int dist = e.dist;
   switch (e.dtype) {
     case at::kFloat:
+#ifdef FS_HAVE_STREAM_STORE
+      if (stream && dist != ph::kUniform) {
+        store_f32_stream_avx512(static_cast<float*>(e.ptr) + local, draw, count, dist, static_cast<float>(e.lo),
+                                static_cast<float>(e.hi));
+        break;
+      }
+#endif
       store_f32<float, uint32_t>(static_cast<float*>(e.ptr) + local, draw, count, dist, e.lo, e.hi);
       break;
     case at::kDouble:
@@ -249,6 +294,14 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
   if (total == 0) return;
   const int64_t num_blocks = (total + kBlock - 1) / kBlock;
   static const PhiloxLanesFn philox_lanes = pick_philox_lanes();
+  // Streaming stores only pay off when the output does not stay in cache anyway (L2 is 2 MB per
+  // core here; a small re-initialisation is read back right away by the next forward).
+#ifdef FS_HAVE_STREAM_STORE
+  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
+  const bool stream = have_avx512 && total >= kStreamMinElements;
+#else
+  const bool stream = false;
+#endif
 
   at::parallel_for(0, num_blocks, 16, [&](int64_t b0, int64_t b1) {
     alignas(64) uint32_t x0[kGroups], x1[kGroups], x2[kGroups], x3[kGroups];
@@ -275,9 +328,12 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
       for (size_t u = t; u < entries.size() && entries[u].begin < hi; ++u) {
         const int64_t s = std::max(lo, entries[u].begin), e = std::min(hi, entries[u].end);
         const float* draw = entries[u].dist == ph::kNormal ? normal : uniform;
-        if (e > s) store(entries[u], s - entries[u].begin, draw + (s - lo), e - s);
+        if (e > s) store(entries[u], s - entries[u].begin, draw + (s - lo), e - s, stream);
       }
     }
+#ifdef FS_HAVE_STREAM_STORE
+    if (stream) _mm_sfence();  // order the weakly ordered streaming stores before the join
+#endif
   });
 }
 
