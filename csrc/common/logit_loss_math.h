@@ -140,6 +140,39 @@ FS_HD float fs_log(float x) {
 }
 FS_HD double fs_log(double x) { return log(x); }
 
+// ln(x) in double for a positive normal x, branch-free so that it vectorises on the host (the
+// per-row log-sum-exp finish of the short-row CPU kernels runs 16 rows at once):
+//   x = m 2^e with m in [sqrt(1/2), sqrt(2)],  s = (m - 1)/(m + 1),  |s| <= 0.1716,
+//   ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^21/21)   (truncation below 1e-18 relative),
+//   ln x = e ln2_hi + (ln m + e ln2_lo).
+// Within a few ulps of libm's log (checked in csrc/tests/test_logit_loss_math.cpp).
+FS_HD double log_f64_poly(double x) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int64_t e = static_cast<int64_t>((bits >> 52) & 0x7ffu) - 1023;
+  uint64_t mbits = (bits & 0xfffffffffffffull) | 0x3ff0000000000000ull;  // m in [1, 2)
+  const uint64_t big = mbits > 0x3ff6a09e667f3bcdull ? 1u : 0u;           // m > sqrt(2): m/2, e+1
+  mbits -= big << 52;
+  e += static_cast<int64_t>(big);
+  double m;
+  std::memcpy(&m, &mbits, sizeof m);
+  const double s = (m - 1.0) / (m + 1.0);
+  const double s2 = s * s;
+  double p = 1.0 / 21;
+  p = p * s2 + 1.0 / 19;
+  p = p * s2 + 1.0 / 17;
+  p = p * s2 + 1.0 / 15;
+  p = p * s2 + 1.0 / 13;
+  p = p * s2 + 1.0 / 11;
+  p = p * s2 + 1.0 / 9;
+  p = p * s2 + 1.0 / 7;
+  p = p * s2 + 1.0 / 5;
+  p = p * s2 + 1.0 / 3;
+  const double lnm = 2.0 * s + 2.0 * s * s2 * p;
+  const double ef = static_cast<double>(e);
+  return ef * 0x1.62e42fefa3800p-1 + (lnm + ef * 0x1.ef35793c76730p-45);  // ln 2 = hi + lo
+}
+
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp and the streamed KL state
 // ---------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // Floating-point operations may be speculated (as in torch's own build): with the default
@@ -223,30 +225,61 @@ struct LaneResults {
   double ce[kLanes], kl[kLanes], agree[kLanes];
 };
 
+// One value per lane as a GCC vector (an attribute on a dependent type would be dropped).
+template <typename acc_t>
+struct LaneVec;
+template <>
+struct LaneVec<float> {
+  typedef float values __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t indices __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t index_t;
+};
+template <>
+struct LaneVec<double> {
+  typedef double values __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t indices __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t index_t;
+};
+
 // t, s: [C][kLanes] (lane j holds row j of the block; unused lanes hold zeros). y: per-lane
 // target, -1 for none. gt, gs: [C][kLanes] gradients (written when with_grad).
 template <typename acc_t>
 FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t inv_t, const int64_t* y, double ce_w,
                                double kl_w, bool agree_mask, bool with_grad, acc_t* gt, acc_t* gs, LaneResults& out) {
+  // Maxima and arg-maxima over the classes in whole-block vector values (GCC vector extensions,
+  // lowered to the widest registers of each clone). Written as `omp simd` sweeps over lane arrays,
+  // GCC turns `m = x > m ? x : m` into masked stores to the arrays, and every reload of a masked
+  // store stalls on store forwarding: that sweep took longer than the exps.
+  using lane_vec = typename LaneVec<acc_t>::values;
+  using lane_ivec = typename LaneVec<acc_t>::indices;
+  using lane_int = typename LaneVec<acc_t>::index_t;
+  static_assert(sizeof(lane_vec) == kLanes * sizeof(acc_t) && sizeof(lane_ivec) == sizeof(lane_vec));
   acc_t mt[kLanes], ms[kLanes];
   int32_t it[kLanes], is[kLanes];
-#pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) {
-    mt[j] = t[j];
-    ms[j] = s[j];
-    it[j] = 0;
-    is[j] = 0;
-  }
-  for (int64_t c = 1; c < C; ++c) {
-    const acc_t* tc = t + c * kLanes;
-    const acc_t* sc = s + c * kLanes;
-#pragma omp simd
+  {
+    lane_vec m_t, m_s;
+    std::memcpy(&m_t, t, sizeof m_t);
+    std::memcpy(&m_s, s, sizeof m_s);
+    lane_ivec i_t = {}, i_s = {};
+    for (int64_t c = 1; c < C; ++c) {
+      lane_vec tv, sv;
+      std::memcpy(&tv, t + c * kLanes, sizeof tv);
+      std::memcpy(&sv, s + c * kLanes, sizeof sv);
+      const auto gt_t = tv > m_t, gt_s = sv > m_s;  // strict: the first maximum wins
+      const lane_ivec cv = lane_ivec{} + static_cast<lane_int>(c);
+      m_t = gt_t ? tv : m_t;
+      i_t = gt_t ? cv : i_t;
+      m_s = gt_s ? sv : m_s;
+      i_s = gt_s ? cv : i_s;
+    }
+    std::memcpy(mt, &m_t, sizeof m_t);
+    std::memcpy(ms, &m_s, sizeof m_s);
+    lane_int it_l[kLanes], is_l[kLanes];
+    std::memcpy(it_l, &i_t, sizeof i_t);
+    std::memcpy(is_l, &i_s, sizeof i_s);
     for (int64_t j = 0; j < kLanes; ++j) {
-      const bool gt_t = tc[j] > mt[j], gt_s = sc[j] > ms[j];  // strict: the first maximum wins
-      mt[j] = gt_t ? tc[j] : mt[j];
-      it[j] = gt_t ? static_cast<int32_t>(c) : it[j];
-      ms[j] = gt_s ? sc[j] : ms[j];
-      is[j] = gt_s ? static_cast<int32_t>(c) : is[j];
+      it[j] = static_cast<int32_t>(it_l[j]);
+      is[j] = static_cast<int32_t>(is_l[j]);
     }
   }
   acc_t zt[kLanes], zs[kLanes], a[kLanes];
@@ -271,24 +304,29 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
     }
   }
   acc_t g_pt[kLanes], g_ptd[kLanes], g_ps[kLanes], rzt[kLanes], rzs[kLanes], lz_diff[kLanes];
-  double g_y[kLanes];
+  double g_y[kLanes], lzt[kLanes];
+  // the rows' scalars in double, all lanes at once (Z >= 1: the maximum contributes exp(0))
+#pragma omp simd
   for (int64_t j = 0; j < kLanes; ++j) {
-    const double lzt = std::log(static_cast<double>(zt[j])), lzs = std::log(static_cast<double>(zs[j]));
-    double kl = static_cast<double>(a[j]) / static_cast<double>(zt[j]) + (lzs - lzt);
+    const double zt_j = static_cast<double>(zt[j]), zs_j = static_cast<double>(zs[j]);
+    const double lzt_j = log_f64_poly(zt_j), lzs_j = log_f64_poly(zs_j);
+    double kl = static_cast<double>(a[j]) / zt_j + (lzs_j - lzt_j);
     kl = kl > 0 ? kl : 0;  // KL >= 0; rounding can leave -1e-8
     const double agree = agree_mask ? (it[j] == is[j] ? 1.0 : 0.0) : 1.0;
     out.kl[j] = kl;
     out.agree[j] = agree;
-    out.ce[j] = y[j] >= 0 ? lzt - static_cast<double>((t[y[j] * kLanes + j] - mt[j]) * inv_t) : 0.0;
+    lzt[j] = lzt_j;
     const KlRowCoef k = kl_row_coef(ce_w, kl_w, agree, static_cast<double>(inv_t), kl);
     g_pt[j] = static_cast<acc_t>(k.g_pt);
     g_ptd[j] = static_cast<acc_t>(k.g_ptd);
     g_ps[j] = static_cast<acc_t>(k.g_ps);
     g_y[j] = k.g_y;
-    rzt[j] = static_cast<acc_t>(1.0 / static_cast<double>(zt[j]));
-    rzs[j] = static_cast<acc_t>(1.0 / static_cast<double>(zs[j]));
-    lz_diff[j] = static_cast<acc_t>(lzs - lzt);
+    rzt[j] = static_cast<acc_t>(1.0 / zt_j);
+    rzs[j] = static_cast<acc_t>(1.0 / zs_j);
+    lz_diff[j] = static_cast<acc_t>(lzs_j - lzt_j);
   }
+  for (int64_t j = 0; j < kLanes; ++j)
+    out.ce[j] = y[j] >= 0 ? lzt[j] - static_cast<double>((t[y[j] * kLanes + j] - mt[j]) * inv_t) : 0.0;
   if (!with_grad) return;
   for (int64_t c = 0; c < C; ++c) {
     const acc_t* tc = t + c * kLanes;
@@ -313,6 +351,36 @@ FS_SIMD_CLONES void kl_lanes_f32(const float* t, const float* s, int64_t C, floa
                                  double ce_w, double kl_w, bool agree_mask, bool with_grad, float* gt, float* gs,
                                  LaneResults& out) {
   kl_lanes<float>(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs, out);
+}
+
+// A full block of kLanes float32 rows, transposed in and out inside the SIMD clones: the loops
+// over lanes become gathers and scatters (strided rows), where the scalar transposition took as
+// long as the whole kl_lanes sweep at C = 10. tp, sp: first row of the block (row strides
+// t_stride, s_stride); gtp, gsp: first gradient row (contiguous rows of C) or null.
+FS_SIMD_CLONES void kl_full_block_f32(const float* tp, int64_t t_stride, const float* sp, int64_t s_stride, int64_t C,
+                                      float inv_t, const int64_t* y, double ce_w, double kl_w, bool agree_mask,
+                                      bool with_grad, float* gtp, float* gsp, float* tt, float* ss, float* gt,
+                                      float* gs, LaneResults& out) {
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      tt[c * kLanes + j] = tp[j * t_stride + c];
+      ss[c * kLanes + j] = sp[j * s_stride + c];
+    }
+  }
+  kl_lanes<float>(tt, ss, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs, out);
+  if (gtp) {
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) gtp[j * C + c] = gt[c * kLanes + j];
+    }
+  }
+  if (gsp) {
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) gsp[j * C + c] = gs[c * kLanes + j];
+    }
+  }
 }
 void kl_lanes_f64(const double* t, const double* s, int64_t C, double inv_t, const int64_t* y, double ce_w,
                   double kl_w, bool agree_mask, bool with_grad, double* gt, double* gs, LaneResults& out) {
@@ -440,6 +508,16 @@ void kl_rows_by_lanes(const scalar_t* tp, int64_t t_stride, const scalar_t* sp, 
     LaneResults res;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * kLanes, nr = std::min(kLanes, N - i0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (nr == kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) y[j] = yp ? yp[i0 + j] : -1;
+          kl_full_block_f32(tp + i0 * t_stride, t_stride, sp + i0 * s_stride, s_stride, C, inv_t, y, ce_w, kl_w,
+                            agree_mask, with_grad, gtp ? gtp + i0 * C : nullptr, gsp ? gsp + i0 * C : nullptr, tt, ss,
+                            gt, gs, res);
+          collect(i0, nr, res);
+          continue;
+        }
+      }
       for (int64_t j = 0; j < kLanes; ++j) {
         if (j < nr) {
           const scalar_t* trow = tp + (i0 + j) * t_stride;

@@ -73,6 +73,19 @@ int main() {
   std::printf("exp_poly max rel err %.3g, log_poly max err %.3g\n", worst_exp, worst_log);
   CHECK(worst_exp < 5e-7);
   CHECK(worst_log < 5e-7);
+  // the double log of the short-row finish: within a few ulps of libm over the row sums' range
+  // [1, 2^16] and beyond (powers of two, the sqrt(2) split, values just below 1)
+  double worst_log64 = 0;
+  for (int i = 0; i <= 400000; ++i) {
+    const double x = std::exp(-3.0 + 15.0 * static_cast<double>(i) / 400000.0);
+    const double ref = std::log(x);
+    worst_log64 = std::fmax(worst_log64, std::fabs(log_f64_poly(x) - ref) / std::fmax(std::fabs(ref), 1.0));
+  }
+  for (double x : {1.0, 2.0, 64.0, 1.4142135623730951, 1.4142135623730949, 0.9999999999999999, 1.0000000000000002})
+    worst_log64 = std::fmax(worst_log64, std::fabs(log_f64_poly(x) - std::log(x)) / std::fmax(std::fabs(std::log(x)), 1.0));
+  std::printf("log_f64_poly max err %.3g\n", worst_log64);
+  CHECK(worst_log64 < 1e-15);
+  CHECK(log_f64_poly(1.0) == 0.0);
   CHECK(exp_poly(-1e4f) == 0.0f);
   CHECK(exp_poly(-INFINITY) == 0.0f);
   CHECK_CLOSE(exp_poly(0.0f), 1.0, 0, 1e-7);
