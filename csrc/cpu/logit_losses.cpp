@@ -33,6 +33,7 @@
 #pragma GCC optimize("no-trapping-math")
 
 #include "common/logit_loss_math.h"
+#include "cpu/large_alloc.h"
 
 namespace fastsynth {
 namespace {
@@ -586,8 +587,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor t = unit_column_stride(teacher_logits), s = unit_column_stride(student_logits);
   const auto opts = t.options();
-  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
   const bool with_grad = need_grad_teacher || need_grad_student;
   std::vector<double> ce(N), klm(N), agree(N);
   const double ce_w = oh / static_cast<double>(N), kl_w = -adv / static_cast<double>(N);
@@ -645,8 +646,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& stu
   const int64_t N = student_logits.size(0), C = student_logits.size(1);
   const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
   const auto opts = s.options();
-  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
   const bool with_grad = need_grad_student || need_grad_teacher;
   std::vector<double> kl(N);
 
@@ -694,8 +695,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> js_divergence_cpu(const at::Tenso
   const int64_t N = student_logits.size(0), C = student_logits.size(1);
   const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
   const auto opts = s.options();
-  at::Tensor gs = need_grad_student ? at::empty({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gt = need_grad_teacher ? at::empty({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
   const bool with_grad = need_grad_student || need_grad_teacher;
   std::vector<double> js(N);
 
@@ -741,7 +742,7 @@ std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cpu(const at::Tensor& gra
   auto scale = [&](const at::Tensor& x) {
     if (x.numel() == 0) return at::empty_like(x);
     const at::Tensor xc = x.contiguous();
-    at::Tensor out = at::empty_like(xc);
+    at::Tensor out = empty_like_large(xc);  // large blocks recycled (cpu/large_alloc.h)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "logit_loss_backward_cpu", [&] {
       using acc_t = acc_type_of<scalar_t>;
       const scalar_t* src = xc.data_ptr<scalar_t>();
