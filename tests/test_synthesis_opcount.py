@@ -159,7 +159,7 @@ def test_quick_inner_step_has_at_most_a_quarter_of_the_reference_ops():
     FastMetaSynthesizer against one step of the upstream-style reference loop, both counted by
     the benchmark's dispatch-mode counter."""
     teacher, student, gen, batch, nz = bench.build(True, "cpu")
-    ref = bench.ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), batch, nz)
+    ref = bench.ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), bench.upstream_generator(gen), batch, nz)
     ref.step()
     for h in ref.hooks:
         h.update_mmt()

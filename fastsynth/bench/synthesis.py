@@ -11,7 +11,8 @@ Providers (measured side by side in one run):
   its loss (permute().contiguous() variance), kornia-style augmentation (affine grid + grid
   sample per batch, normaliser tensors built per call), separate losses summed in Python,
   ``.item()`` twice per step for best-image tracking, teacher and student parameters requiring
-  grad, per-parameter MAML gradient accumulation, Adam;
+  grad, per-parameter MAML gradient accumulation, Adam; the upstream generator (a plain
+  ``nn.Sequential``: every nearest 2x upsample materialised, then its 3x3 convolution);
 - ``fastsynth``: ``FastMetaSynthesizer._step`` (one inner step) in eager mode;
 - ``fastsynth+compile``: the same with ``compile=True`` (inductor; skipped by ``--no-compile``);
 - ``fastsynth+cuda_graph``: on a GPU, the captured step replayed.
@@ -54,6 +55,14 @@ def _small_cnn(width):
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+
+
+def upstream_generator(gen: nn.Module) -> nn.Module:
+    """A copy of a fastsynth generator as upstream computes it: ``conv_blocks`` a plain
+    ``nn.Sequential`` of the same modules (no fused upsample + conv), same weights."""
+    up = copy.deepcopy(gen)
+    up.conv_blocks = nn.Sequential(*up.conv_blocks)
+    return up
 
 
 def build(quick: bool, device):
@@ -381,7 +390,8 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
         rows.append({"kernel": KERNEL, "case": case, "provider": provider, "median_ms": t * 1e3,
                      "aten_ops": ops, "ops_counted_by": how, "peak_mem_MB": round(mem, 2)})
 
-    ref = ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), batch, nz, device=device)
+    ref = ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), batch, nz,
+                        device=device)
     ref.step()  # momentum statistics exist after the first round, as in a real run
     for h in ref.hooks:
         h.update_mmt()

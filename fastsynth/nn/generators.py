@@ -21,13 +21,16 @@ import torch.nn as nn
 
 from ..ops.noisy_linear import noisy_linear
 from ..ops.reinit import advance_seed_, make_seed, reinit_
+from .upsample_conv import UpsampleConvSequential
 
 __all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers"]
 
 
 def _conv_blocks_32(ngf: int, nc: int) -> nn.Sequential:
-    """BN, up x2, conv(2ngf->2ngf), BN, LReLU, up x2, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid."""
-    return nn.Sequential(
+    """BN, up x2, conv(2ngf->2ngf), BN, LReLU, up x2, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid.
+
+    Each (up x2, conv) pair runs as one fused upsample2x_conv3x3 (nn/upsample_conv.py)."""
+    return UpsampleConvSequential(
         nn.BatchNorm2d(ngf * 2),
         nn.Upsample(scale_factor=2),
         nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
@@ -49,7 +52,7 @@ def _conv_blocks_deep(c_in: int, ngf: int, nc: int) -> nn.Sequential:
         return layers + [nn.Conv2d(ci, co, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(co),
                          nn.LeakyReLU(0.2, inplace=True)]
 
-    return nn.Sequential(
+    return UpsampleConvSequential(  # (up x2, conv) pairs fused as in _conv_blocks_32
         *stage(c_in, 2 * ngf, up=False),
         *stage(2 * ngf, 2 * ngf),
         *stage(2 * ngf, ngf),
