@@ -32,6 +32,11 @@ using acc_of = std::conditional_t<std::is_same<scalar_t, double>::value, double,
 constexpr int64_t kSegment = 4096;       // elements re-read from cache in the second sweep
 constexpr int64_t kTaskElems = 16384;    // minimum elements per parallel task (NCHW path)
 constexpr int64_t kRowBlockElems = 16384;  // elements per row block (channels_last path)
+// Dense NCHW planes of fewer elements (the 8x8 and 4x4 maps of a CIFAR ResNet's last stages, and
+// 16x16) are walked in memory order, tasks being blocks of samples: channel-major tasks visit one
+// short plane per sample, C*H*W elements apart, and paid a cache miss and a loop setup every
+// 16-256 elements (4x4 x 512 channels: 9x the time of a copy; docs/PERFORMANCE.md).
+constexpr int64_t kSmallPlane = 256;
 
 // The layout decision shared with the fake kernels in Python: channels_last path only when x is
 // channels_last-dense and not also NCHW-dense; everything else goes through the strided plane path.
@@ -161,12 +166,68 @@ Welford<acc_t> forward_task(const scalar_t* xd, scalar_t* yd, const Shape& s, co
   return acc;
 }
 
+// Small dense planes in memory order. Each plane's mean and centred sum of squares (two sweeps
+// from L1) go into per-task, per-channel sums in double, combined with Chan's formula for k
+// groups of equal size HW:  M2 = sum_p m2_p + HW (sum_p mean_p^2 - (sum_p mean_p)^2 / k);
+// the task states are then merged per channel in task order (deterministic: the split depends on
+// the shape only).
+template <typename scalar_t>
+void forward_small_planes(const scalar_t* xd, scalar_t* yd, const Shape& s, const ChannelAffine<acc_of<scalar_t>>& aff,
+                          bool relu, bool with_stats, at::Tensor& mean, at::Tensor& var) {
+  using acc_t = acc_of<scalar_t>;
+  struct PlaneSums {
+    double s1 = 0, s2 = 0, m2 = 0;
+  };
+  const int64_t nb = std::max<int64_t>(1, kTaskElems / (s.C * s.HW));  // samples per task
+  const int64_t ntasks = (s.N + nb - 1) / nb;
+  std::vector<PlaneSums> part(with_stats ? ntasks * s.C : 0);
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t n = t * nb; n < std::min(s.N, (t + 1) * nb); ++n) {
+        for (int64_t c = 0; c < s.C; ++c) {
+          const scalar_t* xp = xd + n * s.sN + c * s.sC;
+          scalar_t* yp = yd + (n * s.C + c) * s.HW;
+          const acc_t scale = aff.scale[c], shift = aff.shift[c];
+          if (!with_stats) {
+            run_write<true>(xp, 1, s.HW, yp, scale, shift, relu);
+            continue;
+          }
+          const acc_t pm = run_sum<true, scalar_t, acc_t>(xp, 1, s.HW) / acc_t(s.HW);
+          const acc_t m2 = run_m2_and_write<true>(xp, 1, s.HW, yp, pm, scale, shift, relu);
+          PlaneSums& ps = part[t * s.C + c];
+          ps.s1 += double(pm);
+          ps.s2 += double(pm) * double(pm);
+          ps.m2 += double(m2);
+        }
+      }
+    }
+  });
+  if (!with_stats) return;
+  acc_t* mp = mean.data_ptr<acc_t>();
+  acc_t* vp = var.data_ptr<acc_t>();
+  for (int64_t c = 0; c < s.C; ++c) {
+    Welford<acc_t> acc;
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const PlaneSums& ps = part[t * s.C + c];
+      const double k = double(std::min(s.N, (t + 1) * nb) - t * nb);
+      const double m2 = ps.m2 + double(s.HW) * std::max(0.0, ps.s2 - ps.s1 * ps.s1 / k);
+      acc = welford_merge(acc, Welford<acc_t>(acc_t(ps.s1 / k), acc_t(m2), acc_t(k * double(s.HW))));
+    }
+    mp[c] = acc.mean;
+    vp[c] = acc.var_biased();
+  }
+}
+
 template <typename scalar_t>
 void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
                     bool with_stats, at::Tensor& mean, at::Tensor& var) {
   using acc_t = acc_of<scalar_t>;
   const Shape s = shape_of(x);
   const PlaneRows pr = plane_rows(s);
+  if (pr.rows == 1 && s.HW < kSmallPlane) {
+    forward_small_planes<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s, aff, relu, with_stats, mean, var);
+    return;
+  }
   const int64_t nb = std::min<int64_t>(s.N, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(s.HW, 1)));
   const int64_t nblocks = (s.N + nb - 1) / nb;
   const int64_t ntasks = s.C * nblocks;
@@ -400,8 +461,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     std::vector<acc_t> psum_g, psum_gx;
     int64_t ntasks, nblocks = 0, rows = 0;
 
-    if (!cl) {
-      const PlaneRows pr = plane_rows(s);
+    const PlaneRows pr = plane_rows(s);
+    if (!cl && pr.rows == 1 && s.HW < kSmallPlane) {
+      // small dense planes in memory order (see kSmallPlane); partial sums laid out as the
+      // channel-major path's, [c][task], so the reduction below serves both
+      const int64_t nb = std::max<int64_t>(1, kTaskElems / (C * s.HW));  // samples per task
+      nblocks = (s.N + nb - 1) / nb;
+      ntasks = C * nblocks;
+      if (need_weight_grad) { psum_g.assign(ntasks, 0); psum_gx.assign(ntasks, 0); }
+      at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          for (int64_t n = blk * nb; n < std::min(s.N, (blk + 1) * nb); ++n) {
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t dense = (n * C + c) * s.HW;
+              acc_t sg = 0, sgx = 0;
+              backward_segment<scalar_t, acc_t>(gyd + dense, xd + n * s.sN + c * s.sC, 1, s.HW, gxd + dense,
+                                                k.aff.scale[c], k.aff.shift[c], k.mean[c], k.rm[c], k.stat[c],
+                                                apply_relu, with_stats, need_weight_grad, need_x, sg, sgx);
+              if (need_weight_grad) {
+                psum_g[c * nblocks + blk] += sg;
+                psum_gx[c * nblocks + blk] += sgx;
+              }
+            }
+          }
+        }
+      });
+    } else if (!cl) {
       const int64_t nb = std::min<int64_t>(s.N, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(s.HW, 1)));
       nblocks = (s.N + nb - 1) / nb;
       ntasks = C * nblocks;
