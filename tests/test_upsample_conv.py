@@ -157,6 +157,22 @@ def test_generators_equal_their_unfused_computation(make):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_inference_mode_first_then_training():
+    """A first call under inference_mode must not leave an inference tensor behind that a later
+    training call would try to save for backward."""
+    import fastsynth.nn.upsample_conv as uc
+
+    uc._COMBINE_CACHE.clear()
+    x, w = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        upsample2x_conv3x3(x, w)
+    wr = w.clone().requires_grad_()
+    y = upsample2x_conv3x3(x, wr)
+    (g,) = torch.autograd.grad(y.sum(), [wr])
+    (want,) = torch.autograd.grad(reference(x, wr).sum(), [wr])
+    torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
 def test_torch_compile_fullgraph():
     fn = torch.compile(upsample2x_conv3x3, fullgraph=True, backend="aot_eager")
     x, w = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 3, 3)

@@ -56,7 +56,11 @@ def _phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     key = (weight.device, weight.dtype)
     m = _COMBINE_CACHE.get(key)
     if m is None:
-        m = _COMBINE_CACHE[key] = _COMBINE.to(device=weight.device, dtype=weight.dtype).t().contiguous()
+        m = _COMBINE.to(device=weight.device, dtype=weight.dtype).t().contiguous()
+        # not while tracing (a constant there), nor under inference_mode: an inference tensor
+        # could not be saved for backward by a later training call
+        if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+            _COMBINE_CACHE[key] = m
     o, c = weight.shape[:2]
     k = torch.mm(weight.reshape(o * c, 9), m)  # [O C, 16]
     return k.view(o, c, 4, 2, 2).permute(2, 0, 1, 3, 4).contiguous()
