@@ -83,6 +83,7 @@ def test_forward_matches_float64_reference(backend, layout, relu):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17),
+                                   (2, 3, 32, 33),    # CPU: planes of 1024+ elements take the channel-major path
                                    (2, 2, 70, 65)])  # the last: planes larger than one CPU segment
 def test_odd_shapes_float64(backend, shape):
     x, w, b, rm, rv = rand_inputs(*shape)
@@ -93,7 +94,7 @@ def test_odd_shapes_float64(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("hw", [16, 4])  # 4x4: the CPU's small-plane path (per-plane sums combined)
+@pytest.mark.parametrize("hw", [32, 4])  # CPU: channel-major path at 32x32, small-plane path at 4x4
 def test_large_mean_small_variance(backend, hw):
     # E[x^2]-E[x]^2 in fp32 loses the variance at mean 100, std 0.1 (7.7% relative error)
     x = 100.0 + 0.1 * torch.randn(4, 3, hw, hw, dtype=torch.float64)

@@ -36,7 +36,7 @@ constexpr int64_t kRowBlockElems = 16384;  // elements per row block (channels_l
 // 16x16) are walked in memory order, tasks being blocks of samples: channel-major tasks visit one
 // short plane per sample, C*H*W elements apart, and paid a cache miss and a loop setup every
 // 16-256 elements (4x4 x 512 channels: 9x the time of a copy; docs/PERFORMANCE.md).
-constexpr int64_t kSmallPlane = 256;
+constexpr int64_t kSmallPlane = 1024;
 
 // The layout decision shared with the fake kernels in Python: channels_last path only when x is
 // channels_last-dense and not also NCHW-dense; everything else goes through the strided plane path.
