@@ -122,6 +122,31 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     return False
 
 
+def _fold_bn_relus(graph: fx.Graph, module_of: dict, modules: dict) -> int:
+    """Fold every ReLU that directly and solely consumes a FusedBatchNorm2d call of ``graph`` into
+    that call (``relu=True``); returns how many were folded. ``module_of`` maps the graph's
+    module targets to the modules it runs, ``modules`` the traced model's own (to recognise
+    ``nn.ReLU``). A BatchNorm with forward hooks keeps its ReLU separate: the hook sees the BN
+    output."""
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(module_of.get(node.target), FusedBatchNorm2d):
+            continue
+        bn = module_of[node.target]
+        if node.kwargs.get("relu", False) or bn._forward_hooks or bn._forward_pre_hooks or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if not _is_relu(user, modules) or len(user.args) < 1 or user.args[0] is not node:
+            continue
+        if any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
+            continue
+        node.kwargs = {**node.kwargs, "relu": True}
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        folded += 1
+    return folded
+
+
 def _fuse_relus(teacher: nn.Module) -> int:
     """Trace ``teacher`` (in eval mode), fold BN->ReLU pairs, install the graph as its eval
     forward. Returns the number of ReLUs folded (0: nothing installed)."""
@@ -136,21 +161,7 @@ def _fuse_relus(teacher: nn.Module) -> int:
     finally:
         teacher.train(was_training)
     modules = dict(teacher.named_modules())
-    folded = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), FusedBatchNorm2d):
-            continue
-        if node.kwargs.get("relu", False) or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if not _is_relu(user, modules) or len(user.args) < 1 or user.args[0] is not node:
-            continue
-        if any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
-            continue
-        node.kwargs = {**node.kwargs, "relu": True}
-        user.replace_all_uses_with(node)
-        graph.erase_node(user)
-        folded += 1
+    folded = _fold_bn_relus(graph, modules, modules)
     if folded == 0:
         return 0
     graph.lint()
@@ -296,20 +307,7 @@ def fused_eval_view(model: nn.Module, backend: str | None = None):
             root[node.target] = _attr(model, node.target)
     if not fused:
         return None
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(root.get(node.target), FusedBatchNorm2d):
-            continue
-        bn = root[node.target]
-        if bn._forward_hooks or bn._forward_pre_hooks or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        if not _is_relu(user, modules) or len(user.args) < 1 or user.args[0] is not node:
-            continue
-        if any(isinstance(a, fx.Node) for a in list(user.args[1:]) + list(user.kwargs.values())):
-            continue
-        node.kwargs = {**node.kwargs, "relu": True}
-        user.replace_all_uses_with(node)
-        graph.erase_node(user)
+    _fold_bn_relus(graph, root, modules)
     graph.lint()
     view = fx.GraphModule(root, graph)
     view.__dict__["training"] = False
