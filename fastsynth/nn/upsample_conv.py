@@ -80,6 +80,8 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     for k, (p, q) in zip(kernels, _PHASES):
         # phase 0 reads one row/column before the map (u - 1), phase 1 one after (u + 1)
         outs.append(F.conv2d(F.pad(x, (1 - q, q, 1 - p, p)), k, bias))
+    # stack, then one interleaving copy: writing each phase into a stride-2 view of a preallocated
+    # output instead measured no faster (80 vs 84 ms, 186 vs 197 ms fwd+bwd at the sizes above)
     y = torch.stack(outs, 2)  # [N, O, 4, H, W], phases in (p, q) order
     n, o, _, h, w = y.shape
     # y[n, o, (p, q), u, v] -> out[n, o, 2u + p, 2v + q]
