@@ -297,8 +297,8 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
   // Streaming stores only pay off when the output does not stay in cache anyway (L2 is 2 MB per
   // core here; a small re-initialisation is read back right away by the next forward).
 #ifdef FS_HAVE_STREAM_STORE
-  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
-  const bool stream = have_avx512 && total >= kStreamMinElements;
+  // the streaming store is the AVX-512 kernel: the same CPU check as the Philox pick above
+  const bool stream = philox_lanes == philox_lanes_avx512 && total >= kStreamMinElements;
 #else
   const bool stream = false;
 #endif
