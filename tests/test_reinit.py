@@ -149,6 +149,23 @@ def test_cpu_kernel_bit_identical_streaming_stores():
     assert torch.all(got[2] == 0.25)
 
 
+@pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
+@pytest.mark.parametrize("numel", [5003, 2**21 + 37])  # plain stores / non-temporal stores
+@pytest.mark.parametrize("a,b", [(1.0, 1.0 + 3 * 2**-23), (-1.0 - 3 * 2**-23, -1.0), (-1e-44, 0.0), (-3.0, 2.5)])
+def test_cpu_kernel_uniform_float32_step_down_bit_identical(numel, a, b):
+    """float32 uniform values are computed 16 at a time; draws that round up to b step to the next
+    float below it (toward -inf, +-0 to the smallest negative subnormal) exactly as the reference
+    does, on both store paths and from an address that is not on a 64-byte line."""
+    seed = make_seed(123)
+    got = torch.full((numel + 1,), float("nan"))[1:]
+    want = got.clone()
+    reinit_([got], seed, "uniform", a, b, backend="cpu")
+    reinit_([want], seed, "uniform", a, b, backend="reference")
+    assert torch.equal(got, want)
+    x = got.double()
+    assert float(x.max()) < b and float(x.min()) >= a  # the narrow ranges do round onto b
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_tensor_distributions(backend):
     w, bias = _poisoned((40, 50)), _poisoned((50,))

@@ -236,35 +236,67 @@ void store_f64(double* dst, const float* draw, int64_t count, int dist, double l
   }
 }
 
-// float32 normal/constant values with non-temporal stores: a large re-initialisation writes more
-// than the caches hold, and a plain store first reads each line in (read-for-ownership), doubling
-// the memory traffic. Same arithmetic as store_f32 (mul then add, two roundings).
+// float32 outputs on AVX-512 machines: 16 values per instruction for every distribution, with
+// plain or (for large lists) non-temporal stores. A large re-initialisation writes more than the
+// caches hold, and a plain store first reads each line in (read-for-ownership), doubling the
+// memory traffic. Same arithmetic as store_f32 (mul then add, two roundings; uniform values that
+// reach b step down), so every path gives the same bits.
 #if defined(__GNUC__) && defined(__x86_64__)
-#define FS_HAVE_STREAM_STORE 1
-__attribute__((target("avx512f"))) void store_f32_stream_avx512(float* dst, const float* draw, int64_t count, int dist,
-                                                                 float lo, float scale) {
+#define FS_HAVE_AVX512_STORE 1
+__attribute__((target("avx512f"))) inline __m512 value16_f32(__m512 draw, int dist, __m512 lo, __m512 scale,
+                                                             __m512 hi_ceil) {
+  if (dist == ph::kConstant) return lo;
+  const __m512 v = _mm512_add_ps(lo, _mm512_mul_ps(scale, draw));
+  if (dist != ph::kUniform) return v;
+  // (double)v >= b  <=>  v >= hi_ceil, the smallest float32 >= b (v is a float32)
+  const __mmask16 up = _mm512_cmp_ps_mask(v, hi_ceil, _CMP_GE_OQ);
+  if (up == 0) return v;
+  const __m512i bits = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __mmask16 zero = _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                 _mm512_setzero_si512());
+  const __mmask16 negative = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+  // step_down_bits: magnitude +1 for negatives, -1 for positives, +-0 -> -smallest subnormal
+  __m512i stepped = _mm512_mask_add_epi32(_mm512_sub_epi32(bits, one), negative, bits, one);
+  stepped = _mm512_mask_mov_epi32(stepped, zero, _mm512_set1_epi32(static_cast<int>(0x80000001u)));
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(bits, up, stepped));
+}
+
+__attribute__((target("avx512f"))) void store_f32_avx512(float* dst, const float* draw, int64_t count, int dist,
+                                                          double lo, double hi, bool stream) {
+  const float lo_f = static_cast<float>(lo);
+  const float scale_f = static_cast<float>(dist == ph::kNormal ? hi : hi - lo);
+  float hi_ceil = static_cast<float>(hi);
+  if (static_cast<double>(hi_ceil) < hi) hi_ceil = std::nextafter(hi_ceil, INFINITY);
+  const __m512 lo_v = _mm512_set1_ps(lo_f), scale_v = _mm512_set1_ps(scale_f), hi_v = _mm512_set1_ps(hi_ceil);
   int64_t i = 0;
-  for (; i < count && (reinterpret_cast<uintptr_t>(dst + i) & 63u) != 0; ++i)  // up to a 64-byte line
-    dst[i] = ph::affine_f32(dist, draw[i], lo, scale);
-  const __m512 lo_v = _mm512_set1_ps(lo), scale_v = _mm512_set1_ps(scale);
-  if (dist == ph::kConstant) {
-    for (; i + 16 <= count; i += 16) _mm512_stream_ps(dst + i, lo_v);
+  if (stream) {
+    // up to a 64-byte line with a masked plain store, then whole lines non-temporally
+    const int64_t head = std::min<int64_t>(count, ((64 - (reinterpret_cast<uintptr_t>(dst) & 63u)) & 63u) / 4);
+    if (head > 0) {
+      const __mmask16 m = static_cast<__mmask16>((1u << head) - 1u);
+      _mm512_mask_storeu_ps(dst, m, value16_f32(_mm512_maskz_loadu_ps(m, draw), dist, lo_v, scale_v, hi_v));
+    }
+    i = head;
+    for (; i + 16 <= count; i += 16)
+      _mm512_stream_ps(dst + i, value16_f32(_mm512_loadu_ps(draw + i), dist, lo_v, scale_v, hi_v));
   } else {
     for (; i + 16 <= count; i += 16)
-      _mm512_stream_ps(dst + i, _mm512_add_ps(lo_v, _mm512_mul_ps(scale_v, _mm512_loadu_ps(draw + i))));
+      _mm512_storeu_ps(dst + i, value16_f32(_mm512_loadu_ps(draw + i), dist, lo_v, scale_v, hi_v));
   }
-  for (; i < count; ++i) dst[i] = ph::affine_f32(dist, draw[i], lo, scale);
+  if (i < count) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (count - i)) - 1u);
+    _mm512_mask_storeu_ps(dst + i, m, value16_f32(_mm512_maskz_loadu_ps(m, draw + i), dist, lo_v, scale_v, hi_v));
+  }
 }
 #endif
 
-void store(const ReinitEntry& e, int64_t local, const float* draw, int64_t count, bool stream) {
+void store(const ReinitEntry& e, int64_t local, const float* draw, int64_t count, bool avx512, bool stream) {
   const int dist = e.dist;
   switch (e.dtype) {
     case at::kFloat:
-#ifdef FS_HAVE_STREAM_STORE
-      if (stream && dist != ph::kUniform) {
-        store_f32_stream_avx512(static_cast<float*>(e.ptr) + local, draw, count, dist, static_cast<float>(e.lo),
-                                static_cast<float>(e.hi));
+#ifdef FS_HAVE_AVX512_STORE
+      if (avx512) {
+        store_f32_avx512(static_cast<float*>(e.ptr) + local, draw, count, dist, e.lo, e.hi, stream);
         break;
       }
 #endif
@@ -294,14 +326,15 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
   if (total == 0) return;
   const int64_t num_blocks = (total + kBlock - 1) / kBlock;
   static const PhiloxLanesFn philox_lanes = pick_philox_lanes();
-  // Streaming stores only pay off when the output does not stay in cache anyway (L2 is 2 MB per
-  // core here; a small re-initialisation is read back right away by the next forward).
-#ifdef FS_HAVE_STREAM_STORE
-  // the streaming store is the AVX-512 kernel: the same CPU check as the Philox pick above
-  const bool stream = philox_lanes == philox_lanes_avx512 && total >= kStreamMinElements;
+  // The AVX-512 stores share the CPU check of the Philox pick above. Streaming stores only pay off
+  // when the output does not stay in cache anyway (L2 is 2 MB per core here; a small
+  // re-initialisation is read back right away by the next forward).
+#ifdef FS_HAVE_AVX512_STORE
+  const bool avx512 = philox_lanes == philox_lanes_avx512;
 #else
-  const bool stream = false;
+  const bool avx512 = false;
 #endif
+  const bool stream = avx512 && total >= kStreamMinElements;
 
   at::parallel_for(0, num_blocks, 16, [&](int64_t b0, int64_t b1) {
     alignas(64) uint32_t x0[kGroups], x1[kGroups], x2[kGroups], x3[kGroups];
@@ -328,10 +361,10 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
       for (size_t u = t; u < entries.size() && entries[u].begin < hi; ++u) {
         const int64_t s = std::max(lo, entries[u].begin), e = std::min(hi, entries[u].end);
         const float* draw = entries[u].dist == ph::kNormal ? normal : uniform;
-        if (e > s) store(entries[u], s - entries[u].begin, draw + (s - lo), e - s, stream);
+        if (e > s) store(entries[u], s - entries[u].begin, draw + (s - lo), e - s, avx512, stream);
       }
     }
-#ifdef FS_HAVE_STREAM_STORE
+#ifdef FS_HAVE_AVX512_STORE
     if (stream) _mm_sfence();  // order the weakly ordered streaming stores before the join
 #endif
   });
