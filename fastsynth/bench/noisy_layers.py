@@ -8,6 +8,9 @@ re-init (once per synthesised batch):
   upstream_compile  torch.compile of that loop
   fastsynth         fastsynth.ops.reinit_([W, b], seed, ["normal", "constant"]): one launch
   write_floor       W.fill_(1); b.zero_(): writing the same bytes once, no random numbers
+  philox_uniform    reinit_ of the same tensors with dist="uniform": the Philox4x32-10 stream and the
+                    stores without Box-Muller, i.e. what the stream contract costs before any
+                    normal transform (a floor for the fused op on this CPU)
   bytes = 4 K (512*1000 + 1000) written.
 
 noisy layers forward + backward (every inner step):
@@ -109,6 +112,9 @@ def run(quick: bool = False, device: str = "cpu", compile_upstream: bool | None 
                 noisy.bias.zero_()
 
             times["write_floor"] = harness.median_time(floor, warmup=warmup, reps=reps, device=device)
+            times["philox_uniform"] = harness.median_time(
+                lambda: reinit_([noisy.weight, noisy.bias], noisy.seed, "uniform", 0.0, 1.0), warmup=warmup,
+                reps=reps, device=device)
         base, base_c = times["upstream"], times.get("upstream_compile")
         for prov, t in times.items():
             rows.append(_row("noisy_reinit", case_name, prov, t, nbytes, base, base_c, bw, ops.get(prov)))
