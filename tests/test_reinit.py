@@ -134,8 +134,8 @@ def test_cpu_kernel_bit_identical_large_and_mixed():
 
 @pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
 def test_cpu_kernel_bit_identical_streaming_stores():
-    """Lists of 2^21 elements or more are written with non-temporal stores (float32 normal and
-    constant): same values, including tensors whose data does not start on a 64-byte line."""
+    """Lists of 2^21 elements or more are written with non-temporal stores (float32, every
+    distribution): same values, including tensors whose data does not start on a 64-byte line."""
     seed = make_seed(77)
     unaligned = torch.full((1200 * 1777 + 3,), float("nan"))[3:].view(1200, 1777)  # 12 bytes past a line
     got = [_poisoned((3,)), unaligned, _poisoned((1001,)), _poisoned((5,), torch.bfloat16), _poisoned((19, 3))]
