@@ -317,3 +317,15 @@ def test_perf_model_synthesis_step_small_batch():
     text = pm.render({"One synthesis step (FastDFKD, tiny)": [("b=2", {
         "upstream": up_ops, "fastsynth (fused teacher)": fused_ops})]})
     assert "| b=2 | upstream |" in text and "Host syncs per step" in text
+
+
+def test_interleaved_median_times_alternates_and_takes_each_median(monkeypatch):
+    from fastsynth.bench import harness
+
+    calls = []
+    clock = iter(range(1000))  # perf_counter readings 0, 1, 2, ...: each timed call lasts 1 "s"
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: float(next(clock)))
+    t = harness.interleaved_median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                         warmup=1, reps=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three alternating timed rounds
+    assert t == {"a": 1.0, "b": 1.0}

@@ -51,6 +51,25 @@ def median_time(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, de
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: dict, *, warmup: int = 2, reps: int = 5, device=None) -> dict:
+    """Median wall time in seconds of each function of ``fns`` (name -> callable), timed in
+    alternation (a, b, a, b, ...) so that a drifting machine state (another tenant, frequency)
+    weighs on every provider alike: the ratio of two medians is then a same-conditions ratio.
+    CPU wall clock; on a GPU each call is synchronised before the clock is read."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def measure_bandwidth(nbytes: int = 256 * 2**20, device="cpu", reps: int = 5) -> dict:
     """Measured memory bandwidth of this machine, in GB/s: one read pass (sum) and one copy."""
     n = nbytes // 4

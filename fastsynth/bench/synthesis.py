@@ -6,7 +6,8 @@ statistics set to random values), FastDFKD generator (nz 256, ngf 64, 32x32), ba
 g_steps 2, adversarial term on, bn_mmt 0.9, first-order MAML. ``--quick``: a narrow 3-stage
 CNN pair at batch 16.
 
-Providers (measured side by side in one run):
+Providers (measured side by side in one run; ``reference`` and ``fastsynth`` in alternation,
+one step of each in turn, so that their ratio is taken under the same machine state):
 - ``reference``: the upstream loop body, eagerly: forward hooks on every teacher BN computing
   its loss (permute().contiguous() variance), kornia-style augmentation (affine grid + grid
   sample per batch, normaliser tensors built per call), separate losses summed in Python,
@@ -379,8 +380,9 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
     case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} g_steps2"
     rows = []
 
-    def record(provider, fn, compiled=False):
-        t = harness.median_time(fn, warmup=2, reps=reps, device=device)
+    def record(provider, fn, compiled=False, t=None):
+        if t is None:
+            t = harness.median_time(fn, warmup=2, reps=reps, device=device)
         if compiled:
             ops, how = count_launches_profiled(fn), "profiler"
             mem = float("nan") if device.type != "cuda" else _peak_mb(fn, device)
@@ -395,9 +397,21 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
     ref.step()  # momentum statistics exist after the first round, as in a real run
     for h in ref.hooks:
         h.update_mmt()
-    record("reference", ref.step)
 
-    variants = [("fastsynth", {})]
+    # The reference and the eager fastsynth step are timed in alternation (the speedup target is
+    # their ratio; a multi-second step on a shared machine drifts between two sequential runs).
+    syn = _fastsynth(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), batch, nz, device)
+    with syn._synthesis_mode():
+        syn._begin_round()
+        t = harness.interleaved_median_times({"reference": ref.step, "fastsynth": _step_fn(syn)}, warmup=2,
+                                             reps=reps, device=device)
+        record("reference", ref.step, t=t["reference"])
+        record("fastsynth", _step_fn(syn), t=t["fastsynth"])
+        rows[-1]["aten_ops_profiler"] = count_launches_profiled(_step_fn(syn))  # to compare the methods
+        syn._end_round()
+    del syn
+
+    variants = []
     if compile:
         variants.append(("fastsynth+compile", {"compile": True}))
     if device.type == "cuda":
@@ -407,8 +421,6 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
         with syn._synthesis_mode():
             syn._begin_round()
             record(name, _step_fn(syn), compiled="compile" in kw)
-            if name == "fastsynth":  # the profiler's count of the same eager step, to compare methods
-                rows[-1]["aten_ops_profiler"] = count_launches_profiled(_step_fn(syn))
             syn._end_round()
     base = rows[0]["median_ms"]
     for r in rows:
