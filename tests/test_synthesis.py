@@ -415,6 +415,31 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("compile_arg,expected", [
+    (True, {"layout_optimization": False}),
+    ({"options": {"layout_optimization": True, "max_autotune": False}},
+     {"layout_optimization": True, "max_autotune": False}),
+    ({"backend": "aot_eager"}, None),
+    ({"mode": "reduce-overhead"}, None),
+])
+def test_cpu_compile_turns_inductor_layout_optimisation_off_unless_told(monkeypatch, compile_arg, expected):
+    """On a CPU, compile=True asks inductor to keep the convolutions' NCHW layout (its
+    channels_last switch is slower with oneDNN fp32 here); explicit options, another backend or a
+    mode (which torch.compile does not combine with options) are passed through untouched."""
+    seen = {}
+
+    def fake_compile(fn, **kw):
+        seen.update(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    t, s = pair()
+    syn = FastMetaSynthesizer(t, s, fast_gen(), 8, 10, (3, IMG, IMG), compile=compile_arg)
+    fn = syn._compiled_fn("probe", lambda: 1)
+    assert fn() == 1 and seen["fullgraph"] is True and seen["dynamic"] is False
+    assert seen.get("options") == expected
+
+
 # ------------------------------------------------------------------------------ GPU
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer])

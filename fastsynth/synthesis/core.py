@@ -408,6 +408,12 @@ class SynthCore(BaseSynthesis):
             opts = dict(self._compile_options)
             opts.setdefault("fullgraph", True)
             opts.setdefault("dynamic", False)
+            if self.device.type == "cpu" and opts.get("backend", "inductor") == "inductor" and "mode" not in opts:
+                # Inductor's layout optimisation turns the CPU convolutions channels_last; oneDNN's
+                # channels_last fp32 kernels are slower at 8x8 / 4x4 maps (ResNet-34 -> ResNet-18
+                # step: 4130 ms with it, 3345 ms without, eager 3375-3417 ms; docs/PERFORMANCE.md).
+                # A user's own inductor options win.
+                opts["options"] = {"layout_optimization": False, **(opts.get("options") or {})}
             c = torch.compile(fn, **opts)
             self._compiled[key] = c
         return c
