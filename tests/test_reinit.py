@@ -102,6 +102,16 @@ def test_values_depend_on_global_index_not_on_the_split(backend):
     assert torch.equal(torch.cat([p.flatten() for p in parts]), whole)
 
 
+def _assert_cpu_matches_reference(got, seed, *spec):
+    """Fill ``got`` in place with the C++ kernel and copies of it with the eager reference; every
+    tensor must come out bit-identical."""
+    want = [t.clone() for t in got]
+    reinit_(got, seed, *spec, backend="cpu")
+    reinit_(want, seed, *spec, backend="reference")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist,a,b", [("normal", 0.25, 3.0), ("uniform", -2.0, 0.5), ("kaiming_uniform", 0.0, 0.0),
@@ -110,25 +120,14 @@ def test_cpu_kernel_bit_identical_to_reference(dtype, dist, a, b):
     """The C++ kernel and the eager mirror of philox.h agree bit for bit (the CUDA kernel runs the
     same header; see test_cuda_bit_identical_to_cpu)."""
     shapes = [(3, 5), (1030, 1), (1, 1), (7, 2, 3)]
-    seed = torch.tensor([-(2**40) - 17])
-    got = [_poisoned(s, dtype) for s in shapes]
-    want = [_poisoned(s, dtype) for s in shapes]
-    reinit_(got, seed, dist, a, b, backend="cpu")
-    reinit_(want, seed, dist, a, b, backend="reference")
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_cpu_matches_reference([_poisoned(s, dtype) for s in shapes], torch.tensor([-(2**40) - 17]), dist, a, b)
 
 
 @pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
 def test_cpu_kernel_bit_identical_large_and_mixed():
-    seed = make_seed(2024)
     got = [_poisoned((300, 1001)), _poisoned((77,), torch.float16), _poisoned((33, 9)), _poisoned((5,), torch.float64)]
-    want = [t.clone() for t in got]
     spec = (["normal", "constant", "kaiming_uniform", "uniform"], [0.0, 0.5, 0.0, -1.0], [1.0, 0.0, 0.0, 1.0])
-    reinit_(got, seed, *spec, backend="cpu")
-    reinit_(want, seed, *spec, backend="reference")
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_cpu_matches_reference(got, make_seed(2024), *spec)
     assert torch.all(got[1] == 0.5)
 
 
@@ -136,16 +135,11 @@ def test_cpu_kernel_bit_identical_large_and_mixed():
 def test_cpu_kernel_bit_identical_streaming_stores():
     """Lists of 2^21 elements or more are written with non-temporal stores (float32, every
     distribution): same values, including tensors whose data does not start on a 64-byte line."""
-    seed = make_seed(77)
     unaligned = torch.full((1200 * 1777 + 3,), float("nan"))[3:].view(1200, 1777)  # 12 bytes past a line
     got = [_poisoned((3,)), unaligned, _poisoned((1001,)), _poisoned((5,), torch.bfloat16), _poisoned((19, 3))]
-    want = [t.clone() for t in got]
     assert sum(t.numel() for t in got) >= 2**21
     spec = (["normal", "normal", "constant", "normal", "uniform"], [0.0, -0.5, 0.25, 0.0, -1.0], [1.0, 2.0, 0.0, 1.0, 1.0])
-    reinit_(got, seed, *spec, backend="cpu")
-    reinit_(want, seed, *spec, backend="reference")
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_cpu_matches_reference(got, make_seed(77), *spec)
     assert torch.all(got[2] == 0.25)
 
 
@@ -156,12 +150,8 @@ def test_cpu_kernel_uniform_float32_step_down_bit_identical(numel, a, b):
     """float32 uniform values are computed 16 at a time; draws that round up to b step to the next
     float below it (toward -inf, +-0 to the smallest negative subnormal) exactly as the reference
     does, on both store paths and from an address that is not on a 64-byte line."""
-    seed = make_seed(123)
     got = torch.full((numel + 1,), float("nan"))[1:]
-    want = got.clone()
-    reinit_([got], seed, "uniform", a, b, backend="cpu")
-    reinit_([want], seed, "uniform", a, b, backend="reference")
-    assert torch.equal(got, want)
+    _assert_cpu_matches_reference([got], make_seed(123), "uniform", a, b)
     x = got.double()
     assert float(x.max()) < b and float(x.min()) >= a  # the narrow ranges do round onto b
 
