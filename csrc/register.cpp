@@ -74,6 +74,12 @@ TORCH_LIBRARY(fastsynth, m) {
       "bool with_stats, bool need_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- end fused teacher BatchNorm ----
+
+  // ---- residual join (fastsynth/fuse.py, add_relu) ----
+  // relu(a + b) for two maps of one shape and dtype, one pass (CPU; other devices run the two
+  // ops, which compile=True fuses). Its backward is the ReLU's, threshold_backward(grad, out, 0).
+  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
+  // ---- end residual join ----
 }
 
 namespace {

@@ -30,6 +30,7 @@ running-stat updates); fusion targets eval-mode teachers.
 """
 from __future__ import annotations
 
+import operator
 import types
 import warnings
 
@@ -38,10 +39,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _ext
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers", "fused_eval_view"]
+           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -97,6 +99,184 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
 
 # ---------------------------------------------------------------------------------------------
+# residual add + ReLU in one pass
+
+
+def _add_relu_cpp_ok(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and _ext.has_extension()
+
+
+class _AddReLU(torch.autograd.Function):
+    """``relu(a + b)`` for two tensors of one shape, dtype and device: on the CPU one pass forward
+    (``fastsynth::add_relu``, csrc/cpu/add_relu.cpp) instead of an add and a ReLU each reading
+    and writing the map; the backward is the ReLU's own, ``grad * (out > 0)``
+    (threshold_backward on the output), handed to both inputs. Elsewhere (GPU, or without the
+    extension) the forward is ``relu(a + b)``, which ``compile=True`` and CUDA graphs fuse."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        out = torch.ops.fastsynth.add_relu(a, b) if _add_relu_cpp_ok(a) else torch.relu(a + b)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        return g, g
+
+
+def add_relu(a, b):
+    """``F.relu(a + b)``, one forward pass when ``a`` and ``b`` are tensors of the same shape,
+    dtype and device (the residual join of a ResNet block); anything else (broadcasting, mixed
+    dtypes, a Python number) runs as written. NaN propagates as in ``F.relu``."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.device == b.device and a.is_floating_point()
+            and a.layout == torch.strided and b.layout == torch.strided):
+        return _AddReLU.apply(a, b)
+    return F.relu(a + b)
+
+
+def _fake_add_relu(a, b):
+    fmt = torch.channels_last if (a.dim() == 4 and not a.is_contiguous()
+                                  and a.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    return torch.empty_like(a, memory_format=fmt)
+
+
+if _ext.has_extension():
+    torch.library.register_fake("fastsynth::add_relu")(_fake_add_relu)
+
+
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
+def _fold_add_relus(graph: fx.Graph, modules: dict) -> int:
+    """Replace every ``relu(add(a, b))`` of ``graph`` whose add result feeds only that ReLU by
+    ``add_relu(a, b)``; returns how many. ReLU modules with hooks stay (their hook sees the
+    ReLU's input and output)."""
+    folded = 0
+    for node in list(graph.nodes):
+        if not _is_relu(node, modules) or len(node.args) < 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.op == "call_module" and (modules[node.target]._forward_hooks or modules[node.target]._forward_pre_hooks):
+            continue
+        if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            continue
+        add = node.args[0]
+        is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or \
+                 (add.op == "call_method" and add.target == "add")
+        if not is_add or len(add.users) != 1 or add.kwargs or len(add.args) != 2:
+            continue
+        if not all(isinstance(a, fx.Node) for a in add.args):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(add_relu, tuple(add.args))
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        graph.erase_node(add)
+        folded += 1
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# eval BatchNorm folded into the convolution before it (student view)
+
+
+class ConvBNFold(nn.Module):
+    """A convolution followed by an eval-mode BatchNorm as ONE convolution:
+
+        scale = gamma / sqrt(running_var + eps)
+        W'    = W * scale[o],   b' = (b - running_mean) * scale + beta      (b = 0 without a conv bias)
+
+    so the BatchNorm's forward pass and its backward pass over the map disappear. The folded
+    weight and bias are computed in float64 and kept in buffers of the conv weight's dtype; they
+    are recomputed in place whenever a source tensor (conv weight/bias, gamma, beta, running
+    statistics) was changed in place or replaced since the last fold (checked on every eager
+    forward and by ``refresh()``; a compiled or captured forward reads the buffers as they are,
+    so call ``refresh()`` before it). ``relu=True`` applies a ReLU in place on the conv output.
+    The conv and BatchNorm are referenced, not owned (not submodules)."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.__dict__["conv"] = conv
+        self.__dict__["bn"] = bn
+        self._key = None
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        self.refresh()
+
+    def _sources(self):
+        c, b = self.conv, self.bn
+        return (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var)
+
+    def refresh(self) -> bool:
+        """Re-fold if any source changed; returns whether it did."""
+        key = tuple(None if t is None else (id(t), t._version) for t in self._sources()) + (self.bn.eps,)
+        if key == self._key:
+            return False
+        conv, bn = self.conv, self.bn
+        with torch.no_grad():
+            rv = bn.running_var.to(torch.float64)
+            scale = torch.rsqrt(rv + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.to(torch.float64)
+            shift = -bn.running_mean.to(torch.float64)
+            if conv.bias is not None:
+                shift = shift + conv.bias.to(torch.float64)
+            shift = shift * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.to(torch.float64)
+            w = conv.weight.to(torch.float64) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+            w, shift = w.to(conv.weight.dtype), shift.to(conv.weight.dtype)
+            if self.weight is not None and self.weight.shape == w.shape and self.weight.dtype == w.dtype \
+                    and self.weight.device == w.device:
+                self.weight.copy_(w)  # in place: a captured graph keeps reading these buffers
+                self.bias.copy_(shift)
+            else:
+                self.weight, self.bias = w.contiguous(), shift.contiguous()
+        self._key = key
+        return True
+
+    def forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.refresh()
+        y = self.conv._conv_forward(input, self.weight, self.bias)
+        # in place: the convolution's backward needs its input and weight, not its output
+        return torch.relu_(y) if relu else y
+
+
+def _fold_conv_bns(graph: fx.Graph, modules: dict, root: dict) -> int:
+    """Rewrite ``bn(conv(x))`` (exact nn.Conv2d / nn.BatchNorm2d, no hooks, the conv output used
+    only by the BatchNorm) as one ``ConvBNFold`` call; the new modules go into ``root``."""
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
+            continue
+        bn = modules[node.target]
+        if bn._forward_hooks or bn._forward_pre_hooks or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        conv_node = node.args[0]
+        conv = modules.get(conv_node.target) if conv_node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or conv._forward_hooks or conv._forward_pre_hooks or len(conv_node.users) != 1:
+            continue
+        if conv.out_channels != bn.num_features:
+            continue
+        target = f"{conv_node.target}__bn_folded"
+        while target in root or target in modules:
+            target += "_"
+        root[target] = ConvBNFold(conv, bn)
+        with graph.inserting_before(node):
+            new = graph.call_module(target, conv_node.args, conv_node.kwargs)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(conv_node)
+        folded += 1
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
 # ReLU fusion through torch.fx
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu)
@@ -123,14 +303,14 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
 
 
 def _fold_bn_relus(graph: fx.Graph, module_of: dict, modules: dict) -> int:
-    """Fold every ReLU that directly and solely consumes a FusedBatchNorm2d call of ``graph`` into
-    that call (``relu=True``); returns how many were folded. ``module_of`` maps the graph's
+    """Fold every ReLU that directly and solely consumes a FusedBatchNorm2d (or ConvBNFold) call of
+    ``graph`` into that call (``relu=True``); returns how many were folded. ``module_of`` maps the graph's
     module targets to the modules it runs, ``modules`` the traced model's own (to recognise
     ``nn.ReLU``). A BatchNorm with forward hooks keeps its ReLU separate: the hook sees the BN
     output."""
     folded = 0
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(module_of.get(node.target), FusedBatchNorm2d):
+        if node.op != "call_module" or not isinstance(module_of.get(node.target), (FusedBatchNorm2d, ConvBNFold)):
             continue
         bn = module_of[node.target]
         if node.kwargs.get("relu", False) or bn._forward_hooks or bn._forward_pre_hooks or len(node.users) != 1:
@@ -148,8 +328,9 @@ def _fold_bn_relus(graph: fx.Graph, module_of: dict, modules: dict) -> int:
 
 
 def _fuse_relus(teacher: nn.Module) -> int:
-    """Trace ``teacher`` (in eval mode), fold BN->ReLU pairs, install the graph as its eval
-    forward. Returns the number of ReLUs folded (0: nothing installed)."""
+    """Trace ``teacher`` (in eval mode), fold BN->ReLU pairs and residual add->ReLU pairs
+    (``add_relu``), install the graph as its eval forward. Returns the number of BN ReLUs
+    folded; the graph is installed when anything was folded."""
     was_training = teacher.training
     teacher.eval()
     try:
@@ -162,7 +343,8 @@ def _fuse_relus(teacher: nn.Module) -> int:
         teacher.train(was_training)
     modules = dict(teacher.named_modules())
     folded = _fold_bn_relus(graph, modules, modules)
-    if folded == 0:
+    add_relus = _fold_add_relus(graph, modules)
+    if folded == 0 and add_relus == 0:
         return 0
     graph.lint()
     traced_forward = type(fx.GraphModule(teacher, graph)).forward  # generated code, resolves self.<path>
@@ -176,6 +358,7 @@ def _fuse_relus(teacher: nn.Module) -> int:
     teacher.__dict__["forward"] = bound
     teacher.__dict__["_fs_fused_forward"] = bound
     teacher.__dict__["_fs_relus_folded"] = folded
+    teacher.__dict__["_fs_add_relus"] = add_relus
     return folded
 
 
@@ -221,6 +404,7 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
             del teacher.__dict__["forward"]
         del teacher.__dict__["_fs_fused_forward"]
         teacher.__dict__.pop("_fs_relus_folded", None)
+        teacher.__dict__.pop("_fs_add_relus", None)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:
@@ -268,18 +452,25 @@ def _attr(root: nn.Module, target: str):
     return root
 
 
-def fused_eval_view(model: nn.Module, backend: str | None = None):
-    """A module computing ``model``'s eval-mode forward with every ``nn.BatchNorm2d`` (and a ReLU
-    that directly and solely consumes it) through ``fused_bn`` without statistics -- one op per
-    BN+ReLU pair forward and one backward, where eval BatchNorm + ReLU dispatch five forward
-    (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops.
+def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: bool = True):
+    """A module computing ``model``'s eval-mode forward with fewer passes over the feature maps:
+
+    - ``fold_conv_bn``: a BatchNorm2d whose input is a Conv2d used by nothing else is folded into
+      that convolution (``ConvBNFold``: one convolution with folded weight and bias; its BN
+      forward and backward passes disappear);
+    - every other ``nn.BatchNorm2d`` runs through ``fused_bn`` without statistics -- one op per
+      BN+ReLU pair forward and one backward, where eval BatchNorm + ReLU dispatch five forward
+      (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops;
+    - a ReLU that directly and solely consumes either is folded into it;
+    - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward.
 
     ``model`` is not changed: the view is a ``torch.fx`` GraphModule over the SAME submodules,
-    parameters and buffers, with a ``FusedBatchNorm2d`` per BatchNorm that shares the original's
-    parameter/buffer/hook dicts (weights trained later are seen). The view is for eval-mode
-    forwards only (its BN layers always run the eval formula); a BatchNorm with forward hooks
-    keeps its ReLU separate (the hook sees the BN output). Returns None when ``model`` does not
-    trace or has no BatchNorm2d.
+    parameters and buffers, with a ``FusedBatchNorm2d`` per unfolded BatchNorm that shares the
+    original's parameter/buffer/hook dicts, and folds that re-fold when a source tensor changes
+    (weights trained later are seen; ``refresh_folds(view)`` before a compiled or captured
+    forward). The view is for eval-mode forwards only (its BN layers always run the eval
+    formula); a module with forward hooks is neither folded nor has its ReLU folded (the hook
+    sees what it saw). Returns None when ``model`` does not trace or has no BatchNorm2d.
     """
     was_training = model.training
     model.eval()
@@ -291,9 +482,12 @@ def fused_eval_view(model: nn.Module, backend: str | None = None):
         model.train(was_training)
     modules = dict(model.named_modules())
     root: dict = {}
+    folds = _fold_conv_bns(graph, modules, root) if fold_conv_bn else 0
     fused: dict[int, FusedBatchNorm2d] = {}
     for node in graph.nodes:
         if node.op == "call_module":
+            if node.target in root:  # a ConvBNFold made above
+                continue
             m = modules[node.target]
             if type(m) is nn.BatchNorm2d:
                 if id(m) not in fused:
@@ -305,10 +499,16 @@ def fused_eval_view(model: nn.Module, backend: str | None = None):
             root[node.target] = m
         elif node.op == "get_attr":
             root[node.target] = _attr(model, node.target)
-    if not fused:
+    if not fused and not folds:
         return None
     _fold_bn_relus(graph, root, modules)
+    _fold_add_relus(graph, modules)
     graph.lint()
     view = fx.GraphModule(root, graph)
     view.__dict__["training"] = False
     return view
+
+
+def refresh_folds(view: nn.Module) -> int:
+    """Re-fold every ``ConvBNFold`` of ``view`` whose sources changed; returns how many did."""
+    return sum(m.refresh() for m in view.modules() if isinstance(m, ConvBNFold))

@@ -275,8 +275,9 @@ class SynthCore(BaseSynthesis):
             norm = Normalizer(mean, std) if mean is not None else None
             self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
-        # the student's eval-mode forward with BN+ReLU through fused_bn (no statistics), built on
-        # first use; the student module itself is not changed (fuse.fused_eval_view)
+        # the student's eval-mode forward with conv+BN folded, other BN+ReLU through fused_bn (no
+        # statistics) and add+ReLU joined, built on first use; the student module itself is not
+        # changed (fuse.fused_eval_view)
         self._fuse_student = bool(fuse_teacher)
         self._student_view = None  # (student, view or None)
         self._student_fwd = self.student
@@ -346,7 +347,13 @@ class SynthCore(BaseSynthesis):
             return st
         if self._student_view is None or self._student_view[0] is not st:
             self._student_view = (st, _fuse.fused_eval_view(st))
-        return self._student_view[1] if self._student_view[1] is not None else st
+        view = self._student_view[1]
+        if view is None:
+            return st
+        # the student trained since the last round: re-fold its conv+BN weights now, in place,
+        # so compiled and captured steps (which do not check) read this round's weights
+        _fuse.refresh_folds(view)
+        return view
 
     def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool):
         """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2)."""

@@ -1,0 +1,281 @@
+"""Graph-level folds of fastsynth.fuse used by the synthesis step: the residual ``add_relu``, the
+student's conv+BatchNorm folding (``ConvBNFold``) and their rewriting of traced graphs. Each is
+checked against the unfolded float64 computation, forward and input/parameter gradients, with a
+grad_output that is not all ones."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsynth import _ext, fuse
+from fastsynth.bench.harness import AtenOpCounter
+from fastsynth.models import resnet18
+from fastsynth.synthesis.core import frozen
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    return model
+
+
+# ---------------------------------------------------------------- add_relu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_add_relu_matches_float64_reference(layout):
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 7, 9, dtype=torch.float64)
+    b = torch.randn(3, 5, 7, 9, dtype=torch.float64)
+    if layout == "channels_last":
+        a = a.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        a = torch.randn(3, 5, 7, 18, dtype=torch.float64)[..., ::2]
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    out = fuse.add_relu(a1, b1)
+    ref = F.relu(a2 + b2)
+    assert out.grad_fn is not None and "AddReLU" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(out, [a1, b1], g)
+    gr = torch.autograd.grad(ref, [a2, b2], g)
+    for x, y in zip(ga, gr):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float16, 0.0)])
+def test_add_relu_low_precision_is_the_rounded_sum(dtype, tol):
+    # one rounding of a + b, then the ReLU: exactly what add then relu produce in that dtype
+    a = torch.randn(4, 6, 5, 5).to(dtype)
+    b = torch.randn(4, 6, 5, 5).to(dtype)
+    torch.testing.assert_close(fuse.add_relu(a, b), F.relu(a + b), rtol=tol, atol=tol)
+
+
+def test_add_relu_falls_back_on_broadcasting_mixed_dtypes_and_numbers():
+    a = torch.randn(2, 3, 4, 4, requires_grad=True)
+    bias = torch.randn(1, 3, 1, 1, requires_grad=True)
+    out = fuse.add_relu(a, bias)  # broadcasting: as written, gradients reduce correctly
+    assert "AddReLU" not in type(out.grad_fn).__name__
+    (gb,) = torch.autograd.grad(out.sum(), [bias])
+    assert gb.shape == bias.shape
+    torch.testing.assert_close(fuse.add_relu(a, 0.5), F.relu(a + 0.5))
+    half = torch.randn(2, 3, 4, 4).half()
+    torch.testing.assert_close(fuse.add_relu(a.detach(), half), F.relu(a.detach() + half))
+
+
+def test_add_relu_nan_propagates_like_relu():
+    a = torch.tensor([float("nan"), -1.0, 2.0])
+    b = torch.tensor([0.0, 0.5, float("inf")])
+    torch.testing.assert_close(fuse.add_relu(a, b), F.relu(a + b), equal_nan=True)
+
+
+@pytest.mark.skipif(not _ext.has_extension(), reason="fastsynth._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (1,), (5, 7), (2, 3, 131, 257)])
+def test_add_relu_cpu_op_shapes_dtypes_and_opcheck(dtype, shape):
+    a = torch.randn(shape).to(dtype)
+    b = torch.randn(shape).to(dtype)
+    got = torch.ops.fastsynth.add_relu(a, b)
+    torch.testing.assert_close(got, F.relu(a + b), rtol=0, atol=0)
+    if dtype in (torch.float32, torch.float64) and len(shape) == 4 and shape[0] > 0:
+        torch.library.opcheck(torch.ops.fastsynth.add_relu.default, (a, b))
+
+
+@pytest.mark.skipif(not _ext.has_extension(), reason="fastsynth._C not built")
+def test_add_relu_cpu_op_bad_input_and_layouts():
+    a = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.fastsynth.add_relu(a, torch.randn(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.fastsynth.add_relu(a, a.double())
+    with pytest.raises(RuntimeError, match="floating"):
+        torch.ops.fastsynth.add_relu(a.int(), a.int())
+    cl = a.contiguous(memory_format=torch.channels_last)
+    out = torch.ops.fastsynth.add_relu(cl, cl)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # follows a's layout
+    torch.testing.assert_close(out, F.relu(a + a), rtol=0, atol=0)
+    mixed = torch.ops.fastsynth.add_relu(cl, a)  # b in another layout is read as such
+    torch.testing.assert_close(mixed, F.relu(a + a), rtol=0, atol=0)
+    # the residual join of a synthesis step dispatches the one op (no add, no relu)
+    counter = AtenOpCounter()
+    x, y = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4, requires_grad=True)
+    with counter:
+        out = fuse.add_relu(x, y)
+    # (and the detach that saving the output for backward costs, as for relu)
+    assert dict(counter.counts) == {"fastsynth.add_relu": 1, "aten.detach": 1}, dict(counter.counts)
+
+
+def test_teacher_graph_joins_residual_add_relu():
+    ref = _randomise_bn(resnet18()).double().eval()
+    model = fuse.fuse_teacher(copy.deepcopy(ref))
+    assert model.__dict__["_fs_add_relus"] == 8  # one per BasicBlock
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = model(x), ref(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x2, g)[0],
+                               rtol=1e-10, atol=1e-12)
+    fuse.unfuse_teacher(model)
+    assert "_fs_add_relus" not in model.__dict__
+
+
+def test_hooked_relu_module_is_not_joined():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x)) + x)
+
+    net = _randomise_bn(Block()).eval()
+    seen = []
+    net.act.register_forward_hook(lambda m, i, o: seen.append(i[0].min().item()))
+    view = fuse.fused_eval_view(net)
+    assert not any(n.target is fuse.add_relu for n in view.graph.nodes)
+    view(torch.randn(2, 3, 6, 6))
+    assert len(seen) == 1 and seen[0] < 0  # the hook saw the sum before the ReLU
+    plain = fuse.fused_eval_view(_randomise_bn(Block()).eval())
+    assert sum(n.target is fuse.add_relu for n in plain.graph.nodes) == 1
+
+
+# ---------------------------------------------------------------- ConvBNFold
+class ConvBN(nn.Module):
+    def __init__(self, conv_bias: bool, affine: bool, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=conv_bias, groups=groups)
+        self.bn = nn.BatchNorm2d(6, affine=affine)
+        self.conv2 = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.conv(x)))
+        return self.bn2(self.conv2(out)) + out
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bn_fold_matches_float64_eval_forward(conv_bias, affine, stride, groups, layout):
+    torch.manual_seed(1)
+    model = _randomise_bn(ConvBN(conv_bias, affine, stride, groups)).double().eval()
+    view = fuse.fused_eval_view(model)
+    folds = [m for m in view.modules() if isinstance(m, fuse.ConvBNFold)]
+    assert len(folds) == 2
+    assert not any(isinstance(m, fuse.FusedBatchNorm2d) for m in view.modules())  # every BN folded
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = view(x1), model(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x1, g)[0], torch.autograd.grad(y_ref, x2, g)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_conv_bn_fold_float32_and_bfloat16_tolerances():
+    torch.manual_seed(2)
+    model = _randomise_bn(ConvBN(True, True)).eval()
+    ref64 = copy.deepcopy(model).double()
+    view = fuse.fused_eval_view(model)
+    x = torch.randn(2, 4, 8, 8)
+    exact = ref64(x.double())
+    # float32: folding changes the rounding order only (W*s then the sum vs the sum then *s)
+    torch.testing.assert_close(view(x).double(), exact, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = view(x)
+    torch.testing.assert_close(yb.double(), exact, rtol=5e-2, atol=5e-2)
+
+
+def test_conv_bn_fold_follows_training_and_replaced_tensors():
+    model = _randomise_bn(ConvBN(False, True)).double()
+    view = fuse.fused_eval_view(model)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fold = next(m for m in view.modules() if isinstance(m, fuse.ConvBNFold))
+    w_buf = fold.weight
+    # a train-mode step of the model (running stats move, an optimizer changes weights)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 4, 6, 6, dtype=torch.float64)).square().mean().backward()
+    opt.step()
+    model.eval()
+    assert fuse.refresh_folds(view) == 2
+    assert fold.weight is w_buf  # re-folded in place: captured graphs keep reading it
+    assert fuse.refresh_folds(view) == 0  # nothing changed since
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    # an in-place change is picked up by the next eager forward without refresh_folds
+    with torch.no_grad():
+        model.bn.running_var.mul_(3.0)
+        model.conv.weight.add_(0.1)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    # so is a replaced parameter
+    model.bn.weight = nn.Parameter(torch.full((6,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    # the folded buffers never require grad: a synthesis backward computes no weight gradients
+    # through them; only the input gets a gradient while the model is frozen
+    assert not fold.weight.requires_grad and not fold.bias.requires_grad
+    with frozen(model):
+        xg = x.clone().requires_grad_()
+        grads = torch.autograd.grad(view(xg).sum(), [xg])
+    assert grads[0].shape == x.shape and all(p.requires_grad for p in model.parameters())
+
+
+def test_conv_bn_fold_leaves_shared_hooked_and_mismatched_pairs():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.hooked = nn.Conv2d(4, 4, 1)
+            self.bn_h = nn.BatchNorm2d(4)
+            self.shared = nn.Conv2d(4, 4, 1)
+            self.bn_s = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out = self.bn_h(self.hooked(out))
+            s = self.shared(out)
+            return self.bn_s(s) + s  # the conv output has another user: no fold
+
+    net = _randomise_bn(Net()).eval()
+    calls = []
+    net.hooked.register_forward_hook(lambda m, i, o: calls.append(1))
+    view = fuse.fused_eval_view(net)
+    folds = [m for m in view.modules() if isinstance(m, fuse.ConvBNFold)]
+    assert [f.conv for f in folds] == [net.conv]
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(view(x), net(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # the hook ran in both forwards
+    assert fuse.fused_eval_view(net, fold_conv_bn=False) is not None
+    assert not any(isinstance(m, fuse.ConvBNFold) for m in fuse.fused_eval_view(net, fold_conv_bn=False).modules())
+
+
+def test_conv_bn_fold_student_view_in_compiled_step_reads_refreshed_weights():
+    torch.manual_seed(3)
+    model = _randomise_bn(ConvBN(False, True)).eval()
+    view = fuse.fused_eval_view(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    step = torch.compile(lambda x: view(x).square().mean(), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(step(x), model(x).square().mean(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.conv.weight.mul_(1.5)
+        model.bn.running_mean.add_(0.3)
+    fuse.refresh_folds(view)  # what the synthesizer does at the start of every round
+    torch.testing.assert_close(step(x), model(x).square().mean(), rtol=1e-5, atol=1e-6)
