@@ -43,7 +43,9 @@ from . import _ext
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu"]
+           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "conv_input_layout",
+           "conv_output_layout",
+           "CPU_CHANNELS_LAST_MIN_HW"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -277,6 +279,64 @@ def _fold_conv_bns(graph: fx.Graph, modules: dict, root: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# convolution input layout by map size (CPU)
+
+# On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
+# input to a blocked layout and every output back (and the same for gradients in the backward);
+# given channels_last maps its NHWC kernels read and write them directly. Measured on the 2-core
+# machine (docs/PERFORMANCE.md, "Fifth pass"), forward + input-gradient time, channels_last over
+# NCHW: 0.70-0.77 at 64 ch x 32 x 32, 0.31-0.42 for the 1x1 stride-2 shortcut from 32 x 32,
+# 0.80-0.95 at 16 x 16, but 1.05-1.08 at 8 x 8 and 1.4 at 4 x 4. Hence: convolution inputs of at
+# least this many pixels (H*W) go in channels_last, smaller ones in NCHW, and a convolution output
+# below that size (from a stride-2 convolution on a channels_last input) goes back to NCHW: one
+# conversion per change of size class, forward and backward.
+CPU_CHANNELS_LAST_MIN_HW = 256
+
+
+def conv_input_layout(x, min_hw: int):
+    """``x`` in the layout its convolution runs fastest in on the CPU: channels_last when the map
+    has at least ``min_hw`` pixels, NCHW otherwise (a no-op when already so). Other devices,
+    non-4-D inputs and ``min_hw <= 0``: ``x`` unchanged."""
+    if min_hw > 0 and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu":
+        if x.shape[-1] * x.shape[-2] >= min_hw:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+    return x
+
+
+def conv_output_layout(y, min_hw: int):
+    """A convolution's output below ``min_hw`` pixels back in NCHW (a channels_last input gives a
+    channels_last output): the layout the next convolution wants, and the one every other
+    consumer (pooling, flatten, a residual add with an NCHW shortcut) handles best."""
+    if min_hw > 0 and isinstance(y, torch.Tensor) and y.dim() == 4 and y.device.type == "cpu" \
+            and y.shape[-1] * y.shape[-2] < min_hw:
+        return y.contiguous()
+    return y
+
+
+def _layout_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> int:
+    """Route the input of every Conv2d / ConvBNFold call of ``graph`` through
+    ``conv_input_layout`` and its output through ``conv_output_layout``; returns how many
+    convolutions."""
+    if not min_hw or min_hw <= 0:
+        return 0
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(module_of.get(node.target), (nn.Conv2d, ConvBNFold)):
+            continue
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        with graph.inserting_before(node):
+            lay = graph.call_function(conv_input_layout, (node.args[0], int(min_hw)))
+        node.args = (lay,) + tuple(node.args[1:])
+        with graph.inserting_after(node):
+            out = graph.call_function(conv_output_layout, (node, int(min_hw)))
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
 # ReLU fusion through torch.fx
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu)
@@ -327,10 +387,11 @@ def _fold_bn_relus(graph: fx.Graph, module_of: dict, modules: dict) -> int:
     return folded
 
 
-def _fuse_relus(teacher: nn.Module) -> int:
+def _fuse_relus(teacher: nn.Module, channels_last_min_hw: int = 0) -> int:
     """Trace ``teacher`` (in eval mode), fold BN->ReLU pairs and residual add->ReLU pairs
-    (``add_relu``), install the graph as its eval forward. Returns the number of BN ReLUs
-    folded; the graph is installed when anything was folded."""
+    (``add_relu``), give each convolution its CPU input layout (``conv_input_layout``), and
+    install the graph as its eval forward. Returns the number of BN ReLUs folded; the graph is
+    installed when anything was changed."""
     was_training = teacher.training
     teacher.eval()
     try:
@@ -344,7 +405,8 @@ def _fuse_relus(teacher: nn.Module) -> int:
     modules = dict(teacher.named_modules())
     folded = _fold_bn_relus(graph, modules, modules)
     add_relus = _fold_add_relus(graph, modules)
-    if folded == 0 and add_relus == 0:
+    laid_out = _layout_convs(graph, modules, channels_last_min_hw)
+    if folded == 0 and add_relus == 0 and laid_out == 0:
         return 0
     graph.lint()
     traced_forward = type(fx.GraphModule(teacher, graph)).forward  # generated code, resolves self.<path>
@@ -359,6 +421,7 @@ def _fuse_relus(teacher: nn.Module) -> int:
     teacher.__dict__["_fs_fused_forward"] = bound
     teacher.__dict__["_fs_relus_folded"] = folded
     teacher.__dict__["_fs_add_relus"] = add_relus
+    teacher.__dict__["_fs_conv_layouts"] = laid_out
     return folded
 
 
@@ -366,11 +429,15 @@ def _fuse_relus(teacher: nn.Module) -> int:
 # public API
 
 
-def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool = True) -> nn.Module:
+def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool = True,
+                 channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW) -> nn.Module:
     """Fuse the BatchNorm-statistics loss into ``teacher``'s BatchNorm2d layers (in place).
 
     ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
-    solely consume a BatchNorm output into it (needs torch.fx tracing; falls back to BN-only).
+    solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``
+    (needs torch.fx tracing; falls back to BN-only). ``channels_last_min_hw``: with ``fuse_relu``,
+    CPU convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
+    (``conv_input_layout``; None or 0: layouts as the model makes them).
     Returns ``teacher`` (a new module only when ``teacher`` itself is a bare BatchNorm2d).
     """
     if not isinstance(teacher, nn.Module):
@@ -387,7 +454,7 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
                     replaced[id(child)] = FusedBatchNorm2d.from_batchnorm(child, backend)
                 setattr(parent, name, replaced[id(child)])
     if fuse_relu and replaced:
-        _fuse_relus(teacher)
+        _fuse_relus(teacher, channels_last_min_hw or 0)
     return teacher
 
 
@@ -405,6 +472,7 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         del teacher.__dict__["_fs_fused_forward"]
         teacher.__dict__.pop("_fs_relus_folded", None)
         teacher.__dict__.pop("_fs_add_relus", None)
+        teacher.__dict__.pop("_fs_conv_layouts", None)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:
@@ -452,7 +520,8 @@ def _attr(root: nn.Module, target: str):
     return root
 
 
-def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: bool = True):
+def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: bool = True,
+                    channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW):
     """A module computing ``model``'s eval-mode forward with fewer passes over the feature maps:
 
     - ``fold_conv_bn``: a BatchNorm2d whose input is a Conv2d used by nothing else is folded into
@@ -462,7 +531,9 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
       BN+ReLU pair forward and one backward, where eval BatchNorm + ReLU dispatch five forward
       (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops;
     - a ReLU that directly and solely consumes either is folded into it;
-    - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward.
+    - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward;
+    - ``channels_last_min_hw``: CPU convolution inputs of at least this many pixels run
+      channels_last, smaller ones NCHW (``conv_input_layout``; None or 0: as the model makes them).
 
     ``model`` is not changed: the view is a ``torch.fx`` GraphModule over the SAME submodules,
     parameters and buffers, with a ``FusedBatchNorm2d`` per unfolded BatchNorm that shares the
@@ -503,6 +574,7 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
         return None
     _fold_bn_relus(graph, root, modules)
     _fold_add_relus(graph, modules)
+    _layout_convs(graph, root, channels_last_min_hw or 0)
     graph.lint()
     view = fx.GraphModule(root, graph)
     view.__dict__["training"] = False
