@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layout import CPU_CHANNELS_LAST_MIN_HW, conv_input_layout, conv_output_layout
+
 __all__ = ["upsample2x_conv3x3", "UpsampleConvSequential"]
 
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -80,12 +82,26 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     for k, (p, q) in zip(kernels, _PHASES):
         # phase 0 reads one row/column before the map (u - 1), phase 1 one after (u + 1)
         outs.append(F.conv2d(F.pad(x, (1 - q, q, 1 - p, p)), k, bias))
+    n, o, h, w = outs[0].shape
+    if _channels_last(x):
+        # channels_last phase maps ([N, H, W, O] in memory) go straight into a channels_last
+        # output, whose memory [N, 2H, 2W, O] is [N, H, 2, W, 2, O]: each phase is one strided
+        # copy of O contiguous values at a time
+        out = torch.empty((n, o, 2 * h, 2 * w), dtype=outs[0].dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        slots = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, o)
+        for y_k, (p, q) in zip(outs, _PHASES):
+            slots[:, :, p, :, q, :] = y_k.permute(0, 2, 3, 1)
+        return out
     # stack, then one interleaving copy: writing each phase into a stride-2 view of a preallocated
-    # output instead measured no faster (80 vs 84 ms, 186 vs 197 ms fwd+bwd at the sizes above)
+    # NCHW output instead measured no faster (80 vs 84 ms, 186 vs 197 ms fwd+bwd at the sizes above)
     y = torch.stack(outs, 2)  # [N, O, 4, H, W], phases in (p, q) order
-    n, o, _, h, w = y.shape
     # y[n, o, (p, q), u, v] -> out[n, o, 2u + p, 2v + q]
     return y.view(n, o, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, o, 2 * h, 2 * w)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _is_nearest_2x(m: nn.Module) -> bool:
@@ -120,23 +136,33 @@ class UpsampleConvSequential(nn.Sequential):
     Same modules, indices and state_dict keys as the plain ``nn.Sequential`` it replaces.
     ``fuse``: None (default) fuses on CPU tensors where the convolution has at least
     ``FUSE_MIN_MACS`` multiply-adds (measured faster there; on a GPU it is unmeasured); True
-    always; False never (the upstream computation).
+    always; False never (the upstream computation). ``channels_last_min_hw``: on the CPU, the
+    input of a convolution (fused or plain) with at least this many pixels runs channels_last,
+    smaller ones NCHW (fastsynth.layout; None or 0: layouts as they come).
     """
 
-    def __init__(self, *modules: nn.Module, fuse: bool | None = None):
+    def __init__(self, *modules: nn.Module, fuse: bool | None = None,
+                 channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW):
         super().__init__(*modules)
         self.fuse = fuse
+        self.channels_last_min_hw = channels_last_min_hw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods = list(self._modules.values())
+        min_hw = getattr(self, "channels_last_min_hw", CPU_CHANNELS_LAST_MIN_HW) or 0
         i = 0
         while i < len(mods):
             m = mods[i]
             if (self.fuse is not False and i + 1 < len(mods) and x.dim() == 4 and _is_nearest_2x(m)
                     and _is_plain_conv3x3(mods[i + 1]) and (self.fuse or _worth_fusing(x, mods[i + 1]))):
                 conv = mods[i + 1]
-                x = upsample2x_conv3x3(x, conv.weight, conv.bias)
+                # the phase convolutions run at the input's size: its layout is chosen for that
+                # size, and a channels_last input gives a channels_last output
+                x = upsample2x_conv3x3(conv_input_layout(x, min_hw), conv.weight, conv.bias)
                 i += 2
+            elif type(m) is nn.Conv2d:
+                x = conv_output_layout(m(conv_input_layout(x, min_hw)), min_hw)
+                i += 1
             else:
                 x = m(x)
                 i += 1

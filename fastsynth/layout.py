@@ -1,0 +1,41 @@
+"""Memory layout of convolution inputs on the CPU (used by the fused teacher graph, the student's
+eval view and the generators' convolution stacks). Values are unchanged; only the order of the
+elements in memory (and so the speed of oneDNN's kernels) changes. Gradients follow the layout of
+their tensors, and autograd converts them back where a conversion was made."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout"]
+
+# On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
+# input to a blocked layout and every output back (and the same for gradients in the backward);
+# given channels_last maps its NHWC kernels read and write them directly. Measured on the 2-core
+# machine (docs/PERFORMANCE.md, "Fifth pass"), forward + input-gradient time, channels_last over
+# NCHW: 0.70-0.77 at 64 ch x 32 x 32, 0.31-0.42 for the 1x1 stride-2 shortcut from 32 x 32,
+# 0.80-0.95 at 16 x 16, but 1.05-1.08 at 8 x 8 and 1.4 at 4 x 4. Hence: convolution inputs of at
+# least this many pixels (H*W) go in channels_last, smaller ones in NCHW, and a convolution output
+# below that size (from a stride-2 convolution on a channels_last input) goes back to NCHW: one
+# conversion per change of size class, forward and backward.
+CPU_CHANNELS_LAST_MIN_HW = 256
+
+
+def conv_input_layout(x, min_hw: int):
+    """``x`` in the layout its convolution runs fastest in on the CPU: channels_last when the map
+    has at least ``min_hw`` pixels, NCHW otherwise (a no-op when already so). Other devices,
+    non-4-D inputs and ``min_hw <= 0``: ``x`` unchanged."""
+    if min_hw > 0 and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu":
+        if x.shape[-1] * x.shape[-2] >= min_hw:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+    return x
+
+
+def conv_output_layout(y, min_hw: int):
+    """A convolution's output below ``min_hw`` pixels back in NCHW (a channels_last input gives a
+    channels_last output): the layout the next convolution wants, and the one every other
+    consumer (pooling, flatten, a residual add with an NCHW shortcut) handles best."""
+    if min_hw > 0 and isinstance(y, torch.Tensor) and y.dim() == 4 and y.device.type == "cpu" \
+            and y.shape[-1] * y.shape[-2] < min_hw:
+        return y.contiguous()
+    return y
