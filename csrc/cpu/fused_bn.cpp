@@ -29,6 +29,23 @@ namespace {
 template <typename scalar_t>
 using acc_of = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
+// Calls f(std::bool_constant<a>): a runtime flag as a compile-time one, so the loop inside is
+// compiled once per value without a branch per element.
+template <typename F>
+inline void dispatch_bool(bool a, F&& f) {
+  if (a) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Calls f(std::bool_constant<a>, std::bool_constant<b>).
+template <typename F>
+inline void dispatch_bool2(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
 constexpr int64_t kSegment = 4096;       // elements re-read from cache in the second sweep
 constexpr int64_t kTaskElems = 16384;    // minimum elements per parallel task (NCHW path)
 constexpr int64_t kRowBlockElems = 16384;  // elements per row block (channels_last path)
@@ -282,27 +299,48 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
       const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
       const scalar_t* xb = xd + r0 * C;
       scalar_t* yb = yd + r0 * C;
+      const int64_t nrows = r1 - r0;
       if (!with_stats) {
-        for (int64_t r = 0; r < r1 - r0; ++r)
-          for (int64_t c = 0; c < C; ++c)
-            yb[r * C + c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xb[r * C + c]), scale[c], shift[c], relu));
+        dispatch_bool(relu, [&](auto relu_c) {
+          constexpr bool Relu = decltype(relu_c)::value;
+          for (int64_t r = 0; r < nrows; ++r) {
+            const scalar_t* xr = xb + r * C;
+            scalar_t* yr = yb + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c)
+              yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xr[c]), scale[c], shift[c], Relu));
+          }
+        });
         continue;
       }
+      // per channel, a sum over the block's rows, then the centred squares and y from cache; the
+      // channel loops are `omp simd` over a row's contiguous channels (same per-channel order of
+      // operations as a scalar loop, so results do not depend on the vector width)
+      acc_t* sp = sum.data();
       std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t r = 0; r < r1 - r0; ++r)
-        for (int64_t c = 0; c < C; ++c) sum[c] += acc_t(xb[r * C + c]);
+      for (int64_t r = 0; r < nrows; ++r) {
+        const scalar_t* xr = xb + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sp[c] += acc_t(xr[c]);
+      }
       acc_t* bmean = pmean.data() + t * C;
       acc_t* m2 = pm2.data() + t * C;
-      const acc_t inv = acc_t(1) / acc_t(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) { bmean[c] = sum[c] * inv; m2[c] = 0; }
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = acc_t(xb[r * C + c]);
-          const acc_t d = v - bmean[c];
-          m2[c] += d * d;
-          yb[r * C + c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], relu));
+      const acc_t inv = acc_t(1) / acc_t(nrows);
+      for (int64_t c = 0; c < C; ++c) { bmean[c] = sp[c] * inv; m2[c] = 0; }
+      dispatch_bool(relu, [&](auto relu_c) {
+        constexpr bool Relu = decltype(relu_c)::value;
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* xr = xb + r * C;
+          scalar_t* yr = yb + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = acc_t(xr[c]);
+            const acc_t d = v - bmean[c];
+            m2[c] += d * d;
+            yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], Relu));
+          }
         }
-      }
+      });
     }
   });
 
@@ -415,6 +453,42 @@ inline void backward_segment(const scalar_t* gyp, const scalar_t* xp, int64_t xs
                                  need_x, sum_g, sum_gx);
 }
 
+// channels_last backward of `nrows` rows of C channels. NeedX=false: grad_x = grad_y * scale.
+// Otherwise the same per-element math as backward_segment_impl (bn_relu_grad, bn_grad_input),
+// with dgamma/dbeta partial sums per channel when wgrad.
+template <bool NeedX, bool Relu, bool Stats, typename scalar_t, typename acc_t>
+inline void backward_cl_rows(const scalar_t* xb, const scalar_t* gyb, scalar_t* gxb, int64_t nrows, int64_t C,
+                             const acc_t* scale, const acc_t* shift, const acc_t* mean, const acc_t* rm,
+                             const acc_t* c_mean, const acc_t* c_var, acc_t* sg, acc_t* sgx, bool wgrad = false) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* xr = xb + r * C;
+    const scalar_t* gr = gyb + r * C;
+    scalar_t* gxr = gxb + r * C;
+    if (!NeedX) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) gxr[c] = static_cast<scalar_t>(acc_t(gr[c]) * scale[c]);
+    } else if (!wgrad) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = acc_t(xr[c]);
+        const acc_t gp = bn_relu_grad<acc_t>(acc_t(gr[c]), v, scale[c], shift[c], Relu);
+        gxr[c] = static_cast<scalar_t>(
+            bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = acc_t(xr[c]);
+        const acc_t gp = bn_relu_grad<acc_t>(acc_t(gr[c]), v, scale[c], shift[c], Relu);
+        gxr[c] = static_cast<scalar_t>(
+            bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats));
+        sg[c] += gp;
+        sgx[c] += gp * (v - rm[c]);
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
@@ -520,7 +594,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
       const acc_t* shift = k.aff.shift.data();
       const acc_t* mean = k.mean.data();
       const acc_t* rm = k.rm.data();
-      const StatGradCoef<acc_t>* sc = k.stat.data();
+      std::vector<acc_t> c_mean(C), c_var(C);  // the statistics coefficients as two arrays
+      for (int64_t c = 0; c < C; ++c) { c_mean[c] = k.stat[c].c_mean; c_var[c] = k.stat[c].c_var; }
+      const acc_t* cm = c_mean.data();
+      const acc_t* cv = c_var.data();
       at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r0 = t * rows, r1 = std::min(s.M, r0 + rows);
@@ -529,18 +606,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
           scalar_t* gxb = gxd + r0 * C;
           acc_t* sg = need_weight_grad ? psum_g.data() + t * C : nullptr;
           acc_t* sgx = need_weight_grad ? psum_gx.data() + t * C : nullptr;
-          for (int64_t r = 0; r < r1 - r0; ++r) {
-            if (!need_x) {
-              for (int64_t c = 0; c < C; ++c) gxb[r * C + c] = static_cast<scalar_t>(acc_t(gyb[r * C + c]) * scale[c]);
-              continue;
-            }
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = acc_t(xb[r * C + c]);
-              const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyb[r * C + c]), v, scale[c], shift[c], apply_relu);
-              gxb[r * C + c] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale[c], mean[c], sc[c], with_stats));
-              if (need_weight_grad) { sg[c] += gp; sgx[c] += gp * (v - rm[c]); }
-            }
-          }
+          const int64_t nrows = r1 - r0;
+          // the flags are template arguments so each variant is one branch-free `omp simd` loop
+          // over the channels of a row (contiguous in channels_last)
+          if (!need_x)
+            backward_cl_rows<false, false, false>(xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
+          else if (need_weight_grad)
+            dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
+              backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value>(
+                  xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx, true);
+            });
+          else
+            dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
+              backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value>(
+                  xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx, false);
+            });
         }
       });
     }
