@@ -279,3 +279,77 @@ def test_conv_bn_fold_student_view_in_compiled_step_reads_refreshed_weights():
         model.bn.running_mean.add_(0.3)
     fuse.refresh_folds(view)  # what the synthesizer does at the start of every round
     torch.testing.assert_close(step(x), model(x).square().mean(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- convolution input layouts (CPU)
+def test_conv_layout_functions():
+    from fastsynth.layout import conv_input_layout, conv_output_layout
+
+    big, small = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    a = conv_input_layout(big, 256)
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+    torch.testing.assert_close(a, big, rtol=0, atol=0)
+    b = conv_input_layout(small, 256)
+    assert b.is_contiguous()
+    assert conv_input_layout(big, 0) is big and conv_input_layout(big, 257).is_contiguous()
+    flat = torch.randn(4, 5)
+    assert conv_input_layout(flat, 1) is flat
+    assert conv_output_layout(small, 256).is_contiguous() and conv_output_layout(a, 256) is a
+    assert conv_output_layout(small, 64) is small
+    # the conversion is differentiable; the gradient reaches the input with its values
+    x = big.clone().requires_grad_()
+    g = torch.randn(2, 3, 16, 16)
+    (gx,) = torch.autograd.grad(conv_input_layout(x, 256), x, g)
+    torch.testing.assert_close(gx, g, rtol=0, atol=0)
+
+
+def _record_conv_input_layouts(model):
+    seen = {}
+
+    def pre(name):
+        def hook(m, args):
+            x = args[0]
+            seen[name] = "cl" if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
+                else "nchw"
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(pre(name))
+    return seen
+
+
+def test_teacher_graph_lays_out_convolution_inputs_by_size():
+    ref = _randomise_bn(resnet18()).double().eval()
+    model = fuse.fuse_teacher(copy.deepcopy(ref))
+    assert model.__dict__["_fs_conv_layouts"] == sum(isinstance(m, nn.Conv2d) for m in ref.modules())
+    seen = _record_conv_input_layouts(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = model(x), ref(x2)
+    # 32x32 and 16x16 inputs (stem, layer1, layer2, layer3's stride-2 entry) channels_last; 8x8 and
+    # 4x4 NCHW
+    assert seen["conv1"] == "cl" and seen["layer1.0.conv1"] == "cl" and seen["layer2.1.conv2"] == "cl"
+    assert seen["layer3.0.conv1"] == "cl" and seen["layer3.0.shortcut.0"] == "cl"
+    assert seen["layer3.0.conv2"] == "nchw" and seen["layer4.1.conv2"] == "nchw"
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    gx, gr = torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x2, g)[0]
+    torch.testing.assert_close(gx, gr, rtol=1e-10, atol=1e-12)
+    # switched off: every convolution sees the layout the model makes (NCHW here)
+    off = fuse.fuse_teacher(copy.deepcopy(ref), channels_last_min_hw=None)
+    assert off.__dict__["_fs_conv_layouts"] == 0
+    seen_off = _record_conv_input_layouts(off)
+    off(x.detach())
+    assert set(seen_off.values()) == {"nchw"}
+
+
+def test_student_view_lays_out_convolution_inputs_by_size():
+    model = _randomise_bn(resnet18()).double().eval()
+    view = fuse.fused_eval_view(model)
+    layouts = [n for n in view.graph.nodes if n.target is fuse.conv_input_layout]
+    assert len(layouts) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    off = fuse.fused_eval_view(model, channels_last_min_hw=0)
+    assert not any(n.target is fuse.conv_input_layout for n in off.graph.nodes)

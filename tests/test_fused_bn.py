@@ -82,6 +82,29 @@ def test_forward_matches_float64_reference(backend, layout, relu):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 37, 9, 11),  # CPU channels_last: two 16-channel chunks and a tail
+                                   (2, 48, 20, 20)])  # several row blocks per tensor (CPU)
+@pytest.mark.parametrize("relu", [False, True])
+def test_channels_last_wide_float64_forward_and_backward(backend, shape, relu):
+    x, w, b, rm, rv = rand_inputs(*shape)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w1, b1 = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y, mean, var = fused_bn(xc, w1, b1, rm, rv, 1e-5, relu, True, backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.clone().requires_grad_()
+    w2, b2 = w.clone().requires_grad_(), b.clone().requires_grad_()
+    ry, rmean, rvar = fused_bn_reference(x64, w2, b2, rm, rv, 1e-5, relu, True)
+    assert relerr(y, ry) < 1e-12 and relerr(mean, rmean) < 1e-12 and relerr(var, rvar) < 1e-10
+    gy = torch.randn_like(ry)
+    gm, gv = torch.randn_like(rmean), torch.randn_like(rvar)
+    got = torch.autograd.grad((y * gy).sum() + (mean * gm).sum() + (var * gv).sum(), [xc, w1, b1])
+    ref = torch.autograd.grad((ry * gy).sum() + (rmean * gm).sum() + (rvar * gv).sum(), [x64, w2, b2])
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, r in zip(got, ref):
+        assert relerr(a, r) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17),
                                    (2, 3, 32, 33),    # CPU: planes of 1024+ elements take the channel-major path
                                    (2, 2, 70, 65)])  # the last: planes larger than one CPU segment

@@ -37,6 +37,39 @@ def test_matches_upsample_then_conv_float64(shape, out_ch, with_bias):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
+def test_channels_last_input_gives_channels_last_output_float64():
+    # the channels_last interleave (one strided copy per phase) against the oracle, gradients too
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(3, 5, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    g = torch.randn(2, 3, 12, 14, dtype=torch.float64)
+    got, want = _grads(upsample2x_conv3x3, x, w, b, g), _grads(reference, x.contiguous(), w, b, g)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_generator_layouts_change_no_value_float64():
+    # DeepGenerator at 32x32: its convolutions from 16x16 up run channels_last on the CPU
+    torch.manual_seed(6)
+    gen = DeepGenerator(nz=8, ngf=4, img_size=32, nc=3).double().train()
+    gen.conv_blocks.fuse = True
+    plain = copy.deepcopy(gen)
+    plain.conv_blocks.channels_last_min_hw = None  # layouts as they come (all NCHW)
+    z = torch.randn(3, 8, dtype=torch.float64)
+    ya, yb = gen(z), plain(z)
+    assert ya.is_contiguous(memory_format=torch.channels_last) and yb.is_contiguous()
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(yb)
+    ga = torch.autograd.grad(ya, list(gen.parameters()), g, allow_unused=True)
+    gb = torch.autograd.grad(yb, list(plain.parameters()), g, allow_unused=True)
+    assert sum(a is not None for a in ga) > 0
+    for a, b in zip(ga, gb):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_float32_layouts(layout):
     torch.manual_seed(1)

@@ -49,6 +49,7 @@ inline void dispatch_bool2(bool a, bool b, F&& f) {
 constexpr int64_t kSegment = 4096;       // elements re-read from cache in the second sweep
 constexpr int64_t kTaskElems = 16384;    // minimum elements per parallel task (NCHW path)
 constexpr int64_t kRowBlockElems = 16384;  // elements per row block (channels_last path)
+constexpr int64_t kRowBlockStatsElems = 8192;  // the same for the forward with statistics
 // Dense NCHW planes of fewer elements (the 8x8 and 4x4 maps of a CIFAR ResNet's last stages, and
 // 16x16) are walked in memory order, tasks being blocks of samples: channel-major tasks visit one
 // short plane per sample, C*H*W elements apart, and paid a cache miss and a loop setup every
@@ -279,13 +280,43 @@ void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_
   }
 }
 
+constexpr int64_t kClChunk = 16;  // channels per register-resident chunk (channels_last forward)
+
+// K channels [c0, c0 + K) of `nrows` channels_last rows (x, y point at channel c0 of row 0):
+// the block means and centred sums of squares of the K channels, and y.
+template <int64_t K, bool Relu, typename scalar_t, typename acc_t>
+inline void forward_cl_chunk(const scalar_t* x, scalar_t* y, int64_t nrows, int64_t C, const acc_t* scale,
+                             const acc_t* shift, acc_t inv, acc_t* bmean, acc_t* m2) {
+  acc_t sum[K], mu[K], sq[K], sc[K], sh[K];
+  for (int64_t k = 0; k < K; ++k) { sum[k] = 0; sq[k] = 0; sc[k] = scale[k]; sh[k] = shift[k]; }
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* xr = x + r * C;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) sum[k] += acc_t(xr[k]);
+  }
+  for (int64_t k = 0; k < K; ++k) mu[k] = sum[k] * inv;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const scalar_t* xr = x + r * C;
+    scalar_t* yr = y + r * C;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t v = acc_t(xr[k]);
+      const acc_t d = v - mu[k];
+      sq[k] += d * d;
+      yr[k] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, sc[k], sh[k], Relu));
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) { bmean[k] = mu[k]; m2[k] = sq[k]; }
+}
+
 template <typename scalar_t>
 void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
                            bool with_stats, at::Tensor& mean, at::Tensor& var) {
   using acc_t = acc_of<scalar_t>;
   const Shape s = shape_of(x);
   const int64_t C = s.C, M = s.M;
-  const int64_t rows = std::max<int64_t>(64, kRowBlockElems / C);
+  // with statistics a block is swept twice: 8192 elements (32 KB in fp32) keep the second sweep in L1
+  const int64_t rows = std::max<int64_t>(16, (with_stats ? kRowBlockStatsElems : kRowBlockElems) / C);
   const int64_t ntasks = (M + rows - 1) / rows;
   std::vector<acc_t> pmean(with_stats ? ntasks * C : 0), pm2(with_stats ? ntasks * C : 0);
   const scalar_t* xd = x.data_ptr<scalar_t>();
@@ -294,7 +325,6 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
   const acc_t* shift = aff.shift.data();
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
       const scalar_t* xb = xd + r0 * C;
@@ -313,33 +343,21 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
         });
         continue;
       }
-      // per channel, a sum over the block's rows, then the centred squares and y from cache; the
-      // channel loops are `omp simd` over a row's contiguous channels (same per-channel order of
-      // operations as a scalar loop, so results do not depend on the vector width)
-      acc_t* sp = sum.data();
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t r = 0; r < nrows; ++r) {
-        const scalar_t* xr = xb + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sp[c] += acc_t(xr[c]);
-      }
+      // per channel, a sum over the block's rows, then the centred squares and y from cache.
+      // Channels go in chunks of kClChunk whose sums, means and affine coefficients stay in
+      // registers while the rows stream by (a whole row of channels at once needed ~7 loads and
+      // stores per element). Per channel the order of operations is the scalar loop's.
       acc_t* bmean = pmean.data() + t * C;
       acc_t* m2 = pm2.data() + t * C;
       const acc_t inv = acc_t(1) / acc_t(nrows);
-      for (int64_t c = 0; c < C; ++c) { bmean[c] = sp[c] * inv; m2[c] = 0; }
       dispatch_bool(relu, [&](auto relu_c) {
         constexpr bool Relu = decltype(relu_c)::value;
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* xr = xb + r * C;
-          scalar_t* yr = yb + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = acc_t(xr[c]);
-            const acc_t d = v - bmean[c];
-            m2[c] += d * d;
-            yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], Relu));
-          }
-        }
+        int64_t c0 = 0;
+        for (; c0 + kClChunk <= C; c0 += kClChunk)
+          forward_cl_chunk<kClChunk, Relu>(xb + c0, yb + c0, nrows, C, scale + c0, shift + c0, inv, bmean + c0,
+                                            m2 + c0);
+        for (; c0 < C; ++c0)  // channels past the last full chunk, one at a time
+          forward_cl_chunk<1, Relu>(xb + c0, yb + c0, nrows, C, scale + c0, shift + c0, inv, bmean + c0, m2 + c0);
       });
     }
   });
