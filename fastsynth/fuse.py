@@ -40,13 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from .layout import CPU_CHANNELS_LAST_MIN_HW, conv_input_layout, conv_output_layout
+from .layout import conv_input_layout, conv_output_layout, resolve_min_hw
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
            "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "conv_input_layout",
-           "conv_output_layout",
-           "CPU_CHANNELS_LAST_MIN_HW"]
+           "conv_output_layout"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -398,14 +397,15 @@ def _fuse_relus(teacher: nn.Module, channels_last_min_hw: int = 0) -> int:
 
 
 def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool = True,
-                 channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW) -> nn.Module:
+                 channels_last_min_hw: int | str | None = "auto") -> nn.Module:
     """Fuse the BatchNorm-statistics loss into ``teacher``'s BatchNorm2d layers (in place).
 
     ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
     solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``
     (needs torch.fx tracing; falls back to BN-only). ``channels_last_min_hw``: with ``fuse_relu``,
     CPU convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
-    (``conv_input_layout``; None or 0: layouts as the model makes them).
+    (``conv_input_layout``; "auto": ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW``; None or 0:
+    layouts as the model makes them).
     Returns ``teacher`` (a new module only when ``teacher`` itself is a bare BatchNorm2d).
     """
     if not isinstance(teacher, nn.Module):
@@ -422,7 +422,7 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
                     replaced[id(child)] = FusedBatchNorm2d.from_batchnorm(child, backend)
                 setattr(parent, name, replaced[id(child)])
     if fuse_relu and replaced:
-        _fuse_relus(teacher, channels_last_min_hw or 0)
+        _fuse_relus(teacher, resolve_min_hw(channels_last_min_hw))
     return teacher
 
 
@@ -489,7 +489,7 @@ def _attr(root: nn.Module, target: str):
 
 
 def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: bool = True,
-                    channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW):
+                    channels_last_min_hw: int | str | None = "auto"):
     """A module computing ``model``'s eval-mode forward with fewer passes over the feature maps:
 
     - ``fold_conv_bn``: a BatchNorm2d whose input is a Conv2d used by nothing else is folded into
@@ -501,7 +501,8 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
     - a ReLU that directly and solely consumes either is folded into it;
     - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward;
     - ``channels_last_min_hw``: CPU convolution inputs of at least this many pixels run
-      channels_last, smaller ones NCHW (``conv_input_layout``; None or 0: as the model makes them).
+      channels_last, smaller ones NCHW (``conv_input_layout``; "auto":
+      ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW``; None or 0: as the model makes them).
 
     ``model`` is not changed: the view is a ``torch.fx`` GraphModule over the SAME submodules,
     parameters and buffers, with a ``FusedBatchNorm2d`` per unfolded BatchNorm that shares the
@@ -542,7 +543,7 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
         return None
     _fold_bn_relus(graph, root, modules)
     _fold_add_relus(graph, modules)
-    _layout_convs(graph, root, channels_last_min_hw or 0)
+    _layout_convs(graph, root, resolve_min_hw(channels_last_min_hw))
     graph.lint()
     view = fx.GraphModule(root, graph)
     view.__dict__["training"] = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout"]
+__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw"]
 
 # On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
 # input to a blocked layout and every output back (and the same for gradients in the backward);
@@ -18,6 +18,22 @@ __all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout"
 # below that size (from a stride-2 convolution on a channels_last input) goes back to NCHW: one
 # conversion per change of size class, forward and backward.
 CPU_CHANNELS_LAST_MIN_HW = 256
+
+
+def resolve_min_hw(value) -> int:
+    """``channels_last_min_hw`` as given to fastsynth's modules: ``"auto"`` reads
+    ``CPU_CHANNELS_LAST_MIN_HW`` now (so setting ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW = 0``
+    before building a synthesizer turns the rule off everywhere), None or 0 is off, an int is the
+    threshold in pixels."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"channels_last_min_hw must be 'auto', None or an int, got {value!r}")
+        value = CPU_CHANNELS_LAST_MIN_HW
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"channels_last_min_hw must be 'auto', None or an int >= 0, got {value!r}")
+    return value
 
 
 def conv_input_layout(x, min_hw: int):

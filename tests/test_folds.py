@@ -353,3 +353,17 @@ def test_student_view_lays_out_convolution_inputs_by_size():
     torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
     off = fuse.fused_eval_view(model, channels_last_min_hw=0)
     assert not any(n.target is fuse.conv_input_layout for n in off.graph.nodes)
+
+
+def test_layout_threshold_resolution_and_global_switch(monkeypatch):
+    from fastsynth import layout
+
+    assert layout.resolve_min_hw("auto") == layout.CPU_CHANNELS_LAST_MIN_HW
+    assert layout.resolve_min_hw(None) == 0 and layout.resolve_min_hw(64) == 64
+    for bad in ("on", -1, 2.5, True):
+        with pytest.raises(ValueError, match="channels_last_min_hw"):
+            layout.resolve_min_hw(bad)
+    monkeypatch.setattr(layout, "CPU_CHANNELS_LAST_MIN_HW", 0)
+    model = _randomise_bn(resnet18()).eval()
+    assert fuse.fuse_teacher(copy.deepcopy(model)).__dict__["_fs_conv_layouts"] == 0
+    assert not any(n.target is fuse.conv_input_layout for n in fuse.fused_eval_view(model).graph.nodes)

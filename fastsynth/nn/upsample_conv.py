@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layout import CPU_CHANNELS_LAST_MIN_HW, conv_input_layout, conv_output_layout
+from ..layout import conv_input_layout, conv_output_layout, resolve_min_hw
 
 __all__ = ["upsample2x_conv3x3", "UpsampleConvSequential"]
 
@@ -138,18 +138,19 @@ class UpsampleConvSequential(nn.Sequential):
     ``FUSE_MIN_MACS`` multiply-adds (measured faster there; on a GPU it is unmeasured); True
     always; False never (the upstream computation). ``channels_last_min_hw``: on the CPU, the
     input of a convolution (fused or plain) with at least this many pixels runs channels_last,
-    smaller ones NCHW (fastsynth.layout; None or 0: layouts as they come).
+    smaller ones NCHW (fastsynth.layout; "auto": ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW`` at
+    each forward; None or 0: layouts as they come).
     """
 
     def __init__(self, *modules: nn.Module, fuse: bool | None = None,
-                 channels_last_min_hw: int | None = CPU_CHANNELS_LAST_MIN_HW):
+                 channels_last_min_hw: int | str | None = "auto"):
         super().__init__(*modules)
         self.fuse = fuse
         self.channels_last_min_hw = channels_last_min_hw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods = list(self._modules.values())
-        min_hw = getattr(self, "channels_last_min_hw", CPU_CHANNELS_LAST_MIN_HW) or 0
+        min_hw = resolve_min_hw(getattr(self, "channels_last_min_hw", "auto"))
         i = 0
         while i < len(mods):
             m = mods[i]
