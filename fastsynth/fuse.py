@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from .layout import conv_input_layout, conv_output_layout, resolve_min_hw
+from .layout import conv2d_like_input, conv_input_layout, conv_output_layout, resolve_min_hw, weight_like_input
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
@@ -242,7 +242,7 @@ class ConvBNFold(nn.Module):
     def forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.refresh()
-        y = self.conv._conv_forward(input, self.weight, self.bias)
+        y = self.conv._conv_forward(input, weight_like_input(input, self.weight, self), self.bias)
         # in place: the convolution's backward needs its input and weight, not its output
         return torch.relu_(y) if relu else y
 
@@ -296,6 +296,16 @@ def _layout_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> int:
         with graph.inserting_before(node):
             lay = graph.call_function(conv_input_layout, (node.args[0], int(min_hw)))
         node.args = (lay,) + tuple(node.args[1:])
+        conv = module_of[node.target]
+        if type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks) \
+                and len(node.args) == 1 and not node.kwargs:
+            # the conv's weight follows the input's layout (kept converted while frozen)
+            with graph.inserting_before(node):
+                mod = graph.get_attr(node.target)
+                call = graph.call_function(conv2d_like_input, (lay, mod))
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+            node = call
         with graph.inserting_after(node):
             out = graph.call_function(conv_output_layout, (node, int(min_hw)))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)

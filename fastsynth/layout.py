@@ -5,8 +5,10 @@ their tensors, and autograd converts them back where a conversion was made."""
 from __future__ import annotations
 
 import torch
+from torch.nn.modules import module as _module
 
-__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw"]
+__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw",
+           "weight_like_input"]
 
 # On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
 # input to a blocked layout and every output back (and the same for gradients in the backward);
@@ -55,3 +57,35 @@ def conv_output_layout(y, min_hw: int):
             and y.shape[-1] * y.shape[-2] < min_hw:
         return y.contiguous()
     return y
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Tensor:
+    """``weight`` in ``x``'s memory format for a CPU convolution. Given a channels_last input and
+    an NCHW weight, PyTorch converts the weight inside every convolution call, forward and
+    backward (a transposing copy; ~4% of a ResNet synthesis step). A weight that needs no
+    gradient (a frozen teacher or student, a folded BatchNorm) is converted once and kept on
+    ``owner`` until it changes (same tensor, same version counter); a trained weight is
+    converted in the graph, where its gradient flows back through the conversion."""
+    if x.device.type != "cpu" or not _channels_last(x) or weight.dim() != 4 or _channels_last(weight):
+        return weight
+    if weight.requires_grad or torch.compiler.is_compiling():
+        return weight.contiguous(memory_format=torch.channels_last)
+    key = (id(weight), weight._version, weight.dtype)
+    cached = owner.__dict__.get("_fs_weight_channels_last")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().contiguous(memory_format=torch.channels_last))
+        owner.__dict__["_fs_weight_channels_last"] = cached
+    return cached[1]
+
+
+def conv2d_like_input(x: torch.Tensor, conv) -> torch.Tensor:
+    """``conv(x)`` for an ``nn.Conv2d``, with its weight in ``x``'s memory format. A module that
+    carries hooks (registered at any time) is called as a module, so they fire."""
+    if (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+            or _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks):
+        return conv(x)
+    return conv._conv_forward(x, weight_like_input(x, conv.weight, conv), conv.bias)

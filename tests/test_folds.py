@@ -367,3 +367,42 @@ def test_layout_threshold_resolution_and_global_switch(monkeypatch):
     model = _randomise_bn(resnet18()).eval()
     assert fuse.fuse_teacher(copy.deepcopy(model)).__dict__["_fs_conv_layouts"] == 0
     assert not any(n.target is fuse.conv_input_layout for n in fuse.fused_eval_view(model).graph.nodes)
+
+
+def test_weight_follows_a_channels_last_input_cached_while_frozen():
+    from fastsynth.layout import conv2d_like_input, weight_like_input
+
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert weight_like_input(x.contiguous(), conv.weight, conv) is conv.weight  # NCHW input: as is
+    # a trained weight: converted in the graph, its gradient flows back through the conversion
+    w_cl = weight_like_input(x, conv.weight, conv)
+    assert w_cl.is_contiguous(memory_format=torch.channels_last) and w_cl.grad_fn is not None
+    y = conv2d_like_input(x, conv)
+    (gw,) = torch.autograd.grad(y.sum(), conv.weight)
+    (gw_ref,) = torch.autograd.grad(conv(x.contiguous()).sum(), conv.weight)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-12, atol=1e-12)
+    # frozen: converted once and reused until the weight changes in place
+    conv.weight.requires_grad_(False)
+    a = weight_like_input(x, conv.weight, conv)
+    assert weight_like_input(x, conv.weight, conv) is a and a.grad_fn is None
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+    b = weight_like_input(x, conv.weight, conv)
+    assert b is not a
+    torch.testing.assert_close(b, conv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(conv2d_like_input(x, conv), conv(x.contiguous()), rtol=1e-12, atol=1e-12)
+    # hooks registered on the conv fire: it is then called as a module
+    calls = []
+    conv.register_forward_hook(lambda m, i, o: calls.append(1))
+    conv2d_like_input(x, conv)
+    assert calls == [1]
+
+
+def test_phase_kernels_channels_last_same_values():
+    from fastsynth.nn.upsample_conv import _phase_kernels
+
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    k, kc = _phase_kernels(w), _phase_kernels(w, channels_last=True)
+    torch.testing.assert_close(kc, k, rtol=0, atol=0)
+    assert all(kc[i].is_contiguous(memory_format=torch.channels_last) for i in range(4))
