@@ -34,7 +34,8 @@ class LargeBlockCache {
   void* take(size_t nbytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (size_t j = 0; j < free_.size(); ++j) {
+      // newest first: the block freed last is the likeliest to still be in the caches
+      for (size_t j = free_.size(); j-- > 0;) {
         if (free_[j].second == nbytes) {
           void* p = free_[j].first;
           free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(j));
