@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from .layout import conv2d_like_input, conv_input_layout, conv_output_layout, resolve_min_hw, weight_like_input
+from .layout import (conv2d_like_input, conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw,
+                     weight_like_input)
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
@@ -140,8 +141,7 @@ def add_relu(a, b):
 
 
 def _fake_add_relu(a, b):
-    fmt = torch.channels_last if (a.dim() == 4 and not a.is_contiguous()
-                                  and a.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(a) else torch.contiguous_format
     return torch.empty_like(a, memory_format=fmt)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.nn.modules import module as _module
 
 __all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw",
-           "weight_like_input"]
+           "weight_like_input", "is_channels_last"]
 
 # On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
 # input to a blocked layout and every output back (and the same for gradients in the backward);
@@ -59,7 +59,9 @@ def conv_output_layout(y, min_hw: int):
     return y
 
 
-def _channels_last(t: torch.Tensor) -> bool:
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor dense in channels_last and not also dense in NCHW (the layout the kernels'
+    channels_last paths take)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -70,7 +72,7 @@ def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Ten
     gradient (a frozen teacher or student, a folded BatchNorm) is converted once and kept on
     ``owner`` until it changes (same tensor, same version counter); a trained weight is
     converted in the graph, where its gradient flows back through the conversion."""
-    if x.device.type != "cpu" or not _channels_last(x) or weight.dim() != 4 or _channels_last(weight):
+    if x.device.type != "cpu" or not is_channels_last(x) or weight.dim() != 4 or is_channels_last(weight):
         return weight
     if weight.requires_grad or torch.compiler.is_compiling():
         return weight.contiguous(memory_format=torch.channels_last)

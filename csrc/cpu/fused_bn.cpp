@@ -473,35 +473,28 @@ inline void backward_segment(const scalar_t* gyp, const scalar_t* xp, int64_t xs
 
 // channels_last backward of `nrows` rows of C channels. NeedX=false: grad_x = grad_y * scale.
 // Otherwise the same per-element math as backward_segment_impl (bn_relu_grad, bn_grad_input),
-// with dgamma/dbeta partial sums per channel when wgrad.
-template <bool NeedX, bool Relu, bool Stats, typename scalar_t, typename acc_t>
+// with dgamma/dbeta partial sums per channel when WGrad.
+template <bool NeedX, bool Relu, bool Stats, bool WGrad, typename scalar_t, typename acc_t>
 inline void backward_cl_rows(const scalar_t* xb, const scalar_t* gyb, scalar_t* gxb, int64_t nrows, int64_t C,
                              const acc_t* scale, const acc_t* shift, const acc_t* mean, const acc_t* rm,
-                             const acc_t* c_mean, const acc_t* c_var, acc_t* sg, acc_t* sgx, bool wgrad = false) {
+                             const acc_t* c_mean, const acc_t* c_var, acc_t* sg, acc_t* sgx) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* xr = xb + r * C;
     const scalar_t* gr = gyb + r * C;
     scalar_t* gxr = gxb + r * C;
-    if (!NeedX) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) gxr[c] = static_cast<scalar_t>(acc_t(gr[c]) * scale[c]);
-    } else if (!wgrad) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
+      if constexpr (!NeedX) {
+        gxr[c] = static_cast<scalar_t>(acc_t(gr[c]) * scale[c]);
+      } else {
         const acc_t v = acc_t(xr[c]);
         const acc_t gp = bn_relu_grad<acc_t>(acc_t(gr[c]), v, scale[c], shift[c], Relu);
         gxr[c] = static_cast<scalar_t>(
             bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = acc_t(xr[c]);
-        const acc_t gp = bn_relu_grad<acc_t>(acc_t(gr[c]), v, scale[c], shift[c], Relu);
-        gxr[c] = static_cast<scalar_t>(
-            bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats));
-        sg[c] += gp;
-        sgx[c] += gp * (v - rm[c]);
+        if constexpr (WGrad) {
+          sg[c] += gp;
+          sgx[c] += gp * (v - rm[c]);
+        }
       }
     }
   }
@@ -628,16 +621,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
           // the flags are template arguments so each variant is one branch-free `omp simd` loop
           // over the channels of a row (contiguous in channels_last)
           if (!need_x)
-            backward_cl_rows<false, false, false>(xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
-          else if (need_weight_grad)
-            dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
-              backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value>(
-                  xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx, true);
-            });
+            backward_cl_rows<false, false, false, false>(xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
           else
-            dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
-              backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value>(
-                  xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx, false);
+            dispatch_bool(need_weight_grad, [&](auto wgrad_c) {
+              dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
+                backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value, decltype(wgrad_c)::value>(
+                    xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
+              });
             });
         }
       });

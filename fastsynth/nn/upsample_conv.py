@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layout import conv_input_layout, conv_output_layout, resolve_min_hw
+from ..layout import conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw
 
 __all__ = ["upsample2x_conv3x3", "UpsampleConvSequential"]
 
@@ -81,7 +81,7 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"upsample2x_conv3x3: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[2:] != (3, 3) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"upsample2x_conv3x3: weight must be [O, {x.shape[1]}, 3, 3], got shape {tuple(weight.shape)}")
-    cl = _channels_last(x) and x.device.type == "cpu"
+    cl = is_channels_last(x) and x.device.type == "cpu"
     kernels = _phase_kernels(weight, channels_last=cl)
     outs = []
     for k, (p, q) in zip(kernels, _PHASES):
@@ -121,10 +121,6 @@ class _InterleaveChannelsLast(torch.autograd.Function):
         slots = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n, h, 2, w, 2, o)
         return tuple(slots[:, :, p, :, q, :].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
                      for p, q in _PHASES)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _is_nearest_2x(m: nn.Module) -> bool:
