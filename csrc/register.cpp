@@ -80,6 +80,12 @@ TORCH_LIBRARY(fastsynth, m) {
   // ops, which compile=True fuses). Its backward is the ReLU's, threshold_backward(grad, out, 0).
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // ---- end residual join ----
+
+  // ---- frozen-weight 3x3 convolution (fastsynth/winograd.py) ----
+  // conv2d(x, w, bias, stride 1, padding 1) by Winograd F(2x2, 3x3) with u = G w G^T laid out
+  // (16, C, K), computed once per weight by the caller. CPU, float32/float64; output channels_last.
+  m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias) -> Tensor");
+  // ---- end frozen-weight 3x3 convolution ----
 }
 
 namespace {

@@ -40,12 +40,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from .layout import (conv2d_like_input, conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw,
+from .layout import (conv2d_like_input, has_hooks, conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw,
                      weight_like_input)
 from .ops.fused_bn import fused_bn
+from .winograd import _is_winograd_shape, frozen_conv3x3
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "conv_input_layout",
+           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "laid_out_conv", "conv_input_layout",
            "conv_output_layout"]
 
 
@@ -281,36 +282,62 @@ def _fold_conv_bns(graph: fx.Graph, modules: dict, root: dict) -> int:
 # ---------------------------------------------------------------------------------------------
 # convolution input layout by map size (CPU)
 
-def _layout_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> int:
-    """Route the input of every Conv2d / ConvBNFold call of ``graph`` through
-    ``conv_input_layout`` and its output through ``conv_output_layout``; returns how many
-    convolutions."""
-    if not min_hw or min_hw <= 0:
-        return 0
-    n = 0
+def laid_out_conv(x: torch.Tensor, conv: nn.Module, min_hw: int, relu: bool = False) -> torch.Tensor:
+    """One convolution of a fused graph (an ``nn.Conv2d`` without hooks, or a ``ConvBNFold``):
+    by Winograd F(2x2, 3x3) when it applies (``fastsynth.winograd``: CPU float32, frozen 3x3
+    stride-1 weights, enough channels; its output is channels_last), else the module's own
+    convolution with its input in ``conv_input_layout`` and its output in ``conv_output_layout``
+    (``min_hw`` 0: layouts untouched). ``relu`` (ConvBNFold only) applies a ReLU in place."""
+    if isinstance(conv, ConvBNFold):
+        if not torch.compiler.is_compiling():
+            conv.refresh()
+        y = frozen_conv3x3(x, conv.conv, conv.weight, conv.bias, conv)
+        if y is None:
+            return conv_output_layout(conv(conv_input_layout(x, min_hw), relu=relu), min_hw)
+        return torch.relu_(y) if relu else y
+    y = None if has_hooks(conv) else frozen_conv3x3(x, conv, conv.weight, conv.bias, conv)
+    if y is None:  # conv2d_like_input calls a hooked module as a module
+        y = conv_output_layout(conv2d_like_input(conv_input_layout(x, min_hw), conv), min_hw)
+    return y
+
+
+def _layout_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> tuple[int, int]:
+    """Route every Conv2d / ConvBNFold call of ``graph`` through ``laid_out_conv`` (Winograd where
+    it applies, CPU input/output layouts by map size otherwise). With layouts off (``min_hw`` 0)
+    only the convolutions the Winograd path can serve are routed. A Conv2d with hooks (or extra
+    arguments) keeps its call and gets the layouts around it. Returns (convolutions given
+    layouts, convolutions routed through ``laid_out_conv``)."""
+    n = routed = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(module_of.get(node.target), (nn.Conv2d, ConvBNFold)):
             continue
         if not node.args or not isinstance(node.args[0], fx.Node):
             continue
+        conv = module_of[node.target]
+        plain = type(conv) is ConvBNFold or (
+            type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks))
+        extra_args = len(node.args) != 1 or any(k != "relu" for k in node.kwargs)
+        geometry = conv.conv if type(conv) is ConvBNFold else conv
+        if plain and not extra_args and (min_hw > 0 or _is_winograd_shape(geometry)):
+            with graph.inserting_before(node):
+                mod = graph.get_attr(node.target)
+                call = graph.call_function(laid_out_conv, (node.args[0], mod, int(min_hw)),
+                                           {"relu": True} if node.kwargs.get("relu") else {})
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+            n += min_hw > 0
+            routed += 1
+            continue
+        if min_hw <= 0:
+            continue
         with graph.inserting_before(node):
             lay = graph.call_function(conv_input_layout, (node.args[0], int(min_hw)))
         node.args = (lay,) + tuple(node.args[1:])
-        conv = module_of[node.target]
-        if type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks) \
-                and len(node.args) == 1 and not node.kwargs:
-            # the conv's weight follows the input's layout (kept converted while frozen)
-            with graph.inserting_before(node):
-                mod = graph.get_attr(node.target)
-                call = graph.call_function(conv2d_like_input, (lay, mod))
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
-            node = call
         with graph.inserting_after(node):
             out = graph.call_function(conv_output_layout, (node, int(min_hw)))
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
         n += 1
-    return n
+    return n, routed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +409,8 @@ def _fuse_relus(teacher: nn.Module, channels_last_min_hw: int = 0) -> int:
     modules = dict(teacher.named_modules())
     folded = _fold_bn_relus(graph, modules, modules)
     add_relus = _fold_add_relus(graph, modules)
-    laid_out = _layout_convs(graph, modules, channels_last_min_hw)
-    if folded == 0 and add_relus == 0 and laid_out == 0:
+    laid_out, routed = _layout_convs(graph, modules, channels_last_min_hw)
+    if folded == 0 and add_relus == 0 and laid_out == 0 and routed == 0:
         return 0
     graph.lint()
     traced_forward = type(fx.GraphModule(teacher, graph)).forward  # generated code, resolves self.<path>
@@ -399,6 +426,7 @@ def _fuse_relus(teacher: nn.Module, channels_last_min_hw: int = 0) -> int:
     teacher.__dict__["_fs_relus_folded"] = folded
     teacher.__dict__["_fs_add_relus"] = add_relus
     teacher.__dict__["_fs_conv_layouts"] = laid_out
+    teacher.__dict__["_fs_conv_routed"] = routed
     return folded
 
 
@@ -451,6 +479,7 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         teacher.__dict__.pop("_fs_relus_folded", None)
         teacher.__dict__.pop("_fs_add_relus", None)
         teacher.__dict__.pop("_fs_conv_layouts", None)
+        teacher.__dict__.pop("_fs_conv_routed", None)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:

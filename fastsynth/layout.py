@@ -84,10 +84,16 @@ def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Ten
     return cached[1]
 
 
+def has_hooks(module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones, registered at any time)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks)
+
+
 def conv2d_like_input(x: torch.Tensor, conv) -> torch.Tensor:
     """``conv(x)`` for an ``nn.Conv2d``, with its weight in ``x``'s memory format. A module that
     carries hooks (registered at any time) is called as a module, so they fire."""
-    if (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks):
+    if has_hooks(conv):
         return conv(x)
     return conv._conv_forward(x, weight_like_input(x, conv.weight, conv), conv.bias)

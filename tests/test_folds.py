@@ -347,12 +347,13 @@ def test_teacher_graph_lays_out_convolution_inputs_by_size():
 def test_student_view_lays_out_convolution_inputs_by_size():
     model = _randomise_bn(resnet18()).double().eval()
     view = fuse.fused_eval_view(model)
-    layouts = [n for n in view.graph.nodes if n.target is fuse.conv_input_layout]
+    layouts = [n for n in view.graph.nodes if n.target is fuse.laid_out_conv and n.args[2] > 0]
     assert len(layouts) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
     off = fuse.fused_eval_view(model, channels_last_min_hw=0)
     assert not any(n.target is fuse.conv_input_layout for n in off.graph.nodes)
+    assert all(n.args[2] == 0 for n in off.graph.nodes if n.target is fuse.laid_out_conv)
 
 
 def test_layout_threshold_resolution_and_global_switch(monkeypatch):
@@ -366,7 +367,9 @@ def test_layout_threshold_resolution_and_global_switch(monkeypatch):
     monkeypatch.setattr(layout, "CPU_CHANNELS_LAST_MIN_HW", 0)
     model = _randomise_bn(resnet18()).eval()
     assert fuse.fuse_teacher(copy.deepcopy(model)).__dict__["_fs_conv_layouts"] == 0
-    assert not any(n.target is fuse.conv_input_layout for n in fuse.fused_eval_view(model).graph.nodes)
+    view = fuse.fused_eval_view(model)
+    assert not any(n.target is fuse.conv_input_layout for n in view.graph.nodes)
+    assert all(n.args[2] == 0 for n in view.graph.nodes if n.target is fuse.laid_out_conv)
 
 
 def test_weight_follows_a_channels_last_input_cached_while_frozen():
