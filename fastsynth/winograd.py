@@ -14,8 +14,8 @@ until the weight changes (same tensor, same version counter). The transforms' co
 sums only: measured 6-7e-7 relative to the largest output against 1-3e-6 for oneDNN's direct
 convolution, both against float64 (docs/PERFORMANCE.md, "Sixth pass").
 
-Used for: CPU float32 inputs outside autocast and outside torch.compile (whose graph keeps
-oneDNN's convolution), weights that need no gradient, 3x3 kernels with stride 1, padding 1,
+Used for: CPU float32 inputs outside autocast, weights that need no gradient (inside
+torch.compile only for weights transformed beforehand by ``prepare_winograd``), 3x3 kernels with stride 1, padding 1,
 dilation 1, one group and zero padding, and both channel counts at least
 ``CPU_WINOGRAD_MIN_CHANNELS`` (measured faster from 128 channels on; at 64 it is a wash).
 Set ``fastsynth.winograd.CPU_WINOGRAD_MIN_CHANNELS = 0`` to turn it off. The output is
@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import _ext
 
 __all__ = ["CPU_WINOGRAD_MIN_CHANNELS", "winograd_weight", "winograd_conv3x3", "winograd_applies",
-           "frozen_conv3x3"]
+           "frozen_conv3x3", "prepare_winograd"]
 
 # Both channel counts at least this: oneDNN's direct convolution against this one, b64,
 # forward (the input gradient is the same computation): 64 ch x 32 x 32 24 vs 23 ms, 128 x 16 x 16
@@ -96,12 +96,23 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _transformed(weight: torch.Tensor, owner: nn.Module | None):
+    """(U, U of the input gradient) for ``weight``, kept on ``owner`` while the weight is the same
+    tensor at the same version. A stale pair of the same shape is overwritten in place, so a
+    compiled graph that holds the tensors reads the new values."""
+    if owner is None:
+        return winograd_weight(weight), winograd_weight(_input_grad_weight(weight))
+    if torch.compiler.is_compiling():  # prepared eagerly (prepare_winograd); no version checks in a graph
+        cached = owner.__dict__["_fs_winograd"]
+        return cached[1], cached[2]
     key = (id(weight), weight._version, weight.dtype, tuple(weight.shape))
-    cached = owner.__dict__.get("_fs_winograd") if owner is not None else None
+    cached = owner.__dict__.get("_fs_winograd")
     if cached is None or cached[0] != key:
-        cached = (key, winograd_weight(weight), winograd_weight(_input_grad_weight(weight)))
-        if owner is not None:
-            owner.__dict__["_fs_winograd"] = cached
+        u, u_t = winograd_weight(weight), winograd_weight(_input_grad_weight(weight))
+        if cached is not None and cached[1].shape == u.shape and cached[1].dtype == u.dtype:
+            cached[1].copy_(u)
+            cached[2].copy_(u_t)
+            u, u_t = cached[1], cached[2]
+        owner.__dict__["_fs_winograd"] = cached = (key, u, u_t)
     return cached[1], cached[2]
 
 
@@ -110,24 +121,59 @@ def _is_winograd_shape(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor) -> bool:
-    """Whether ``conv`` (its geometry) with ``weight`` on input ``x`` takes the Winograd path now."""
+def _weight_applies(conv: nn.Conv2d, weight: torch.Tensor) -> bool:
     min_ch = CPU_WINOGRAD_MIN_CHANNELS
-    return (bool(min_ch) and _ext.has_extension() and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 4 and weight.dtype == torch.float32 and not weight.requires_grad
-            and min(conv.in_channels, conv.out_channels) >= min_ch and _is_winograd_shape(conv)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    return (bool(min_ch) and _ext.has_extension() and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and not weight.requires_grad and min(conv.in_channels, conv.out_channels) >= min_ch
+            and _is_winograd_shape(conv))
+
+
+def winograd_applies(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, owner: nn.Module | None = None) -> bool:
+    """Whether ``conv`` (its geometry) with ``weight`` on input ``x`` takes the Winograd path now.
+    Inside torch.compile only where ``prepare_winograd`` transformed the weight beforehand."""
+    if torch.compiler.is_compiling() and (owner is None or "_fs_winograd" not in owner.__dict__):
+        return False
+    return (_weight_applies(conv, weight) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def frozen_conv3x3(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
                    owner: nn.Module):
     """``conv``'s convolution of ``x`` with ``weight``/``bias`` by the Winograd path when it applies
     (``winograd_applies``), else None (the caller runs its usual convolution)."""
-    if not winograd_applies(x, conv, weight):
+    if not winograd_applies(x, conv, weight, owner):
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
+    if torch.compiler.is_compiling():  # checked eagerly by prepare_winograd
+        u, u_t = _transformed(weight, owner)
+        return _WinogradConv3x3.apply(x, u, u_t, bias)
     return winograd_conv3x3(x, weight, bias, owner)
+
+
+def prepare_winograd(model: nn.Module) -> int:
+    """Transform (or re-transform, in place, when they changed) the weights of every convolution in
+    ``model`` that the Winograd path serves (``nn.Conv2d`` and ``fuse.ConvBNFold``), so that a
+    torch.compile'd forward, which cannot check version counters, takes the path too. Call it
+    eagerly before each compiled run in which the weights may have changed (the synthesizers do,
+    each round). Returns how many convolutions are prepared."""
+    from .fuse import ConvBNFold
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ConvBNFold):
+            m.refresh()
+            conv, weight = m.conv, m.weight
+        elif type(m) is nn.Conv2d:
+            conv, weight = m, m.weight
+        else:
+            continue
+        if _weight_applies(conv, weight):
+            _transformed(weight, m)
+            n += 1
+        else:
+            m.__dict__.pop("_fs_winograd", None)  # no longer served: the compiled graph must not take it
+    return n
 
 
 def _fake_winograd_conv3x3(x, u, bias):

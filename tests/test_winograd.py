@@ -207,3 +207,44 @@ def test_transformed_weights_follow_in_place_changes():
     conv.weight.mul_(-2.0)  # a new version: the cached transform is rebuilt
     y1 = winograd.winograd_conv3x3(x, conv.weight, conv.bias, owner=conv)
     torch.testing.assert_close(y1, conv(x), rtol=1e-12, atol=1e-12)
+
+
+def _compiled_conv2d_calls(model, x):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(model, fullgraph=True, dynamic=False, backend=counter)(x)
+    return sum("conv2d" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+def test_compiled_forward_takes_the_prepared_path(monkeypatch):
+    """Inside torch.compile the path needs the weights transformed beforehand (prepare_winograd,
+    which the synthesizers call each round); then the compiled graph calls it and its results and
+    gradients match oneDNN's."""
+    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 16)
+    model = fuse.fuse_teacher(copy.deepcopy(_randomised(16)))
+    x = torch.randn(3, 16, 9, 9, requires_grad=True)
+    # not prepared: all three convolutions stay oneDNN's in the graph
+    assert _compiled_conv2d_calls(model, x) == 3
+    assert winograd.prepare_winograd(model) == 2
+    assert _compiled_conv2d_calls(model, x) == 1  # only the stride-2 one
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    y0 = model(x)
+    (g0,) = torch.autograd.grad(y0.square().sum(), x)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, g0, rtol=1e-5, atol=1e-6)
+    # a weight changed in place is re-transformed in place by the next prepare: the compiled
+    # graph (no recompilation) reads the new values
+    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 16)
+    with torch.no_grad():
+        model.conv1.weight.mul_(0.5)
+    winograd.prepare_winograd(model)
+    y1 = compiled(x)
+    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    torch.testing.assert_close(y1, model(x), rtol=1e-5, atol=1e-6)
+    assert (y1 - y).abs().max() > 1e-3

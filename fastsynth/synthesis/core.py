@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import fuse as _fuse
 from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
 from ..ops.logit_losses import synthesis_logit_loss
+from ..winograd import prepare_winograd
 from .augment import Augment
 from .base import BaseSynthesis
 from .pool import DataPool
@@ -330,6 +331,12 @@ class SynthCore(BaseSynthesis):
         self.capture.activate()
         try:
             with frozen(self.teacher, self.student):
+                if self.compile and self.device.type == "cpu":
+                    # transformed 3x3 weights for the Winograd path, made here because a compiled
+                    # step cannot check whether they changed (the student trains between rounds)
+                    prepare_winograd(self.teacher)
+                    if self._student_fwd is not None:
+                        prepare_winograd(self._student_fwd)
                 yield
         finally:
             self.capture.deactivate()
