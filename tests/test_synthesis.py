@@ -396,9 +396,19 @@ def test_cuda_graph_on_cpu_warns_and_runs_eagerly():
     assert fm.synthesize()[0]["synthetic"].shape == (8, 3, IMG, IMG)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("winograd_min_channels", [None, 1])
+def test_compile_fullgraph_matches_eager(winograd_min_channels, monkeypatch):
     """The forward/loss of the inner step traces as ONE graph (fullgraph=True, no breaks); the
-    aot_eager backend keeps the test fast (inductor code generation is what compile=True adds)."""
+    aot_eager backend keeps the test fast (inductor code generation is what compile=True adds).
+    With the Winograd threshold lowered the small models' 3x3 convolutions take that path, in
+    the eager step and (weights prepared each round) in the compiled one."""
+    from fastsynth import winograd
+    from fastsynth.synthesis import core
+
+    prepared = []
+    if winograd_min_channels is not None:
+        monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", winograd_min_channels)
+        monkeypatch.setattr(core, "prepare_winograd", lambda m: prepared.append(winograd.prepare_winograd(m)))
     t, s = pair()
     g = fast_gen()
     norm = Normalizer(*NORM)
@@ -413,6 +423,8 @@ def test_compile_fullgraph_matches_eager():
     a = torch.stack(eager.loss_log)
     b = torch.stack(comp.loss_log)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if winograd_min_channels is not None:  # teacher and student view, each of the two rounds
+        assert len(prepared) == 4 and min(prepared) > 0, prepared
 
 
 @pytest.mark.parametrize("compile_arg,expected", [

@@ -35,6 +35,7 @@ REGISTRY: dict[str, str] = {
     "logit_losses": "fastsynth.bench.logit_losses",
     "noisy_layers": "fastsynth.bench.noisy_layers",
     "fused_teacher": "fastsynth.bench.fused_teacher",
+    "winograd": "fastsynth.bench.winograd",
     "synthesis": "fastsynth.bench.synthesis",
 }
 
