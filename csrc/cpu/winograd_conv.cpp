@@ -29,6 +29,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -63,12 +64,29 @@ using FortranGemm = void (*)(const char*, const char*, const int*, const int*, c
 template <typename scalar_t>
 FortranGemm<scalar_t> fortran_gemm() {
   static const FortranGemm<scalar_t> fn = []() -> FortranGemm<scalar_t> {
+    if (const char* off = std::getenv("FASTSYNTH_WINOGRAD_ATEN_MM"); off != nullptr && off[0] == '1') {
+      return nullptr;  // the portable path, on request (tests run it this way)
+    }
     // the library that holds ATen's CPU kernels (it is loaded privately, so RTLD_DEFAULT misses it)
     Dl_info info{};
     if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm_out::call), &info) || info.dli_fname == nullptr) return nullptr;
     void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
     if (lib == nullptr) return nullptr;
-    return reinterpret_cast<FortranGemm<scalar_t>>(dlsym(lib, std::is_same_v<scalar_t, float> ? "sgemm_" : "dgemm_"));
+    const auto found =
+        reinterpret_cast<FortranGemm<scalar_t>>(dlsym(lib, std::is_same_v<scalar_t, float> ? "sgemm_" : "dgemm_"));
+    if (found == nullptr) return nullptr;
+    // A BLAS built with 64-bit integers exports the same name; it would misread these int32
+    // arguments. Check one small product before trusting it (2x2 @ 2x3, column-major).
+    const scalar_t a[4] = {1, 2, 3, 4}, b[6] = {5, 6, 7, 8, 9, 10};
+    scalar_t c[6] = {-1, -1, -1, -1, -1, -1};
+    const int m = 2, n = 3, k = 2, lda = 2, ldb = 2, ldc = 2;
+    const scalar_t one = 1, zero = 0;
+    found("N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc);
+    const scalar_t want[6] = {23, 34, 31, 46, 39, 58};
+    for (int i = 0; i < 6; ++i) {
+      if (c[i] != want[i]) return nullptr;
+    }
+    return found;
   }();
   return fn;
 }
