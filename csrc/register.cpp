@@ -83,8 +83,10 @@ TORCH_LIBRARY(fastsynth, m) {
 
   // ---- frozen-weight 3x3 convolution (fastsynth/winograd.py) ----
   // conv2d(x, w, bias, stride 1, padding 1) by Winograd F(2x2, 3x3) with u = G w G^T laid out
-  // (16, C, K), computed once per weight by the caller. CPU, float32/float64; output channels_last.
-  m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias) -> Tensor");
+  // (16, C, K), computed once per weight by the caller. input_grad: the same u gives the input
+  // gradient, conv2d(x, w.transpose(0, 1).flip(-1, -2), padding=1). CPU, float32/float64; output
+  // channels_last.
+  m.def("winograd_conv3x3(Tensor x, Tensor u, Tensor? bias, bool input_grad=False) -> Tensor");
   // ---- end frozen-weight 3x3 convolution ----
 }
 

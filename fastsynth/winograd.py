@@ -9,7 +9,8 @@ input/output channels swapped), so both directions run as
 
 16 multiply-adds per channel pair and tile instead of the direct method's 36 (2.25x fewer; the
 sums over channels are 16 GEMMs). ``U = G g G^T`` is computed once per weight in float64 and kept
-until the weight changes (same tensor, same version counter). The transforms' coefficients are
+until the weight changes (same tensor, same version counter); the input gradient reads the same
+U (the flipped kernel's transform is U with its 16 positions permuted and channels transposed). The transforms' coefficients are
 0, +-1 and 1/2, so float32 results differ from the direct convolution by the rounding of the
 sums only: measured 6-7e-7 relative to the largest output against 1-3e-6 for oneDNN's direct
 convolution, both against float64 (docs/PERFORMANCE.md, "Sixth pass").
@@ -50,29 +51,26 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def _input_grad_weight(weight: torch.Tensor) -> torch.Tensor:
-    # grad_x = conv2d(grad_y, w'), w'[c, k] = w[k, c] flipped in both spatial dimensions
-    return weight.detach().transpose(0, 1).flip(-1, -2)
-
-
 class _WinogradConv3x3(torch.autograd.Function):
     """y = conv2d(x, w, bias, padding=1) from the transformed weights; the weights are frozen, so
-    the backward returns the input gradient only (and the bias's, when it needs one)."""
+    the backward returns the input gradient only (and the bias's, when it needs one). The input
+    gradient reads the same U (``input_grad=True``: the flipped kernel's transform is a
+    permutation of U's 16 positions with the channels transposed)."""
 
     @staticmethod
-    def forward(ctx, x, u, u_input_grad, bias):
-        ctx.save_for_backward(u_input_grad)
+    def forward(ctx, x, u, bias):
+        ctx.save_for_backward(u)
         ctx.bias_grad = bias is not None and bias.requires_grad
         return torch.ops.fastsynth.winograd_conv3x3(x, u, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (u_input_grad,) = ctx.saved_tensors
+        (u,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.fastsynth.winograd_conv3x3(grad_y, u_input_grad, None)
+            grad_x = torch.ops.fastsynth.winograd_conv3x3(grad_y, u, None, True)
         grad_bias = grad_y.sum((0, 2, 3)) if ctx.bias_grad else None
-        return grad_x, None, None, grad_bias
+        return grad_x, None, grad_bias
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -91,29 +89,25 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"winograd_conv3x3: bias must be ({weight.shape[0]},) of dtype {x.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
-    u, u_t = _transformed(weight, owner)
-    return _WinogradConv3x3.apply(x, u, u_t, bias)
+    return _WinogradConv3x3.apply(x, _transformed(weight, owner), bias)
 
 
-def _transformed(weight: torch.Tensor, owner: nn.Module | None):
-    """(U, U of the input gradient) for ``weight``, kept on ``owner`` while the weight is the same
-    tensor at the same version. A stale pair of the same shape is overwritten in place, so a
-    compiled graph that holds the tensors reads the new values."""
+def _transformed(weight: torch.Tensor, owner: nn.Module | None) -> torch.Tensor:
+    """U of ``weight``, kept on ``owner`` while the weight is the same tensor at the same version
+    (16/9 of the weight's memory). A stale U of the same shape is overwritten in place, so a
+    compiled graph that holds the tensor reads the new values."""
     if owner is None:
-        return winograd_weight(weight), winograd_weight(_input_grad_weight(weight))
+        return winograd_weight(weight)
     if torch.compiler.is_compiling():  # prepared eagerly (prepare_winograd); no version checks in a graph
-        cached = owner.__dict__["_fs_winograd"]
-        return cached[1], cached[2]
+        return owner.__dict__["_fs_winograd"][1]
     key = (id(weight), weight._version, weight.dtype, tuple(weight.shape))
     cached = owner.__dict__.get("_fs_winograd")
     if cached is None or cached[0] != key:
-        u, u_t = winograd_weight(weight), winograd_weight(_input_grad_weight(weight))
+        u = winograd_weight(weight)
         if cached is not None and cached[1].shape == u.shape and cached[1].dtype == u.dtype:
-            cached[1].copy_(u)
-            cached[2].copy_(u_t)
-            u, u_t = cached[1], cached[2]
-        owner.__dict__["_fs_winograd"] = cached = (key, u, u_t)
-    return cached[1], cached[2]
+            u = cached[1].copy_(u)
+        owner.__dict__["_fs_winograd"] = cached = (key, u)
+    return cached[1]
 
 
 def _is_winograd_shape(conv: nn.Conv2d) -> bool:
@@ -146,8 +140,7 @@ def frozen_conv3x3(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias:
     if bias is not None and bias.dtype != torch.float32:
         return None
     if torch.compiler.is_compiling():  # checked eagerly by prepare_winograd
-        u, u_t = _transformed(weight, owner)
-        return _WinogradConv3x3.apply(x, u, u_t, bias)
+        return _WinogradConv3x3.apply(x, _transformed(weight, owner), bias)
     return winograd_conv3x3(x, weight, bias, owner)
 
 
@@ -176,9 +169,9 @@ def prepare_winograd(model: nn.Module) -> int:
     return n
 
 
-def _fake_winograd_conv3x3(x, u, bias):
-    return x.new_empty((x.shape[0], u.shape[2], x.shape[2], x.shape[3])).contiguous(
-        memory_format=torch.channels_last)
+def _fake_winograd_conv3x3(x, u, bias, input_grad=False):
+    k = u.shape[1] if input_grad else u.shape[2]
+    return x.new_empty((x.shape[0], k, x.shape[2], x.shape[3])).contiguous(memory_format=torch.channels_last)
 
 
 if _ext.has_extension():

@@ -37,6 +37,18 @@ def test_float64_matches_direct_convolution(shape, with_bias):
     torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float64_input_gradient_mode_is_the_flipped_transposed_convolution(shape):
+    """input_grad=True with the forward's U: conv2d(g, w.transpose(0, 1).flip(-1, -2), padding=1)."""
+    n, c, h, w_, k = shape
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    grad_y = torch.randn(n, k, h, w_, dtype=torch.float64, generator=g)
+    w = torch.randn(k, c, 3, 3, dtype=torch.float64, generator=g)
+    got = torch.ops.fastsynth.winograd_conv3x3(grad_y, winograd.winograd_weight(w), None, True)
+    ref = F.conv2d(grad_y, w.transpose(0, 1).flip(-1, -2), padding=1)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_any_input_layout(layout):
     g = torch.Generator().manual_seed(3)
@@ -104,6 +116,8 @@ def test_bad_input_is_refused_with_the_argument_named():
         op(x.half(), torch.randn(16, 4, 3).half(), None)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         op(x, torch.randn(16, 4, 3), torch.randn(2))
+    with pytest.raises(RuntimeError, match="u has 3 input channels \\(input_grad"):
+        op(x, torch.randn(16, 4, 3), None, True)
 
 
 def test_empty_batch_and_no_input_channels():
@@ -127,6 +141,9 @@ def test_opcheck_schema_and_fake():
     x = torch.randn(2, 5, 6, 7)
     u = winograd.winograd_weight(torch.randn(3, 5, 3, 3))
     torch.library.opcheck(torch.ops.fastsynth.winograd_conv3x3, (x, u, torch.randn(3)),
+                          test_utils=("test_schema", "test_faketensor"))
+    grad_y = torch.randn(2, 3, 6, 7)
+    torch.library.opcheck(torch.ops.fastsynth.winograd_conv3x3, (grad_y, u, None, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 

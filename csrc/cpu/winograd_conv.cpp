@@ -14,14 +14,15 @@
 // 36 for the direct convolution: 2.25x fewer. The transforms are additions only. U is computed
 // once per weight in float64 by the caller (weights are frozen) and passed in.
 //
-// Work is split into blocks of tiles. Each thread transforms a block of input into V (in its
-// cache), runs the 16 GEMMs of that block (single-threaded BLAS inside the parallel region) and
-// transforms M straight into the output, so the only passes over memory are reading the input
-// once and writing the output once. The input is read channels_last (a tile position's channels
-// are contiguous, so the transforms run down the channels in SIMD lanes) and the output is
-// written channels_last.
+// Two schedules (winograd_loop). Many tiles, small C x K (early layers): each thread takes a
+// block of tiles, transforms it into V (in its cache), runs the block's 16 GEMMs (single-threaded
+// BLAS inside the parallel region) and transforms M straight into the output, so the maps are
+// read once and written once. Few tiles, large C x K (deep layers): all tiles are transformed
+// at once and the 16 GEMMs split across the threads, so the BLAS packs each U[a] once per call.
+// The input is read channels_last (a tile position's channels are contiguous, so the transforms
+// run down the channels in SIMD lanes) and the output is written channels_last.
 //
-// Accuracy: the transforms have coefficients 1 and 1/2 (exact), so the float32 result differs
+// Accuracy: the transform coefficients are 0, +-1 and 1/2 (exact), so the float32 result differs
 // from the direct convolution by rounding in the sums only; tests bound it against float64.
 #include <ATen/Parallel.h>
 #include <ATen/ops/mm.h>
@@ -98,26 +99,29 @@ bool winograd_has_blas() { return fortran_gemm<float>() != nullptr; }
 namespace {
 
 template <typename scalar_t>
-void gemm_nn(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
-             scalar_t* c, int64_t ldc) {
+void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
+          int64_t ldb, scalar_t* c, int64_t ldc) {
+  // C (m x n) = op(A) (m x k) @ B (k x n), column-major; op(A) = A, or A^T for A stored k x m
   if (const auto fn = fortran_gemm<scalar_t>()) {
     const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
     const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
     const scalar_t one = 1, zero = 0;
-    fn("N", "N", &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
+    fn(trans_a ? "T" : "N", "N", &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
     return;
   }
-  // row-major view: C^T (n x m) = B^T (n x k) @ A^T (k x m)
+  // row-major views: C^T (n x m) = B^T (n x k) @ op(A)^T (k x m)
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const at::Tensor at_ = at::from_blob(const_cast<scalar_t*>(a), {k, m}, {lda, 1}, opts);
+  const at::Tensor at_ = trans_a ? at::from_blob(const_cast<scalar_t*>(a), {k, m}, {1, lda}, opts)
+                                 : at::from_blob(const_cast<scalar_t*>(a), {k, m}, {lda, 1}, opts);
   const at::Tensor bt = at::from_blob(const_cast<scalar_t*>(b), {n, k}, {ldb, 1}, opts);
   at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
   at::mm_out(ct, bt, at_);
 }
 
 struct Geometry {
-  int64_t n, c, h, w, k;
+  int64_t n, c, h, w, k;              // x is (n, c, h, w), y is (n, k, h, w)
   int64_t tiles_h, tiles_w, tiles;  // tiles per image row / column, tiles in all
+  bool input_grad;                  // the transposed convolution of a forward's U (see gemm_position)
 };
 
 // The transforms run down the channels, 64 bytes of channels at a time, as GCC vector values
@@ -247,11 +251,23 @@ FS_WINO_CLONES void output_transform(const scalar_t* m, const scalar_t* bias, co
   }
 }
 
+// The input gradient's transformed weight from the forward's: with J the 3x3 flip, G J = Q G,
+// where Q swaps the rows 0 and 3 of G, so G (J g J) G^T = Q (G g G^T) Q: position (i, j) of the
+// flipped kernel's transform is position (q(i), q(j)) of the forward's, channels transposed.
+constexpr int kFlippedPosition[kPositions] = {15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0};
+
 template <typename scalar_t>
 void gemm_position(const scalar_t* u, const scalar_t* v, scalar_t* m, const Geometry& g, int64_t count, int a) {
   // row-major M[a] (count x K) = V[a] (count x C) @ U[a] (C x K); BLAS is column-major, so this is
-  // M^T = U^T V^T with the same buffers
-  gemm_nn<scalar_t>(g.k, count, g.c, u + a * g.c * g.k, g.k, v + a * count * g.c, g.c, m + a * count * g.k, g.k);
+  // M^T = U^T V^T with the same buffers. For the input gradient U is the forward's (K x C) at
+  // the flipped position, used transposed.
+  const scalar_t* va = v + a * count * g.c;
+  scalar_t* ma = m + a * count * g.k;
+  if (g.input_grad) {
+    gemm<scalar_t>(true, g.k, count, g.c, u + kFlippedPosition[a] * g.c * g.k, g.c, va, g.c, ma, g.k);
+  } else {
+    gemm<scalar_t>(false, g.k, count, g.c, u + a * g.c * g.k, g.k, va, g.c, ma, g.k);
+  }
 }
 
 template <typename scalar_t>
@@ -292,23 +308,29 @@ void winograd_loop(const scalar_t* x, const scalar_t* u, const scalar_t* bias, c
   });
 }
 
-at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias) {
+at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                                bool input_grad) {
   TORCH_CHECK(x.dim() == 4, "winograd_conv3x3: x must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(u.dim() == 3 && u.size(0) == kPositions,
               "winograd_conv3x3: u must be the transformed weight of shape (16, C, K), got ", u.sizes());
-  TORCH_CHECK(u.size(1) == x.size(1), "winograd_conv3x3: u has ", u.size(1), " input channels, x has ", x.size(1));
+  // forward: u is (16, C_in, C_out); input_grad: the same u of the forward, read (16, C_out, C_in)
+  const int64_t in_channels = input_grad ? u.size(2) : u.size(1);
+  const int64_t K = input_grad ? u.size(1) : u.size(2);
+  TORCH_CHECK(in_channels == x.size(1), "winograd_conv3x3: u has ", in_channels, " input channels",
+              input_grad ? " (input_grad: its third dimension)" : "", ", x has ", x.size(1));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "winograd_conv3x3: x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(u.scalar_type() == x.scalar_type(), "winograd_conv3x3: u must have x's dtype ", x.scalar_type(),
               ", got ", u.scalar_type());
   TORCH_CHECK(u.is_contiguous(), "winograd_conv3x3: u must be contiguous");
-  const int64_t K = u.size(2);
+  TORCH_CHECK(u.device().is_cpu(), "winograd_conv3x3: u must be on the CPU like x, got ", u.device());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K, "winograd_conv3x3: bias must have shape (", K, "), got ",
                 bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "winograd_conv3x3: bias must have x's dtype");
+    TORCH_CHECK(bias->device().is_cpu(), "winograd_conv3x3: bias must be on the CPU like x, got ", bias->device());
   }
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), K, 0, 0, 0};
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), K, 0, 0, 0, input_grad};
   at::Tensor y = empty_large({g.n, K, g.h, g.w}, x.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   if (g.c == 0) {  // an empty sum: the bias alone
