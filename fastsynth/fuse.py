@@ -480,6 +480,9 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         teacher.__dict__.pop("_fs_add_relus", None)
         teacher.__dict__.pop("_fs_conv_layouts", None)
         teacher.__dict__.pop("_fs_conv_routed", None)
+    for m in teacher.modules():  # cached per-convolution copies of the weights (layouts, Winograd)
+        m.__dict__.pop("_fs_winograd", None)
+        m.__dict__.pop("_fs_weight_channels_last", None)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:
