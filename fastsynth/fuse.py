@@ -40,14 +40,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ext
-from .layout import (conv2d_like_input, has_hooks, conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw,
-                     weight_like_input)
+from .layout import (conv2d_like_input, conv_input_layout, conv_output_layout, has_hooks, is_channels_last,
+                     resolve_min_hw, weight_like_input)
 from .ops.fused_bn import fused_bn
 from .winograd import _is_winograd_shape, frozen_conv3x3
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "laid_out_conv", "conv_input_layout",
-           "conv_output_layout"]
+           "fused_layers", "fused_eval_view", "refresh_folds", "ConvBNFold", "add_relu", "laid_out_conv",
+           "conv_input_layout", "conv_output_layout"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):

@@ -1,4 +1,4 @@
-"""3x3 convolutions with frozen weights on the CPU by Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.cpp).
+"""Frozen-weight 3x3 convolutions on the CPU by Winograd's F(2x2, 3x3) (csrc/cpu/winograd_conv.cpp).
 
 During synthesis the teacher's and the student's weights are frozen, so each of their
 convolutions needs its forward and its input gradient only. For a 3x3 convolution with stride 1
@@ -8,16 +8,18 @@ input/output channels swapped), so both directions run as
     y = A^T [ sum_c (G g_kc G^T) .* (B^T d_c B) ] A        per 2x2 output tile,
 
 16 multiply-adds per channel pair and tile instead of the direct method's 36 (2.25x fewer; the
-sums over channels are 16 GEMMs). ``U = G g G^T`` is computed once per weight in float64 and kept
-until the weight changes (same tensor, same version counter); the input gradient reads the same
-U (the flipped kernel's transform is U with its 16 positions permuted and channels transposed). The transforms' coefficients are
-0, +-1 and 1/2, so float32 results differ from the direct convolution by the rounding of the
-sums only: measured 6-7e-7 relative to the largest output against 1-3e-6 for oneDNN's direct
-convolution, both against float64 (docs/PERFORMANCE.md, "Sixth pass").
+sums over channels are 16 GEMMs). ``U = G g G^T`` is computed once per weight in float64 and
+kept until the weight changes (same tensor, same version counter); the input gradient reads the
+same U (the flipped kernel's transform is U with its 16 positions permuted and its channels
+transposed). The transforms' coefficients are 0, +-1 and 1/2, so float32 results differ from the
+direct convolution by the rounding of the sums only: measured 6-7e-7 relative to the largest
+output against 1-3e-6 for oneDNN's direct convolution, both against float64
+(docs/PERFORMANCE.md, "Sixth pass"). Non-finite inputs give non-finite outputs in the tiles they
+touch (NaN propagates; an inf may come out as NaN where the direct sum would keep the inf).
 
-Used for: CPU float32 inputs outside autocast, weights that need no gradient (inside
-torch.compile only for weights transformed beforehand by ``prepare_winograd``), 3x3 kernels with stride 1, padding 1,
-dilation 1, one group and zero padding, and both channel counts at least
+Used for: CPU float32 inputs outside autocast; weights that need no gradient (inside
+torch.compile only weights transformed beforehand by ``prepare_winograd``); 3x3 kernels with
+stride 1, padding 1, dilation 1, one group and zero padding; both channel counts at least
 ``CPU_WINOGRAD_MIN_CHANNELS`` (measured faster from 128 channels on; at 64 it is a wash).
 Set ``fastsynth.winograd.CPU_WINOGRAD_MIN_CHANNELS = 0`` to turn it off. The output is
 channels_last (its tiles are written channel-contiguous); any input layout is accepted.
