@@ -8,7 +8,7 @@ import torch
 from torch.nn.modules import module as _module
 
 __all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw",
-           "weight_like_input", "is_channels_last"]
+           "weight_like_input", "is_channels_last", "derived_from_frozen"]
 
 # On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
 # input to a blocked layout and every output back (and the same for gradients in the backward);
@@ -76,11 +76,23 @@ def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Ten
         return weight
     if weight.requires_grad or torch.compiler.is_compiling():
         return weight.contiguous(memory_format=torch.channels_last)
-    key = (id(weight), weight._version, weight.dtype)
-    cached = owner.__dict__.get("_fs_weight_channels_last")
+    return derived_from_frozen(owner, "_fs_weight_channels_last", weight,
+                               lambda w: w.detach().contiguous(memory_format=torch.channels_last))
+
+
+def derived_from_frozen(owner, name: str, weight: torch.Tensor, make, in_place: bool = False) -> torch.Tensor:
+    """``make(weight)``, kept in ``owner.__dict__[name]`` while ``weight`` is the same tensor at the
+    same version (frozen weights: made once, not every step). A stale value is replaced; with
+    ``in_place`` one of the same shape, dtype and strides is overwritten instead, so a compiled
+    graph holding it reads the new values."""
+    key = (id(weight), weight._version, weight.dtype, tuple(weight.shape))
+    cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
-        cached = (key, weight.detach().contiguous(memory_format=torch.channels_last))
-        owner.__dict__["_fs_weight_channels_last"] = cached
+        value = make(weight)
+        old = None if cached is None else cached[1]
+        if in_place and old is not None and old.shape == value.shape and old.dtype == value.dtype and old.stride() == value.stride():
+            value = old.copy_(value)
+        cached = owner.__dict__[name] = (key, value)
     return cached[1]
 
 

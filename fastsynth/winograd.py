@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import _ext
+from .layout import derived_from_frozen
 
 __all__ = ["CPU_WINOGRAD_MIN_CHANNELS", "winograd_weight", "winograd_conv3x3", "winograd_applies",
            "frozen_conv3x3", "prepare_winograd"]
@@ -95,21 +96,13 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _transformed(weight: torch.Tensor, owner: nn.Module | None) -> torch.Tensor:
-    """U of ``weight``, kept on ``owner`` while the weight is the same tensor at the same version
-    (16/9 of the weight's memory). A stale U of the same shape is overwritten in place, so a
-    compiled graph that holds the tensor reads the new values."""
+    """U of ``weight``, kept on ``owner`` while the weight is unchanged (16/9 of the weight's
+    memory; re-made in place, so a compiled graph holding it reads the new values)."""
     if owner is None:
         return winograd_weight(weight)
     if torch.compiler.is_compiling():  # prepared eagerly (prepare_winograd); no version checks in a graph
         return owner.__dict__["_fs_winograd"][1]
-    key = (id(weight), weight._version, weight.dtype, tuple(weight.shape))
-    cached = owner.__dict__.get("_fs_winograd")
-    if cached is None or cached[0] != key:
-        u = winograd_weight(weight)
-        if cached is not None and cached[1].shape == u.shape and cached[1].dtype == u.dtype:
-            u = cached[1].copy_(u)
-        owner.__dict__["_fs_winograd"] = cached = (key, u)
-    return cached[1]
+    return derived_from_frozen(owner, "_fs_winograd", weight, winograd_weight, in_place=True)
 
 
 def _is_winograd_shape(conv: nn.Conv2d) -> bool:
@@ -141,8 +134,6 @@ def frozen_conv3x3(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias:
         return None
     if bias is not None and bias.dtype != torch.float32:
         return None
-    if torch.compiler.is_compiling():  # checked eagerly by prepare_winograd
-        return _WinogradConv3x3.apply(x, _transformed(weight, owner), bias)
     return winograd_conv3x3(x, weight, bias, owner)
 
 

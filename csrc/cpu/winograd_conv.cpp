@@ -175,6 +175,17 @@ FS_WINO_INLINE void input_tile(const scalar_t* const* p, int64_t c, scalar_t* ou
   }
 }
 
+// Tile t (row-major over images, tile rows, tile columns): its image and its output's top-left
+// pixel.
+struct TileOrigin {
+  int64_t img, y, x;
+};
+FS_WINO_INLINE TileOrigin tile_origin(const Geometry& g, int64_t t) {
+  const int64_t per_image = g.tiles_h * g.tiles_w;
+  const int64_t rem = t % per_image;
+  return {t / per_image, (rem / g.tiles_w) * 2, (rem % g.tiles_w) * 2};
+}
+
 // V[a][i][0:C] for the tiles [t0, t0 + count) of a block (i = t - t0). `zeros` is C zeros, read
 // where a patch position falls in the padding.
 template <typename scalar_t>
@@ -185,11 +196,8 @@ FS_WINO_CLONES void input_transform(const scalar_t* x, const scalar_t* zeros, co
   const int64_t C = g.c;
   const int64_t plane = rows * C;  // stride between positions a in V (rows: tiles per plane)
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t img = t / (g.tiles_h * g.tiles_w);
-    const int64_t rem = t % (g.tiles_h * g.tiles_w);
-    const int64_t y0 = (rem / g.tiles_w) * 2 - 1;
-    const int64_t x0 = (rem % g.tiles_w) * 2 - 1;
+    const TileOrigin o = tile_origin(g, t0 + i);
+    const int64_t img = o.img, y0 = o.y - 1, x0 = o.x - 1;  // the patch starts in the padding row/column
     const scalar_t* p[kPositions];
     for (int r = 0; r < kAlpha; ++r) {
       for (int s = 0; s < kAlpha; ++s) {
@@ -205,8 +213,8 @@ FS_WINO_CLONES void input_transform(const scalar_t* x, const scalar_t* zeros, co
   }
 }
 
-// Y for one tile and the output channels [k, k + lanes): A^T M A + bias; `rows`/`cols` (1 or 2)
-// cut the tile at an odd bottom or right edge.
+// Y for one tile and the output channels [k, k + lanes): A^T M A + bias; without `row1` / `col1`
+// the tile is cut at an odd bottom / right edge (its second row / column is not written).
 template <typename T, typename scalar_t>
 FS_WINO_INLINE void output_tile(const scalar_t* in, int64_t plane, const scalar_t* bias, int64_t k, scalar_t* const* y,
                         bool row1, bool col1) {
@@ -233,11 +241,8 @@ FS_WINO_CLONES void output_transform(const scalar_t* m, const scalar_t* bias, co
   const int64_t K = g.k;
   const int64_t plane = rows * K;
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t img = t / (g.tiles_h * g.tiles_w);
-    const int64_t rem = t % (g.tiles_h * g.tiles_w);
-    const int64_t oy = (rem / g.tiles_w) * 2;
-    const int64_t ox = (rem % g.tiles_w) * 2;
+    const TileOrigin o = tile_origin(g, t0 + i);
+    const int64_t img = o.img, oy = o.y, ox = o.x;
     const bool row1 = oy + 1 < g.h, col1 = ox + 1 < g.w;  // odd H / W: the last tile is cut
     scalar_t* out[4];
     out[0] = y + ((img * g.h + oy) * g.w + ox) * K;
