@@ -19,7 +19,9 @@ import triton.language as tl
 # LSE). Tests lower it to exercise the multi-chunk path under the interpreter.
 MAX_BLOCK = 4096
 SUM_BLOCK = 256
-_NEG_BIG = -1.0e38  # finite "minus infinity" for the running maxima: keeps 0 * (m_new - m) at 0
+# Finite "minus infinity" for the running maxima: keeps 0 * (m_new - m) at 0. A tl.constexpr so the
+# compiler (not only the interpreter) accepts it inside @triton.jit code.
+_NEG_BIG = tl.constexpr(-1.0e38)
 
 
 @triton.jit
@@ -59,8 +61,8 @@ def _kl_rows_kernel(
         s_m = tl.where(valid, s, float("-inf"))
         ct = tl.max(t_m, axis=0)
         cs = tl.max(s_m, axis=0)
-        it = tl.argmax(t_m, axis=0, tie_break_left=True).to(tl.int32) + start
-        is_ = tl.argmax(s_m, axis=0, tie_break_left=True).to(tl.int32) + start
+        it = (tl.argmax(t_m, axis=0, tie_break_left=True) + start).to(tl.int32)
+        is_ = (tl.argmax(s_m, axis=0, tie_break_left=True) + start).to(tl.int32)
         at_i = tl.where(ct > at_v, it, at_i)
         at_v = tl.maximum(at_v, ct)
         as_i = tl.where(cs > as_v, is_, as_i)
