@@ -92,3 +92,36 @@ def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
     n, c = logits.shape
     loss = _ll._js(logits, targets, T, 0.01, 0.99, _row_scale(reduction, n, c), backend)
     return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generative methods' criteria (DAFL / DFQ): upstream ``cross_entropy``, ``onehot_loss``,
+# ``class_balance_loss`` with the same signatures and results.
+
+def cross_entropy(logits, targets, reduction="mean"):
+    """``F.cross_entropy(logits, targets, reduction=reduction)`` (upstream cross_entropy)."""
+    return nn.functional.cross_entropy(logits, targets, reduction=reduction)
+
+
+def onehot_loss(logits, targets=None):
+    """Cross-entropy against ``targets``, or against the logits' own argmax when None (DAFL's
+    one-hot loss). The argmax is taken of the log-softmax the loss is built on (the same index),
+    so the loss is one log_softmax + one nll_loss, as ``F.cross_entropy``."""
+    if targets is None:
+        logp = torch.log_softmax(logits, dim=1)
+        return nn.functional.nll_loss(logp, logp.detach().argmax(1))
+    return cross_entropy(logits, targets)
+
+
+def class_balance_loss(logits):
+    """``sum_c p_c log p_c`` with ``p = softmax(logits).mean(0)`` (upstream class_balance_loss;
+    minimising it maximises the entropy of the mean prediction). ``xlogy`` is p log p in one op
+    (0 where a mean probability underflows to 0, where upstream's product gives NaN)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        raise ValueError(f"class_balance_loss: logits must be a tensor [N, C, ...], got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    p = torch.softmax(logits, dim=1).mean(dim=0)
+    return torch.special.xlogy(p, p).sum()
+
+
+__all__ += ["cross_entropy", "onehot_loss", "class_balance_loss"]

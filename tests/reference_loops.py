@@ -279,3 +279,86 @@ def max_rel_err(a, b):
 
 
 _ = math  # (kept for readers computing tolerances by hand)
+
+
+class ReturnFeatures(nn.Module):
+    """A classifier with the upstream model zoo's ``forward(x, return_features=False)``: with
+    ``return_features=True`` it returns ``(logits, features)``, the features being the input of
+    its last ``nn.Linear`` (where the upstream ResNets / WRNs / VGGs take them). Wraps ``model``
+    (same parameters and buffers)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+    def forward(self, x, return_features=False):
+        if not return_features:
+            return self.model(x)
+        seen = []
+        h = self.fc.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+        try:
+            out = self.model(x)
+        finally:
+            h.remove()
+        return out, seen[-1]
+
+
+def ref_upstream_kldiv(logits, targets, T=1.0, reduction="batchmean"):
+    q = F.log_softmax(logits / T, dim=1)
+    p = F.softmax(targets / T, dim=1)
+    return F.kl_div(q, p, reduction=reduction) * (T * T)
+
+
+class RefGenerative:
+    """zju-vipa/Fast-Datafree ``GenerativeSynthesizer`` loop (DAFL / ZSKT / DFQ / DFAD settings):
+    DeepInversion hooks (momentum 0) on every teacher BN, every loss term computed and scaled,
+    one Adam(lr_g, (0.5, 0.999)) over the generator for the synthesizer's lifetime, teacher and
+    student weights requiring grad as upstream leaves them. ``teacher`` must take
+    ``return_features=True`` (wrap it in ``ReturnFeatures``)."""
+
+    def __init__(self, teacher, student, generator, nz, iterations, lr_g, batch, sample_batch, adv, bn, oh, act,
+                 balance, criterion, normalizer):
+        self.teacher, self.student, self.generator = teacher, student, generator.train()
+        self.nz, self.iterations, self.batch, self.sample_batch = nz, iterations, batch, sample_batch
+        self.adv, self.bn, self.oh, self.act, self.balance = adv, bn, oh, act, balance
+        self.criterion = criterion if criterion is not None else ref_upstream_kldiv
+        self.normalizer = normalizer
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=(0.5, 0.999))
+        self.hooks = [RefHook(m, 0) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.losses = []
+
+    def step(self):
+        self.optimizer.zero_grad()
+        z = torch.randn(size=(self.batch, self.nz))
+        inputs = self.normalizer(self.generator(z))
+        t_out, t_feat = self.teacher(inputs, return_features=True)
+        loss_bn = sum([h.r_feature for h in self.hooks])
+        loss_oh = F.cross_entropy(t_out, t_out.max(1)[1])
+        loss_act = -t_feat.abs().mean()
+        if self.adv > 0:
+            s_out = self.student(inputs)
+            loss_adv = -self.criterion(s_out, t_out)
+        else:
+            loss_adv = loss_oh.new_zeros(1)
+        p = F.softmax(t_out, dim=1).mean(0)
+        loss_balance = (p * torch.log(p)).sum()
+        loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv + self.balance * loss_balance + \
+            self.act * loss_act
+        self.losses.append(loss.item())
+        loss.backward()
+        self.optimizer.step()
+        return inputs
+
+    def synthesize(self):
+        self.student.eval()
+        self.generator.train()
+        self.teacher.eval()
+        for _ in range(self.iterations):
+            inputs = self.step()
+        return {"synthetic": self.normalizer(inputs.detach(), reverse=True)}
+
+    @torch.no_grad()
+    def sample(self):
+        z = torch.randn(size=(self.sample_batch, self.nz))
+        return self.normalizer(self.generator(z))

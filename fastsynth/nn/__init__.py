@@ -1,3 +1,4 @@
 """fastsynth.nn."""
-from .generators import DeepGenerator, Generator, NLDeepGenerator, NLGenerator, NoisyLayers  # noqa: F401
+from .generators import (DCGAN_Generator, DeepGenerator, Generator, LargeGenerator, NLDeepGenerator,  # noqa: F401
+                         NLGenerator, NoisyLayers)
 from .upsample_conv import UpsampleConvSequential, upsample2x_conv3x3  # noqa: F401

@@ -23,7 +23,8 @@ from ..ops.noisy_linear import noisy_linear
 from ..ops.reinit import advance_seed_, make_seed, reinit_
 from .upsample_conv import UpsampleConvSequential
 
-__all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers"]
+__all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers", "LargeGenerator",
+           "DCGAN_Generator"]
 
 
 def _conv_blocks_32(ngf: int, nc: int) -> nn.Sequential:
@@ -78,16 +79,19 @@ class Generator(nn.Module):
     LReLU, conv, sigmoid (spec section 3). ``img_size`` must be a multiple of 4.
     """
 
-    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3):
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int | None = None):
         super().__init__()
-        if img_size % 4:
-            raise ValueError(f"Generator: img_size must be a multiple of 4, got {img_size}")
-        self.params = (nz, ngf, img_size, nc)
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
+            raise ValueError(f"Generator: img_size must be a positive multiple of 4, got {img_size!r}")
+        # nl: NAYER's 5-argument form Generator(nz, ngf, img_size, nc, nl) keeps nl in params
+        # (its clone() passes it on) and never uses it; Fast-Datafree's form has 4 params
+        self.params = (nz, ngf, img_size, nc) if nl is None else (nz, ngf, img_size, nc, nl)
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size ** 2))
         self.conv_blocks = _conv_blocks_32(ngf, nc)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        # y: accepted and ignored, as NAYER's Generator.forward(z, y=None)
         out = self.l1(z)
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
@@ -211,7 +215,9 @@ class _NoisyGeneratorBase(nn.Module):
         """A freshly initialised generator of the same configuration, on the same device/dtype."""
         return _like(type(self)(*self.params), self)
 
-    def _noisy_features(self, targets: torch.Tensor) -> torch.Tensor:
+    def _noisy_features(self, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is None:  # upstream's forward(targets=None) signature; a batch of labels is needed
+            raise ValueError(f"{type(self).__name__}: targets must be a tensor of class indices [B], got None")
         if self.label_emb is None:
             raise ValueError(f"{type(self).__name__}: label_emb was not given; pass label_emb=[num_classes, le_size] "
                              "(see fastsynth.lte)")
@@ -246,7 +252,7 @@ class NLGenerator(_NoisyGeneratorBase):
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
         self.conv_blocks = _conv_blocks_32(ngf, nc)
 
-    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, targets: torch.Tensor | None = None) -> torch.Tensor:
         out = self._noisy_features(targets)
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
@@ -266,7 +272,87 @@ class NLDeepGenerator(_NoisyGeneratorBase):
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
         self.conv_blocks = _conv_blocks_deep(2 * ngf, ngf, nc)
 
-    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, targets: torch.Tensor | None = None) -> torch.Tensor:
         out = self._noisy_features(targets)
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
+
+
+class LargeGenerator(nn.Module):
+    """zju-vipa/CMI's ``LargeGenerator(nz=100, ngf=64, img_size=32, nc=3)`` (its DAFL / ZSKT / DFQ /
+    DFAD generator): z [B, nz] -> Linear(nz -> 4ngf (s/4)^2) -> view (B, 4ngf, s/4, s/4) -> BN, up,
+    conv(4ngf->2ngf), BN, LReLU, up, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid.
+    Same state_dict keys as upstream; the (up x2, conv) pairs run fused as in ``Generator``.
+    ``img_size`` must be a positive multiple of 4."""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3):
+        super().__init__()
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
+            raise ValueError(f"LargeGenerator: img_size must be a positive multiple of 4, got {img_size!r}")
+        self.params = (nz, ngf, img_size, nc)
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 4 * self.init_size ** 2))
+        self.conv_blocks = UpsampleConvSequential(
+            nn.BatchNorm2d(ngf * 4),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 4, ngf * 2, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+    def clone(self) -> "LargeGenerator":
+        twin = type(self)(*self.params)
+        twin.load_state_dict(self.state_dict())
+        return _like(twin, self)
+
+
+class DCGAN_Generator(nn.Module):  # noqa: N801 (upstream name)
+    """Fast-Datafree / CMI ``DCGAN_Generator(nz=100, ngf=64, nc=3, img_size=64, slope=0.2)``:
+    z [B, nz] -> flatten -> Linear(nz -> 8ngf h w) with (h, w) = img_size / 16 -> BN(8ngf) ->
+    four ConvTranspose2d(4, stride 2, pad 1) + BN + LeakyReLU(slope) stages (8ngf -> 4ngf -> 2ngf
+    -> ngf -> ngf) -> conv3x3(ngf -> nc) -> sigmoid. ``img_size``: an int or an (H, W) pair, each a
+    positive multiple of 16. State_dict keys as upstream (``project.1``, ``main.*``).
+    (NAYER ships a different class under this name, driven by label embeddings; not this one.)"""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, img_size=64, slope: float = 0.2):
+        super().__init__()
+        hw = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+        if len(hw) != 2 or not all(isinstance(v, int) and v > 0 and v % 16 == 0 for v in hw):
+            raise ValueError(f"DCGAN_Generator: img_size must be a positive multiple of 16 or an (H, W) pair of "
+                             f"them, got {img_size!r}")
+        self.params = (nz, ngf, nc, img_size, slope)
+        self.nz = nz
+        self.init_size = (hw[0] // 16, hw[1] // 16)
+        self.project = nn.Sequential(nn.Flatten(), nn.Linear(nz, ngf * 8 * self.init_size[0] * self.init_size[1]))
+
+        def up(ci, co):
+            return [nn.ConvTranspose2d(ci, co, 4, 2, 1, bias=False), nn.BatchNorm2d(co),
+                    nn.LeakyReLU(slope, inplace=True)]
+
+        self.main = nn.Sequential(
+            nn.BatchNorm2d(ngf * 8),
+            *up(ngf * 8, ngf * 4), *up(ngf * 4, ngf * 2), *up(ngf * 2, ngf), *up(ngf, ngf),
+            nn.Conv2d(ngf, nc, 3, 1, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        proj = self.project(z)
+        proj = proj.view(proj.shape[0], -1, self.init_size[0], self.init_size[1])
+        return self.main(proj)
+
+    def clone(self) -> "DCGAN_Generator":
+        twin = type(self)(*self.params)
+        twin.load_state_dict(self.state_dict())
+        return _like(twin, self)

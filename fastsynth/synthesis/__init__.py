@@ -9,11 +9,12 @@ from .base import BaseSynthesis, Normalizer, normalize
 from .core import BNCapture
 from .deepinversion import DeepInversionSynthesizer, DeepInvSyntheiszer
 from .fast_meta import FastMetaSynthesizer, FastSynthesizer
+from .generative import GENERATIVE_METHODS, GenerativeSynthesizer
 from .nayer import NAYER, NayerSynthesizer
 from .pool import DataPool
 
 __all__ = [
     "Augment", "BNCapture", "BaseSynthesis", "DataPool", "DeepInvSyntheiszer", "DeepInversionSynthesizer",
-    "FastMetaSynthesizer", "FastSynthesizer", "NAYER", "NayerSynthesizer", "Normalizer", "crop_flip",
-    "jitter_flip", "normalize",
+    "FastMetaSynthesizer", "FastSynthesizer", "GENERATIVE_METHODS", "GenerativeSynthesizer", "NAYER",
+    "NayerSynthesizer", "Normalizer", "crop_flip", "jitter_flip", "normalize",
 ]
