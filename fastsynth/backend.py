@@ -42,6 +42,9 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
                 raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
             if device.type == "cpu" and not _ext.triton_interpreting():
                 raise ValueError(f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                                 f"got tensors on {device}")
         return backend
 
     if device.type == "cuda":

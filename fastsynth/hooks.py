@@ -11,7 +11,12 @@ Fast-Datafree ``datafree/hooks.py``), so synthesizer code written against it run
 
 ``r_feature``: the layer's loss of the last forward (spec section 1, momentum variant once
 ``mmt`` is set); ``tmp_val``: its detached (batch_mean, batch_var); ``mmt``: the momentum state
-(None until the first ``update_mmt()``); ``remove()`` removes the forward hook.
+(None until the first ``update_mmt()``); ``remove()`` (or ``close()``, NVlabs' name) removes the
+forward hook.
+
+The hooked module must have running statistics (a BatchNorm built with
+``track_running_stats=True``); they are read afresh on every forward, so a train-mode BatchNorm
+(whose forward updates them) or buffers loaded through ``.data`` are seen as they are now.
 
 Upstream computes the loss on every forward, including no-grad forwards of the teacher during
 student training. That stays the default; ``skip_no_grad=True`` skips the work when grad mode
@@ -19,14 +24,34 @@ is off (``r_feature``/``tmp_val`` then keep the values of the last grad-enabled 
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .ops.bn_stat_loss import bn_stat_loss
 
 
+def _check_rate(mmt_rate):
+    if isinstance(mmt_rate, (bool, torch.Tensor)) or not isinstance(mmt_rate, numbers.Real):
+        raise TypeError(f"DeepInversionHook: mmt_rate must be a Python float, got {type(mmt_rate).__name__}")
+    if not math.isfinite(float(mmt_rate)):
+        raise ValueError(f"DeepInversionHook: mmt_rate must be finite, got {mmt_rate!r}")
+
+
 class DeepInversionHook:
     def __init__(self, module: torch.nn.Module, mmt_rate: float = 0.0, *, backend: str | None = None,
                  skip_no_grad: bool = False):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"DeepInversionHook: module must be a BatchNorm nn.Module, got {type(module).__name__}")
+        for name in ("running_mean", "running_var"):
+            if not isinstance(getattr(module, name, None), torch.Tensor):
+                what = ("a BatchNorm built with track_running_stats=False"
+                        if isinstance(module, torch.nn.modules.batchnorm._NormBase) else type(module).__name__)
+                raise ValueError(f"DeepInversionHook: module must be a BatchNorm layer with running statistics "
+                                 f"(track_running_stats=True); got {what}, whose {name} is "
+                                 f"{type(getattr(module, name, None)).__name__}")
+        _check_rate(mmt_rate)
         self.hook = module.register_forward_hook(self.hook_fn)
         self.module = module
         self.mmt_rate = mmt_rate
@@ -46,6 +71,9 @@ class DeepInversionHook:
         self.tmp_val = (mean, var)
 
     def update_mmt(self):
+        if self.tmp_val is None:
+            raise RuntimeError("DeepInversionHook.update_mmt(): no batch statistics yet; run a forward of the "
+                               "hooked module (with grad enabled when skip_no_grad=True) first")
         mean, var = self.tmp_val
         if self.mmt is None:
             self.mmt = (mean.detach(), var.detach())
@@ -56,3 +84,7 @@ class DeepInversionHook:
 
     def remove(self):
         self.hook.remove()
+
+    def close(self):
+        """``remove()`` under the name NVlabs/DeepInversion's hook uses."""
+        self.remove()

@@ -360,7 +360,10 @@ def test_loss_from_stats_fused_path_op_count():
             loss = loss_from_stats(means, variances, rms, rvs, rms, rvs, 0.9, scale=2.0)
             torch.autograd.grad(loss, means + variances)  # (backward() would add a detach per leaf)
         counts.append(c.total)
-    assert counts[0] == counts[1] and counts[0] <= 16, counts
+    # 20: the running statistics and momentum state are concatenated afresh every call (2 cat ops:
+    # no cache can prove them unchanged) and the squares are summed in float64 (2 casts: no
+    # overflow of the squared residual)
+    assert counts[0] == counts[1] and counts[0] <= 20, counts
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -403,6 +406,209 @@ def test_cpp_ops_check_their_inputs_too():
         torch.ops.fastsynth.bn_batch_stats(torch.randn(3))
     with pytest.raises(RuntimeError, match="statistics"):
         torch.ops.fastsynth.bn_batch_stats_backward(torch.randn(2, 3, 2, 2), torch.randn(2), torch.randn(3), torch.randn(3))
+
+
+def test_bad_hyper_parameters_and_missing_statistics_raise():
+    """issue 18: NaN hyper-parameters, non-1-D weights, missing running statistics and hook misuse
+    raise errors that name the argument (before: NaN results, AttributeError, TypeError)."""
+    x = make_map((2, 3, 4, 4), torch.float32)
+    rm, rv = stats_for(3, torch.float32)
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        (lambda: bn_stat_loss(x, None, rv), TypeError, "running_mean must be a tensor of shape"),
+        (lambda: bn_stat_loss(x, rm, None), TypeError, "running_var must be a tensor of shape"),
+        (lambda: bn_stat_loss(x, rm, rv, rm, rv, nan), ValueError, "mmt_rate must be finite"),
+        (lambda: bn_stat_loss(x, rm, rv, rm, rv, inf), ValueError, "mmt_rate must be finite"),
+        (lambda: bn_stat_loss(x, rm, rv, rm, rv, True), TypeError, "mmt_rate must be a Python float"),
+        (lambda: bn_stat_loss_multi([x], [None], [rv]), TypeError, r"running_means\[0\] must be a tensor"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], [rm], [rv], nan), ValueError, "mmt_rate must be finite"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], weights=2.0), TypeError, "weights must be a list of floats"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], weights=[nan]), ValueError, r"weights\[0\] must be finite"),
+        (lambda: bn_stat_loss_multi([x, x], [rm, rm], [rv, rv], weights=[1.0, -inf]), ValueError,
+         r"weights\[1\] must be finite"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], weights=["a"]), TypeError, r"weights\[0\] must be a Python float"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], weights=torch.tensor([inf])), ValueError, "weights must be finite"),
+        (lambda: bn_stat_loss_multi([x, x], [rm, rm], [rv, rv], weights=torch.ones(2, 1)), ValueError,
+         r"weights must be a 1-D tensor with one entry per layer \(2,\), got shape \(2, 1\)"),
+        (lambda: bn_stat_loss_multi([x], [rm], [rv], weights=torch.ones(1, 1), backend="reference"), ValueError,
+         "weights must be a 1-D tensor"),
+        (lambda: loss_from_stats([rm], [rv], [rm], [rv], weights=[nan]), ValueError, r"weights\[0\] must be finite"),
+        (lambda: loss_from_stats([rm], [rv], [rm], [rv], [rm], [rv], nan), ValueError, "mmt_rate must be finite"),
+        (lambda: loss_from_stats([rm], [rv], [rm], [rv], scale=nan), ValueError, "scale must be finite"),
+        (lambda: loss_from_stats([rm], [rv], [None], [rv]), TypeError, r"running_means\[0\] must be a tensor"),
+        (lambda: bn_stat_loss(x.to("meta"), rm.to("meta"), rv.to("meta"), backend="triton"), ValueError,
+         "backend='triton' needs CUDA tensors"),
+        (lambda: DeepInversionHook(nn.BatchNorm2d(3, track_running_stats=False)), ValueError,
+         "track_running_stats=False"),
+        (lambda: DeepInversionHook(nn.Conv2d(3, 3, 1)), ValueError, "must be a BatchNorm layer with running statistics"),
+        (lambda: DeepInversionHook(lambda t: t), TypeError, "module must be a BatchNorm nn.Module"),
+        (lambda: DeepInversionHook(nn.BatchNorm2d(3), nan), ValueError, "mmt_rate must be finite"),
+        (lambda: DeepInversionHook(nn.BatchNorm2d(3)).update_mmt(), RuntimeError, "no batch statistics yet"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_one_dimensional_weights_give_a_scalar_loss_on_every_backend(backend):
+    x = make_map((2, 3, 4, 4), torch.float64)
+    rm, rv = stats_for(3)
+    for w in ([2.0, 0.5], (2.0, 0.5), torch.tensor([2.0, 0.5], dtype=torch.float64)):
+        loss, _, _ = bn_stat_loss_multi([x, x], [rm, rm], [rv, rv], weights=w, backend=backend)
+        assert loss.shape == ()
+        one = bn_stat_loss(x, rm, rv, backend=backend)[0]
+        torch.testing.assert_close(loss, 2.5 * one, rtol=1e-12, atol=0)
+
+
+# ---- stale running statistics (issue 18): the constants are read afresh every call -------------
+def _mutators():
+    """Ways a caller changes a running buffer in place; none of the last three moves _version."""
+    def inplace(t, v):
+        t.copy_(v)
+
+    def data(t, v):
+        t.data.copy_(v)
+
+    def numpy(t, v):
+        t.detach().numpy()[...] = v.numpy()
+
+    def data_assign(t, v):
+        t.data = v.clone()
+
+    return [inplace, data, numpy, data_assign]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mutate", _mutators(), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_running_statistics_changed_between_calls_are_read(backend, mutate, momentum):
+    torch.manual_seed(0)
+    xs = [make_map((3, 4, 5, 5), torch.float32), make_map((3, 2, 3, 3), torch.float32)]
+    rms = [torch.randn(4), torch.randn(2)]
+    rvs = [torch.rand(4) + 0.5, torch.rand(2) + 0.5]
+    mms = [torch.randn(4), torch.randn(2)] if momentum else None
+    mvs = [torch.rand(4) + 0.5, torch.rand(2) + 0.5] if momentum else None
+    rate = 0.9 if momentum else 0.0
+
+    def fresh(t):  # a new tensor of the current values: nothing a cache could have seen
+        return [v.clone() for v in t] if t is not None else None
+
+    def first(t):
+        return None if t is None else t[0]
+
+    st = [bn_stat_loss(x, rm, rv, backend="reference")[1:] for x, rm, rv in zip(xs, rms, rvs)]
+    means, variances = [m for m, _ in st], [v for _, v in st]
+    for step in range(3):
+        # expectations first, by paths without any cache (the reference backend and the oracle),
+        # so that between two steps only the backend under test sees these tensors
+        exp_multi = bn_stat_loss_multi(xs, fresh(rms), fresh(rvs), fresh(mms), fresh(mvs), rate,
+                                       backend="reference")[0]
+        exp = bn_stat_loss(xs[0], rms[0].clone(), rvs[0].clone(), first(fresh(mms)), first(fresh(mvs)), rate,
+                           backend="reference")[0]
+        exp_lfs = _loss_from_stats_oracle(means, variances, fresh(rms), fresh(rvs), fresh(mms), fresh(mvs), rate,
+                                          None, 1.0)
+        got_multi = bn_stat_loss_multi(xs, rms, rvs, mms, mvs, rate, backend=backend)[0]
+        got = bn_stat_loss(xs[0], rms[0], rvs[0], first(mms), first(mvs), rate, backend=backend)[0]
+        got_lfs = loss_from_stats(means, variances, rms, rvs, mms, mvs, rate)  # the synthesizers' entry
+        torch.testing.assert_close(got_multi, exp_multi, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_lfs, exp_lfs, rtol=1e-6, atol=1e-6)
+        for ts in [rms, rvs] + ([mms, mvs] if momentum else []):
+            for t in ts:
+                mutate(t, t + 1.5 + step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_hook_on_a_train_mode_batchnorm_sees_its_updated_running_statistics(backend):
+    """issue 18's example: a train-mode BatchNorm updates its running statistics in its forward,
+    without moving their version counters; the hook's loss must follow them."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).train()
+    h = DeepInversionHook(bn, 0.0, backend=backend)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) * 3 + 1
+        bn(x)
+        exp = bn_stat_loss(x, bn.running_mean.clone(), bn.running_var.clone(), backend="reference")[0]
+        torch.testing.assert_close(h.r_feature, exp, rtol=1e-5, atol=1e-6)
+    # plain op on the same BatchNorm: l2 is not l1 again
+    x = torch.randn(4, 3, 5, 5)
+    l1 = bn_stat_loss(x, bn.running_mean, bn.running_var, backend=backend)[0]
+    with torch.no_grad():
+        bn(torch.randn(4, 3, 5, 5) * 4 + 2)
+    l2 = bn_stat_loss(x, bn.running_mean, bn.running_var, backend=backend)[0]
+    exp = bn_stat_loss(x, bn.running_mean.clone(), bn.running_var.clone(), backend="reference")[0]
+    assert not torch.equal(l1, l2)
+    torch.testing.assert_close(l2, exp, rtol=1e-5, atol=1e-6)
+    # buffers loaded through .data (a checkpoint restored the upstream way), momentum on
+    h.mmt_rate = 0.5
+    h.update_mmt()
+    with torch.no_grad():
+        bn.eval()
+        bn.running_mean.data.copy_(torch.randn(3))
+        bn.running_var.data.copy_(torch.rand(3) + 0.5)
+        bn(x)
+    mm, mv = h.mmt
+    exp = bn_stat_loss(x, bn.running_mean.clone(), bn.running_var.clone(), mm, mv, 0.5, backend="reference")[0]
+    torch.testing.assert_close(h.r_feature, exp, rtol=1e-5, atol=1e-6)
+    h.close()
+    assert not bn._forward_hooks
+
+
+def test_constant_table_cache_is_bounded():
+    """issue 20: a changing loss scale (a schedule on the bn coefficient) or changing weights must
+    not grow the cache of constant tensors without bound."""
+    import importlib
+
+    mod = importlib.import_module("fastsynth.ops.bn_stat_loss")
+
+    means = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    variances = [torch.rand(4).add(0.1).requires_grad_(), torch.rand(3).add(0.1).requires_grad_()]
+    rms, rvs = [torch.randn(4), torch.randn(3)], [torch.rand(4) + 0.5, torch.rand(3) + 0.5]
+    for i in range(3 * mod._TABLE_MAX):
+        loss = loss_from_stats(means, variances, rms, rvs, weights=[1.0, 1.0 + i], scale=0.5 + i)
+        exp = loss_from_stats(means, variances, rms, rvs, weights=torch.tensor([0.5 + i, (1.0 + i) * (0.5 + i)]))
+        torch.testing.assert_close(loss, exp)
+        assert len(mod._SEGMENT_IDS) <= mod._TABLE_MAX
+
+
+# ---- float32 overflow of the squared residual (issue 18) --------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("momentum", [False, True])
+def test_huge_maps_do_not_overflow_where_the_loss_fits(backend, momentum):
+    """|x| ~ 1e18: the variance (~1e36) fits in float32, its square does not; the loss (a norm) is
+    finite and matches the float64 oracle, and so is its gradient."""
+    torch.manual_seed(0)
+    x = (make_map((2, 3, 4, 4), torch.float64, std=1.0, mean=0.0) * 1e18).float()
+    rm, rv = stats_for(3, torch.float32)
+    mm, mv = (stats_for(3, torch.float32) if momentum else (None, None))
+    rate = 0.5 if momentum else 0.0
+    xg = x.clone().requires_grad_()
+    loss = bn_stat_loss(xg, rm, rv, mm, mv, rate, backend=backend)[0]
+    exp_loss, exp_grad = ref_loss_and_grad(x, rm, rv, mm, mv, rate)[:2]
+    assert torch.isfinite(loss)
+    assert abs(loss.item() / exp_loss.item() - 1) < 1e-4
+    (g,) = torch.autograd.grad(loss, xg)
+    assert torch.isfinite(g).all()
+    assert rel(g, exp_grad) < 1e-3
+    # several layers, through the fused loss of the statistics
+    loss2 = bn_stat_loss_multi([x, x * 0.5], [rm, rm], [rv, rv], None if mm is None else [mm, mm],
+                               None if mv is None else [mv, mv], rate, weights=[1.0, 2.0], backend=backend)[0]
+    e2 = exp_loss + 2 * ref_loss_and_grad(x * 0.5, rm, rv, mm, mv, rate)[0]
+    assert abs(loss2.item() / e2.item() - 1) < 1e-4
+
+
+def test_float64_statistics_loss_does_not_overflow():
+    """float64 residuals ~1e160 (squares overflow float64): the scaled norm stays finite."""
+    means = [torch.full((3,), 1e160, dtype=torch.float64, requires_grad=True)]
+    variances = [torch.full((3,), 2e160, dtype=torch.float64, requires_grad=True)]
+    z = [torch.zeros(3, dtype=torch.float64)]
+    for weights in (None, torch.tensor([1.0], dtype=torch.float64)):  # fused and plain paths
+        loss = loss_from_stats(means, variances, z, z, weights=weights)
+        torch.testing.assert_close(loss, torch.tensor(3e160 * 3 ** 0.5, dtype=torch.float64), rtol=1e-12, atol=0)
+        g = torch.autograd.grad(loss, means + variances)
+        for t in g:
+            torch.testing.assert_close(t, torch.full((3,), 3 ** -0.5, dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 # ---- registration ------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ channels_last, sliced) without copies. fp16/bf16 maps give fp32 statistics, fp64
 """
 from __future__ import annotations
 
+import math
+import numbers
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -44,112 +47,146 @@ def _safe_norm(sq: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt())
 
 
-_SEGMENT_IDS: dict = {}
+_SEGMENT_IDS: "OrderedDict" = OrderedDict()
+# Small constant tensors (segment indices, zeros, per-layer weights) built once per key and device
+# so that a step does not pay a host-to-device copy for them. The keys include the per-layer
+# weights and the loss scale, which a caller may change every step (a schedule on the ``bn``
+# coefficient): least-recently-used entries beyond this many are dropped.
+_TABLE_MAX = 64
+
+
+def _table(key, make):
+    """The cached value of ``key`` (made by ``make()`` on a miss); bounded LRU. The values are
+    pure functions of their key and never written to, so reusing them cannot go stale."""
+    hit = _SEGMENT_IDS.get(key)
+    if hit is None:
+        hit = _SEGMENT_IDS[key] = make()
+        if len(_SEGMENT_IDS) > _TABLE_MAX:
+            _SEGMENT_IDS.popitem(last=False)
+    else:
+        _SEGMENT_IDS.move_to_end(key)
+    return hit
 
 
 def _segment_ids(sizes: tuple, device: torch.device) -> torch.Tensor:
     """Layer index of every channel, built once per (layer sizes, device): the synthesis loop calls
     this with the same sizes every step, and rebuilding it costs a host-to-device copy each time."""
-    key = (sizes, str(device))
-    seg = _SEGMENT_IDS.get(key)
-    if seg is None:
-        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
-        _SEGMENT_IDS[key] = seg
-    return seg
+    return _table((sizes, str(device)),
+                  lambda: torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device))
 
 
 def _layer_segments(sizes: tuple, device: torch.device) -> torch.Tensor:
     """Segment index of every entry of cat([vars..., means...]): layer l's variances are segment l,
     its means segment L + l (cached like ``_segment_ids``)."""
-    key = ("vm", sizes, str(device))
-    seg = _SEGMENT_IDS.get(key)
-    if seg is None:
-        L = len(sizes)
-        seg = torch.repeat_interleave(torch.arange(2 * L), torch.tensor(sizes + sizes)).to(device)
-        _SEGMENT_IDS[key] = seg
-    return seg
+    L = len(sizes)
+    return _table(("vm", sizes, str(device)),
+                  lambda: torch.repeat_interleave(torch.arange(2 * L), torch.tensor(sizes + sizes)).to(device))
 
 
-_CONST_CACHE: dict = {}
+def _cat_constants(ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat(ts) cast to ``dtype``, read afresh on every call. The running buffers and momentum state
+    look constant across the inner steps of a round, but a version-counter check cannot prove it:
+    writes through ``.data``, through ``.numpy()`` and BatchNorm's own running-statistics update in
+    a train-mode forward do not move ``_version``. The copy is a few thousand values."""
+    out = ts[0] if len(ts) == 1 else torch.cat(list(ts))
+    return out.to(dtype)
 
 
-def _cat_constants(key: str, ts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """cat(ts) cast to ``dtype``, rebuilt only when one of ``ts`` changed (a new tensor or an
-    in-place update bumps ``_version``): running buffers and momentum state are constant across
-    the inner steps of a synthesis round, so the step does not re-concatenate them."""
-    sig = tuple((id(t), t._version) for t in ts)
-    hit = _CONST_CACHE.get(key)
-    if hit is not None and hit[0] == sig and hit[1].dtype == dtype:
-        return hit[1]
-    out = torch.cat(list(ts)).to(dtype)
-    _CONST_CACHE[key] = (sig, out, list(ts))  # keep ts alive so their ids stay unique
-    return out
+def _scaled_segment_norms(r: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-segment 2-norms of ``r`` that do not overflow where the norm itself fits: float32 (and
+    lower) residuals are squared and summed in float64, whose range holds the square of any
+    float32; float64 residuals are divided by their segment's largest magnitude before squaring
+    (the scaling of a careful norm). NaN propagates, an infinite entry gives inf. Differentiable
+    by autograd (the scale is a constant), gradient 0 where a segment's norm is 0."""
+    if r.dtype != torch.float64:
+        r64 = r.to(torch.float64)
+        sq = torch.zeros(n, dtype=torch.float64, device=r.device).index_add(0, seg, r64 * r64)
+        return _safe_norm(sq).to(r.dtype)
+    m = torch.zeros(n, dtype=r.dtype, device=r.device).scatter_reduce(0, seg, r.detach().abs(), "amax")
+    m = torch.where((m == 0) | torch.isinf(m), torch.ones_like(m), m)  # inf: r/1 keeps the inf
+    u = r / m.index_select(0, seg)
+    sq = torch.zeros(n, dtype=r.dtype, device=r.device).index_add(0, seg, u * u)
+    return _safe_norm(sq) * m
+
+
+def _careful_norm(v: torch.Tensor) -> torch.Tensor:
+    """torch.norm(v, 2) without the overflow of squaring: v is divided by its largest magnitude
+    first (a constant for autograd: the norm is scale-invariant). Reference backend."""
+    m = v.detach().abs().amax()
+    m = torch.where((m == 0) | torch.isinf(m), torch.ones_like(m), m)
+    return torch.linalg.vector_norm(v / m) * m
+
+
+def _segment_norms_nograd(r: torch.Tensor, seg: torch.Tensor, zeros: torch.Tensor,
+                          zeros_r: torch.Tensor | None) -> torch.Tensor:
+    """``_scaled_segment_norms`` in the fewest ops, for the forward of ``_StatLoss`` (no autograd);
+    ``zeros``: float64 zeros, one per segment; ``zeros_r``: float64 zeros shaped like ``r`` (None
+    for float64 ``r``): addcmul(zeros_r, r, r) squares in float64 in one op (type promotion)."""
+    if r.dtype != torch.float64:
+        return torch.index_add(zeros, 0, seg, torch.addcmul(zeros_r, r, r)).sqrt_().to(r.dtype)
+    m = zeros.scatter_reduce(0, seg, r.abs(), "amax")
+    m = torch.where((m == 0) | torch.isinf(m), torch.ones_like(m), m)
+    u = r / m.index_select(0, seg)
+    return torch.index_add(zeros, 0, seg, u * u).sqrt_().mul_(m)
 
 
 class _StatLoss(torch.autograd.Function):
     """loss = sum_k w_k ||r_k||,  r = target - (1-rho) s - rho sbar  over the 2L segments k of the
     concatenated statistics s = [vars..., means...]; analytic backward
     dL/ds_c = -(1-rho) w_k g r_c / ||r_k||  (0 where ||r_k|| = 0, NaN propagates).
-    A fixed, small number of ops whatever L is, and one split for the backward."""
+    A fixed, small number of ops whatever L is, and one split for the backward. The norms are
+    formed without overflowing where they fit (``_segment_norms_nograd``)."""
 
     @staticmethod
-    def forward(ctx, target, sbar, rho, seg, zeros, w2, sizes, *stats):
+    def forward(ctx, target, sbar, rho, seg, zeros, zeros_r, w2, nw2, sizes, *stats):
         with torch.autocast(device_type=zeros.device.type, enabled=False):  # fp32/fp64 math as given
             s = torch.cat(stats)
             if sbar is None:  # no momentum state: rho = 0
                 r = target - s
             else:
                 r = torch.sub(torch.sub(target, s, alpha=1.0 - rho), sbar, alpha=rho)
-            norm = torch.index_add(zeros, 0, seg, r * r).sqrt_()
+            norm = _segment_norms_nograd(r, seg, zeros, zeros_r)
             loss = norm.sum() if w2 is None else torch.dot(norm, w2)
-        ctx.save_for_backward(r, norm, w2, seg)
+        ctx.save_for_backward(r, norm, nw2, seg)
         ctx.rho, ctx.sizes = rho, sizes
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        r, norm, w2, seg = ctx.saved_tensors
-        # coef_k = -(1-rho) * g * w_k / ||r_k||, then 0 where ||r_k|| = 0
-        num = g * -(1.0 - ctx.rho)
-        if w2 is not None:
-            num = w2 * num
+        r, norm, nw2, seg = ctx.saved_tensors
+        # coef_k = -(1-rho) * g * w_k / ||r_k||, then 0 where ||r_k|| = 0 (nw2 = -(1-rho) w)
+        num = g * -(1.0 - ctx.rho) if nw2 is None else nw2 * g
         coef = (num / norm).masked_fill_(norm == 0, 0.0)
         grad_s = coef.index_select(0, seg).mul_(r)
         grads = grad_s.split_with_sizes(ctx.sizes)
-        return (None,) * 7 + tuple(grads)
+        return (None,) * 9 + tuple(grads)
 
 
 def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_means, mmt_vars, rho, weights,
                            scale, dtype, device, sizes):
     L = len(sizes)  # layers; means/variances may be one concatenated part each
-    # traced (torch.compile) or captured (CUDA graph) steps concatenate inside the step, so that a
-    # replay reads the current momentum state; the eager step reuses the version-checked cache
-    compiling = torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-    tg = list(running_vars) + list(running_means)
-    if compiling:
-        target = torch.cat([t.to(dtype) for t in tg])
-    else:
-        target = _cat_constants("target", tg, dtype)
+    # the running statistics and momentum state are read on every call (eager, traced by
+    # torch.compile or captured in a CUDA graph, whose replays then read their current values)
+    target = _cat_constants(list(running_vars) + list(running_means), dtype)
     sbar = None
     if mmt_means is not None:
-        mb = list(mmt_vars) + list(mmt_means)
-        sbar = torch.cat([t.to(dtype) for t in mb]) if compiling else _cat_constants("mmt", mb, dtype)
+        sbar = _cat_constants(list(mmt_vars) + list(mmt_means), dtype)
     seg = _layer_segments(tuple(sizes), device)
-    zkey = ("zeros", 2 * L, dtype, str(device))
-    zeros = _SEGMENT_IDS.get(zkey)
-    if zeros is None:
-        zeros = _SEGMENT_IDS[zkey] = torch.zeros(2 * L, dtype=dtype, device=device)
-    w2 = None
+    dev = str(device)
+    n = 2 * sum(sizes)
+    zeros = _table(("zeros", 2 * L, dev), lambda: torch.zeros(2 * L, dtype=torch.float64, device=device))
+    zeros_r = None if dtype == torch.float64 else \
+        _table(("zeros", n, dev), lambda: torch.zeros(n, dtype=torch.float64, device=device))
+    w2 = nw2 = None
     if weights is not None or scale != 1.0:
         w = [1.0] * L if weights is None else [float(v) for v in weights]
-        if len(w) != L:
-            raise ValueError(f"loss_from_stats: weights must have one entry per layer ({L}), got {len(w)}")
-        wkey = ("w2", tuple(w), float(scale), dtype, str(device))
-        w2 = _SEGMENT_IDS.get(wkey)
-        if w2 is None:
-            w2 = _SEGMENT_IDS[wkey] = torch.tensor([v * scale for v in w] * 2, dtype=dtype, device=device)
+        w2 = _table(("w2", tuple(w), float(scale), dtype, dev),
+                    lambda: torch.tensor([v * scale for v in w] * 2, dtype=dtype, device=device))
+        nw2 = _table(("nw2", tuple(w), float(scale), float(rho), dtype, dev),
+                     lambda: torch.tensor([-(1.0 - rho) * v * scale for v in w] * 2, dtype=dtype, device=device))
     stats = tuple(t.reshape(-1) if t.dim() != 1 else t for t in list(variances) + list(means))
-    return _StatLoss.apply(target, sbar, float(rho), seg, zeros, w2, [t.numel() for t in stats], *stats)
+    return _StatLoss.apply(target, sbar, float(rho), seg, zeros, zeros_r, w2, nw2, [t.numel() for t in stats],
+                           *stats)
 
 
 def loss_from_stats(
@@ -184,6 +221,14 @@ def loss_from_stats(
             f"loss_from_stats: got {L} means, {len(variances)} variances, {len(running_means)} running_means, "
             f"{len(running_vars)} running_vars; all must have one entry per layer"
         )
+    for nm, seq in (("means", means), ("variances", variances), ("running_means", running_means),
+                    ("running_vars", running_vars)):
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"loss_from_stats: {nm}[{i}] must be a tensor, got {type(t).__name__}")
+    _check_rate(mmt_rate)
+    _check_rate(scale, "scale")
+    _check_weights(weights, L)
     sizes = [int(m.numel()) for m in means]
     return _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, mmt_means, mmt_vars, mmt_rate,
                                  weights, scale)
@@ -249,18 +294,10 @@ def _loss_from_stat_parts(means, variances, sizes, running_means, running_vars, 
         r_mean = rm - mu
         r_var = rv - var
 
-    if L == 1:
-        per_layer = _safe_norm((r_var * r_var).sum().reshape(1)) + _safe_norm((r_mean * r_mean).sum().reshape(1))
-    else:
-        seg = _segment_ids(tuple(sizes), device)
-        sq_var = torch.zeros(L, dtype=dtype, device=device).index_add(0, seg, r_var * r_var)
-        sq_mean = torch.zeros(L, dtype=dtype, device=device).index_add(0, seg, r_mean * r_mean)
-        per_layer = _safe_norm(sq_var) + _safe_norm(sq_mean)
+    seg = _segment_ids(tuple(sizes), device)
+    per_layer = _scaled_segment_norms(r_var, seg, L) + _scaled_segment_norms(r_mean, seg, L)
     if weights is not None:
-        w = torch.as_tensor(weights, dtype=dtype, device=device).reshape(-1)
-        if w.numel() != L:
-            raise ValueError(f"loss_from_stats: weights must have one entry per layer ({L}), got {w.numel()}")
-        per_layer = per_layer * w
+        per_layer = per_layer * torch.as_tensor(weights, dtype=dtype, device=device)
     loss = per_layer.sum()
     return loss * scale if scale != 1.0 else loss
 
@@ -274,9 +311,10 @@ from ..backend import check_tensor, resolve_backend  # noqa: E402
 _MAP_NDIM = (2, 3, 4)
 
 
-def _check_layer(x_name: str, x, stats: dict, ref: torch.Tensor | None = None):
+def _check_layer(x_name: str, x, stats: dict, ref: torch.Tensor | None = None, required: int = 2):
     """Validate one layer: the map ``x`` (named ``x_name``) and its per-channel vectors ``stats``
-    (name -> tensor or None); ``ref`` is the first map of a multi-layer call."""
+    (name -> tensor or None; the first ``required`` of them, the running statistics, must be
+    tensors); ``ref`` is the first map of a multi-layer call."""
     check_tensor(x_name, x, ndim=_MAP_NDIM)
     if ref is not None:
         if x.device != ref.device:
@@ -287,8 +325,11 @@ def _check_layer(x_name: str, x, stats: dict, ref: torch.Tensor | None = None):
         raise ValueError(f"{x_name} must have a non-empty batch (N*H*W > 0), got shape {tuple(x.shape)}")
     C = x.shape[1]
     allowed = tuple(dict.fromkeys((x.dtype, _stat_dtype(x.dtype))))
-    for name, t in stats.items():
+    for i, (name, t) in enumerate(stats.items()):
         if t is None:
+            if i < required:
+                raise TypeError(f"{name} must be a tensor of shape ({C},) (the BatchNorm's running statistic; "
+                                f"a BatchNorm built with track_running_stats=False has none), got None")
             continue
         check_tensor(name, t, device=x.device)
         if t.dtype not in allowed:
@@ -299,9 +340,37 @@ def _check_layer(x_name: str, x, stats: dict, ref: torch.Tensor | None = None):
                              f"got {tuple(t.shape)}")
 
 
-def _check_rate(mmt_rate):
-    if isinstance(mmt_rate, torch.Tensor) or not isinstance(mmt_rate, (int, float)):
-        raise TypeError(f"mmt_rate must be a Python float, got {type(mmt_rate).__name__}")
+def _check_rate(mmt_rate, name: str = "mmt_rate"):
+    if isinstance(mmt_rate, (bool, torch.Tensor)) or not isinstance(mmt_rate, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(mmt_rate).__name__}")
+    if not math.isfinite(float(mmt_rate)):
+        raise ValueError(f"{name} must be finite, got {mmt_rate!r}")
+
+
+def _check_weights(weights, L: int):
+    """``weights``: None, a list/tuple of L finite numbers, or a 1-D tensor of L values (finite;
+    checked on CPU tensors only, as reading a GPU tensor back would stall the device)."""
+    if weights is None:
+        return
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1 or weights.numel() != L:
+            raise ValueError(f"weights must be a 1-D tensor with one entry per layer ({L},), "
+                             f"got shape {tuple(weights.shape)}")
+        if weights.dtype == torch.bool or weights.is_complex():
+            raise TypeError(f"weights must be a real-valued tensor, got dtype {weights.dtype}")
+        if weights.device.type == "cpu" and weights.dtype.is_floating_point and not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"weights must be finite, got {weights.tolist()}")
+        return
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of floats (one per layer) or a 1-D tensor, "
+                        f"got {type(weights).__name__}")
+    if len(weights) != L:
+        raise ValueError(f"weights must have one entry per layer ({L}), got {len(weights)}")
+    for i, w in enumerate(weights):
+        if isinstance(w, (bool, torch.Tensor)) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights[{i}] must be a Python float, got {type(w).__name__}")
+        if not math.isfinite(float(w)):
+            raise ValueError(f"weights[{i}] must be finite, got {w!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,10 +388,11 @@ def _reference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _reference_layer_loss(mean, var, rm, rv, mmt_mean, mmt_var, rho):
     rm = rm.to(mean.dtype)
     rv = rv.to(mean.dtype)
+    # torch.norm as upstream, but scaled before squaring (_careful_norm): no float32 overflow
     if mmt_mean is None:
-        return torch.norm(rv - var, 2) + torch.norm(rm - mean, 2)
-    return (torch.norm(rv - (1 - rho) * var - rho * mmt_var.to(var.dtype), 2)
-            + torch.norm(rm - (1 - rho) * mean - rho * mmt_mean.to(mean.dtype), 2))
+        return _careful_norm(rv - var) + _careful_norm(rm - mean)
+    return (_careful_norm(rv - (1 - rho) * var - rho * mmt_var.to(var.dtype))
+            + _careful_norm(rm - (1 - rho) * mean - rho * mmt_mean.to(mean.dtype)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,10 +555,7 @@ def bn_stat_loss_multi(
         _check_layer(f"features[{i}]", x, {f"running_means[{i}]": running_means[i], f"running_vars[{i}]": running_vars[i],
                                            f"mmt_means[{i}]": mm, f"mmt_vars[{i}]": mv},
                      features[0] if i else None)
-    if weights is not None:
-        n_w = len(weights) if not isinstance(weights, torch.Tensor) else weights.numel()
-        if n_w != L:
-            raise ValueError(f"weights must have one entry per feature map ({L}), got {n_w}")
+    _check_weights(weights, L)
     be = resolve_backend(backend, features[0].device, "bn_stat_loss_multi")
     if be == "reference":
         means, variances, total = [], [], None
