@@ -61,6 +61,12 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
     if padding == 0 and not flip and (oh, ow) == (H, W):
         return x
     ph, pw = H + 2 * padding, W + 2 * padding
+    if oh > ph or ow > pw or oh <= 0 or ow <= 0:
+        # a crop must fit in the padded image (e.g. NAYER's ImageNet script asks for 244x244
+        # crops of 224x224 images): Python ints, no device read
+        raise ValueError(f"crop_flip: crop size {oh}x{ow} does not fit the padded image {ph}x{pw} "
+                         f"({H}x{W} images, padding={padding}); the crop size (img_size) must be at most "
+                         f"the image size + 2*padding")
     ny, nx = ph - oh + 1, pw - ow + 1
     # one draw encodes (oy, ox, flip) for every sample
     code = torch.randint(0, ny * nx * 2, (B,), device=x.device, generator=generator)

@@ -29,7 +29,7 @@ from ..ops.logit_losses import synthesis_logit_loss
 from ..winograd import prepare_winograd
 from .augment import Augment
 from .base import BaseSynthesis
-from .pool import DataPool
+from .pool import DataPool, save_options
 
 _WARNED: set = set()
 
@@ -261,6 +261,7 @@ class SynthCore(BaseSynthesis):
         if seed is not None:
             self._rng = torch.Generator(device=self.device).manual_seed(int(seed))
             self._cpu_rng = torch.Generator().manual_seed(int(seed) + 1) if self.device.type != "cpu" else self._rng
+        save_images, save_format = save_options(save_images, save_format)  # save_images="png" too
         self.data_pool = DataPool(capacity=pool_capacity, eviction=pool_eviction, device=self.device,
                                   save_dir=save_dir if save_images else None, save_format=save_format)
         hw = tuple(img_size[-2:]) if img_size is not None else None

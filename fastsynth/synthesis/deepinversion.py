@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..ops.logit_losses import js_divergence
 from .augment import jitter_flip
 from .core import BNCapture, SynthCore, make_adam, now, nvtx_range, warn_once
+from .validate import check_synthesizer_args
 
 
 def image_prior_tv(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,11 @@ def image_prior_tv(x: torch.Tensor) -> torch.Tensor:
 
 
 class DeepInvSyntheiszer(SynthCore):
-    """Drop-in ``DeepInvSyntheiszer`` (the upstream spelling); alias ``DeepInversionSynthesizer``."""
+    """Drop-in ``DeepInvSyntheiszer`` (the upstream spelling); alias ``DeepInversionSynthesizer``.
+
+    A student without BatchNorm layers is accepted: its BN term is 0, as upstream (an empty sum).
+    ``num_workers=`` (passed by upstream forks) is accepted and ignored. Raises at construction
+    when ``iterations`` < 0 or ``num_classes`` exceeds the teacher's outputs."""
 
     def __init__(self, teacher, student, num_classes, img_size,
                  iterations=1000, lr_g=0.1, progressive_scale=False,
@@ -47,10 +52,12 @@ class DeepInvSyntheiszer(SynthCore):
                  autocast=None, use_fp16=False, distributed=False, *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 aug_padding=4, aug_flip=None):
+                 aug_padding=4, aug_flip=None, num_workers=None):
         super().__init__(teacher, student)
-        if len(img_size) != 3:
-            raise ValueError(f"img_size must be a 3-tuple (C, H, W), got {img_size!r}")
+        # upstream runs 0 iterations too (it returns the initial noise)
+        img_size = check_synthesizer_args(
+            type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
+            steps=("iterations", iterations, 0), batch=synthesis_batch_size)
         self.iterations = iterations
         self.lr_g = lr_g
         self.progressive_scale = progressive_scale
@@ -74,7 +81,10 @@ class DeepInvSyntheiszer(SynthCore):
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=False, aug_padding=aug_padding,
                          aug_flip=True if aug_flip is None else aug_flip)
-        self.s_capture = BNCapture(self.student, fuse=False)
+        # the student's BN term (-0.001 * its BN loss); without BatchNorm layers the term is 0,
+        # as upstream's empty sum over student hooks
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules())
+        self.s_capture = BNCapture(self.student, fuse=False) if has_bn else None
         self._augment_on = augment
         self._js = js_divergence
         if normalizer is not None:
@@ -94,7 +104,8 @@ class DeepInvSyntheiszer(SynthCore):
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self.student(x_aug)
-                loss_bn = loss_bn - 0.001 * self.s_capture.loss()
+                if self.s_capture is not None:
+                    loss_bn = loss_bn - 0.001 * self.s_capture.loss()
                 loss_adv = -self._js(s_out, t_out, T=3)
             loss_oh = F.cross_entropy(t_out, targets)
             loss = self.bn * loss_bn + self.oh * loss_oh
@@ -121,7 +132,7 @@ class DeepInvSyntheiszer(SynthCore):
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on), self._forward)
         with self._synthesis_mode():
-            if adv_on:
+            if adv_on and self.s_capture is not None:
                 self.s_capture.activate()
             try:
                 for it in range(self.iterations):
@@ -139,7 +150,8 @@ class DeepInvSyntheiszer(SynthCore):
                             torch.maximum(inputs, self._lo, out=inputs)
                             torch.minimum(inputs, self._hi, out=inputs)
             finally:
-                self.s_capture.deactivate()
+                if self.s_capture is not None:
+                    self.s_capture.deactivate()
         if self.normalizer is not None:
             best_x = self.normalizer(best_x, True)
         self._sync()

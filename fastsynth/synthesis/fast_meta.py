@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .validate import check_synthesizer_args
 
 REPTILE_SCALE = 67.0  # constant of the reference implementation
 
@@ -64,7 +65,18 @@ class FastMetaSynthesizer(SynthCore):
     upstream ones: ``augment`` (crop/flip inside synthesis), ``pool_capacity``/``pool_eviction``,
     ``save_images``/``save_format`` (write to save_dir in a background thread), ``fuse_teacher``,
     ``seed`` (private RNG), ``compile`` (torch.compile of the forward/loss), ``cuda_graph``
-    (capture of the whole inner step)."""
+    (capture of the whole inner step).
+
+    ``save_images``: False, True (``save_format``: "shard" or "png") or the format name itself;
+    PNGs are written as upstream's ImagePool writes them (``{save_dir}/{batch}-{k}.png``).
+    ``init_dataset``: a tensor or a directory of PNG/JPG images (``--cmi_init``), sampled
+    together with the synthesized images but kept apart from the pool.
+    ``num_workers``: accepted and ignored (upstream forks pass the DataLoader's worker count;
+    sampling here never builds a DataLoader).
+
+    Raises at construction (ValueError/TypeError) when ``iterations`` < 1, the generator's latent
+    size is not ``nz``, ``num_classes`` exceeds the teacher's outputs, or ``img_size`` crops are
+    larger than the generator's padded images."""
 
     _meta = True
 
@@ -77,8 +89,12 @@ class FastMetaSynthesizer(SynthCore):
                  warmup=10, reset_l0=0, reset_bn=0, bn_mmt=0,
                  is_maml=1, *, augment=True, pool_capacity=None, pool_eviction="fifo",
                  save_images=False, save_format="shard", fuse_teacher=True, seed=None,
-                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None):
+                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None, num_workers=None):
         super().__init__(teacher, student)
+        img_size = check_synthesizer_args(
+            type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
+            steps=("iterations", iterations, 1), batch=synthesis_batch_size, generator=generator, kind="latent",
+            nz=nz, padding=aug_padding if augment else None)
         self.iterations = iterations
         self.lr_g = lr_g
         self.lr_z = lr_z
@@ -123,7 +139,7 @@ class FastMetaSynthesizer(SynthCore):
         if init_dataset is not None:
             from .nayer import load_init_dataset
 
-            self.data_pool.add(load_init_dataset(init_dataset, img_size))
+            self.data_pool.set_init(load_init_dataset(init_dataset, img_size))
 
     # ------------------------------------------------------------------ one inner step
     def _forward(self, adv_on: bool):

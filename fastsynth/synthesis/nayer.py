@@ -26,21 +26,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .validate import check_synthesizer_args
 
 
 def load_init_dataset(init_dataset, img_size):
-    """Images to seed the pool with: a tensor (N, C, H, W) in [0, 1] or uint8, or a directory of
-    fastsynth uint8 shards (``shard_*.npy``)."""
+    """Images to sample from besides the synthesized ones (``DataPool.set_init``, kept apart from
+    the pool as upstream keeps its init folder): a tensor (N, C, H, W) in [0, 1] or uint8, or a
+    directory (``--cmi_init``) of fastsynth uint8 shards (``shard_*.npy``) or, as upstream reads
+    it, of PNG/JPG images (recursively; each of img_size, read with Pillow)."""
     if torch.is_tensor(init_dataset):
         return init_dataset
-    if isinstance(init_dataset, str) and os.path.isdir(init_dataset):
+    if isinstance(init_dataset, (str, os.PathLike)) and os.path.isdir(init_dataset):
         import numpy as np
 
+        from .png import list_images, read_images
+
+        init_dataset = os.fspath(init_dataset)
         shards = sorted(f for f in os.listdir(init_dataset) if f.startswith("shard_") and f.endswith(".npy"))
-        if not shards:
-            raise ValueError(f"init_dataset: no shard_*.npy files in {init_dataset!r}")
-        return torch.from_numpy(np.concatenate([np.load(os.path.join(init_dataset, f)) for f in shards]))
-    raise TypeError(f"init_dataset must be a tensor or a directory of shard_*.npy files, got {init_dataset!r}")
+        if shards:
+            return torch.from_numpy(np.concatenate([np.load(os.path.join(init_dataset, f)) for f in shards]))
+        images = list_images(init_dataset)
+        if not images:
+            raise ValueError(f"init_dataset: no shard_*.npy, PNG or JPG files in {init_dataset!r}")
+        return read_images(images, img_size)
+    raise TypeError(f"init_dataset must be a tensor or a directory of images (PNG/JPG) or shard_*.npy files, "
+                    f"got {init_dataset!r}")
 
 
 def nayer_targets(batch: int, num_classes: int, randint) -> torch.Tensor:
@@ -52,7 +62,13 @@ def nayer_targets(batch: int, num_classes: int, randint) -> torch.Tensor:
 
 
 class NAYER(SynthCore):
-    """Drop-in ``NAYER``; fastsynth keywords follow the upstream ones (see FastMetaSynthesizer)."""
+    """Drop-in ``NAYER``; fastsynth keywords follow the upstream ones (see FastMetaSynthesizer;
+    ``num_workers=``, passed by upstream forks, is accepted and ignored).
+
+    Raises at construction (ValueError/TypeError) when ``g_steps`` < 1, the generator is not a
+    NAYER generator (no ``reinit``/``re_init_le``), ``num_classes`` exceeds the teacher's outputs,
+    or ``img_size`` crops are larger than the generator's padded images (NAYER's ImageNet script
+    passes img_size=(3, 244, 244) for a 224 generator)."""
 
     def __init__(self, teacher, student, generator, num_classes, img_size,
                  init_dataset=None, g_steps=100, lr_g=0.1,
@@ -64,8 +80,14 @@ class NAYER(SynthCore):
                  cr_loop=1, g_life=50, g_loops=1, gwp_loops=10, dataset="cifar10", *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 aug_padding=4, aug_flip=None):
+                 aug_padding=4, aug_flip=None, num_workers=None):
         super().__init__(teacher, student)
+        if isinstance(cr_loop, bool) or not isinstance(cr_loop, (int, float)) or not cr_loop > 0:
+            raise ValueError(f"NAYER: cr_loop must be a positive number, got {cr_loop!r}")
+        img_size = check_synthesizer_args(
+            type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
+            steps=("g_steps", g_steps, 1), batch=int(synthesis_batch_size / cr_loop), generator=generator,
+            kind="nayer", padding=aug_padding if augment else None)
         self.g_steps = g_steps
         self.lr_g = lr_g
         self.adv = adv
@@ -101,7 +123,7 @@ class NAYER(SynthCore):
         self._optimizer = None
         self._opt_owner = None
         if init_dataset is not None:
-            self.data_pool.add(load_init_dataset(init_dataset, img_size))
+            self.data_pool.set_init(load_init_dataset(init_dataset, img_size))
 
     # ------------------------------------------------------------------ one inner step
     def _forward(self, adv_on: bool):

@@ -1,7 +1,9 @@
-"""Minimal PNG writing (zlib + struct, no imaging library) and image grids."""
+"""Minimal PNG writing (zlib + struct, no imaging library), image grids, and reading a folder of
+PNG/JPG images (upstream's ``init_dataset`` / ``--cmi_init``; needs Pillow, imported on use)."""
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zlib
 
@@ -63,3 +65,36 @@ def image_grid(images: torch.Tensor, ncol: int | None = None, padding: int = 1, 
 
 def save_image_grid(images: torch.Tensor, path: str, ncol: int | None = None, scale: int = 1) -> str:
     return write_png(path, image_grid(images, ncol=ncol, scale=scale))
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def list_images(root: str) -> list:
+    """Every PNG/JPG file under ``root`` (recursively, as upstream's UnlabeledImageDataset), sorted."""
+    found = []
+    for dirpath, _, files in os.walk(root):
+        found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def read_images(paths, img_size) -> torch.Tensor:
+    """The images at ``paths`` as one uint8 (N, C, H, W) tensor; each must be H x W of
+    ``img_size`` = (C, H, W) (converted to RGB for C=3, greyscale for C=1)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - Pillow comes with the demo extra
+        raise ImportError("reading PNG/JPG images (init_dataset) needs Pillow: pip install pillow "
+                          "(or the 'demo' extra)") from exc
+    c, h, w = (int(v) for v in img_size)
+    if c not in (1, 3):
+        raise ValueError(f"init_dataset: images can be read for 1 or 3 channels, img_size is {tuple(img_size)}")
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB" if c == 3 else "L"))
+        if arr.shape[:2] != (h, w):
+            raise ValueError(f"init_dataset: {path} is {arr.shape[0]}x{arr.shape[1]}, expected {h}x{w} "
+                             f"(img_size={tuple(img_size)})")
+        out.append(arr.reshape(h, w, c).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))

@@ -13,12 +13,23 @@ images evict old ones: ``"fifo"`` (oldest first), ``"random"`` (uniformly chosen
 Sampling is uniform over everything kept and, like a shuffled DataLoader that is rebuilt after
 each addition, draws without replacement until the kept images are exhausted (a fresh
 permutation starts after every addition and whenever the current one runs out).
+
+Images to start from (upstream's ``init_dataset`` / ``--cmi_init``, ``set_init``) are kept apart,
+as upstream keeps its ConcatDataset of the pool and the init folder: they are sampled together
+with the pool's images, but never evicted, never counted in ``len()`` and never written out.
+
+Files (``save_dir``): upstream's ImagePool writes batch ``i`` as ``{i}-{k}.png`` (image ``k`` of
+the batch); ``save_format="png"`` writes that layout, ``"shard"`` one ``shard_{i:06d}.npy`` per
+batch. Batch numbers continue after the highest number already in the directory (scanned once
+per directory and process, then counted on), so neither a second synthesize() call, a second
+synthesizer on the same directory nor a restarted run overwrites earlier files.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import queue
+import re
 import threading
 
 import numpy as np
@@ -28,6 +39,47 @@ from .png import to_uint8, write_png
 
 EVICTION = ("fifo", "random", None)
 SAVE_FORMATS = ("shard", "png")
+
+_NUMBERED = re.compile(r"^(?:(\d+)-\d+\.png|shard_(\d+)\.npy)$")
+_DIR_LOCK = threading.Lock()
+_DIR_NEXT: dict = {}  # absolute directory -> next free batch number (this process)
+
+
+def first_free_batch(root: str) -> int:
+    """1 + the highest batch number of the files in ``root`` (``{i}-{k}.png``, ``shard_{i}.npy``)."""
+    top = -1
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            m = _NUMBERED.match(name)
+            if m:
+                top = max(top, int(m.group(1) or m.group(2)))
+    return top + 1
+
+
+def reserve_batch(root: str) -> int:
+    """The next batch number to write in ``root``: after every file there when the directory was
+    first used by this process, and after every number handed out since."""
+    root = os.path.abspath(root)
+    with _DIR_LOCK:
+        n = _DIR_NEXT.get(root)
+        if n is None:
+            n = first_free_batch(root)
+        _DIR_NEXT[root] = n + 1
+        return n
+
+
+def save_options(save_images, save_format: str = "shard") -> tuple:
+    """(enabled, format) from a synthesizer's ``save_images``/``save_format`` keywords:
+    ``save_images`` False/None (off), True (``save_format``), or a format name ("png", "shard")."""
+    if save_images is None or save_images is False:
+        return False, save_format
+    if save_images is True:
+        return True, save_format
+    if isinstance(save_images, str):
+        if save_images not in SAVE_FORMATS:
+            raise ValueError(f"save_images must be True/False or one of {SAVE_FORMATS}, got {save_images!r}")
+        return True, save_images
+    raise TypeError(f"save_images must be a bool or one of {SAVE_FORMATS}, got {type(save_images).__name__}")
 
 
 class _SaveWorker:
@@ -56,7 +108,8 @@ class _SaveWorker:
             try:
                 if item is None:
                     return
-                idx, batch = item
+                _, batch = item
+                idx = reserve_batch(self.root)  # never an existing file's number
                 arr = batch.cpu().numpy()
                 if self.fmt == "shard":
                     np.save(os.path.join(self.root, f"shard_{idx:06d}.npy"), arr)
@@ -104,9 +157,24 @@ class DataPool:
         self._perm: torch.Tensor | None = None
         self._cursor = 0
         self._saver = _SaveWorker(save_dir, save_format) if save_dir is not None else None
+        self._init: torch.Tensor | None = None  # set_init: sampled with the pool, kept apart
 
     def __len__(self) -> int:
         return self._n
+
+    def set_init(self, images: torch.Tensor) -> None:
+        """Images to sample from besides the synthesized ones (upstream's ``init_dataset``): in
+        [0, 1] or uint8, (N, C, H, W); never evicted, counted or saved."""
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"DataPool.set_init: images must be a non-empty (N, C, H, W) tensor, got "
+                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        x = images.detach()
+        x = (x if x.dtype == torch.uint8 else to_uint8(x)).to(self.device)
+        if self._data is not None and tuple(self._data.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(f"DataPool.set_init: image shape {tuple(x.shape[1:])} differs from the pool's "
+                             f"{tuple(self._data.shape[1:])}")
+        self._init = x
+        self._perm = None
 
     @property
     def seen(self) -> int:
@@ -165,13 +233,15 @@ class DataPool:
         return self._data[: self._n]
 
     def sample_indices(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self._n == 0:
+        """Indices into the kept images followed by the init images (``set_init``)."""
+        total = self._n + (0 if self._init is None else self._init.shape[0])
+        if total == 0:
             raise RuntimeError("DataPool: empty; call synthesize() first")
-        n = min(int(n), self._n)
+        n = min(int(n), total)
         parts = []
         while n > 0:
             if self._perm is None or self._cursor >= self._perm.shape[0]:
-                self._perm = torch.randperm(self._n, device=self.device, generator=generator)
+                self._perm = torch.randperm(total, device=self.device, generator=generator)
                 self._cursor = 0
             take = min(n, self._perm.shape[0] - self._cursor)
             parts.append(self._perm[self._cursor:self._cursor + take])
@@ -182,7 +252,15 @@ class DataPool:
     def sample(self, n: int, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` kept images (at most all of them) as floats in [0, 1]."""
         idx = self.sample_indices(n, generator)
-        return self._data.index_select(0, idx).to(dtype).div_(255.0)
+        if self._init is None:
+            return self._data.index_select(0, idx).to(dtype).div_(255.0)
+        if self._n == 0:
+            return self._init.index_select(0, idx).to(dtype).div_(255.0)
+        # both sources, without a host read of which index goes where: gather from each, pick
+        kept = self._data.index_select(0, idx.clamp(max=self._n - 1))
+        init = self._init.index_select(0, (idx - self._n).clamp(min=0))
+        x = torch.where((idx < self._n).view(-1, 1, 1, 1), kept, init)
+        return x.to(dtype).div_(255.0)
 
     def flush(self):
         if self._saver is not None:
