@@ -364,26 +364,30 @@ def _same(before, after):
             assert after[mod][k] is v, f"{mod}.{k} changed"
 
 
-EXPECTED = {
+CRITERIONS_ALL = {"criterions.kldiv", "criterions.KLDiv", "criterions.jsdiv", "criterions.cross_entropy",
+                  "criterions.class_balance_loss", "criterions.onehot_loss"}
+EXPECTED = {  # what the README's "Synthesizers" section says each harness gets
     "fast-datafree": {
-        "replaced": {"synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer", "synthesis.DeepInvSyntheiszer",
-                     "hooks.DeepInversionHook", "criterions.kldiv", "criterions.KLDiv", "criterions.jsdiv",
-                     "criterions.cross_entropy", "criterions.class_balance_loss", "criterions.onehot_loss",
-                     "models.generator.Generator", "models.generator.DeepGenerator", "utils.Normalizer",
-                     "utils.normalize", "synthesis.GenerativeSynthesizer"},
+        "replaced": CRITERIONS_ALL | {
+            "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer", "synthesis.DeepInvSyntheiszer",
+            "synthesis.GenerativeSynthesizer", "hooks.DeepInversionHook", "models.generator.Generator",
+            "models.generator.DeepGenerator", "models.generator.DCGAN_Generator", "utils.Normalizer",
+            "utils.normalize"},
         "left": set()},
     "nayer": {
-        "replaced": {"synthesis.NAYER", "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer",
-                     "synthesis.DeepInvSyntheiszer", "hooks.DeepInversionHook", "criterions.KLDiv",
-                     "models.generator.NLGenerator", "models.generator.NLDeepGenerator",
-                     "models.generator.Generator", "models.generator.DeepGenerator", "utils.Normalizer"},
+        "replaced": CRITERIONS_ALL | {
+            "synthesis.NAYER", "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer",
+            "synthesis.DeepInvSyntheiszer", "hooks.DeepInversionHook", "models.generator.NLGenerator",
+            "models.generator.NLDeepGenerator", "models.generator.Generator", "models.generator.DeepGenerator",
+            "utils.Normalizer", "utils.normalize"},
         # NAYER's label-conditioned DCGAN_Generator is not fastsynth's; its GenerativeSynthesizer
         # returns a generator loss fastsynth's does not
-        "left": {"synthesis.GenerativeSynthesizer"}},
+        "left": {"synthesis.GenerativeSynthesizer", "models.generator.DCGAN_Generator"}},
     "cmi": {
-        "replaced": {"synthesis.DeepInvSyntheiszer", "hooks.DeepInversionHook", "criterions.KLDiv",
-                     "models.generator.Generator", "models.generator.LargeGenerator", "utils.Normalizer",
-                     "synthesis.GenerativeSynthesizer"},
+        "replaced": CRITERIONS_ALL | {
+            "synthesis.DeepInvSyntheiszer", "synthesis.GenerativeSynthesizer", "hooks.DeepInversionHook",
+            "models.generator.Generator", "models.generator.LargeGenerator", "models.generator.DCGAN_Generator",
+            "utils.Normalizer", "utils.normalize"},
         "left": set()},
 }
 
@@ -394,7 +398,11 @@ def test_patch_replaces_reports_and_unpatch_restores(make_datafree, flavour, cap
     importlib.import_module("datafree.models.generator")  # as the harness's registry.py does
     before = _snapshot(datafree)
     feature_hook = datafree.hooks.FeatureHook
+    own = {c: dict(vars(c)) for c in (fs.FastMetaSynthesizer, fs.FastSynthesizer, fs.NAYER, fs.DeepInvSyntheiszer,
+                                      fs.GenerativeSynthesizer)}
     report = fastsynth.patch(datafree)
+    for c, attrs in own.items():  # fastsynth's own classes are not modified
+        assert dict(vars(c)) == attrs
     line = capsys.readouterr().err
     assert f"flavour={flavour!r}" in line and "replaced synthesis." in line and "; left " in line
     assert report.flavour == flavour
@@ -402,9 +410,21 @@ def test_patch_replaces_reports_and_unpatch_restores(make_datafree, flavour, cap
     assert exp["replaced"] <= set(report.replaced), exp["replaced"] - set(report.replaced)
     assert exp["left"] <= set(report.left)
     assert not set(report.replaced) & set(report.left)
+    # anything else replaced is a name fastsynth gained since (the table is looked up by name);
+    # anything left for want of an equivalent really has none
+    from fastsynth.patch import TABLE
+
+    where = {up: (mod, attr) for up, mod, attr in TABLE}
+    for name in set(report.replaced) - exp["replaced"]:
+        assert name in ("synthesis.CMISynthesizer", "synthesis.FastMetaSynthesizerForImageNet",
+                        "criterions.get_image_prior_losses"), name
+    for name, why in report.left.items():
+        if why == "no fastsynth equivalent":
+            mod, attr = where[name]
+            assert not hasattr(importlib.import_module(mod), attr)
+        assert name.split(".")[-1] in line
     if flavour == "nayer":
-        assert "models.generator.DCGAN_Generator" in report.left
-        assert "DCGAN_Generator" in line
+        assert "parameter 'ngf' at another position" in report.left["models.generator.DCGAN_Generator"]
     # everything the report names as replaced is a fastsynth object now; nothing else moved
     after = _snapshot(datafree)
     changed = set()
@@ -691,7 +711,7 @@ def test_png_numbering_continues_across_calls_and_restarts(tmp_path):
 def test_save_images_png_and_off(tmp_path, make_datafree):
     teacher, student = _models()
     s = fs.DeepInvSyntheiszer(teacher, student, NC, (3, IMG, IMG), iterations=1, synthesis_batch_size=4,
-                              save_dir=str(tmp_path / "png"), save_images="png")
+                              save_dir=str(tmp_path / "png"), save_images="png", num_workers=4)
     s.synthesize()
     s.close()
     assert _png_files(tmp_path / "png") == [f"0-{k}.png" for k in range(4)]
@@ -720,7 +740,7 @@ def test_init_dataset_folder_of_images(tmp_path):
     s = fs.FastMetaSynthesizer(teacher, student, fastsynth.nn.Generator(nz=8, ngf=4, img_size=IMG), nz=8,
                                num_classes=NC, img_size=(3, IMG, IMG), init_dataset=str(tmp_path / "init"),
                                iterations=1, synthesis_batch_size=4, sample_batch_size=64,
-                               save_dir=str(tmp_path / "run"), save_images="png", augment=False)
+                               save_dir=str(tmp_path / "run"), save_images="png", augment=False, pool_capacity=4)
     pool = s.data_pool
     assert len(pool) == 0  # kept apart: not in the pool
     got = pool.sample(64)
@@ -732,8 +752,14 @@ def test_init_dataset_folder_of_images(tmp_path):
     assert len(pool) == 4
     both = pool.sample(64)
     assert both.shape == (9, 3, IMG, IMG)
+    s.synthesize()  # the pool holds 4 (pool_capacity): synthesized images are evicted, init ones never
+    assert len(pool) == 4
+    after = pool.sample(64)
+    assert after.shape == (9, 3, IMG, IMG)
+    for w in want[:4]:
+        assert sum(bool(torch.equal(g, w)) for g in after) == 1
     s.data_pool.flush()
-    assert _png_files(tmp_path / "run") == [f"0-{k}.png" for k in range(4)]  # init images are not written
+    assert _png_files(tmp_path / "run") == [f"{i}-{k}.png" for i in range(2) for k in range(4)]  # not the init ones
     s.close()
     bad = tmp_path / "bad"
     bad.mkdir()
