@@ -107,11 +107,8 @@ TABLE: tuple = (
 # return flavours: functions (synthesizer, fastsynth's result) -> the patched repo's result.
 # fastsynth's own results are Fast-Datafree's (NAYER: NAYER's 4-tuple).
 
-def _bare_dict(synth, result):
-    return result[0] if isinstance(result, tuple) else result
-
-
 def _first(synth, result):
+    """CMI's form: the dict alone from synthesize(), the images alone from sample()."""
     return result[0] if isinstance(result, tuple) else result
 
 
@@ -140,10 +137,10 @@ RETURNS: dict = {
     },
     "cmi": {
         # CMI's DeepInversion has no student BN term (Fast-Datafree's adds -0.001 * student BN)
-        "DeepInvSyntheiszer": {"synthesize": _bare_dict, "student_bn": False},
-        "CMISynthesizer": {"synthesize": _bare_dict},
+        "DeepInvSyntheiszer": {"synthesize": _first, "student_bn": False},
+        "CMISynthesizer": {"synthesize": _first},
         # CMI's generative synthesizer returns a bare dict and sample() the images alone
-        "GenerativeSynthesizer": {"synthesize": _bare_dict, "sample": _first},
+        "GenerativeSynthesizer": {"synthesize": _first, "sample": _first},
     },
 }
 

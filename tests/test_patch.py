@@ -190,15 +190,16 @@ def _fake_sources(flavour: str) -> dict:
     if flavour == "fast-datafree":
         synth = {"fast_meta": [("FastMetaSynthesizer", FAST_META_SIG)], "fast": [("FastSynthesizer", FAST_META_SIG)],
                  "deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
-                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)], "contrastive": [("CMISynthesizer", CMI_SIG)]}
+                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
+                 "contrastive": [("CMISynthesizer", CMI_SIG)]}
         gens, hooks = g_fd + deep + dcgan, HOOKS_FD
         # Fast-Datafree's package __init__ does not import models (its registry.py does)
         init = "from . import criterions, utils, hooks, synthesis\n"
     elif flavour == "nayer":
         synth = {"fast_meta": [("FastMetaSynthesizer", FAST_META_SIG)], "fast": [("FastSynthesizer", FAST_META_SIG)],
                  "deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
-                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)], "contrastive": [("CMISynthesizer", CMI_SIG)],
-                 "nayer": [("NAYER", NAYER_SIG)]}
+                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
+                 "contrastive": [("CMISynthesizer", CMI_SIG)], "nayer": [("NAYER", NAYER_SIG)]}
         nl_extra = "\n    def reinit(self):\n        raise RuntimeError('upstream reinit ran')\n\n" \
                    "    def re_init_le(self):\n        raise RuntimeError('upstream re_init_le ran')\n"
         gens = (_module_stub("NLGenerator", NL_SIG, "targets=None", nl_extra)
@@ -212,7 +213,8 @@ def _fake_sources(flavour: str) -> dict:
         init = "from . import criterions, utils, hooks, synthesis, models\n"
     else:
         synth = {"deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
-                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)], "contrastive": [("CMISynthesizer", CMI_SIG)]}
+                 "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
+                 "contrastive": [("CMISynthesizer", CMI_SIG)]}
         gens = g_fd + _module_stub("LargeGenerator", "nz=100, ngf=64, img_size=32, nc=3", "z") + dcgan
         hooks = HOOKS_CMI
         init = "from . import criterions, utils, hooks, synthesis, models\n"
