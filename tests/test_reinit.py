@@ -301,7 +301,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="2 or more dimensions"):
         reinit_([x], seed, "kaiming_uniform")
     with pytest.raises(ValueError, match="one per tensor"):
-        reinit_([x, x], seed, ["normal", "normal", "normal"])
+        reinit_([x, x.clone()], seed, ["normal", "normal", "normal"])
     with pytest.raises(TypeError, match="a must be"):
         reinit_([x], seed, "normal", "0")
     with pytest.raises(ValueError, match="finite"):
@@ -311,6 +311,60 @@ def test_bad_input():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="share one device|seed must be on"):
             reinit_([x], make_seed(0, "cuda"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_that_overflow_are_refused_on_every_backend(backend):
+    """issue 18: uniform(-3e38, 3e38) on float32 wrote values outside [a, b) (b - a overflows the
+    float32 compute type); bounds or means that do not fit the dtype would be written as inf."""
+    seed = make_seed(0)
+    w32, w16, w64 = _poisoned((1000,)), _poisoned((100,), torch.float16), _poisoned((100,), torch.float64)
+    cases = [
+        ([w32], "uniform", -3e38, 3e38, "b - a <= 3.40282e"),
+        ([w16], "uniform", -1e5, 1.0, "must fit tensors\\[0\\]'s dtype torch.float16"),
+        ([w32], "uniform", 0.0, 1e39, "must fit"),
+        ([w32, w16], "constant", 7e4, 0.0, "does not fit tensors\\[1\\]'s dtype torch.float16"),
+        ([w32], "normal", 0.0, 1e38, "a \\+ 7 b must fit"),
+        ([w16], "normal", 6.5e4, 100.0, "a \\+ 7 b must fit"),
+    ]
+    for ts, dist, a, b, msg in cases:
+        before = [t.clone() for t in ts]
+        with pytest.raises(ValueError, match=msg):
+            reinit_(ts, seed, dist, a, b, backend=backend)
+        for t, t0 in zip(ts, before):  # nothing written
+            assert torch.equal(t.view(torch.uint8), t0.view(torch.uint8))
+    # the largest spans that fit are written inside [a, b), finite
+    reinit_([w32], seed, "uniform", -1.5e38, 1.5e38, backend=backend)
+    assert torch.isfinite(w32).all() and (w32 >= -1.5e38).all() and (w32.double() < 1.5e38).all()
+    reinit_([w64], seed, "uniform", -8e307, 8e307, backend=backend)
+    assert torch.isfinite(w64).all() and (w64 >= -8e307).all() and (w64 < 8e307).all()
+    reinit_([w16], seed, "normal", 0.0, 9000.0, backend=backend)
+    assert torch.isfinite(w16).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensors_one_behaviour_on_every_backend(backend):
+    """issue 18: the cpu and Triton paths wrote into inference tensors the reference refuses;
+    all refuse them outside inference mode and fill them inside it."""
+    with torch.inference_mode():
+        w = torch.zeros(37)
+        seed = make_seed(3)
+    with pytest.raises(ValueError, match=r"tensors\[0\] is an inference tensor"):
+        reinit_([w], make_seed(3), backend=backend)
+    assert (w == 0).all()
+    with torch.inference_mode():
+        reinit_([w], seed, "uniform", 1.0, 2.0, backend=backend)
+    assert ((w >= 1) & (w < 2)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_tensors_are_refused(backend):
+    w = torch.zeros(10, 10)
+    for ts in ([w, w], [w[:5], w[4:]], [w.view(-1)[3:20], w[1]]):
+        with pytest.raises(ValueError, match="overlap in memory"):
+            reinit_(ts, make_seed(0), backend=backend)
+    reinit_([w[:5], w[5:]], make_seed(0), backend=backend)  # adjacent halves are fine
+    assert (w != 0).all()
 
 
 def test_reference_philox_known_answer():

@@ -74,6 +74,7 @@ def _validate(tensors, seed, dist, a, b):
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"reinit_: tensors must be a list of tensors, got {type(tensors).__name__}")
     tensors = list(tensors)
+    compiling = torch.compiler.is_compiling()
     if not tensors:
         raise ValueError("reinit_: tensors must be a non-empty list")
     device = None
@@ -89,6 +90,15 @@ def _validate(tensors, seed, dist, a, b):
         if not t.is_contiguous():
             raise ValueError(f"reinit_: tensors[{i}] must be contiguous (got strides {tuple(t.stride())}); "
                              "fill a contiguous tensor and copy it in")
+        if not compiling and t.is_inference() and not torch.is_inference_mode_enabled():
+            # what an in-place write to it does in eager PyTorch (the reference backend); the
+            # kernels would write it regardless, so every backend refuses it here
+            raise ValueError(f"reinit_: tensors[{i}] is an inference tensor (made under torch.inference_mode()); "
+                             "it can only be re-initialised inside torch.inference_mode()")
+    if device.type == "meta":
+        raise ValueError("reinit_: tensors are meta tensors (no data to fill)")
+    if not compiling:  # traced tensors have no storage address (nor inference flag) to check
+        _check_no_overlap(tensors)
     if not isinstance(seed, torch.Tensor):
         raise TypeError(f"reinit_: seed must be a one-element int64 torch.Tensor, got {type(seed).__name__}")
     if seed.dtype != torch.int64 or seed.numel() != 1:
@@ -109,6 +119,7 @@ def _validate(tensors, seed, dist, a, b):
             raise ValueError(f"reinit_: normal needs std b > 0, got b={bi} (tensor {i})")
         if d == "uniform" and not ai < bi:
             raise ValueError(f"reinit_: uniform needs a < b, got a={ai}, b={bi} (tensor {i})")
+        _check_range(i, tensors[i].dtype, d, ai, bi)
         if d == "kaiming_uniform":
             t = tensors[i]
             if t.dim() < 2:
@@ -117,6 +128,44 @@ def _validate(tensors, seed, dist, a, b):
             if _fan_in(t) == 0:
                 raise ValueError(f"reinit_: kaiming_uniform needs a non-zero fan-in, tensors[{i}] has shape {tuple(t.shape)}")
     return tensors, dists, avals, bvals
+
+
+# |z| of a standard normal draw is below sqrt(-2 ln 2^-32) < 6.7 for the Box-Muller of the
+# CPU/CUDA kernels (u1 >= 2^-24) and of Triton's tl.randn (u1 >= 2^-32)
+_NORMAL_MAX_Z = 7.0
+
+
+def _check_range(i: int, dtype: torch.dtype, dist: str, a: float, b: float) -> None:
+    """Refuse parameters whose values would not fit the tensor's dtype (written as inf) or whose
+    arithmetic overflows the compute type (float32 for 32 bits or fewer, float64 for float64):
+    uniform computes a + (b - a) u, so b - a must be finite, or values land outside [a, b)."""
+    big = torch.finfo(dtype).max
+    big_compute = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    if dist == "constant":
+        if abs(a) > big:
+            raise ValueError(f"reinit_: constant a={a!r} does not fit tensors[{i}]'s dtype {dtype} (max {big:g})")
+    elif dist == "uniform":
+        if max(abs(a), abs(b)) > big:
+            raise ValueError(f"reinit_: uniform bounds a={a!r}, b={b!r} must fit tensors[{i}]'s dtype {dtype} "
+                             f"(|a|, |b| <= {big:g})")
+        if b - a > big_compute:
+            raise ValueError(f"reinit_: uniform needs b - a <= {big_compute:g} (the largest finite value of the "
+                             f"compute type of {dtype}), got a={a!r}, b={b!r} (tensors[{i}])")
+    elif dist == "normal":
+        if abs(a) + _NORMAL_MAX_Z * b > big:
+            raise ValueError(f"reinit_: normal mean a={a!r}, std b={b!r}: a + {_NORMAL_MAX_Z:g} b must fit "
+                             f"tensors[{i}]'s dtype {dtype} (max {big:g}), or draws are written as inf")
+
+
+def _check_no_overlap(tensors) -> None:
+    """Two tensors of the list sharing memory would be written twice, in an order that differs
+    between backends (the kernels write in parallel)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(tensors) if t.numel() > 0)
+    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            i, j = sorted((i0, i1))
+            raise ValueError(f"reinit_: tensors[{i}] and tensors[{j}] overlap in memory; pass each tensor once")
 
 
 def _params(t: torch.Tensor, dist: str, a: float, b: float) -> tuple[float, float]:
