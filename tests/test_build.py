@@ -6,6 +6,8 @@ import fastsynth
 from fastsynth import _ext
 from fastsynth.backend import check_tensor, resolve_backend
 
+from conftest import GPU_PRESENT, TRITON_INTERPRETED
+
 
 def test_extension_loaded_and_reports_backends():
     info = fastsynth.build_info()
@@ -28,7 +30,11 @@ def test_backend_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_backend(None, cpu, "op") == "cpu"
     assert resolve_backend("reference", cpu, "op") == "reference"
-    assert resolve_backend("triton", cpu, "op") == "triton"  # conftest sets TRITON_INTERPRET=1
+    if TRITON_INTERPRETED:  # conftest sets TRITON_INTERPRET=1 where no GPU is present
+        assert resolve_backend("triton", cpu, "op") == "triton"
+    else:
+        with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
+            resolve_backend("triton", cpu, "op")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("gpu", cpu, "op")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
@@ -44,3 +50,26 @@ def test_check_tensor_messages_name_the_argument():
         check_tensor("feature", torch.zeros(0, 3), nonempty=True)
     with pytest.raises(TypeError, match="feature must be a torch.Tensor"):
         check_tensor("feature", [1.0])
+
+
+def test_triton_interpreter_only_without_a_gpu():
+    """conftest: the interpreter where no GPU is present (CPU tensors), the compiled path on a GPU
+    (the interpreter would read device addresses from host memory); an explicit setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = ("import os, sys; sys.path.insert(0, sys.argv[1]); import conftest; "
+             "print(os.environ.get('TRITON_INTERPRET'), conftest.TRITON_INTERPRETED, conftest.GPU_PRESENT)")
+
+    def run(**env):
+        e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        e.update(env, PYTHONPATH=os.path.dirname(here))
+        out = subprocess.run([sys.executable, "-c", probe, here], env=e, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-3:]
+
+    assert run() == (["None", "False", "True"] if GPU_PRESENT else ["1", "True", "False"])
+    assert run(TRITON_INTERPRET="0")[:2] == ["0", "False"]
+    assert TRITON_INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")
