@@ -185,8 +185,10 @@ def test_bad_input_is_a_clear_error():
         noisy_linear(x.float(), w, bias, 10)
     with pytest.raises(TypeError, match="x must be a floating"):
         noisy_linear(x.long(), w, bias, 10)
-    for nl in (0, 2.5, True):
-        with pytest.raises(ValueError, match="nl"):
+    with pytest.raises(ValueError, match=r"nl \(rows per layer\) must be a positive int, got 0"):
+        noisy_linear(x, w, bias, 0)
+    for nl in (2.5, True, torch.tensor(10)):
+        with pytest.raises(TypeError, match=r"nl \(rows per layer\) must be a positive int"):
             noisy_linear(x, w, bias, nl)
 
 

@@ -15,6 +15,7 @@ No module here hard-codes a device: ``clone()`` and ``reinit()`` return modules 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,45 @@ from .upsample_conv import UpsampleConvSequential
 
 __all__ = ["Generator", "DeepGenerator", "NLGenerator", "NLDeepGenerator", "NoisyLayers", "LargeGenerator",
            "DCGAN_Generator"]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: a wrong configuration or input raises here, naming the argument, instead of
+# failing later inside a matmul, a view or an index (issue 18). Forward checks read only shapes,
+# dtypes and devices (no host sync); the class-index range of NAYER targets is checked where the
+# targets already are on the host (CPU, eager).
+
+
+def _check_dim(owner: str, name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_like(owner: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """``t`` (a floating input) on the device of the parameter ``ref``, in its dtype unless
+    autocast is on (autocast casts the operands of the first layer itself)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{owner}: {name} must be on the generator's device {ref.device}, got {t.device}")
+    if t.dtype != ref.dtype and not (t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)):
+        raise TypeError(f"{owner}: {name} must have the generator's dtype {ref.dtype}, got {t.dtype} "
+                        f"(convert the generator with .to({t.dtype}) or the input with .to({ref.dtype}))")
+
+
+def _check_latent(owner: str, z, ref: torch.Tensor, nz: int, spatial_ok: bool = False) -> None:
+    """``z``: [B, nz] with B >= 1 (``spatial_ok``: also [B, nz, h, w])."""
+    want = f"[B, nz={nz}]" + (f" or [B, nz={nz}, h, w]" if spatial_ok else "")
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{owner}: z must be a torch.Tensor {want}, got {type(z).__name__}")
+    if z.dim() not in ((2, 4) if spatial_ok else (2,)) or z.shape[1] != nz:
+        raise ValueError(f"{owner}: z must be {want}, got shape {tuple(z.shape)}")
+    if z.shape[0] == 0:
+        raise ValueError(f"{owner}: z must hold at least one sample (B >= 1), got shape {tuple(z.shape)}")
+    _check_like(owner, "z", z, ref)
 
 
 def _conv_blocks_32(ngf: int, nc: int) -> nn.Sequential:
@@ -83,6 +123,7 @@ class Generator(nn.Module):
         super().__init__()
         if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
             raise ValueError(f"Generator: img_size must be a positive multiple of 4, got {img_size!r}")
+        nz, ngf, nc = (_check_dim("Generator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
         # nl: NAYER's 5-argument form Generator(nz, ngf, img_size, nc, nl) keeps nl in params
         # (its clone() passes it on) and never uses it; Fast-Datafree's form has 4 params
         self.params = (nz, ngf, img_size, nc) if nl is None else (nz, ngf, img_size, nc, nl)
@@ -92,6 +133,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y=None) -> torch.Tensor:
         # y: accepted and ignored, as NAYER's Generator.forward(z, y=None)
+        lin = self.l1[0]
+        _check_latent(type(self).__name__, z, lin.weight, lin.in_features)
         out = self.l1(z)
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
@@ -114,8 +157,9 @@ class DeepGenerator(nn.Module):
 
     def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 224, nc: int = 3):
         super().__init__()
-        if img_size % 32:
-            raise ValueError(f"DeepGenerator: img_size must be a multiple of 32, got {img_size}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % 32:
+            raise ValueError(f"DeepGenerator: img_size must be a positive multiple of 32, got {img_size!r}")
+        nz, ngf, nc = (_check_dim("DeepGenerator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
         self.params = (nz, ngf, img_size, nc)
         self.init_size = img_size // 32
         self.z_size = img_size // 16
@@ -123,6 +167,8 @@ class DeepGenerator(nn.Module):
         self.conv_blocks = _conv_blocks_deep(nz, ngf, nc)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        conv = self.conv_blocks[0]
+        _check_latent(type(self).__name__, z, conv.weight, conv.in_channels, spatial_ok=True)
         if z.dim() == 2:
             z = z[:, :, None, None].expand(-1, -1, self.z_size, self.z_size)
         return self.conv_blocks(z)
@@ -147,6 +193,8 @@ class NoisyLayers(nn.Module):
 
     def __init__(self, k: int, in_features: int, out_features: int, nl: int):
         super().__init__()
+        k, in_features, out_features, nl = (_check_dim("NoisyLayers", n, v) for n, v in (
+            ("k", k), ("in_features", in_features), ("out_features", out_features), ("nl", nl)))
         self.k, self.nl = k, nl
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(k, in_features, out_features))
@@ -192,12 +240,16 @@ class _NoisyGeneratorBase(nn.Module):
     """Shared by NLGenerator and NLDeepGenerator: label embedding -> BN1d -> noisy layers -> l1."""
 
     def _init_noisy(self, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz):
+        owner = type(self).__name__
         self.params = (ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        for n, v in (("ngf", ngf), ("nc", nc), ("nl", nl), ("le_emb_size", le_emb_size), ("le_size", le_size),
+                     ("sbz", sbz)):
+            _check_dim(owner, n, v)
         self.le_emb_size, self.le_size, self.nl, self.sbz = le_emb_size, le_size, nl, sbz
         self.nle = int(math.ceil(sbz / nl))
         if label_emb is not None:
             label_emb = torch.as_tensor(label_emb)
-            if label_emb.dim() != 2 or label_emb.shape[1] != le_size:
+            if label_emb.dim() != 2 or label_emb.shape[1] != le_size or label_emb.shape[0] == 0:
                 raise ValueError(f"{type(self).__name__}: label_emb must be [num_classes, le_size={le_size}], "
                                  f"got shape {tuple(label_emb.shape)}")
             if label_emb.dtype not in (torch.float32, torch.float64):
@@ -221,8 +273,34 @@ class _NoisyGeneratorBase(nn.Module):
         if self.label_emb is None:
             raise ValueError(f"{type(self).__name__}: label_emb was not given; pass label_emb=[num_classes, le_size] "
                              "(see fastsynth.lte)")
+        targets = self._check_targets(targets)
         le = self.n1(self.label_emb[targets])
         return self.l1(self.le1(le))
+
+    def _check_targets(self, targets) -> torch.Tensor:
+        """targets: class indices [B], 1 <= B <= sbz-sized noisy rows, on label_emb's device (a
+        list of ints is taken as a tensor, as upstream's indexing takes it)."""
+        owner, emb = type(self).__name__, self.label_emb
+        n = emb.shape[0]
+        if not isinstance(targets, torch.Tensor):
+            try:
+                targets = torch.as_tensor(targets, device=emb.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"{owner}: targets must be a tensor of class indices [B], got "
+                                f"{type(targets).__name__}") from None
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{owner}: targets must be int64 (or int32) class indices [B], got dtype {targets.dtype}")
+        if targets.dim() != 1 or targets.shape[0] == 0:
+            raise ValueError(f"{owner}: targets must be class indices of shape [B] with B >= 1, "
+                             f"got shape {tuple(targets.shape)}")
+        if targets.device != emb.device:
+            raise ValueError(f"{owner}: targets must be on the generator's device {emb.device}, got {targets.device}")
+        if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(targets)
+            if int(lo) < 0 or int(hi) >= n:
+                raise ValueError(f"{owner}: targets must be class indices in [0, {n}) (label_emb has {n} rows), "
+                                 f"got values in [{int(lo)}, {int(hi)}]")
+        return targets
 
     def upstream_state_dict(self) -> dict:
         """The state_dict with the upstream key layout (le1.{i}.weight [out, in], le1.{i}.bias)."""
@@ -245,8 +323,8 @@ class NLGenerator(_NoisyGeneratorBase):
     def __init__(self, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int = 100, label_emb=None,
                  le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
         super().__init__()
-        if img_size % 4:
-            raise ValueError(f"NLGenerator: img_size must be a multiple of 4, got {img_size}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
+            raise ValueError(f"NLGenerator: img_size must be a positive multiple of 4, got {img_size!r}")
         self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
@@ -265,8 +343,8 @@ class NLDeepGenerator(_NoisyGeneratorBase):
     def __init__(self, ngf: int = 64, img_size: int = 224, nc: int = 3, nl: int = 100, label_emb=None,
                  le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
         super().__init__()
-        if img_size % 16:
-            raise ValueError(f"NLDeepGenerator: img_size must be a multiple of 16, got {img_size}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % 16:
+            raise ValueError(f"NLDeepGenerator: img_size must be a positive multiple of 16, got {img_size!r}")
         self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
         self.init_size = img_size // 16
         self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
@@ -289,6 +367,7 @@ class LargeGenerator(nn.Module):
         super().__init__()
         if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
             raise ValueError(f"LargeGenerator: img_size must be a positive multiple of 4, got {img_size!r}")
+        nz, ngf, nc = (_check_dim("LargeGenerator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
         self.params = (nz, ngf, img_size, nc)
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(nz, ngf * 4 * self.init_size ** 2))
@@ -307,6 +386,8 @@ class LargeGenerator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lin = self.l1[0]
+        _check_latent(type(self).__name__, z, lin.weight, lin.in_features)
         out = self.l1(z)
         out = out.view(out.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
@@ -331,6 +412,7 @@ class DCGAN_Generator(nn.Module):  # noqa: N801 (upstream name)
         if len(hw) != 2 or not all(isinstance(v, int) and v > 0 and v % 16 == 0 for v in hw):
             raise ValueError(f"DCGAN_Generator: img_size must be a positive multiple of 16 or an (H, W) pair of "
                              f"them, got {img_size!r}")
+        nz, ngf, nc = (_check_dim("DCGAN_Generator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
         self.params = (nz, ngf, nc, img_size, slope)
         self.nz = nz
         self.init_size = (hw[0] // 16, hw[1] // 16)
@@ -348,6 +430,12 @@ class DCGAN_Generator(nn.Module):  # noqa: N801 (upstream name)
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lin = self.project[1]
+        # upstream flattens z first: [B, nz] and [B, nz, 1, 1] are both taken
+        if isinstance(z, torch.Tensor) and z.dim() > 2 and math.prod(z.shape[1:]) == self.nz:
+            _check_latent(type(self).__name__, z.reshape(z.shape[0], -1), lin.weight, self.nz)
+        else:
+            _check_latent(type(self).__name__, z, lin.weight, self.nz)
         proj = self.project(z)
         proj = proj.view(proj.shape[0], -1, self.init_size[0], self.init_size[1])
         return self.main(proj)

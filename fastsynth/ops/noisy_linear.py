@@ -27,6 +27,8 @@ Backends:
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import _ext
@@ -65,9 +67,11 @@ def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _validate(x, weight, bias, nl):
-    check_tensor("x", x, ndim=2)
-    check_tensor("weight", weight, ndim=3, device=x.device)
-    check_tensor("bias", bias, ndim=2, device=x.device)
+    """Shapes, dtypes, devices and nl, before any kernel runs. An empty batch (B = 0) is valid, as
+    for nn.Linear: the output is [0, out_features] and the weight gradients are zero."""
+    check_tensor(f"{OP}: x", x, ndim=2)
+    check_tensor(f"{OP}: weight", weight, ndim=3, device=x.device)
+    check_tensor(f"{OP}: bias", bias, ndim=2, device=x.device)
     if weight.dtype != x.dtype or bias.dtype != x.dtype:
         raise TypeError(f"{OP}: x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, {bias.dtype}")
     k, i, o = weight.shape
@@ -76,7 +80,9 @@ def _validate(x, weight, bias, nl):
                          f"got shape {tuple(x.shape)}")
     if tuple(bias.shape) != (k, o):
         raise ValueError(f"{OP}: bias must be [K={k}, out_features={o}], got shape {tuple(bias.shape)}")
-    if isinstance(nl, bool) or not isinstance(nl, int) or nl < 1:
+    if isinstance(nl, bool) or not isinstance(nl, numbers.Integral):
+        raise TypeError(f"{OP}: nl (rows per layer) must be a positive int, got {type(nl).__name__} {nl!r}")
+    if nl < 1:
         raise ValueError(f"{OP}: nl (rows per layer) must be a positive int, got {nl!r}")
     if x.shape[0] > k * nl:
         raise ValueError(f"{OP}: batch {x.shape[0]} exceeds the {k} noisy layers x nl={nl} rows ({k * nl})")
@@ -112,7 +118,9 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nl: 
 
     ``x``: [B, in_features] with B <= K * nl (the last block may be partial; layers past the
     batch are unused and get zero gradients), ``weight``: [K, in_features, out_features],
-    ``bias``: [K, out_features]. Returns [B, out_features].
+    ``bias``: [K, out_features]. Returns [B, out_features]; B = 0 gives an empty output.
+    ``backend``: "cpu" asks for the fused CPU kernel (float32/float64); every other backend, and
+    CUDA tensors, run the batched GEMM of the reference (no CUDA or Triton kernel exists).
     """
     _validate(x, weight, bias, nl)
     be = resolve_backend(backend, x.device, OP)
