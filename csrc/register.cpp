@@ -81,6 +81,19 @@ TORCH_LIBRARY(fastsynth, m) {
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
   // ---- end residual join ----
 
+  // ---- CMI synthesizer (fastsynth/ops/contrastive_loss.py) ----
+  // Cross-entropy of the rows of scale * q k^T against the diagonal labels, the first n_split
+  // rows and the others averaged separately and summed; with the unit gradients w.r.t. q and k
+  // (empty [0] where not requested). Backward: logit_loss_backward scales them.
+  m.def(
+      "contrastive_ce(Tensor queries, Tensor keys, float scale, int n_split, bool need_grad_queries, "
+      "bool need_grad_keys) -> (Tensor loss, Tensor grad_queries, Tensor grad_keys)");
+  // Per-sample channel means over H, W of every 4-D map, side by side: [B, sum_l C_l] (fp32 for
+  // fp16/bf16/fp32 maps, fp64 for fp64); the backward spreads grad / (H W) over each plane.
+  m.def("instance_mean_multi(Tensor[] xs) -> Tensor");
+  m.def("instance_mean_multi_backward(Tensor[] xs, Tensor grad) -> Tensor[]");
+  // ---- end CMI synthesizer ----
+
   // ---- frozen-weight 3x3 convolution (fastsynth/winograd.py) ----
   // conv2d(x, w, bias, stride 1, padding 1) by Winograd F(2x2, 3x3) with u = G w G^T laid out
   // (16, C, K), computed once per weight by the caller. input_grad: the same u gives the input

@@ -1,0 +1,204 @@
+"""Triton kernels of the fused contrastive cross-entropy (math: fastsynth/ops/contrastive_loss.py).
+
+Flash-attention layout, three kernels, the M x M similarity matrix never stored:
+
+  _lse_kernel     one program per block of BM query rows; loops over BN-key blocks with an online
+                  log-sum-exp of S = scale * q k^T; picks the diagonal S_ii on the way; writes
+                  lse_i and the weighted row loss w_i (lse_i - S_ii).
+  _grad_q_kernel  per query block: recomputes S, G = w scale (exp(S - lse) - I), dq = G k.
+  _grad_k_kernel  per key block: loops over query blocks, dk = G^T q (written once per key
+                  block: no atomics, deterministic).
+
+The batch loss is the ordered sum of the row losses (one reduction by the launcher). The feature
+dimension is held whole in a block (D <= MAX_D, padded to a power of two). fp32 products use
+IEEE fp32 (input_precision="ieee", no TF32) to match torch's default; fp16/bf16 inputs go to
+tensor cores with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_D = 1024
+# finite "minus infinity": exp(_NEG_BIG - m) is 0 and 0 * (m_new - m) stays 0 (a tl.constexpr so
+# the compiler, not only the interpreter, accepts it inside @triton.jit code)
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _params(scale_hi, scale_lo, n_split, M, ACC: tl.constexpr):
+    """(scale, w0, w1) in ACC. The scale arrives as two fp32-exact halves: float kernel arguments
+    are fp32 under the interpreter (and when not annotated), which would round an fp64 1/temperature
+    to 24 bits; hi + lo carries ~48. The row weights are computed here from the integer counts
+    (exact divisions in ACC) rather than passed as rounded floats."""
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+    # tl.cast: an argument equal to 1 may arrive as a constexpr (Triton's integer specialisation)
+    w0 = 1.0 / tl.cast(n_split, ACC)
+    w1 = 1.0 / tl.cast(tl.maximum(M - n_split, 1), ACC)  # unused (no row >= n_split) when n_split == M
+    return scale, w0, w1
+
+
+@triton.jit
+def _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE: tl.constexpr,
+         UPCAST: tl.constexpr):
+    """scale * q[rows] k[cols]^T as a [BM, BN] ACC block (rows/cols past M read zeros). UPCAST:
+    the operands are widened to fp32 after the load (bf16 under the interpreter, whose tl.dot
+    multiplies the raw uint16 storage of bf16; bf16 x bf16 products are exact in fp32, so the
+    result is what tensor cores with fp32 accumulation give)."""
+    q = tl.load(q_ptr + rows[:, None] * sqm + dcol[None, :] * sqd,
+                mask=(rows[:, None] < M) & (dcol[None, :] < D), other=0.0)
+    k = tl.load(k_ptr + cols[:, None] * skm + dcol[None, :] * skd,
+                mask=(cols[:, None] < M) & (dcol[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * scale, q, k
+
+
+@triton.jit
+def _lse_kernel(
+    q_ptr,  # [M, D] queries, strides (sqm, sqd)
+    k_ptr,  # [M, D] keys, strides (skm, skd)
+    lse_ptr,  # [M] ACC out: log-sum-exp of each similarity row
+    loss_ptr,  # [M] ACC out: w_i (lse_i - S_ii)
+    M, D, sqm, sqd, skm, skd,
+    scale_hi, scale_lo, n_split,  # 1/temperature = scale_hi + scale_lo; rows < n_split weigh 1/n_split,
+    # the others 1/(M - n_split)
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    dcol = tl.arange(0, BD)
+    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
+    m_i = tl.full([BM], _NEG_BIG, ACC)
+    l_i = tl.zeros([BM], ACC)
+    diag = tl.zeros([BM], ACC)
+    for n0 in range(0, M, BN):
+        cols = n0 + tl.arange(0, BN)
+        s, q, k = _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE, UPCAST)
+        s = s.to(ACC)
+        s = tl.where(cols[None, :] < M, s, _NEG_BIG)
+        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], s, 0.0), axis=1)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    w = tl.where(rows < n_split, w0, w1).to(ACC)
+    valid = rows < M
+    tl.store(lse_ptr + rows, lse, mask=valid)
+    tl.store(loss_ptr + rows, w * (lse - diag), mask=valid)
+
+
+@triton.jit
+def _grad_q_kernel(
+    q_ptr, k_ptr,  # [M, D] as in _lse_kernel
+    lse_ptr,  # [M] ACC: from _lse_kernel
+    gq_ptr,  # [M, D] out, contiguous: d loss / d q for a unit grad_loss
+    M, D, sqm, sqd, skm, skd,
+    scale_hi, scale_lo, n_split,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    dcol = tl.arange(0, BD)
+    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
+    lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+    ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
+    ws = tl.where(rows < M, ws, 0.0)
+    acc = tl.zeros([BM, BD], ACC)
+    for n0 in range(0, M, BN):
+        cols = n0 + tl.arange(0, BN)
+        s, q, k = _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE, UPCAST)
+        s = s.to(ACC)
+        p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
+        g = ws[:, None] * (p - tl.where(rows[:, None] == cols[None, :], 1.0, 0.0))
+        if IEEE:
+            acc += tl.dot(g.to(q_ptr.dtype.element_ty).to(k.dtype), k, input_precision="ieee").to(ACC)
+        else:
+            acc += tl.dot(g.to(q_ptr.dtype.element_ty).to(k.dtype), k).to(ACC)
+    tl.store(gq_ptr + rows[:, None] * D + dcol[None, :], acc.to(gq_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (dcol[None, :] < D))
+
+
+@triton.jit
+def _grad_k_kernel(
+    q_ptr, k_ptr,  # [M, D] as in _lse_kernel
+    lse_ptr,  # [M] ACC: from _lse_kernel
+    gk_ptr,  # [M, D] out, contiguous: d loss / d k for a unit grad_loss
+    M, D, sqm, sqd, skm, skd,
+    scale_hi, scale_lo, n_split,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * BN + tl.arange(0, BN)
+    dcol = tl.arange(0, BD)
+    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
+    acc = tl.zeros([BN, BD], ACC)
+    for m0 in range(0, M, BM):
+        rows = m0 + tl.arange(0, BM)
+        lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+        ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
+        ws = tl.where(rows < M, ws, 0.0)
+        s, q, k = _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE, UPCAST)
+        s = s.to(ACC)
+        p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
+        g = ws[:, None] * (p - tl.where(rows[:, None] == cols[None, :], 1.0, 0.0))  # [BM, BN]
+        if IEEE:
+            acc += tl.dot(tl.trans(g.to(q_ptr.dtype.element_ty).to(q.dtype)), q, input_precision="ieee").to(ACC)
+        else:
+            acc += tl.dot(tl.trans(g.to(q_ptr.dtype.element_ty).to(q.dtype)), q).to(ACC)
+    tl.store(gk_ptr + cols[:, None] * D + dcol[None, :], acc.to(gk_ptr.dtype.element_ty),
+             mask=(cols[:, None] < M) & (dcol[None, :] < D))
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def block_sizes(m: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BN, BD): 16-row blocks under the interpreter (fast), 64 x 64 on a GPU (32 for wide D or fp64)."""
+    bd = max(16, triton.next_power_of_2(d))
+    if q_interpreting():
+        return 16, 16, bd
+    big = 64 if (bd <= 128 and dtype != torch.float64) else 32
+    return big, big, bd
+
+
+def q_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def contrastive_ce(q: torch.Tensor, k: torch.Tensor, scale: float, n_split: int, need_grad_q: bool,
+                   need_grad_k: bool):
+    """(loss, grad_q, grad_k) as the C++ op fastsynth::contrastive_ce (empty [0] grads where not asked)."""
+    m, d = q.shape
+    acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bm, bn, bd = block_sizes(m, d, q.dtype)
+    scale_hi = float(torch.tensor(scale, dtype=torch.float32))  # fp32-exact halves, see _params
+    scale_lo = float(scale) - scale_hi
+    upcast = q.dtype == torch.bfloat16 and q_interpreting()  # see _sim
+    ieee = q.dtype in (torch.float32, torch.float64) or upcast
+    lse = torch.empty(m, dtype=acc_dt, device=q.device)
+    row_loss = torch.empty(m, dtype=acc_dt, device=q.device)
+    args = (m, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale_hi, scale_lo, int(n_split))
+    meta = dict(BM=bm, BN=bn, BD=bd, ACC=_acc(q.dtype), IEEE=ieee, UPCAST=upcast)
+    _lse_kernel[(triton.cdiv(m, bm),)](q, k, lse, row_loss, *args, **meta)
+    gq = torch.empty(0, dtype=q.dtype, device=q.device)
+    gk = torch.empty(0, dtype=k.dtype, device=k.device)
+    if need_grad_q:
+        gq = torch.empty((m, d), dtype=q.dtype, device=q.device)
+        _grad_q_kernel[(triton.cdiv(m, bm),)](q, k, lse, gq, *args, **meta)
+    if need_grad_k:
+        gk = torch.empty((m, d), dtype=k.dtype, device=k.device)
+        _grad_k_kernel[(triton.cdiv(m, bn),)](q, k, lse, gk, *args, **meta)
+    return row_loss.sum(), gq, gk
