@@ -8,6 +8,13 @@ PIL image of a rebuilt DataLoader (sampling). Here one call handles the whole ba
 with per-sample offsets oy_b, ox_b uniform in [0, 2*padding] and flips f_b ~ Bernoulli(1/2),
 all drawn in one random call; the crop and the flip are a single gather (its backward is one
 scatter-add), then normalisation is one fused multiply-add. No per-image Python, no host sync.
+
+Random numbers and compiled steps: torch.compile cannot trace a random op that takes a
+``torch.Generator``, so the synthesizers draw the codes (``Augment.draw`` / ``jitter_codes``)
+outside the compiled region, with their private generator, and pass them in as
+``codes=(tensor, n)``, ``n`` being the number of codes they were drawn from; ``crop_flip`` /
+``jitter_flip`` check ``n`` against the input's shape (a plain Python comparison, free under
+tracing). The same numbers in eager and compiled steps; called without codes they draw them.
 """
 from __future__ import annotations
 
@@ -21,6 +28,34 @@ def _flat_gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width:
     H, W = rows.shape[1], cols.shape[1]
     idx = (rows.unsqueeze(2) * width + cols.unsqueeze(1)).reshape(B, 1, H * W).expand(B, C, H * W)
     return torch.gather(x.reshape(B, C, -1), 2, idx).view(B, C, H, W)
+
+
+def crop_flip_count(hw, padding: int, size=None) -> int:
+    """How many (oy, ox, flip) codes ``crop_flip`` picks from for an input of size ``hw``."""
+    H, W = int(hw[0]), int(hw[1])
+    oh, ow = (H, W) if size is None else (int(size[0]), int(size[1]))
+    return (H + 2 * padding - oh + 1) * (W + 2 * padding - ow + 1) * 2
+
+
+def jitter_count(hw, lim: float = 1.0 / 8.0) -> int:
+    """How many (offsets, flip) codes ``jitter_flip`` picks from for an input of size ``hw``."""
+    return (2 * int(hw[0] * lim) + 1) * (2 * int(hw[1] * lim) + 1) * 2
+
+
+def jitter_codes(hw, device, generator: torch.Generator | None = None, lim: float = 1.0 / 8.0):
+    """The random code of one ``jitter_flip`` call on inputs of size ``hw``, as ``(tensor, n)``."""
+    n = jitter_count(hw, lim)
+    return torch.randint(0, n, (1,), device=device, generator=generator), n
+
+
+def _codes(codes, n_codes: int, count: int, device, generator, what: str) -> torch.Tensor:
+    if codes is None:
+        return torch.randint(0, n_codes, (count,), device=device, generator=generator)
+    t, n = codes
+    if n != n_codes or tuple(t.shape) != (count,):
+        raise ValueError(f"codes: {what} of this input needs {count} codes out of {n_codes}, got "
+                         f"{tuple(t.shape)} codes out of {n} (drawn for another input size?)")
+    return t
 
 
 _TABLE_MAX_BYTES = 8 * 2**20
@@ -53,9 +88,10 @@ def _crop_tables(B: int, C: int, ph: int, pw: int, oh: int, ow: int, flip: bool,
 
 
 def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, codes=None) -> torch.Tensor:
     """Per-sample random crop of ``size`` (default: the input size) from the zero-padded batch,
-    and a per-sample random horizontal flip. x: (B, C, H, W)."""
+    and a per-sample random horizontal flip. x: (B, C, H, W). ``codes``: ``(B codes, n)`` drawn
+    beforehand (``Augment.draw``); then ``generator`` is not used."""
     B, C, H, W = x.shape
     oh, ow = (H, W) if size is None else (int(size[0]), int(size[1]))
     if padding == 0 and not flip and (oh, ow) == (H, W):
@@ -69,7 +105,7 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
                          f"the image size + 2*padding")
     ny, nx = ph - oh + 1, pw - ow + 1
     # one draw encodes (oy, ox, flip) for every sample
-    code = torch.randint(0, ny * nx * 2, (B,), device=x.device, generator=generator)
+    code = _codes(codes, ny * nx * 2, B, x.device, generator, "crop_flip")
     xp = F.pad(x, (padding, padding, padding, padding)) if padding > 0 else x
     tables = None if torch.compiler.is_compiling() else _crop_tables(B, C, ph, pw, oh, ow, flip, x.device)
     if tables is not None:
@@ -90,12 +126,13 @@ def crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True, size=None,
 
 
 def jitter_flip(x: torch.Tensor, lim: float = 1.0 / 8.0, do_flip: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, codes=None) -> torch.Tensor:
     """DeepInversion's batch-wide jitter (torch.roll by random offsets in [-lim*H, lim*H]) and
-    random horizontal flip, with the offsets drawn on the device (no host RNG, no recompiles)."""
+    random horizontal flip, with the offsets drawn on the device (no host RNG, no recompiles).
+    ``codes``: ``jitter_codes(...)`` drawn beforehand; then ``generator`` is not used."""
     B, C, H, W = x.shape
     l0, l1 = int(H * lim), int(W * lim)
-    r = torch.randint(0, (2 * l0 + 1) * (2 * l1 + 1) * 2, (1,), device=x.device, generator=generator)
+    r = _codes(codes, jitter_count((H, W), lim), 1, x.device, generator, "jitter_flip")
     off1 = r // ((2 * l1 + 1) * 2) - l0
     off2 = (r // 2) % (2 * l1 + 1) - l1
     ar_h = torch.arange(H, device=x.device)
@@ -118,9 +155,18 @@ class Augment:
         self.size = size
         self.enabled = bool(enabled)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, batch: int, hw, device, generator: torch.Generator | None = None):
+        """The random codes of one call on ``batch`` images of size ``hw`` (H, W), as
+        ``(tensor, n)`` (None when disabled): drawn outside a compiled step and passed to
+        ``__call__(x, codes=...)``."""
+        if not self.enabled:
+            return None
+        n = crop_flip_count(hw, self.padding, self.size)
+        return torch.randint(0, n, (batch,), device=device, generator=generator), n
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, codes=None) -> torch.Tensor:
         if self.enabled:
-            x = crop_flip(x, self.padding, self.flip, self.size, generator=generator)
+            x = crop_flip(x, self.padding, self.flip, self.size, generator=generator, codes=codes)
         if self.normalizer is not None:
             x = self.normalizer(x)
         return x

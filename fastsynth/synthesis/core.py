@@ -294,6 +294,8 @@ class SynthCore(BaseSynthesis):
             self.cuda_graph = False
         self._compiled: dict = {}
         self._graphs: dict = {}
+        self._graph_values: dict = {}  # key -> the settings its graph was captured with
+        self.last_dropped = 0  # images the last synthesize() call reported dropped (_add_to_pool)
         self._logit_loss = synthesis_logit_loss
         self.data_iter = None  # upstream attribute; sample() uses the pool
         # per-step losses as device tensors (no sync), for curves and tests; eager/compile modes
@@ -363,10 +365,18 @@ class SynthCore(BaseSynthesis):
         _fuse.refresh_folds(view)
         return view
 
-    def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool):
-        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2)."""
+    def _draw_aug(self, batch: int):
+        """The augmentation's random codes for one step on generated images of ``img_size``,
+        drawn here, outside the compiled forward (torch.compile cannot trace a random op given a
+        generator) and inside a captured step (so every replay draws fresh ones)."""
         with nvtx_range("augment", self._nvtx):
-            x_aug = self.aug(x, generator=self._rng)
+            return self.aug.draw(batch, self.img_size[-2:], self.device, self._rng)
+
+    def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool, aug_codes=None):
+        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2);
+        ``aug_codes``: the augmentation's random codes (``_draw_aug``)."""
+        with nvtx_range("augment", self._nvtx):
+            x_aug = self.aug(x, generator=self._rng, codes=aug_codes)
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
@@ -440,7 +450,68 @@ class SynthCore(BaseSynthesis):
         x = self.data_pool.sample(self.sample_batch_size, generator=self._rng)
         return self.sample_aug(x, generator=self._rng)
 
+    def _graph_settings(self) -> tuple:
+        """The Python values a captured step bakes in: the loss coefficients, the BN momentum
+        and the inner optimizer's hyper-parameters (capturable Adam reads float lr/betas at
+        capture). A graph captured with other values is replaced (``_graph_for``)."""
+        opt = getattr(self, "_optimizer", None)
+        groups = () if opt is None else tuple(
+            tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in sorted(g.items())
+                  if k != "params" and isinstance(v, (int, float, bool, list, tuple)))
+            for g in opt.param_groups)
+        return (float(self.bn), float(self.oh), float(self.adv), float(self.capture.mmt_rate), groups)
+
+    def _graph_for(self, key, make: Callable[[], "CudaGraphStep"]) -> "CudaGraphStep":
+        """The captured step of ``key`` for the current settings: a graph captured with other
+        bn/oh/adv/mmt/learning-rate values is closed (its memory pool freed) and replaced."""
+        settings = self._graph_settings()
+        g = self._graphs.get(key)
+        if g is not None and self._graph_values.get(key) != settings:
+            g.close()
+            del self._graphs[key]
+            g = None
+        if g is None:
+            g = self._graphs[key] = make()
+            self._graph_values[key] = settings
+        return g
+
+    def _close_graphs(self) -> None:
+        """Free every captured step and its memory pool."""
+        for g in self._graphs.values():
+            close = getattr(g, "close", None)
+            if close is not None:
+                close()
+        self._graphs = {}
+        self._graph_values = {}
+
+    def _add_to_pool(self, batches) -> int:
+        """The call's batches to the pool, each with the loss that picked it (or None): rows with
+        NaN/Inf and whole batches of a non-finite loss are dropped on the device, without a host
+        sync (``DataPool.add``). The student trains only on pool samples, so it never sees them.
+        Drops are reported once per synthesize() call, as soon as their counts reach the host
+        without waiting (CPU: this call; CUDA: usually the next one; ``close()`` reports the
+        rest). Returns the number reported now (also ``last_dropped``)."""
+        for images, cost in batches:
+            self.data_pool.add(images, valid=None if cost is None else torch.isfinite(cost).reshape(()))
+        return self._report_dropped(wait=False)
+
+    def _report_dropped(self, wait: bool) -> int:
+        dropped = self.data_pool.take_dropped(wait)
+        self.last_dropped = dropped
+        if dropped:
+            warnings.warn(f"fastsynth: {type(self).__name__}.synthesize() dropped {dropped} synthesized images "
+                          f"with non-finite values or from a non-finite loss; they did not enter the pool "
+                          f"({self.data_pool.dropped} dropped so far)", RuntimeWarning, stacklevel=4)
+        return dropped
+
+    def _pool_idle(self) -> None:
+        """Before a capture: the pool's writer thread finishes what it was given (a one-time
+        wait per capture, not per step), so no other CUDA work of ours overlaps the capture."""
+        self.data_pool.wait_idle()
+
     def close(self):
+        self._close_graphs()
+        self._report_dropped(wait=True)
         self.data_pool.close()
         self.capture.remove()
 
@@ -448,43 +519,101 @@ class SynthCore(BaseSynthesis):
 class CudaGraphStep:
     """Captures ``step()`` (which reads and writes only persistent tensors) into a CUDA graph.
 
-    ``snapshot()`` returns copies of every tensor the step mutates; warm-up iterations (lazy
-    optimizer state, cuDNN/Triton selection) run on a side stream and are then undone by
-    restoring the snapshot, so capture leaves the computation unchanged. Random ops inside use
-    the CUDA generator's graph-safe Philox state, so each replay draws fresh numbers."""
+    ``warm_up()`` runs the warm-up iterations (lazy optimizer state, cuDNN/Triton selection) on
+    a side stream and then undoes them: every tensor in ``mutable()`` gets its value back, state
+    the warm-up created (optimizer moments) is zeroed like a fresh one, and the random generators
+    get their states back (``rng`` and the device's default generator), so capture leaves the
+    computation unchanged and a graph run draws the numbers of an eager run with the same seed.
+    Random ops inside use the generators' graph-safe Philox state, so each replay draws fresh
+    numbers. ``before_capture()`` runs just before the capture (the synthesizers let their pool's
+    writer thread go idle there); the capture uses ``capture_error_mode="thread_local"`` so other
+    threads may use CUDA meanwhile. ``close()`` frees the graph and its private memory pool.
+
+    On a device other than CUDA nothing is captured: the first call warms up as above and every
+    call runs ``step()`` eagerly. The synthesizers never build it there (cuda_graph=True falls
+    back to eager steps on the CPU); tests use it to run the warm-up and key logic on the CPU.
+    """
 
     def __init__(self, step: Callable[[], None], mutable: Callable[[], list], warmup: int = 2,
-                 rng: torch.Generator | None = None):
+                 rng: torch.Generator | None = None, device=None,
+                 before_capture: Callable[[], None] | None = None):
         self.step = step
         self.mutable = mutable
         self.warmup = warmup
         self.rng = rng
+        if device is None:
+            device = rng.device if rng is not None else torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.device(device)
+        self.before_capture = before_capture
         self.graph = None
+        self._warmed = False
 
-    def __call__(self):
-        if self.graph is None:
-            tensors = [t for t in self.mutable() if t is not None]
-            saved = [t.detach().clone() for t in tensors]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
+    def _generators(self) -> list:
+        """The generators a step may draw from: the private one and the device's default."""
+        if self.device.type == "cuda":
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            gens = [torch.cuda.default_generators[idx]]
+        else:
+            gens = [torch.default_generator]
+        if self.rng is not None and all(self.rng is not g for g in gens):
+            gens.append(self.rng)
+        return gens
+
+    def warm_up(self) -> None:
+        tensors = [t for t in self.mutable() if t is not None]
+        saved = [t.detach().clone() for t in tensors]
+        rng_states = [(g, g.get_state()) for g in self._generators()]
+        if self.device.type == "cuda":
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(s):
                 for _ in range(self.warmup):
                     self.step()
-            torch.cuda.current_stream().wait_stream(s)
-            tensors_after = [t for t in self.mutable() if t is not None]
-            with torch.no_grad():
-                for t, v in zip(tensors, saved):
-                    t.copy_(v)
-                # state created by the warm-up (optimizer moments) starts from zero like a fresh one
-                for t in tensors_after[len(tensors):]:
-                    t.zero_()
-            self.graph = torch.cuda.CUDAGraph()
-            if self.rng is not None and self.rng.device.type == "cuda":
-                # a private generator advances its Philox offset on every replay too
-                self.graph.register_generator_state(self.rng)
-            with torch.cuda.graph(self.graph):
+            torch.cuda.current_stream(self.device).wait_stream(s)
+        else:
+            for _ in range(self.warmup):
                 self.step()
-        self.graph.replay()
+        tensors_after = [t for t in self.mutable() if t is not None]
+        with torch.no_grad():
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
+            # state created by the warm-up (optimizer moments) starts from zero like a fresh one
+            for t in tensors_after[len(tensors):]:
+                t.zero_()
+        # the warm-up's random draws are undone too: the first replay draws what the first
+        # eager step would have drawn
+        for g, st in rng_states:
+            g.set_state(st)
+        self._warmed = True
+
+    def capture(self) -> None:
+        if not self._warmed:
+            self.warm_up()
+        if self.device.type != "cuda":
+            return
+        if self.before_capture is not None:
+            self.before_capture()
+        self.graph = torch.cuda.CUDAGraph()
+        if self.rng is not None and self.rng.device.type == "cuda":
+            # a private generator advances its Philox offset on every replay too
+            self.graph.register_generator_state(self.rng)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.step()
+
+    def __call__(self):
+        if not self._warmed:
+            self.capture()
+        if self.graph is None:
+            self.step()  # not a CUDA device: eager (see the class docstring)
+        else:
+            self.graph.replay()
+
+    def close(self) -> None:
+        """Free the graph and its private memory pool (a later call captures again)."""
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+        self._warmed = False
 
 
 def deepcopy_module(m: nn.Module) -> nn.Module:

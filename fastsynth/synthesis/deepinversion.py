@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.logit_losses import js_divergence
-from .augment import jitter_flip
+from .augment import jitter_codes, jitter_flip
 from .core import BNCapture, SynthCore, make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
 
@@ -95,8 +95,8 @@ class DeepInvSyntheiszer(SynthCore):
         else:
             self._lo = self._hi = None
 
-    def _forward(self, inputs, targets, adv_on):
-        x_aug = jitter_flip(inputs, generator=self._rng) if self._augment_on else inputs
+    def _forward(self, inputs, targets, adv_on, aug_codes=None):
+        x_aug = jitter_flip(inputs, generator=self._rng, codes=aug_codes) if self._augment_on else inputs
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
@@ -136,8 +136,10 @@ class DeepInvSyntheiszer(SynthCore):
                 self.s_capture.activate()
             try:
                 for it in range(self.iterations):
+                    # the jitter's random code is drawn outside the compiled forward
+                    aug_codes = jitter_codes(self.img_size[-2:], self.device, self._rng) if self._augment_on else None
                     with self._autocast_ctx():
-                        loss = fwd(inputs, targets, adv_on)
+                        loss = fwd(inputs, targets, adv_on, aug_codes)
                     with torch.no_grad():
                         self._log(loss)
                         self._track_best(loss, inputs, best_cost, best_x, first=(it == 0))
@@ -156,7 +158,7 @@ class DeepInvSyntheiszer(SynthCore):
             best_x = self.normalizer(best_x, True)
         self._sync()
         end = now()
-        self.data_pool.add(best_x)
+        self._add_to_pool([(best_x, best_cost)])
         return {"synthetic": best_x}, end - start
 
 

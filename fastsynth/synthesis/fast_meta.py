@@ -142,18 +142,19 @@ class FastMetaSynthesizer(SynthCore):
             self.data_pool.set_init(load_init_dataset(init_dataset, img_size))
 
     # ------------------------------------------------------------------ one inner step
-    def _forward(self, adv_on: bool):
+    def _forward(self, adv_on: bool, aug_codes=None):
         with nvtx_range("generator", self._nvtx):
             x = self._fast(self._z)
-        loss = self.objective(x, self._targets, adv_on)
+        loss = self.objective(x, self._targets, adv_on, aug_codes)
         return loss, x
 
     def _step(self, adv_on: bool, meta_accumulate: bool, first: bool | None = False):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
+        aug_codes = self._draw_aug(self._z.shape[0])
         with self._autocast_ctx():
-            loss, x = fwd(adv_on)
+            loss, x = fwd(adv_on, aug_codes)
         if self._best_x is None:
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
@@ -190,14 +191,13 @@ class FastMetaSynthesizer(SynthCore):
                 self._step(adv_on, meta, first=(it == 0))
             return
         key = (adv_on, self.capture.mmt_active, meta)
-        if key not in self._graphs:
-            if self._best_x is None:
-                self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-            if not hasattr(self, "_last_stats"):
-                self._last_stats = self.capture.stat_buffers()
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, meta, first=None), self._mutable,
-                                              rng=self._rng)
-        g = self._graphs[key]
+        if self._best_x is None:
+            self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+        if not hasattr(self, "_last_stats"):
+            self._last_stats = self.capture.stat_buffers()
+        g = self._graph_for(key, lambda: CudaGraphStep(lambda: self._step(adv_on, meta, first=None), self._mutable,
+                                                       rng=self._rng, device=self.device,
+                                                       before_capture=self._pool_idle))
         for it in range(self.iterations):
             g()
         n = len(self._last_stats) // 2
@@ -217,17 +217,27 @@ class FastMetaSynthesizer(SynthCore):
                 # fast <- slow (the upstream clone()), in place
                 torch._foreach_copy_(*_copy_pairs(self._fast, self.generator))
             self._best_cost.fill_(float("inf"))
+        # upstream builds the inner Adam each round from lr_g / lr_z: a change between rounds counts
+        self._optimizer.param_groups[0]["lr"] = self.lr_g
+        self._optimizer.param_groups[1]["lr"] = self.lr_z
         reset_optimizer_state_(self._optimizer)
         if self._meta and self.ismaml:
-            for p in self.generator.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.zero_()
-            self._meta_grads = [p.grad for p in self.generator.parameters()]
+            # the summed inner gradients go to buffers this object owns (a captured step writes
+            # them by address; the generator's .grad may be set to None or replaced between
+            # rounds); _end_round hands them to the meta optimizer as the .grad
+            params = list(self.generator.parameters())
+            mg = getattr(self, "_meta_grads", None)
+            if mg is None or len(mg) != len(params) or any(
+                    b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(mg, params)):
+                self._meta_grads = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+                self._close_graphs()  # captured with the old buffers
+            else:
+                torch._foreach_zero_(mg)
 
     def _end_round(self):
         if self._meta and self.ismaml and self.iterations > 0:
+            for p, g in zip(self.generator.parameters(), self._meta_grads):
+                p.grad = g
             self.meta_optimizer.step()
         if self.bn_mmt != 0:
             self.capture.update_mmt()
@@ -250,9 +260,10 @@ class FastMetaSynthesizer(SynthCore):
             self._end_round()
         best = self._best_x.clone()
         self.prev_z = (self._z.detach().clone(), self._targets.clone())
+        cost = self._best_cost.clone()
         self._sync()
         end = now()
-        self.data_pool.add(best)
+        self._add_to_pool([(best, cost)])
         return {"synthetic": best}, end - start
 
 

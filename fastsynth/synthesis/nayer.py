@@ -126,15 +126,15 @@ class NAYER(SynthCore):
             self.data_pool.set_init(load_init_dataset(init_dataset, img_size))
 
     # ------------------------------------------------------------------ one inner step
-    def _forward(self, adv_on: bool):
+    def _forward(self, adv_on: bool, aug_codes=None):
         with nvtx_range("generator", self._nvtx):
             x = self.generator(targets=self._targets)
-        loss, loss_oh = self._objective_nayer(x, adv_on)
+        loss, loss_oh = self._objective_nayer(x, adv_on, aug_codes)
         return loss, loss_oh, x
 
-    def _objective_nayer(self, x, adv_on):
+    def _objective_nayer(self, x, adv_on, aug_codes=None):
         with nvtx_range("augment", self._nvtx):
-            x_aug = self.aug(x, generator=self._rng)
+            x_aug = self.aug(x, generator=self._rng, codes=aug_codes)
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
@@ -155,8 +155,9 @@ class NAYER(SynthCore):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
+        aug_codes = self._draw_aug(self._targets.shape[0])
         with self._autocast_ctx():
-            loss, loss_oh, x = fwd(adv_on)
+            loss, loss_oh, x = fwd(adv_on, aug_codes)
         if self._best_x is None:
             self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
@@ -184,9 +185,12 @@ class NAYER(SynthCore):
             self._optimizer = make_adam(self.generator.parameters(), self.lr_g, (0.5, 0.999), self.device,
                                         capturable=self.cuda_graph)
             self._opt_owner = self.generator
-            self._graphs = {}
+            self._close_graphs()  # captured with the old generator's tensors
             self._compiled = {}
         else:
+            # upstream builds the Adam each loop from lr_g: a change between rounds counts
+            for group in self._optimizer.param_groups:
+                group["lr"] = self.lr_g
             reset_optimizer_state_(self._optimizer)
 
     def _run_inner(self, adv_on: bool):
@@ -195,13 +199,13 @@ class NAYER(SynthCore):
                 self._step(adv_on, first=(i == 0))
             return
         key = (adv_on, self.capture.mmt_active)
-        if key not in self._graphs:
-            if self._best_x is None:
-                self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-            if not hasattr(self, "_last_stats"):
-                self._last_stats = self.capture.stat_buffers()
-            self._graphs[key] = CudaGraphStep(lambda: self._step(adv_on, first=None), self._mutable, rng=self._rng)
-        g = self._graphs[key]
+        if self._best_x is None:
+            self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+        if not hasattr(self, "_last_stats"):
+            self._last_stats = self.capture.stat_buffers()
+        g = self._graph_for(key, lambda: CudaGraphStep(lambda: self._step(adv_on, first=None), self._mutable,
+                                                       rng=self._rng, device=self.device,
+                                                       before_capture=self._pool_idle))
         for _ in range(self.g_steps):
             g()
         n = len(self._last_stats) // 2
@@ -219,7 +223,7 @@ class NAYER(SynthCore):
         if loops == 0:
             return None, 0, 0, 0
         adv_on = self.adv > 0 and (self.ep > self.ep_start)
-        bi_list = []
+        bi_list, costs = [], []
         self._best_oh.fill_(float("inf"))
         with self._synthesis_mode():
             for _ in range(loops):
@@ -234,10 +238,10 @@ class NAYER(SynthCore):
                     self.capture.update_mmt()
                 best = self._best_x.clone()
                 bi_list.append(best)
+                costs.append(self._best_cost.clone())  # the loss that picked this loop's images
         self._sync()
         end = now()
-        for best in bi_list:
-            self.data_pool.add(best)
+        self._add_to_pool(list(zip(bi_list, costs)))
         best_cost = float(self._best_cost)  # the one host read of the call
         return {"synthetic": bi_list}, end - start, best_cost, self._best_oh.clone()
 
