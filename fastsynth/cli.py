@@ -1,6 +1,8 @@
 """The ``fastsynth`` command.
 
     fastsynth demo [args...]                 data-free distillation demo (fastsynth.demo)
+    fastsynth distill [--method M] [--dataset D] [--teacher A --teacher-ckpt P --student A] [--config F] [--out DIR] ...
+                                             a whole data-free run (fastsynth distill --help)
     fastsynth bench [kernel...] [--device cpu|cuda] [--quick] [--out DIR] [--plot] [--report MD] [--model]
     fastsynth plot CSV [--out DIR] [--report MD]   PNG charts (and a markdown report) of a benchmark CSV
     fastsynth profile [--steps N] [--out DIR] [--device ...]
@@ -26,6 +28,12 @@ def _demo(argv: list[str]) -> int:
         raise
     rc = demo.main(argv)
     return int(rc or 0)
+
+
+def _distill(argv: list[str]) -> int:
+    from . import distill_run
+
+    return int(distill_run.main(argv) or 0)
 
 
 def _bench(argv: list[str]) -> int:
@@ -152,7 +160,7 @@ def _info(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "bench": _bench, "plot": _plot, "profile": _profile, "info": _info}
+COMMANDS = {"demo": _demo, "distill": _distill, "bench": _bench, "plot": _plot, "profile": _profile, "info": _info}
 
 
 def main(argv=None) -> int:

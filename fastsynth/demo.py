@@ -22,8 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distill as _distill
-from .nn import Generator, NLGenerator
-from .synthesis import FastMetaSynthesizer, NAYER, Normalizer
+from .synthesis import Normalizer
 from .synthesis.png import save_image_grid
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -149,13 +148,22 @@ def label_embedding() -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- configurations
-DEFAULTS = {
-    "nayer": dict(epochs=20, warmup=3, kd_steps=25, batch=128, synthesis_batch=100, g_steps=10, lr_g=1e-2,
-                  g_loops=1, gwp_loops=3, g_life=10, bn=10.0, oh=0.5, adv=1.33, bn_mmt=0.9, lr=0.1, T=20.0,
-                  le_emb_size=64, ngf=16),
-    "fast": dict(epochs=20, warmup=3, kd_steps=25, batch=128, synthesis_batch=100, g_steps=10, lr_g=1e-2, lr_z=0.03,
-                 bn=10.0, oh=0.5, adv=1.33, bn_mmt=0.9, lr=0.1, T=20.0, nz=64, ngf=16, reset_l0=1),
-}
+# ``fastsynth demo --method fast`` is FastDFKD's meta synthesizer (``fastsynth distill --method fast_meta``)
+METHOD_OF = {"nayer": "nayer", "fast": "fast_meta"}
+# the demo's setting names -> fastsynth distill's
+_NAMES = {"batch": "batch_size", "synthesis_batch": "synthesis_batch_size"}
+
+
+def _settings(method: str) -> dict:
+    from . import run_config
+
+    preset = run_config.DIGITS_PRESETS[METHOD_OF[method]]
+    back = {v: k for k, v in _NAMES.items()}
+    skip = {"aug_padding", "aug_flip", "teacher", "student", "is_maml", "reset_bn", "ep_steps"}
+    return {back.get(k, k): v for k, v in preset.items() if k not in skip}
+
+
+DEFAULTS = {m: _settings(m) for m in METHOD_OF}
 
 
 class _NoiseSynthesizer:
@@ -173,7 +181,12 @@ class _NoiseSynthesizer:
 
 def run(method: str = "nayer", seed: int = 0, out_dir: str = "fastsynth-demo", quiet: bool = False,
         noise_control: bool = True, **overrides) -> dict:
-    """Distil a student without data, and a noise control; returns the accuracies and times."""
+    """Distil a student without data, and a noise control; returns the accuracies and times.
+
+    The data-free run is ``fastsynth distill --dataset digits`` (``fastsynth.distill_run.run``,
+    started afresh in ``out_dir``, which also receives its metrics, checkpoints and grids)."""
+    from . import distill_run, run_config
+
     if method not in DEFAULTS:
         raise ValueError(f"method must be one of {sorted(DEFAULTS)}, got {method!r}")
     cfg = dict(DEFAULTS[method])
@@ -183,56 +196,28 @@ def run(method: str = "nayer", seed: int = 0, out_dir: str = "fastsynth-demo", q
     cfg.update(overrides)
     log = (lambda s: None) if quiet else print
     t0 = time.time()
-    norm = Normalizer(MEAN, STD)
-    _, _, xte, yte = load_digits()
-    test_loader = [(norm(x), y) for x, y in _loader(xte, yte)]
-    teacher = load_teacher()
-    teacher_acc = _distill.evaluate(teacher, test_loader)["acc"]
-
-    torch.manual_seed(seed)
-    student = make_student()
-    if method == "nayer":
-        le = label_embedding()
-        gen = NLGenerator(ngf=cfg["ngf"], img_size=IMG, nc=NC, nl=NUM_CLASSES, label_emb=le,
-                                    le_emb_size=cfg["le_emb_size"], le_size=le.shape[1], sbz=cfg["synthesis_batch"])
-        synth = NAYER(teacher, student, gen, num_classes=NUM_CLASSES, img_size=(NC, IMG, IMG),
-                      g_steps=cfg["g_steps"], lr_g=cfg["lr_g"], synthesis_batch_size=cfg["synthesis_batch"],
-                      sample_batch_size=cfg["batch"], adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"],
-                      normalizer=norm, warmup=cfg["warmup"], bn_mmt=cfg["bn_mmt"], g_life=cfg["g_life"],
-                      g_loops=cfg["g_loops"], gwp_loops=cfg["gwp_loops"], dataset="digits",
-                      aug_padding=2, aug_flip=False)
-        kd_warmup = cfg["warmup"]
-    else:
-        gen = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=IMG, nc=NC)
-        synth = FastMetaSynthesizer(teacher, student, gen, nz=cfg["nz"], num_classes=NUM_CLASSES,
-                                    img_size=(NC, IMG, IMG), iterations=cfg["g_steps"], lr_g=cfg["lr_g"],
-                                    lr_z=cfg["lr_z"], synthesis_batch_size=cfg["synthesis_batch"],
-                                    sample_batch_size=cfg["batch"], adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"],
-                                    normalizer=norm, warmup=cfg["warmup"], bn_mmt=cfg["bn_mmt"],
-                                    reset_l0=cfg["reset_l0"], aug_padding=2, aug_flip=False)
-        kd_warmup = cfg["warmup"]
-    log(f"[demo] method={method} seed={seed} teacher test accuracy {teacher_acc:.2f}%")
-    hist = _distill.distill(synth, student, teacher, epochs=cfg["epochs"], kd_steps=cfg["kd_steps"],
-                            lr=cfg["lr"], T=cfg["T"], warmup=kd_warmup, test_loader=test_loader,
-                            eval_every=max(cfg["epochs"] // 5, 1), progress=not quiet)
-    student_acc = _distill.evaluate(student, test_loader)["acc"]
+    flags = {_NAMES.get(k, k): v for k, v in cfg.items()}
+    flags.update(method=METHOD_OF[method], dataset="digits", seed=seed, out=out_dir, device="cpu")
+    resolved = run_config.resolve(flags)
+    log(f"[demo] method={method} seed={seed}")
+    r = distill_run.run(resolved, resume="never", quiet=quiet)
     t_student = time.time() - t0
-
-    res = {"method": method, "seed": seed, "teacher_acc": teacher_acc, "student_acc": student_acc,
-           "synthesis_s": hist["synthesis_s"], "student_s": t_student, "pool_images": len(synth.data_pool)}
+    res = {"method": method, "seed": seed, "teacher_acc": r["teacher_acc"], "student_acc": r["student_acc"],
+           "synthesis_s": r["synthesis_s"], "student_s": t_student, "pool_images": r["pool_images"]}
+    teacher, norm = r["teacher"], r["data"].normalizer
     if noise_control:
         t1 = time.time()
         torch.manual_seed(seed)
         noise_student = make_student()
-        kd_epochs = cfg["epochs"] - kd_warmup
+        kd_epochs = cfg["epochs"] - cfg["warmup"]
         noise = _NoiseSynthesizer(cfg["batch"], norm, torch.Generator().manual_seed(seed))
         _distill.distill(noise, noise_student, teacher, epochs=kd_epochs, kd_steps=cfg["kd_steps"], lr=cfg["lr"],
                          T=cfg["T"], warmup=0, progress=False)
-        res["noise_acc"] = _distill.evaluate(noise_student, test_loader)["acc"]
+        res["noise_acc"] = _distill.evaluate(noise_student, r["data"].loader)["acc"]
         res["noise_s"] = time.time() - t1
 
     os.makedirs(out_dir, exist_ok=True)
-    imgs = synth.data_pool.images()[-100:]
+    imgs = r["synthesizer"].data_pool.images()[-100:]
     res["grid_png"] = save_image_grid(imgs, os.path.join(out_dir, f"synthetic_{method}.png"), ncol=10, scale=3)
     res["wall_s"] = time.time() - t0
     return res

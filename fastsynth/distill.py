@@ -92,39 +92,87 @@ def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.
     return total / max(steps, 1) if total is not None else torch.zeros(())
 
 
-def save_checkpoint(path: str, **state) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state, path)
+def atomic_write(path: str, write: Callable[[object], None], binary: bool = True) -> str:
+    """Write ``path`` so that a crash at any moment leaves either the old file or the new one:
+    into a temporary file in the same folder, flushed and fsynced, then renamed over ``path``
+    (and the folder fsynced, so the rename itself survives a power loss where the OS allows)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on every OS (Windows)
+        return path
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     return path
+
+
+def save_checkpoint(path: str, **state) -> str:
+    """``torch.save(state, path)``, atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int = 200, kd_steps: int = 400,
             ep_steps: int | None = None, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
             T: float = 20.0, warmup: int = 0, eta_min: float = 2e-4, test_loader=None, device="cpu",
             eval_every: int = 1, checkpoint: str | None = None, save_best_only: bool = True,
-            progress: bool = True, autocast=None, log: Callable[[str], None] | None = None) -> dict:
+            progress: bool = True, autocast=None, log: Callable[[str], None] | None = None,
+            optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
+            history: dict | None = None, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Data-free distillation of ``student`` from ``teacher`` with ``synthesizer`` (any fastsynth or
     upstream-style synthesizer with synthesize()/sample()). Returns a history dict with the
-    per-epoch accuracies, the best accuracy, the synthesis time and the total time."""
+    per-epoch accuracies, the best accuracy, the synthesis time and the total time.
+
+    Resuming: pass the ``optimizer`` and ``scheduler`` (``make_optimizer``) with their restored
+    state, ``start_epoch`` (epochs already done) and the ``history`` returned before.
+    ``on_epoch_end(epoch, info)`` is called after each epoch, after the scheduler step (so a
+    checkpoint written there resumes exactly), with ``info`` = {"epoch": epochs done,
+    "kd_loss", "acc" (None when not evaluated), "synthesis_s" (this epoch), "epoch_s",
+    "best_acc", "is_best", "lr", "optimizer", "scheduler", "history"}."""
     ep_steps = kd_steps if ep_steps is None else ep_steps
     rounds = max(ep_steps // max(kd_steps, 1), 1)
-    optimizer = torch.optim.SGD(student.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs - warmup, 1), eta_min=eta_min)
+    if optimizer is None:
+        optimizer, scheduler = make_optimizer(student, epochs=epochs, warmup=warmup, lr=lr, momentum=momentum,
+                                              weight_decay=weight_decay, eta_min=eta_min)
+    elif scheduler is None:
+        raise ValueError("distill: an optimizer was given without its scheduler")
     bar = ProgressBar(epochs, prefix="distill ", enabled=progress)
-    hist = {"acc": [], "kd_loss": [], "best_acc": 0.0, "synthesis_s": 0.0, "epochs": epochs}
+    hist = history if history is not None else {"acc": [], "kd_loss": [], "best_acc": 0.0, "synthesis_s": 0.0}
+    hist["epochs"] = epochs
     start = time.time()
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
+        t_epoch = time.time()
+        synth_s = 0.0
         kd_mean = None
         for _ in range(rounds):
             res = synthesizer.synthesize()
             if res is not None and len(res) > 1 and isinstance(res[1], (int, float)):
-                hist["synthesis_s"] += float(res[1])
+                synth_s += float(res[1])
             if epoch >= warmup:
                 kd_mean = kd_train(student, teacher, synthesizer.sample, optimizer, kd_steps, T, autocast)
+        hist["synthesis_s"] += synth_s
         text = ""
+        kd_value = None
         if kd_mean is not None:
-            hist["kd_loss"].append(float(kd_mean))
-            text = f"kd {hist['kd_loss'][-1]:.3f} lr {optimizer.param_groups[0]['lr']:.4f}"
+            kd_value = float(kd_mean)  # the one host read of the epoch
+            hist["kd_loss"].append(kd_value)
+            text = f"kd {kd_value:.3f} lr {optimizer.param_groups[0]['lr']:.4f}"
+        acc, is_best = None, False
         if test_loader is not None and epoch >= warmup and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
             acc = evaluate(student, test_loader, device)["acc"]
             hist["acc"].append(acc)
@@ -141,10 +189,24 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
         bar.update(epoch + 1, text)
         if log is not None and text:
             log(f"epoch {epoch + 1}/{epochs} {text}")
+        lr_now = optimizer.param_groups[0]["lr"]
         if epoch >= warmup:
             scheduler.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, {"epoch": epoch + 1, "kd_loss": kd_value, "acc": acc, "synthesis_s": synth_s,
+                                 "epoch_s": time.time() - t_epoch, "best_acc": hist["best_acc"],
+                                 "is_best": is_best, "lr": lr_now, "optimizer": optimizer,
+                                 "scheduler": scheduler, "history": hist})
     hist["total_s"] = time.time() - start
     return hist
+
+
+def make_optimizer(student: nn.Module, *, epochs: int, warmup: int = 0, lr: float = 0.1, momentum: float = 0.9,
+                   weight_decay: float = 1e-4, eta_min: float = 2e-4):
+    """The upstream student optimizer and schedule: SGD and a cosine over the post-warmup epochs."""
+    optimizer = torch.optim.SGD(student.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs - warmup, 1), eta_min=eta_min)
+    return optimizer, scheduler
 
 
 def cosine_lr(base: float, epoch: int, total: int, eta_min: float = 2e-4) -> float:

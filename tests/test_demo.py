@@ -42,6 +42,7 @@ def test_quick_fast_method_and_cli(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "student, data-free (fast" in out and os.path.exists(tmp_path / "synthetic_fast.png")
+    assert "synthesized images: 300 " in out  # one synthesis round of 100 images per epoch
 
 
 def test_retrain_teacher_writes_weights(tmp_path):

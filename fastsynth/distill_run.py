@@ -1,0 +1,553 @@
+"""``fastsynth distill``: a whole data-free run from one command.
+
+    fastsynth distill [--method nayer|fast_meta|fast|deepinv] [--dataset digits|cifar10|cifar100|imagefolder:PATH]
+                      [--teacher ARCH --teacher-ckpt PATH --student ARCH] [--config FILE] [--out DIR] ...
+
+Without arguments it runs the built-in digits job (the shipped teacher, ``fastsynth demo``'s
+settings). Settings: ``fastsynth.run_config`` (per-method defaults of the upstream scripts).
+
+Outputs in ``--out``: ``config.yaml`` (the resolved settings), ``metrics.csv`` (one row per
+epoch: epoch, wall_s and synthesis_s (cumulative seconds, over resumed sittings too), kd_loss,
+test_acc), ``student_last.pt`` / ``student_best.pt`` (the student's state_dict),
+``grids/epoch_NNNN.png`` (the newest synthesized images grouped by the teacher's class, the
+class index drawn under each; ``classes.txt`` names the indices), TensorBoard scalars and
+grids in ``tb/`` when ``tensorboard`` is installed, and ``checkpoints/ckpt-NNNNN.pt``.
+
+Checkpoints: one per epoch, written atomically (temporary file, fsync, rename), the last
+``--keep-ckpts`` kept: student, optimizer, scheduler, epochs done, best accuracy, history, every
+RNG state, the resolved settings and, when the synthesizer has ``state_dict()``, its state.
+Rerunning in the same ``--out`` (or ``--resume``) continues from the newest complete checkpoint;
+a checkpoint of other settings is refused with the settings that differ. A synthesizer without
+``state_dict()`` restarts (new generator, empty pool) on resume: the student side resumes
+exactly, the synthesis does not.
+
+The evaluation set is read only to evaluate, only from disk (never downloaded).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distill as _distill
+from . import run_config as rc
+from .run_config import ConfigError
+
+CKPT_DIR = "checkpoints"
+METRICS_COLUMNS = ("epoch", "wall_s", "synthesis_s", "kd_loss", "test_acc")
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+EVAL_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- evaluation data
+class EvalData:
+    """Normalised (images, labels) batches of the evaluation split, with what the run needs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list, mean, std):
+        from .synthesis import Normalizer
+
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.shape = tuple(x.shape[1:])
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalizer = Normalizer(self.mean, self.std)
+        self.loader = [(self.normalizer(x[i:i + EVAL_BATCH]), y[i:i + EVAL_BATCH]) for i in range(0, len(y), EVAL_BATCH)]
+
+
+def _cifar_file(cfg: dict, name: str) -> tuple:
+    sub, test, meta, label_key, names_key = {
+        "cifar10": ("cifar-10-batches-py", "test_batch", "batches.meta", b"labels", b"label_names"),
+        "cifar100": ("cifar-100-python", "test", "meta", b"fine_labels", b"fine_label_names"),
+    }[name]
+    roots = [cfg["data_root"], os.path.join(cfg["data_root"], "torchdata")]  # upstream keeps it in torchdata/
+    for root in roots:
+        if os.path.isfile(os.path.join(root, sub, test)):
+            return os.path.join(root, sub), test, meta, label_key, names_key
+    raise FileNotFoundError(
+        f"--dataset {name}: the test split is not on disk: expected {os.path.join(roots[0], sub, test)} "
+        f"(or under {roots[1]}); download the python version of {name.upper()} from "
+        f"https://www.cs.toronto.edu/~kriz/cifar.html and extract it into --data-root {cfg['data_root']} "
+        f"(fastsynth never downloads data)")
+
+
+def _load_cifar(cfg: dict, name: str):
+    folder, test, meta, label_key, names_key = _cifar_file(cfg, name)
+    # the dataset's own pickle format, as torchvision reads it
+    with open(os.path.join(folder, test), "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    x = torch.from_numpy(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)).float() / 255.0
+    y = torch.as_tensor(np.asarray(d[label_key]), dtype=torch.long)
+    classes = [str(i) for i in range(10 if name == "cifar10" else 100)]
+    if os.path.isfile(os.path.join(folder, meta)):
+        with open(os.path.join(folder, meta), "rb") as f:
+            m = pickle.load(f, encoding="bytes")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in m[names_key]]
+    return x, y, classes
+
+
+def _load_imagefolder(cfg: dict, path: str):
+    from .synthesis.png import IMAGE_EXTENSIONS
+
+    root = path
+    for split in ("val", "test"):
+        if os.path.isdir(os.path.join(path, split)):
+            root = os.path.join(path, split)
+            break
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--dataset imagefolder:{path}: no such folder")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise FileNotFoundError(
+            f"--dataset imagefolder:{path}: expected one folder per class holding PNG/JPG images, in {path}/val/, "
+            f"{path}/test/ or {path}/ itself (e.g. {path}/val/cat/0001.png); found none")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("--dataset imagefolder: reading images needs Pillow (pip install pillow)") from None
+    side = cfg["img_size"] or 32
+    xs, ys = [], []
+    for file, label in files:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = side / min(w, h)  # shorter side to ``side``, then the centre crop
+            im = im.resize((max(side, round(w * s)), max(side, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - side) // 2, (h - side) // 2
+            arr = np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
+        xs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+        ys.append(label)
+    return torch.stack(xs).float() / 255.0, torch.tensor(ys, dtype=torch.long), classes
+
+
+def load_eval_data(cfg: dict) -> EvalData:
+    ds = cfg["dataset"]
+    if ds == "digits":
+        from . import demo, lte
+
+        _, _, x, y = demo.load_digits()
+        data = EvalData(x, y, lte.BUILTIN_LABELS["digits"], cfg["mean"] or demo.MEAN, cfg["std"] or demo.STD)
+    elif ds in CIFAR_STATS:
+        x, y, classes = _load_cifar(cfg, ds)
+        mean, std = CIFAR_STATS[ds]
+        data = EvalData(x, y, classes, cfg["mean"] or mean, cfg["std"] or std)
+    else:
+        x, y, classes = _load_imagefolder(cfg, ds[len("imagefolder:"):])
+        data = EvalData(x, y, classes, cfg["mean"] or IMAGENET_STATS[0], cfg["std"] or IMAGENET_STATS[1])
+    for name, v in (("mean", data.mean), ("std", data.std)):
+        if len(v) != data.shape[0]:
+            raise ConfigError(f"--{name}: {len(v)} values for {data.shape[0]}-channel images")
+    if cfg["img_size"] is not None and cfg["img_size"] != data.shape[1]:
+        raise ConfigError(f"--img-size {cfg['img_size']}: the {ds} images are {data.shape[1]}x{data.shape[2]}")
+    return data
+
+
+# ----------------------------------------------------------------------------- teacher checkpoints
+def read_state_dict(path: str, flag: str = "--teacher-ckpt") -> dict:
+    """The state_dict in ``path``: upstream's ``{'state_dict': ...}`` (or ``{'model': ...}``), with
+    or without DataParallel's ``module.`` prefix, or a bare state_dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no file at {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{flag} {path}: not a checkpoint torch.load(weights_only=True) can read ({exc})") from None
+    for key in ("state_dict", "model", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{flag} {path}: expected a state_dict (name -> tensor) or {{'state_dict': ...}}, "
+                         f"got {type(obj).__name__} with keys {list(obj)[:5] if isinstance(obj, dict) else ''}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_into(model: nn.Module, state: dict, flag: str, arch: str, path: str) -> None:
+    """Load ``state`` into ``model``; a ValueError naming the flag and the first keys that do not fit."""
+    own = model.state_dict()
+    # BatchNorm's num_batches_tracked is absent from older checkpoints and never read in eval mode
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shapes differ (first: {'; '.join(shapes[:3])}; checkpoint vs model)")
+        raise ValueError(f"{flag} {path} does not fit the architecture {arch}: {', '.join(parts)}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_teacher(cfg: dict, data: EvalData) -> nn.Module:
+    from . import demo
+
+    teacher = rc.build_model(cfg["teacher"], "--teacher", data.num_classes, data.shape[0])
+    path = cfg["teacher_ckpt"] or demo.TEACHER_PATH
+    load_into(teacher, read_state_dict(path), "--teacher-ckpt", cfg["teacher"], path)
+    return teacher.eval()
+
+
+# ----------------------------------------------------------------------------- synthesizers
+def label_embedding(cfg: dict, data: EvalData, out: str) -> torch.Tensor:
+    from . import lte
+
+    if cfg["le_pickle"]:
+        path = cfg["le_pickle"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--le-pickle: no file at {path!r}")
+        if path.endswith(".pt"):
+            emb = torch.load(path, map_location="cpu", weights_only=True)
+            emb = emb["embeddings"] if isinstance(emb, dict) else emb
+        else:
+            emb = lte.load_upstream_pickle(path)
+        emb = torch.as_tensor(emb, dtype=torch.float32)
+    elif cfg["dataset"] == "digits":
+        emb = lte.load_builtin("digits")
+    else:
+        try:
+            emb = lte.label_embeddings(data.classes, encoder=cfg["lte_encoder"], cache_dir=os.path.join(out, "lte"))
+        except ImportError as exc:
+            raise ImportError(f"--method nayer needs label-text embeddings of the class names: install a text "
+                              f"encoder (pip install \"fastsynth[lte]\") or give NAYER's file with --le-pickle "
+                              f"({exc})") from None
+    if emb.dim() != 2 or emb.shape[0] != data.num_classes:
+        raise ValueError(f"--le-pickle: embeddings of shape {tuple(emb.shape)}, expected "
+                         f"[{data.num_classes} classes, D]")
+    return emb
+
+
+def build_synthesizer(cfg: dict, teacher: nn.Module, student: nn.Module, data: EvalData, device, out: str):
+    from .nn import Generator, NLGenerator
+    from .synthesis import NAYER, DeepInversionSynthesizer, FastMetaSynthesizer, FastSynthesizer
+
+    c, h, w = data.shape
+    aug = {k: cfg[k] for k in ("aug_padding", "aug_flip") if cfg[k] is not None}
+    common = dict(num_classes=data.num_classes, img_size=(c, h, w), synthesis_batch_size=cfg["synthesis_batch_size"],
+                  sample_batch_size=cfg["batch_size"], adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"],
+                  normalizer=data.normalizer, device=device, use_fp16=cfg["use_fp16"], **aug)
+    method = cfg["method"]
+    if method == "nayer":
+        le = label_embedding(cfg, data, out)
+        gen = NLGenerator(ngf=cfg["ngf"], img_size=h, nc=c, nl=data.num_classes, label_emb=le,
+                          le_emb_size=cfg["le_emb_size"], le_size=le.shape[1], sbz=cfg["synthesis_batch_size"])
+        return NAYER(teacher, student, gen.to(device), g_steps=cfg["g_steps"], lr_g=cfg["lr_g"],
+                     warmup=cfg["warmup"], bn_mmt=cfg["bn_mmt"], bnt=cfg["bnt"], oht=cfg["oht"],
+                     g_life=cfg["g_life"], g_loops=cfg["g_loops"], gwp_loops=cfg["gwp_loops"],
+                     dataset=cfg["dataset"].split(":")[0], **common)
+    if method in ("fast", "fast_meta"):
+        gen = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=h, nc=c)
+        cls = FastMetaSynthesizer if method == "fast_meta" else FastSynthesizer
+        return cls(teacher, student, gen.to(device), nz=cfg["nz"], iterations=cfg["g_steps"], lr_g=cfg["lr_g"],
+                   lr_z=cfg["lr_z"], warmup=cfg["warmup"], bn_mmt=cfg["bn_mmt"], reset_l0=cfg["reset_l0"],
+                   reset_bn=cfg["reset_bn"], is_maml=cfg["is_maml"], **common)
+    if method == "deepinv":
+        return DeepInversionSynthesizer(teacher, student, iterations=cfg["g_steps"], lr_g=cfg["lr_g"],
+                                        tv=cfg["tv"], l2=cfg["l2"], **common)
+    raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(rc.methods())}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in st["python"]))
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def checkpoints(out: str) -> list:
+    """``[(epochs done, path)]`` of the checkpoints in ``out``, newest first (temporary files of an
+    interrupted write are never listed: they do not carry the final name)."""
+    folder = os.path.join(out, CKPT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for f in os.listdir(folder):
+        if f.startswith("ckpt-") and f.endswith(".pt") and f[5:-3].isdigit():
+            found.append((int(f[5:-3]), os.path.join(folder, f)))
+    return sorted(found, reverse=True)
+
+
+def load_newest_checkpoint(out: str, log=print):
+    for epoch, path in checkpoints(out):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("complete") and state.get("epoch") == epoch:
+                return state, path
+        except Exception as exc:  # a damaged file (disk error): fall back to the one before
+            log(f"[distill] skipping unreadable checkpoint {path} ({type(exc).__name__}: {exc})")
+    return None, None
+
+
+def write_checkpoint(out: str, state: dict, keep: int) -> str:
+    path = os.path.join(out, CKPT_DIR, f"ckpt-{state['epoch']:05d}.pt")
+    _distill.save_checkpoint(path, **state, complete=True)
+    for _, old in checkpoints(out)[keep:]:
+        os.remove(old)
+    return path
+
+
+# ----------------------------------------------------------------------------- outputs
+_FONT = {  # 3x5 digit glyphs, rows top to bottom
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111",
+}
+
+
+def _draw_number(canvas: np.ndarray, text: str, top: int, left: int, px: int) -> None:
+    for n, ch in enumerate(text):
+        glyph = _FONT[ch]
+        for r in range(5):
+            for col in range(3):
+                if glyph[r * 3 + col] == "1":
+                    y, x = top + r * px, left + (n * 4 + col) * px
+                    canvas[y:y + px, x:x + px] = 255
+
+
+def labelled_grid(images: torch.Tensor, labels: torch.Tensor, ncol: int = 10, scale: int = 3) -> np.ndarray:
+    """(N, C, H, W) uint8 images -> one uint8 (H', W', C) grid, each image with its class index
+    drawn under it."""
+    imgs = images.detach().cpu()
+    n, c, h, w = imgs.shape
+    imgs = imgs.repeat_interleave(scale, 2).repeat_interleave(scale, 3).numpy()
+    px = max(1, scale // 2)
+    strip = 5 * px + 2
+    th, tw = h * scale + strip, w * scale
+    rows = (n + ncol - 1) // ncol
+    canvas = np.zeros((rows * (th + 2), ncol * (tw + 2), c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        top, left = r * (th + 2), k * (tw + 2)
+        canvas[top:top + h * scale, left:left + tw] = imgs[i].transpose(1, 2, 0)
+        _draw_number(canvas, str(int(labels[i])), top + h * scale + 1, left + 1, px)
+    return canvas
+
+
+@torch.no_grad()
+def latest_images(synth, teacher: nn.Module, normalizer, n: int = 100):
+    """The newest ``n`` pool images (uint8) and the teacher's class for each, sorted by class."""
+    pool = getattr(synth, "data_pool", None)
+    try:
+        imgs = pool.images()[-n:] if pool is not None and len(pool) else None
+    except RuntimeError:
+        imgs = None
+    if imgs is None or not len(imgs):
+        return None, None
+    x = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
+    was = teacher.training
+    teacher.eval()
+    labels = teacher(normalizer(x.to(next(teacher.parameters()).device))).argmax(1).cpu()
+    teacher.train(was)
+    order = torch.argsort(labels, stable=True)
+    u8 = imgs if imgs.dtype == torch.uint8 else (x.clamp(0, 1) * 255).to(torch.uint8)
+    return u8.cpu()[order], labels[order]
+
+
+def write_metrics(out: str, rows: list) -> None:
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+    wr.writeheader()
+    for row in rows:
+        wr.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
+    _distill.atomic_write(os.path.join(out, "metrics.csv"), lambda f: f.write(buf.getvalue()), binary=False)
+
+
+def save_state_dict(path: str, model: nn.Module) -> None:
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _distill.atomic_write(path, lambda f: torch.save(sd, f))
+
+
+def _tensorboard(out: str, log):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("[distill] TensorBoard: not installed (pip install tensorboard); the scalars are in metrics.csv")
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))
+
+
+# ----------------------------------------------------------------------------- the run
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    return dev
+
+
+def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, progress: bool | None = None,
+        save_outputs: bool = True) -> dict:
+    """One data-free run with the resolved settings ``cfg`` (``run_config.resolve``), outputs in
+    ``cfg["out"]``. ``resume``: "auto" (continue from a checkpoint when there is one), "require"
+    (``--resume``: an error without one) or "never" (start over, discarding old checkpoints).
+    Returns the accuracies, times, the synthesizer and the student."""
+    if resume not in ("auto", "require", "never"):
+        raise ValueError(f"run: resume must be 'auto', 'require' or 'never', got {resume!r}")
+    t0 = time.time()
+    out = cfg["out"]
+    say = (lambda s: None) if quiet else log
+    device = resolve_device(cfg["device"])
+    data = load_eval_data(cfg)
+    teacher = build_teacher(cfg, data).to(device)
+    teacher_acc = _distill.evaluate(teacher, data.loader, device)["acc"]
+
+    # the order of what draws random numbers is that of ``fastsynth demo`` (same results)
+    torch.manual_seed(cfg["seed"])
+    student = rc.build_model(cfg["student"], "--student", data.num_classes, data.shape[0]).to(device)
+    synth = build_synthesizer(cfg, teacher, student, data, device, out)
+    optimizer, scheduler = _distill.make_optimizer(student, epochs=cfg["epochs"], warmup=cfg["warmup"], lr=cfg["lr"],
+                                                   momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                                                   eta_min=cfg["eta_min"])
+    ident = rc.identity(cfg)
+    start_epoch, rows, hist = 0, [], None
+    if resume == "never":
+        for _, path in checkpoints(out):
+            os.remove(path)
+    else:
+        state, path = load_newest_checkpoint(out, log)
+        if state is None and resume == "require":
+            raise ConfigError(f"--resume: no complete checkpoint in {os.path.join(out, CKPT_DIR)}")
+        if state is not None:
+            diff = rc.config_diff(state["config"], ident)
+            if diff:
+                listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:8])
+                raise ConfigError(f"--out {out} holds a run with other settings ({listed}); pass --restart to "
+                                  f"start over in that folder, or choose another --out")
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, rows, hist = state["epoch"], list(state["rows"]), dict(state["history"])
+            if state.get("synthesizer") is not None and hasattr(synth, "load_state_dict"):
+                synth.load_state_dict(state["synthesizer"])
+            elif start_epoch < cfg["epochs"]:
+                say("[distill] the synthesizer has no saved state: it restarts (new generator, empty pool)")
+            set_rng_state(state["rng"])
+            say(f"[distill] resuming {path} after epoch {start_epoch}/{cfg['epochs']}")
+
+    os.makedirs(out, exist_ok=True)
+    if save_outputs:
+        yaml_text = rc.to_yaml(cfg)
+        _distill.atomic_write(os.path.join(out, "config.yaml"), lambda f: f.write(yaml_text), binary=False)
+        _distill.atomic_write(os.path.join(out, "classes.txt"),
+                              lambda f: f.write("".join(f"{i} {c}\n" for i, c in enumerate(data.classes))), binary=False)
+        write_metrics(out, rows)
+        if start_epoch:
+            save_state_dict(os.path.join(out, "student_last.pt"), student)
+    say(f"[distill] method={cfg['method']} dataset={cfg['dataset']} teacher={cfg['teacher']} "
+        f"student={cfg['student']} seed={cfg['seed']} device={device} teacher test accuracy {teacher_acc:.2f}%")
+    tb = _tensorboard(out, say) if save_outputs else None
+    wall0 = rows[-1]["wall_s"] if rows else 0.0
+    t_loop = time.time()
+
+    def on_epoch_end(epoch: int, info: dict) -> None:
+        h = info["history"]
+        row = {"epoch": info["epoch"], "wall_s": round(wall0 + time.time() - t_loop, 3),
+               "synthesis_s": round(h["synthesis_s"], 3),  # the history carries earlier sittings
+               "kd_loss": None if info["kd_loss"] is None else round(info["kd_loss"], 6),
+               "test_acc": None if info["acc"] is None else round(info["acc"], 4)}
+        rows.append(row)
+        if not save_outputs:
+            return
+        sstate = synth.state_dict() if hasattr(synth, "state_dict") else None
+        write_checkpoint(out, {"format": "fastsynth-distill/1", "epoch": info["epoch"], "student": student.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "best_acc": h["best_acc"], "history": h, "rows": rows, "rng": rng_state(),
+                               "config": ident, "synthesizer": sstate}, cfg["keep_ckpts"])
+        save_state_dict(os.path.join(out, "student_last.pt"), student)
+        if info["is_best"]:
+            save_state_dict(os.path.join(out, "student_best.pt"), student)
+        write_metrics(out, rows)
+        imgs, labels = latest_images(synth, teacher, data.normalizer)
+        grid = None
+        if imgs is not None:
+            from .synthesis.png import write_png
+
+            grid = labelled_grid(imgs, labels, ncol=10, scale=3 if data.shape[1] <= 32 else 1)
+            os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+            write_png(os.path.join(out, "grids", f"epoch_{info['epoch']:04d}.png"), grid)
+        if tb is not None:
+            for k in ("kd_loss", "test_acc", "synthesis_s"):
+                if row[k] is not None:
+                    tb.add_scalar(k, row[k], info["epoch"])
+            tb.add_scalar("lr", info["lr"], info["epoch"])
+            if grid is not None:
+                tb.add_image("synthetic", grid, info["epoch"], dataformats="HWC")
+            tb.flush()
+
+    hist = _distill.distill(synth, student, teacher, epochs=cfg["epochs"], kd_steps=cfg["kd_steps"],
+                            ep_steps=cfg["ep_steps"], T=cfg["T"], warmup=cfg["warmup"], test_loader=data.loader,
+                            device=device, eval_every=cfg["eval_every"],
+                            progress=(not quiet) if progress is None else progress,
+                            optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, history=hist,
+                            on_epoch_end=on_epoch_end)
+    if tb is not None:
+        tb.close()
+    student_acc = _distill.evaluate(student, data.loader, device)["acc"]
+    pool = getattr(synth, "data_pool", None)
+    return {"teacher_acc": teacher_acc, "student_acc": student_acc, "best_acc": hist["best_acc"],
+            "synthesis_s": hist["synthesis_s"], "wall_s": time.time() - t0, "epochs_run": cfg["epochs"] - start_epoch,
+            "start_epoch": start_epoch, "pool_images": len(pool) if pool is not None else 0,
+            "synthesizer": synth, "student": student, "teacher": teacher, "data": data, "rows": rows, "config": cfg}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = rc.build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        if args.get("resume") and args.get("restart"):
+            raise ConfigError("--resume and --restart exclude each other")
+        file_cfg = rc.load_config_file(args["config"]) if args.get("config") else {}
+        cfg = rc.resolve(args, file_cfg)
+        torch.set_num_threads(args.get("threads") or (1 if cfg["dataset"] == "digits" else torch.get_num_threads()))
+        quiet = bool(args.get("quiet"))
+        print("[distill] resolved configuration:")
+        print("".join(f"  {line}\n" for line in rc.to_yaml(cfg).splitlines()), end="")
+        mode = "require" if args.get("resume") else "never" if args.get("restart") else "auto"
+        res = run(cfg, resume=mode, progress=not quiet)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"fastsynth distill: {exc}", file=sys.stderr)
+        return 2
+    print(f"[distill] outputs in {cfg['out']}: config.yaml metrics.csv student_last.pt student_best.pt grids/ "
+          f"{CKPT_DIR}/ (wall {res['wall_s']:.1f} s, synthesis {res['synthesis_s']:.1f} s, best {res['best_acc']:.2f}%)")
+    print(f"teacher test accuracy {res['teacher_acc']:.2f}%, student test accuracy {res['student_acc']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
