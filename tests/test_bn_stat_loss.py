@@ -735,3 +735,62 @@ def test_cuda_matches_reference(dtype, tol_grad, layout):
         assert rel(loss.cpu(), total) < (1e-10 if dtype == torch.float64 else 1e-4)
         l1, _, _ = bn_stat_loss(xs[0], rms[0], rvs[0], backend=be)
         assert torch.isfinite(l1)
+
+
+# ---- Triton work tables: built once per shape on the device, cached (issue 22) ---------------
+class _HostTensorSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads or makes a tensor on another device than ``device``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.foreign = torch.device(device), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
+        if any(isinstance(t, torch.Tensor) and t.device != self.device for t in flat):
+            self.foreign.append(str(func))
+        return out
+
+
+def test_triton_work_tables_are_built_on_the_device_once_per_shape():
+    """The tables of a call are made by device-side ops (a table made on the host needs a
+    host-to-device copy per call, which a captured CUDA graph would replay); a second call with the
+    same shapes builds nothing; the cache is bounded."""
+    pytest.importorskip("triton")
+    from fastsynth.kernels import bn_stat_loss as k
+
+    xs = [torch.empty(8, 16, 9, 7, device="meta"),
+          torch.empty(8, 32, 5, 5, device="meta").to(memory_format=torch.channels_last),
+          torch.empty(16, 8, 12, 10, device="meta")[::2, :, 1:, ::3]]
+    k._CACHE.clear()
+    with _HostTensorSpy("meta") as spy:
+        stats = k._plan(xs, None)
+        back = k._plan(xs, [torch.empty_like(x) for x in xs])
+    assert not spy.foreign, f"host tensors in the table construction: {spy.foreign[:5]}"
+    assert all(t.device.type == "meta" for t, *_ in stats[0] + back[0]) and stats[1].device.type == "meta"
+    builds = k._BUILDS
+    assert k._plan(xs, None) is stats and k._plan(xs, [torch.empty_like(x) for x in xs]) is back
+    assert k._BUILDS == builds
+    for n in range(k._CACHE_MAX + 5):  # new shapes: new tables, the cache stays bounded
+        k._plan([torch.empty(n + 1, 3, 4, 4, device="meta")], None)
+        assert len(k._CACHE) <= k._CACHE_MAX
+    assert k._BUILDS == builds + k._CACHE_MAX + 5
+
+
+def test_triton_second_call_with_the_same_shapes_builds_no_table():
+    pytest.importorskip("triton")
+    from fastsynth.kernels import bn_stat_loss as k
+
+    specs = [((3, 5, 6, 7), torch.float32), ((4, 6, 3, 3), torch.float32, "channels_last"),
+             ((2, 3, 5, 4), torch.float32, "sliced")]
+    xs = [make_map(*s) for s in specs]
+    first = bn_stat_loss_multi(xs, [torch.zeros(x.shape[1]) for x in xs], [torch.ones(x.shape[1]) for x in xs],
+                               backend="triton")[0]
+    builds = k._BUILDS
+    xs2 = [make_map(*s).copy_(x) for s, x in zip(specs, xs)]  # same shapes and strides, other addresses
+    assert all(a.data_ptr() != b.data_ptr() and a.stride() == b.stride() for a, b in zip(xs, xs2))
+    second = bn_stat_loss_multi(xs2, [torch.zeros(x.shape[1]) for x in xs], [torch.ones(x.shape[1]) for x in xs],
+                                backend="triton")[0]
+    assert k._BUILDS == builds
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
