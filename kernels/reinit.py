@@ -6,8 +6,15 @@ offset, numel, parameters). Draws come from Triton's Philox (``tl.randn``/``tl.r
 seed read from its tensor and by the element's global index (its offset in the concatenated list),
 so the values depend neither on BLOCK nor on how the list is split into launches; the stream is
 Triton's, not the CPU/CUDA kernels' (tested statistically).
+
+The tables depend only on the sizes, distributions and parameters of the call: they are built on
+the device once per such key and cached (``_tables``); the data pointers, which change between
+calls, reach the device as kernel arguments of ``_addresses_kernel``. No call copies host memory
+to the device, so a CUDA graph that captures reinit replays no host copy.
 """
 from __future__ import annotations
+
+import collections
 
 import torch
 import triton
@@ -72,6 +79,86 @@ def _reinit_kernel(
     tl.store(base + offs, out.to(OUT_INT, bitcast=True), mask=mask)
 
 
+_CACHE_MAX = 64
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_BUILDS = 0  # tables built so far (tests: a repeated call builds nothing)
+_ADDR_ARGS = 16
+
+
+@triton.jit(do_not_specialize_on_alignment=[f"p{i}" for i in range(16)])
+def _addresses_kernel(out_ptr, count, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
+    """out[i] = address of p_i for i < count (unused arguments repeat a valid tensor)."""
+    tl.store(out_ptr + 0, p0.to(tl.int64), mask=0 < count)
+    tl.store(out_ptr + 1, p1.to(tl.int64), mask=1 < count)
+    tl.store(out_ptr + 2, p2.to(tl.int64), mask=2 < count)
+    tl.store(out_ptr + 3, p3.to(tl.int64), mask=3 < count)
+    tl.store(out_ptr + 4, p4.to(tl.int64), mask=4 < count)
+    tl.store(out_ptr + 5, p5.to(tl.int64), mask=5 < count)
+    tl.store(out_ptr + 6, p6.to(tl.int64), mask=6 < count)
+    tl.store(out_ptr + 7, p7.to(tl.int64), mask=7 < count)
+    tl.store(out_ptr + 8, p8.to(tl.int64), mask=8 < count)
+    tl.store(out_ptr + 9, p9.to(tl.int64), mask=9 < count)
+    tl.store(out_ptr + 10, p10.to(tl.int64), mask=10 < count)
+    tl.store(out_ptr + 11, p11.to(tl.int64), mask=11 < count)
+    tl.store(out_ptr + 12, p12.to(tl.int64), mask=12 < count)
+    tl.store(out_ptr + 13, p13.to(tl.int64), mask=13 < count)
+    tl.store(out_ptr + 14, p14.to(tl.int64), mask=14 < count)
+    tl.store(out_ptr + 15, p15.to(tl.int64), mask=15 < count)
+
+
+def _addresses(tensors, device) -> torch.Tensor:
+    """int64 device vector of the data addresses of ``tensors``; the addresses travel as kernel
+    arguments (captured by value in a CUDA graph), never as a host-to-device copy."""
+    out = torch.empty(len(tensors), dtype=torch.int64, device=device)
+    for s in range(0, len(tensors), _ADDR_ARGS):
+        part = list(tensors[s:s + _ADDR_ARGS])
+        n = len(part)
+        part += [part[0]] * (_ADDR_ARGS - n)
+        _addresses_kernel[(1,)](out[s:], n, *part)
+    return out
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tables(device, numels, begins, dists, params, block):
+    """(begin, numel, dist, lo, hi, block_tensor, block_start) device tables of one dtype group,
+    built with device-side fills (no host-to-device copy) and cached per (device, sizes, offsets,
+    distributions, parameters, block): a CUDA graph capturing the call replays no host copy, and a
+    repeated call builds nothing."""
+    global _BUILDS
+    key = (device, tuple(numels), tuple(begins), tuple(dists), tuple(params), block)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    _BUILDS += 1
+    t = len(numels)
+    per = [(torch.int64, begins), (torch.int64, numels), (torch.int32, dists),
+           (torch.float64, [p[0] for p in params]), (torch.float64, [p[1] for p in params])]
+    out = []
+    for dt, vals in per:
+        tab = torch.empty(t, dtype=dt, device=device)
+        for j, v in enumerate(vals):
+            tab[j:j + 1].fill_(v)
+        out.append(tab)
+    nblocks = [triton.cdiv(n, block) for n in numels]
+    blk_t = torch.empty(sum(nblocks), dtype=torch.int32, device=device)
+    blk_s = torch.empty(sum(nblocks), dtype=torch.int64, device=device)
+    pos = 0
+    for j, nb in enumerate(nblocks):
+        blk_t[pos:pos + nb].fill_(j)
+        torch.arange(0, nb * block, block, dtype=torch.int64, device=device, out=blk_s[pos:pos + nb])
+        pos += nb
+    tables = tuple(out) + (blk_t, blk_s)
+    if not _capturing(device):  # tables made inside a capture live in the graph's pool: not kept
+        _CACHE[key] = tables
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return tables
+
+
 def reinit(tensors, seed: torch.Tensor, dists, params, block: int = 1024) -> None:
     """Launch the kernel once per dtype present in ``tensors``. ``dists``: per-tensor codes (0 normal,
     1 uniform, 2 constant); ``params``: per-tensor (lo, hi)."""
@@ -84,21 +171,12 @@ def reinit(tensors, seed: torch.Tensor, dists, params, block: int = 1024) -> Non
         idx = [i for i, t in enumerate(tensors) if t.dtype == dtype and t.numel() > 0]
         if not idx:
             continue
-        blk_t, blk_s = [], []
-        for j, i in enumerate(idx):
-            for s in range(0, tensors[i].numel(), block):
-                blk_t.append(j)
-                blk_s.append(s)
+        begin_t, numel_t, dist_t, lo_t, hi_t, blk_t, blk_s = _tables(
+            device, [tensors[i].numel() for i in idx], [begins[i] for i in idx], [int(dists[i]) for i in idx],
+            [(float(params[i][0]), float(params[i][1])) for i in idx], block)
         w = torch.finfo(dtype).bits
-
-        def table(xs, dt):
-            return torch.tensor(xs, dtype=dt, device=device)
-
-        _reinit_kernel[(len(blk_t),)](
-            table([tensors[i].data_ptr() for i in idx], torch.int64), table([begins[i] for i in idx], torch.int64),
-            table([tensors[i].numel() for i in idx], torch.int64), table([dists[i] for i in idx], torch.int32),
-            table([params[i][0] for i in idx], torch.float64), table([params[i][1] for i in idx], torch.float64),
-            table(blk_t, torch.int32), table(blk_s, torch.int64), seed,
+        _reinit_kernel[(blk_t.shape[0],)](
+            _addresses([tensors[i] for i in idx], device), begin_t, numel_t, dist_t, lo_t, hi_t, blk_t, blk_s, seed,
             OUT=_TL_DTYPE[dtype], OUT_INT=_TL_INT[dtype], MAXPOS=(1 << (w - 1)) - 1,
             MIN_NEG_PLUS_1=-(1 << (w - 1)) + 1, IS_F64=dtype == torch.float64, BLOCK=block,
         )

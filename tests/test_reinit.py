@@ -378,3 +378,43 @@ def test_reference_philox_known_answer():
     out = reinit_mod.philox4x32_10(t(0x243F6A88), t(0x85A308D3), t(0x13198A2E), t(0x03707344), t(0xA4093822),
                                    t(0x299F31D0))
     assert [int(o) for o in out] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_triton_tables_built_on_the_device_once_per_call_shape():
+    """issue 22: the Triton tables are made by device-side ops (a host-built table needs a
+    host-to-device copy per call, which a captured CUDA graph would replay) and cached: a second
+    call with the same sizes, distributions and parameters builds nothing; the cache is bounded."""
+    pytest.importorskip("triton")
+    from fastsynth.kernels import reinit as k
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        foreign = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}, out))
+            if any(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in leaves):
+                self.foreign.append(str(func))
+            return out
+
+    k._CACHE.clear()
+    meta = torch.device("meta")
+    with Spy() as spy:
+        tables = k._tables(meta, [3000, 5], [0, 3000], [0, 1], [(0.0, 1.0), (-1.0, 1.0)], 1024)
+    assert not spy.foreign, f"host tensors in the table construction: {spy.foreign[:5]}"
+    assert all(t.device == meta for t in tables)
+    assert tables[5].shape == (4,)  # three blocks of the first tensor, one of the second
+
+    ts = [torch.empty(3000), torch.empty(5), torch.empty(7, dtype=torch.float64)]
+    seed = make_seed(3)
+    reinit_(ts, seed, ["normal", "uniform", "constant"], [0.0, -1.0, 2.0], [1.0, 1.0, 0.0], backend="triton")
+    first = [t.clone() for t in ts]
+    builds = k._BUILDS
+    ts2 = [torch.empty_like(t) for t in ts]
+    reinit_(ts2, seed, ["normal", "uniform", "constant"], [0.0, -1.0, 2.0], [1.0, 1.0, 0.0], backend="triton")
+    assert k._BUILDS == builds
+    for a, b in zip(ts2, first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for n in range(k._CACHE_MAX + 3):
+        k._tables(meta, [n + 1], [0], [0], [(0.0, 1.0)], 1024)
+        assert len(k._CACHE) <= k._CACHE_MAX
