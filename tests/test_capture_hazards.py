@@ -505,3 +505,64 @@ def test_pool_writer_saves_only_kept_rows(tmp_path):
 
     np.testing.assert_array_equal(np.load(files[0]), to_uint8(x[[0, 1, 3]]).numpy())
     p.close()
+
+
+# ------------------------------------------------------------ generative synthesizers (DAFL/ZSKT/DFQ/DFAD)
+def make_generative(device="cpu", **kw):
+    from test_generative import IMG as GIMG
+    from test_generative import gen
+    from test_synthesis import tiny_net
+
+    from fastsynth.synthesis import GenerativeSynthesizer
+
+    t, s = tiny_net(6, seed=1).to(device), tiny_net(4, seed=2).to(device)
+    base = dict(iterations=3, synthesis_batch_size=6, adv=1.0, bn=1.0, oh=1.0, act=0.1, balance=5.0,
+                normalizer=Normalizer(*NORM), seed=3, device=device)
+    base.update(kw)
+    return GenerativeSynthesizer(t, s, gen(8, True).to(device), 8, (3, GIMG, GIMG), **base)
+
+
+GEN_CHANGES = {
+    "bn": lambda m: setattr(m, "bn", 3.0),
+    "act": lambda m: setattr(m, "act", 0.0),
+    "balance": lambda m: setattr(m, "balance", 0.5),
+    "adv": lambda m: setattr(m, "adv", 2.5),
+    "lr": lambda m: m.optimizer.param_groups[0].update(lr=0.3),
+}
+
+
+def _gen_rounds(m, change):
+    outs = []
+    for r in range(3):
+        if r == 1:
+            change(m)
+        outs.append(m.synthesize()[0]["synthetic"].clone())
+    return outs
+
+
+@pytest.mark.parametrize("name", list(GEN_CHANGES))
+def test_generative_graph_is_replaced_when_a_setting_changes(name, monkeypatch):
+    """GenerativeSynthesizer's captured step is keyed on its coefficients (act and balance
+    included) and its optimizer's settings: a change between rounds closes the graph and
+    captures a new one; the results follow the change as eager steps do."""
+    real_close = CudaGraphStep.close
+    closed = []
+    monkeypatch.setattr(CudaGraphStep, "close", lambda self: (closed.append(self), real_close(self)))
+    eager = _gen_rounds(make_generative(), GEN_CHANGES[name])
+    unchanged = _gen_rounds(make_generative(), lambda m: None)
+    m = make_generative()
+    m._graph_mode = True  # the graph code path; CudaGraphStep runs the step eagerly on the CPU
+    graph = _gen_rounds(m, GEN_CHANGES[name])
+    assert len(closed) == 1 and len(m._graphs) == 1 and closed[0] not in m._graphs.values()
+    for a, b in zip(eager, graph):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager[0], unchanged[0])
+    assert not torch.allclose(eager[2], unchanged[2])
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("name", list(GEN_CHANGES))
+def test_cuda_graph_generative_follows_settings_changed_between_rounds(name):
+    res = [_gen_rounds(make_generative("cuda", cuda_graph=g), GEN_CHANGES[name]) for g in (False, True)]
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)

@@ -454,12 +454,20 @@ class SynthCore(BaseSynthesis):
         """The Python values a captured step bakes in: the loss coefficients, the BN momentum
         and the inner optimizer's hyper-parameters (capturable Adam reads float lr/betas at
         capture). A graph captured with other values is replaced (``_graph_for``)."""
-        opt = getattr(self, "_optimizer", None)
+        opt = self._graph_optimizer()
         groups = () if opt is None else tuple(
             tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in sorted(g.items())
                   if k != "params" and isinstance(v, (int, float, bool, list, tuple)))
             for g in opt.param_groups)
-        return (float(self.bn), float(self.oh), float(self.adv), float(self.capture.mmt_rate), groups)
+        coefs = tuple(float(getattr(self, name)) for name in self._graph_coefficients)
+        return coefs + (float(self.capture.mmt_rate), groups)
+
+    # the loss coefficients a captured step bakes in (a subclass with more lists them all)
+    _graph_coefficients: tuple = ("bn", "oh", "adv")
+
+    def _graph_optimizer(self):
+        """The optimizer a captured step runs (its hyper-parameters are part of the key)."""
+        return getattr(self, "_optimizer", None)
 
     def _graph_for(self, key, make: Callable[[], "CudaGraphStep"]) -> "CudaGraphStep":
         """The captured step of ``key`` for the current settings: a graph captured with other

@@ -217,6 +217,12 @@ class GenerativeSynthesizer(SynthCore):
         else:
             self._x = x.detach()
 
+    # every coefficient a captured step reads as a Python number (act/balance also pick terms)
+    _graph_coefficients = ("bn", "oh", "adv", "act", "balance")
+
+    def _graph_optimizer(self):
+        return self.optimizer
+
     def _graph_step(self, adv_on: bool):
         # z is drawn inside the captured step: every replay draws fresh numbers
         self._step(adv_on, z=None)
@@ -241,13 +247,14 @@ class GenerativeSynthesizer(SynthCore):
             try:
                 if self._graph_mode:
                     key = ("step", adv_on)
-                    if key not in self._graphs:
-                        if self._x is None:
-                            self._x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-                        self._graphs[key] = CudaGraphStep(lambda: self._graph_step(adv_on), self._mutable,
-                                                          rng=self._rng)
+                    if self._x is None:
+                        self._x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+                    # captured again when a coefficient or the optimizer's settings changed
+                    g = self._graph_for(key, lambda: CudaGraphStep(
+                        lambda: self._graph_step(adv_on), self._mutable, rng=self._rng, device=self.device,
+                        before_capture=self._pool_idle))
                     for _ in range(self.iterations):
-                        self._graphs[key]()
+                        g()
                 else:
                     for _ in range(self.iterations):
                         self._step(adv_on)
