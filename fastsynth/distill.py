@@ -70,10 +70,12 @@ def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
 
 
 def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.Tensor],
-             optimizer: torch.optim.Optimizer, steps: int, T: float = 20.0, autocast=None) -> torch.Tensor:
+             optimizer: torch.optim.Optimizer, steps: int, T: float = 20.0, autocast=None,
+             criterion: Callable | None = None) -> torch.Tensor:
     """``steps`` KD updates of the student on ``sample()`` batches; returns the mean loss as a
-    device tensor (read by the caller once per epoch)."""
-    kd = kd_loss
+    device tensor (read by the caller once per epoch). ``criterion(s_out, t_out, T)`` replaces
+    the KD loss (default ``T^2 KL(p_t(T) || p_s(T))``)."""
+    kd = kd_loss if criterion is None else criterion
     student.train()
     teacher.eval()
     total = None
@@ -133,7 +135,8 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
             eval_every: int = 1, checkpoint: str | None = None, save_best_only: bool = True,
             progress: bool = True, autocast=None, log: Callable[[str], None] | None = None,
             optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
-            history: dict | None = None, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+            history: dict | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+            criterion: Callable | None = None) -> dict:
     """Data-free distillation of ``student`` from ``teacher`` with ``synthesizer`` (any fastsynth or
     upstream-style synthesizer with synthesize()/sample()). Returns a history dict with the
     per-epoch accuracies, the best accuracy, the synthesis time and the total time.
@@ -164,7 +167,7 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
             if res is not None and len(res) > 1 and isinstance(res[1], (int, float)):
                 synth_s += float(res[1])
             if epoch >= warmup:
-                kd_mean = kd_train(student, teacher, synthesizer.sample, optimizer, kd_steps, T, autocast)
+                kd_mean = kd_train(student, teacher, synthesizer.sample, optimizer, kd_steps, T, autocast, criterion)
         hist["synthesis_s"] += synth_s
         text = ""
         kd_value = None

@@ -1,6 +1,6 @@
 """``fastsynth distill``: a whole data-free run from one command.
 
-    fastsynth distill [--method nayer|fast_meta|fast|deepinv] [--dataset digits|cifar10|cifar100|imagefolder:PATH]
+    fastsynth distill [--method nayer|fast_meta|fast|deepinv|dafl|zskt|dfq|dfad] [--dataset digits|cifar10|cifar100|imagefolder:PATH]
                       [--teacher ARCH --teacher-ckpt PATH --student ARCH] [--config FILE] [--out DIR] ...
 
 Without arguments it runs the built-in digits job (the shipped teacher, ``fastsynth demo``'s
@@ -263,7 +263,51 @@ def build_synthesizer(cfg: dict, teacher: nn.Module, student: nn.Module, data: E
     if method == "deepinv":
         return DeepInversionSynthesizer(teacher, student, iterations=cfg["g_steps"], lr_g=cfg["lr_g"],
                                         tv=cfg["tv"], l2=cfg["l2"], **common)
+    if method in rc.GENERATIVE:
+        from .losses import KLDiv
+        from .synthesis import GenerativeSynthesizer
+
+        gen = Generator(nz=cfg["nz"], ngf=cfg["ngf"], img_size=h, nc=c)
+        synth = GenerativeSynthesizer(
+            teacher, student, gen.to(device), nz=cfg["nz"], img_size=(c, h, w), iterations=cfg["g_steps"],
+            lr_g=cfg["lr_g"], synthesis_batch_size=cfg["synthesis_batch_size"], sample_batch_size=cfg["batch_size"],
+            adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"], act=cfg["act"], balance=cfg["balance"],
+            criterion=nn.L1Loss() if cfg["kd_loss"] == "l1" else KLDiv(), normalizer=data.normalizer, device=device,
+            use_fp16=cfg["use_fp16"])
+        return _GeneratorSamples(synth)
     raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(rc.methods())}")
+
+
+class _GeneratorSamples:
+    """A generative synthesizer for the KD loop: ``sample()`` returns the images (the generator
+    draws them afresh for every student step) and its seconds count as synthesis time."""
+
+    def __init__(self, synth):
+        self.synth = synth
+        self.seconds = 0.0
+        self.data_pool = None
+        self.last_images = None
+
+    def synthesize(self):
+        vis, secs = self.synth.synthesize()
+        self.last_images = vis.get("synthetic")
+        secs, self.seconds = secs + self.seconds, 0.0
+        return vis, secs
+
+    def sample(self):
+        x, secs = self.synth.sample()
+        self.seconds += secs
+        return x
+
+    def __getattr__(self, name):  # state_dict() and the rest, when the synthesizer has them
+        return getattr(self.synth, name)
+
+
+def kd_criterion(cfg: dict):
+    """The student loss: None (the KD loss at temperature T) or the L1 distance of the logits."""
+    if cfg["kd_loss"] == "l1":
+        return lambda s, t, T: torch.nn.functional.l1_loss(s, t)
+    return None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -362,6 +406,8 @@ def latest_images(synth, teacher: nn.Module, normalizer, n: int = 100):
         imgs = pool.images()[-n:] if pool is not None and len(pool) else None
     except RuntimeError:
         imgs = None
+    if imgs is None and torch.is_tensor(getattr(synth, "last_images", None)):
+        imgs = synth.last_images.detach()[-n:]  # in [0, 1]
     if imgs is None or not len(imgs):
         return None, None
     x = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
@@ -514,7 +560,7 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
                             device=device, eval_every=cfg["eval_every"],
                             progress=(not quiet) if progress is None else progress,
                             optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, history=hist,
-                            on_epoch_end=on_epoch_end)
+                            on_epoch_end=on_epoch_end, criterion=kd_criterion(cfg))
     if tb is not None:
         tb.close()
     student_acc = _distill.evaluate(student, data.loader, device)["acc"]

@@ -49,6 +49,7 @@ SETTINGS = [
     ("weight_decay", float, 1e-4, "SGD weight decay"),
     ("eta_min", float, 2e-4, "cosine schedule floor"),
     ("T", float, 20.0, "KD temperature"),
+    ("kd_loss", str, "kl", "student loss: kl (T^2 KL at temperature T) | l1 (mean |s - t| of the logits, DFAD)"),
     # synthesis
     ("g_steps", int, 1, "generator / image optimisation steps per synthesis round"),
     ("lr_g", float, 1e-3, "generator (or image) learning rate"),
@@ -103,6 +104,20 @@ METHODS = {
                     adv=1.0, bn=10.0, oh=1.0, T=20.0, act=0.0, balance=0.0, seed=0, tv=0.0, l2=0.0, warmup=0,
                     teacher="wrn40_2", student="wrn16_1"),
 }
+# zju-vipa/CMI scripts/{dafl,zskt,dfq,dfad}_cifar10.sh (the DAFL script names --method zskt with
+# DAFL's coefficients); the harness builds Generator(nz=512 for DAFL, else 256, ngf=64) and trains
+# the student with the synthesis criterion (KLDiv at T=1, L1 for DFAD), so the scripts' --T 20
+# never reaches the KD loss: T=1 here. Each of the ep_steps // kd_steps rounds per epoch is one
+# generator step and kd_steps student steps on fresh generator samples.
+_GENERATIVE = dict(batch_size=256, lr=0.1, epochs=200, kd_steps=5, ep_steps=400, g_steps=1, lr_g=1e-3, T=1.0,
+                   seed=0, warmup=0, bn_mmt=0.0, ngf=64, nz=256, teacher="wrn40_2", student="wrn16_1")
+METHODS.update({
+    "dafl": dict(_GENERATIVE, nz=512, adv=0.0, bn=0.0, oh=1.0, act=0.1, balance=20.0),
+    "zskt": dict(_GENERATIVE, adv=1.0, bn=0.0, oh=0.0, act=0.0, balance=0.0),
+    "dfq": dict(_GENERATIVE, lr_g=1e-4, adv=0.5, bn=1.0, oh=0.5, act=0.0, balance=20.0),
+    "dfad": dict(_GENERATIVE, adv=1.0, bn=0.0, oh=0.0, act=0.0, balance=0.0, kd_loss="l1"),
+})
+GENERATIVE = ("dafl", "zskt", "dfq", "dfad")
 # ``fastsynth demo``'s settings: a couple of minutes on a CPU for the digits teacher; one
 # synthesis round per epoch (ep_steps = kd_steps)
 _DIGITS_COMMON = dict(epochs=20, warmup=3, kd_steps=25, ep_steps=None, batch_size=128, synthesis_batch_size=100,
@@ -114,6 +129,10 @@ DIGITS_PRESETS = {
     "fast": dict(_DIGITS_COMMON, lr_z=0.03, nz=64, reset_l0=0, is_maml=0, reset_bn=0),
     "deepinv": dict(_DIGITS_COMMON, g_steps=20, lr_g=0.1, warmup=0, oh=1.0, adv=1.0),
 }
+for _m in GENERATIVE:
+    DIGITS_PRESETS[_m] = dict(_DIGITS_COMMON, **{k: METHODS[_m][k] for k in ("adv", "bn", "oh", "act", "balance", "T",
+                                                                             "kd_loss") if k in METHODS[_m]},
+                              kd_steps=5, ep_steps=25, g_steps=1, lr_g=1e-3, nz=64, warmup=0)
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH")
 
 # settings that do not change what the run computes (a resume may change them)
@@ -326,6 +345,8 @@ def _check(cfg: dict) -> None:
     for name in ("mean", "std"):
         if cfg[name] is not None and (not cfg[name] or (name == "std" and any(s <= 0 for s in cfg[name]))):
             raise ConfigError(f"{_flag(name)}: expected positive comma-separated numbers, got {cfg[name]!r}")
+    if cfg["kd_loss"] not in ("kl", "l1"):
+        raise ConfigError(f"--kd-loss: expected kl or l1, got {cfg['kd_loss']!r}")
     if cfg["lte_encoder"] not in ("auto", "minilm", "clip"):
         raise ConfigError(f"--lte-encoder: expected auto, minilm or clip, got {cfg['lte_encoder']!r}")
 

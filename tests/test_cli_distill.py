@@ -42,6 +42,11 @@ def test_per_method_defaults_are_the_upstream_scripts():
             fm["reset_l0"], fm["bn_mmt"], fm["adv"]) == (256, 256, 220, 2, 0.015, 5e-3, 1, 0.9, 1.33)
     di = rc.resolve(parse(["--method", "deepinv", "--dataset", "cifar10", *base]))
     assert (di["g_steps"], di["lr_g"], di["oh"], di["warmup"], di["epochs"]) == (1000, 0.1, 1.0, 0, 200)
+    # zju-vipa/CMI scripts/dfq_cifar10.sh: one generator step per 5 student steps, KD at T=1
+    dfq = rc.resolve(parse(["--method", "dfq", "--dataset", "cifar10", *base]))
+    assert (dfq["kd_steps"], dfq["ep_steps"], dfq["lr_g"], dfq["adv"], dfq["oh"], dfq["balance"], dfq["T"]) == \
+        (5, 400, 1e-4, 0.5, 0.5, 20.0, 1.0)
+    assert rc.resolve(parse(["--method", "dfad", "--dataset", "cifar10", *base]))["kd_loss"] == "l1"
     # digits: the demo's settings and the shipped teacher
     dg = rc.resolve({})
     assert (dg["method"], dg["teacher"], dg["student"], dg["teacher_ckpt"], dg["epochs"], dg["ep_steps"]) == \
@@ -273,3 +278,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         distill.atomic_write(path, boom)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+@pytest.mark.parametrize("method", sorted(rc.METHODS))
+def test_every_method_runs_an_epoch_on_digits(method, tmp_path):
+    cfg = rc.resolve({"method": method, "epochs": 1, "warmup": 0, "kd_steps": 2, "ep_steps": 2, "g_steps": 1,
+                      "batch_size": 16, "synthesis_batch_size": 20, "gwp_loops": 1, "out": str(tmp_path)})
+    res = dr.run(cfg, quiet=True)
+    assert len(res["rows"]) == 1 and res["rows"][0]["kd_loss"] is not None and 0 <= res["student_acc"] <= 100
+    assert (tmp_path / "grids" / "epoch_0001.png").exists()
+    if method == "dfad":
+        assert dr.kd_criterion(cfg)(torch.ones(2, 3), torch.zeros(2, 3), 1.0) == 1.0
