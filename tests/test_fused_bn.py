@@ -1,13 +1,14 @@
 """Fused teacher BatchNorm: the op (fastsynth.ops.fused_bn) on every backend, and the module API
 (fastsynth.fuse) on the teachers of the DFKD literature."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsynth import _ext
+from fastsynth import _ext, fuse
 from fastsynth.fuse import (FusedBatchNorm2d, bn_statistics, fuse_teacher, fused_layers, set_stats_enabled,
                             unfuse_teacher)
 from fastsynth.models import resnet18, vgg8_bn, wrn_16_2
@@ -540,10 +541,16 @@ def test_train_mode_is_plain_batchnorm():
 def test_untraceable_teacher_falls_back_to_bn_only():
     ref = randomise_bn(DataDependent()).eval()
     model = copy.deepcopy(ref)
-    with pytest.warns(RuntimeWarning, match="could not trace"):
+    # the warning names the reason (where the model branches on tensor values) and what still runs fused
+    with pytest.warns(RuntimeWarning, match=r"fuse_teacher: DataDependent.forward\(x\) cannot be traced .*"
+                                            r"output of module 'bn' at .*test_fused_bn.py.*BatchNorm layers fused"):
         fuse_teacher(model)
-    assert "forward" not in model.__dict__ and len(fused_layers(model)) == 2
+    assert len(fused_layers(model)) == 2
+    assert fuse.fusion_stats(model) == {"x": None}  # the form is recorded as not traced
     x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, at fuse time, not at every call
+        model(x)
     lr, br, gr = upstream_loss_and_grads(ref, x, torch.tensor([0, 1]))
     lf, bf, gf = fused_loss_and_grads(model, x, torch.tensor([0, 1]))
     assert relerr(lf, lr) < 1e-5 and relerr(bf, br) < 1e-5
