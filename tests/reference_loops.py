@@ -231,10 +231,18 @@ def ref_jsdiv(logits, targets, T=1.0):
 
 
 class RefDeepInv:
-    """DataFree DeepInversion loop without jitter (fastsynth is run with augment=False)."""
+    """DataFree DeepInversion loop without jitter (fastsynth is run with augment=False), with
+    NVlabs' ImageNet options in NVlabs' form: ``first_bn_multiplier`` (the ``rescale`` list of
+    the BN hooks), ``tv_l2`` and ``l2_scale`` (``get_image_prior_losses``' TV-L2 and the mean
+    per-image norm), ``lowres_iterations`` (setting 0: ``AvgPool2d(2)`` of the images for the
+    first iterations, a new Adam for full resolution) and ``adi_scale`` (``1 - clamp(JS, 0, 1)``);
+    the best images are tracked afresh at full resolution."""
 
     def __init__(self, teacher, student, num_classes, img_size, iterations, lr_g, batch, adv, bn, oh, tv, l2,
-                 normalizer):
+                 normalizer, *, first_bn_multiplier=1.0, tv_l2=0.0, l2_scale=0.0, lowres_iterations=0,
+                 adi_scale=0.0):
+        self.first_bn_multiplier, self.tv_l2, self.l2_scale = first_bn_multiplier, tv_l2, l2_scale
+        self.lowres_iterations, self.adi_scale = lowres_iterations, adi_scale
         self.teacher, self.student = teacher, student
         self.num_classes, self.img_size, self.iterations, self.lr_g = num_classes, img_size, iterations, lr_g
         self.batch, self.adv, self.bn, self.oh, self.tv, self.l2 = batch, adv, bn, oh, tv, l2
@@ -251,14 +259,30 @@ class RefDeepInv:
         best_cost, best_inputs = 1e6, None
         mean = torch.tensor(self.normalizer.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.normalizer.std).view(1, -1, 1, 1)
+        pooling = nn.AvgPool2d(kernel_size=2)
         for it in range(self.iterations):
-            t_out = self.teacher(inputs)
-            s_out = self.student(inputs)
-            loss_adv = -ref_jsdiv(s_out, t_out, T=3)
-            loss_bn = sum(h.r_feature for h in self.hooks) - 0.001 * sum(h.r_feature for h in self.s_hooks)
+            if it == self.lowres_iterations and it > 0:
+                opt = torch.optim.Adam([inputs], self.lr_g, betas=[0.5, 0.99])
+                best_cost, best_inputs = 1e6, None
+            inputs_jit = pooling(inputs) if it < self.lowres_iterations else inputs
+            t_out = self.teacher(inputs_jit)
+            s_out = self.student(inputs_jit)
+            js = ref_jsdiv(s_out, t_out, T=3)
+            loss_adv = -js
+            rescale = [self.first_bn_multiplier] + [1.0] * (len(self.hooks) - 1)
+            loss_bn = sum(h.r_feature * rescale[i] for i, h in enumerate(self.hooks)) - \
+                0.001 * sum(h.r_feature for h in self.s_hooks)
             loss_oh = F.cross_entropy(t_out, targets)
             loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv + \
                 self.tv * ref_tv(inputs) + self.l2 * torch.norm(inputs, 2)
+            d1 = inputs_jit[:, :, :, :-1] - inputs_jit[:, :, :, 1:]
+            d2 = inputs_jit[:, :, :-1, :] - inputs_jit[:, :, 1:, :]
+            d3 = inputs_jit[:, :, 1:, :-1] - inputs_jit[:, :, :-1, 1:]
+            d4 = inputs_jit[:, :, :-1, :-1] - inputs_jit[:, :, 1:, 1:]
+            loss = loss + self.tv_l2 * (torch.norm(d1) + torch.norm(d2) + torch.norm(d3) + torch.norm(d4))
+            loss = loss + self.l2_scale * torch.norm(inputs_jit.view(self.batch, -1), dim=1).mean()
+            if self.adi_scale != 0:
+                loss = loss + self.adi_scale * (1.0 - torch.clamp(js, 0.0, 1.0))
             self.losses.append(loss.item())
             if best_cost > loss.item() or best_inputs is None:
                 best_cost = loss.item()

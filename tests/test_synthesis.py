@@ -265,6 +265,71 @@ def test_deepinversion_matches_reference_loop():
         torch.testing.assert_close(o["synthetic"], r, rtol=1e-3, atol=1e-4)
 
 
+DEEPINV_IMAGENET = {
+    "first_bn": dict(first_bn_multiplier=10.0),
+    "priors": dict(tv_l2=2e-3, l2_scale=3e-2),
+    "lowres": dict(lowres_iterations=3),
+    "adi": dict(adi_scale=0.7),
+    "all": dict(first_bn_multiplier=10.0, tv_l2=2e-3, l2_scale=3e-2, lowres_iterations=2, adi_scale=0.7),
+}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("case", list(DEEPINV_IMAGENET))
+def test_deepinversion_imagenet_options_match_reference_loop(case, fuse):
+    """NVlabs' ImageNet options (first BN layer weight, TV-L2 and per-image L2 priors,
+    multi-resolution warm-up, ADI competition) against the eager NVlabs-style loop; each option
+    changes the losses (so the comparison could fail)."""
+    t, s = pair()
+    norm = Normalizer(*NORM)
+    kw = dict(iterations=5, lr_g=0.1, adv=0.5, bn=1.0, oh=1.0, tv=1e-3, l2=1e-4)
+    extra = DEEPINV_IMAGENET[case]
+    ref = RefDeepInv(copy.deepcopy(t), copy.deepcopy(s), 10, (3, IMG, IMG), kw["iterations"], kw["lr_g"], 6,
+                     kw["adv"], kw["bn"], kw["oh"], kw["tv"], kw["l2"], norm, **extra)
+    ours = DeepInvSyntheiszer(copy.deepcopy(t), copy.deepcopy(s), 10, (3, IMG, IMG), synthesis_batch_size=6,
+                              normalizer=norm, augment=False, fuse_teacher=fuse, **kw, **extra)
+    ref_out, our_out, our_losses = _run_pair(ref, ours, rounds=2)
+    assert max_rel_err(our_losses, ref.losses) < 2e-4
+    for r, (o, _) in zip(ref_out, our_out):
+        torch.testing.assert_close(o["synthetic"], r, rtol=1e-3, atol=1e-4)
+    plain = DeepInvSyntheiszer(t, s, 10, (3, IMG, IMG), synthesis_batch_size=6, normalizer=norm, augment=False,
+                               fuse_teacher=fuse, **kw)
+    torch.manual_seed(7)
+    plain.log_losses = True
+    for _ in range(2):
+        plain.synthesize()
+    assert max_rel_err(our_losses, torch.stack(plain.loss_log).tolist()) > 1e-3
+
+
+def test_deepinversion_imagenet_options_with_jitter_and_compile():
+    """With the default jitter, the warm-up jitters the pooled images (codes drawn for the
+    pooled size) and compile=True sees the same random numbers as eager."""
+    t, s = pair()
+    kw = dict(iterations=4, synthesis_batch_size=6, normalizer=Normalizer(*NORM), adv=0.5, seed=3,
+              first_bn_multiplier=10.0, tv_l2=1e-3, l2_scale=1e-2, lowres_iterations=2, adi_scale=0.5)
+    runs = []
+    for comp in (False, {"backend": "aot_eager"}):
+        torch._dynamo.reset()
+        m = DeepInvSyntheiszer(copy.deepcopy(t), copy.deepcopy(s), 10, (3, IMG, IMG), compile=comp, **kw)
+        m.log_losses = True
+        out = m.synthesize()[0]["synthetic"]
+        runs.append((out, torch.stack(m.loss_log)))
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(lowres_iterations=5), ValueError), (dict(lowres_iterations=-1), ValueError),
+    (dict(lowres_iterations=1.5), ValueError), (dict(first_bn_multiplier=float("nan")), TypeError),
+    (dict(adi_scale="1"), TypeError), (dict(tv_l2=None), TypeError),
+])
+def test_deepinversion_imagenet_options_are_checked(bad, err):
+    t, s = pair()
+    name = next(iter(bad))
+    with pytest.raises(err, match=name):
+        DeepInvSyntheiszer(t, s, 10, (3, IMG, IMG), iterations=4, **bad)
+
+
 # ------------------------------------------------------------------------------ augmentation
 def test_crop_flip_is_a_padded_crop_or_its_mirror():
     torch.manual_seed(0)

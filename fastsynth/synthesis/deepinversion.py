@@ -14,8 +14,31 @@ each step the images are clipped to the normalised image of [0, 1]. The lowest-l
 The student's BN term needs a student forward, which runs only when ``adv > 0`` (as upstream;
 with ``adv == 0`` upstream fails on an undefined name, here the term is simply absent). The
 jitter offsets are drawn on the device (upstream: Python ``random``).
+
+NVlabs' ImageNet options (NVlabs/DeepInversion ``DeepInversionClass``), keyword-only, all off by
+default so the DataFree behaviour above is unchanged:
+
+- ``first_bn_multiplier``: the first teacher BN layer's term is weighted by it (NVlabs: 10), the
+  others by 1 (a per-layer weight vector of the fused BN loss);
+- ``tv_l2``: + tv_l2 * sum over the 4 neighbour directions of ||difference||_2 (TV-L2 prior);
+- ``l2_scale``: + l2_scale * mean over images of ||image||_2 (NVlabs' ``l2``; the DataFree ``l2``
+  above is the norm of the whole batch);
+- ``lowres_iterations``: multi-resolution warm-up (NVlabs setting 0): the first
+  ``lowres_iterations`` of the ``iterations`` steps see the images average-pooled 2x2 (the jitter
+  range scales with the pooled size); at the switch to full resolution the Adam state starts
+  afresh (NVlabs builds a new optimizer per resolution) and the best-image tracking restarts
+  (a low-resolution loss is no measure of the full-resolution images);
+- ``adi_scale``: Adaptive DeepInversion's competition term + adi_scale * (1 - clamp(JS_3(s, t),
+  0, 1)) with the student's logits on the same batch.
+
+As NVlabs, the TV-L2 and per-image L2 priors and the competition term are computed on the batch
+the teacher sees (pooled, jittered, flipped); the DataFree ``tv``/``l2`` terms stay on the images.
+NVlabs' other settings (its cosine learning-rate schedule, setting 2's betas and no clipping,
+fp16 via apex) are not options here.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -25,6 +48,16 @@ from ..ops.logit_losses import js_divergence
 from .augment import jitter_codes, jitter_flip
 from .core import BNCapture, SynthCore, make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
+
+
+def image_prior_tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """NVlabs' TV-L2 prior: the L2 norms of the differences over 4 neighbour directions, summed."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return torch.linalg.vector_norm(d1) + torch.linalg.vector_norm(d2) + torch.linalg.vector_norm(d3) + \
+        torch.linalg.vector_norm(d4)
 
 
 def image_prior_tv(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +85,8 @@ class DeepInvSyntheiszer(SynthCore):
                  autocast=None, use_fp16=False, distributed=False, *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 aug_padding=4, aug_flip=None, num_workers=None):
+                 aug_padding=4, aug_flip=None, num_workers=None,
+                 first_bn_multiplier=1.0, tv_l2=0.0, l2_scale=0.0, lowres_iterations=0, adi_scale=0.0):
         super().__init__(teacher, student)
         # upstream runs 0 iterations too (it returns the initial noise)
         img_size = check_synthesizer_args(
@@ -70,6 +104,27 @@ class DeepInvSyntheiszer(SynthCore):
         self.l2 = l2
         self.num_classes = num_classes
         self.distributed = distributed
+        for name, v in (("first_bn_multiplier", first_bn_multiplier), ("tv_l2", tv_l2), ("l2_scale", l2_scale),
+                        ("adi_scale", adi_scale)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"{type(self).__name__}: {name} must be a finite number, got {v!r}")
+        if isinstance(lowres_iterations, bool) or not isinstance(lowres_iterations, int) or \
+                not 0 <= lowres_iterations <= iterations:
+            raise ValueError(f"{type(self).__name__}: lowres_iterations must be an int in [0, iterations="
+                             f"{iterations}], got {lowres_iterations!r}")
+        if lowres_iterations and min(img_size[-2:]) < 2:
+            raise ValueError(f"{type(self).__name__}: lowres_iterations needs images of at least 2x2 "
+                             f"(2x2 average pooling), got img_size {tuple(img_size)}")
+        self.tv_l2 = float(tv_l2)
+        self.l2_scale = float(l2_scale)
+        self.lowres_iterations = lowres_iterations
+        self.adi_scale = float(adi_scale)
+        self.first_bn_multiplier = float(first_bn_multiplier)
+        bn_weights = None
+        if self.first_bn_multiplier != 1.0:
+            # one weight per teacher BN layer, in module order (the order of the fused BN loss)
+            n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+            bn_weights = [self.first_bn_multiplier] + [1.0] * (n_bn - 1) if n_bn else None
         if cuda_graph:
             # the images are re-bound each call and clipped in place; the loop stays eager
             warn_once("deepinv_cuda_graph", "fastsynth: DeepInvSyntheiszer does not capture CUDA graphs "
@@ -80,7 +135,7 @@ class DeepInvSyntheiszer(SynthCore):
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=False, aug_padding=aug_padding,
-                         aug_flip=True if aug_flip is None else aug_flip)
+                         aug_flip=True if aug_flip is None else aug_flip, bn_weights=bn_weights)
         # the student's BN term (-0.001 * its BN loss); without BatchNorm layers the term is 0,
         # as upstream's empty sum over student hooks
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules())
@@ -95,26 +150,34 @@ class DeepInvSyntheiszer(SynthCore):
         else:
             self._lo = self._hi = None
 
-    def _forward(self, inputs, targets, adv_on, aug_codes=None):
-        x_aug = jitter_flip(inputs, generator=self._rng, codes=aug_codes) if self._augment_on else inputs
+    def _forward(self, inputs, targets, adv_on, aug_codes=None, lowres=False):
+        x = F.avg_pool2d(inputs, 2) if lowres else inputs
+        x_aug = jitter_flip(x, generator=self._rng, codes=aug_codes) if self._augment_on else x
+        adi_on = self.adi_scale != 0
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
             loss_bn = self.capture.loss()
-            if adv_on:
+            if adv_on or adi_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self.student(x_aug)
-                if self.s_capture is not None:
-                    loss_bn = loss_bn - 0.001 * self.s_capture.loss()
-                loss_adv = -self._js(s_out, t_out, T=3)
+                js = self._js(s_out, t_out, T=3)
+            if adv_on and self.s_capture is not None:
+                loss_bn = loss_bn - 0.001 * self.s_capture.loss()
             loss_oh = F.cross_entropy(t_out, targets)
             loss = self.bn * loss_bn + self.oh * loss_oh
             if adv_on:
-                loss = loss + self.adv * loss_adv
+                loss = loss + self.adv * (-js)
+            if adi_on:
+                loss = loss + self.adi_scale * (1.0 - js.clamp(0.0, 1.0))
             if self.tv != 0:
                 loss = loss + self.tv * image_prior_tv(inputs)
             if self.l2 != 0:
                 loss = loss + self.l2 * torch.norm(inputs, 2)
+            if self.tv_l2 != 0:
+                loss = loss + self.tv_l2 * image_prior_tv_l2(x_aug)
+            if self.l2_scale != 0:
+                loss = loss + self.l2_scale * torch.linalg.vector_norm(x_aug.flatten(1), dim=1).mean()
         return loss
 
     def synthesize(self, targets=None):
@@ -131,18 +194,26 @@ class DeepInvSyntheiszer(SynthCore):
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on), self._forward)
+        H, W = self.img_size[-2:]
         with self._synthesis_mode():
             if adv_on and self.s_capture is not None:
                 self.s_capture.activate()
             try:
                 for it in range(self.iterations):
+                    lowres = it < self.lowres_iterations
+                    if it == self.lowres_iterations and it > 0:
+                        # full resolution after the warm-up: fresh Adam state (NVlabs builds a new
+                        # optimizer per resolution), best tracking restarts below (first=True)
+                        optimizer = make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)
                     # the jitter's random code is drawn outside the compiled forward
-                    aug_codes = jitter_codes(self.img_size[-2:], self.device, self._rng) if self._augment_on else None
+                    aug_codes = jitter_codes((H // 2, W // 2) if lowres else (H, W), self.device, self._rng) \
+                        if self._augment_on else None
                     with self._autocast_ctx():
-                        loss = fwd(inputs, targets, adv_on, aug_codes)
+                        loss = fwd(inputs, targets, adv_on, aug_codes, lowres)
                     with torch.no_grad():
                         self._log(loss)
-                        self._track_best(loss, inputs, best_cost, best_x, first=(it == 0))
+                        self._track_best(loss, inputs, best_cost, best_x,
+                                         first=(it == 0 or it == self.lowres_iterations))
                     with nvtx_range("backward", self._nvtx):
                         self._backward(loss, optimizer)
                     with nvtx_range("step", self._nvtx):
