@@ -204,7 +204,8 @@ def build_parser(prog: str = "fastsynth distill") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Data-free knowledge distillation, one whole run: synthesis, student training, "
         "evaluation, checkpoints. Defaults per method are those of the upstream scripts; --dataset digits "
-        "(the default) is the built-in demo with the shipped teacher.",
+        "(the default) is the built-in demo with the shipped teacher. The run prints the resolved settings "
+        "and saves them as OUT/config.yaml.",
         argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags override it)")
     p.add_argument("--out", metavar="DIR", help="output folder (default fastsynth-distill)")
@@ -218,7 +219,8 @@ def build_parser(prog: str = "fastsynth distill") -> argparse.ArgumentParser:
         flags = [_flag(name)]
         if "_" in name:
             flags.append("--" + name)  # the upstream scripts' spelling (--batch_size)
-        extra = f" (default: {default})" if default is not None else ""
+        # the defaults depend on --method and --dataset: the resolved values are printed by the run
+        extra = f" ({', '.join(methods())})" if name == "method" else ""
         if typ is bool:
             p.add_argument(*flags, dest=name, type=_bool, nargs="?", const=True, metavar="BOOL", help=help_ + extra)
         else:

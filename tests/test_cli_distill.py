@@ -289,3 +289,31 @@ def test_every_method_runs_an_epoch_on_digits(method, tmp_path):
     assert (tmp_path / "grids" / "epoch_0001.png").exists()
     if method == "dfad":
         assert dr.kd_criterion(cfg)(torch.ones(2, 3), torch.zeros(2, 3), 1.0) == 1.0
+
+
+def test_sigkilled_command_resumes_from_its_newest_checkpoint(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    argv = ["--epochs", "4", "--warmup", "1", "--kd-steps", "3", "--g-steps", "2", "--batch-size", "32",
+            "--synthesis-batch-size", "40", "--gwp-loops", "1", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "fastsynth", "distill", *argv, "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not dr.checkpoints(str(out)) or dr.checkpoints(str(out))[0][0] < 2:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = dr.checkpoints(str(out))[0][0]
+    assert 2 <= done < 4
+    assert cli.main(["distill", *argv]) == 0
+    printed = capsys.readouterr().out
+    state, _ = dr.load_newest_checkpoint(str(out))
+    assert f"after epoch {done}/4" in printed
+    assert state["epoch"] == 4 and len((out / "metrics.csv").read_text().splitlines()) == 5
