@@ -469,6 +469,31 @@ def test_pool_sampling_before_the_counts_arrive_returns_only_kept_images(with_in
     assert len(p) == 6 and p.take_dropped() == 2
 
 
+class _Arrived(_NotYet):
+    def query(self):
+        return True
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_pool_sampling_while_the_counts_arrive_between_draws(with_init):
+    """Counts that arrive between two draws of one permutation shrink the index range: the
+    permutation drawn over the upper bound is dropped, no index past the kept images is used."""
+    p = DataPool(device="cpu")
+    x = torch.full((8, 1, 2, 2), 100 / 255)
+    x[1:7, 0, 0, 0] = float("nan")
+    p.add(x)
+    if with_init:
+        p.set_init(torch.full((1, 1, 2, 2), 7, dtype=torch.uint8))
+    _hold_counts(p)
+    first = p.sample(3)
+    p._unresolved = [(h, _Arrived(), b) for h, _, b in p._unresolved]
+    rest = p.sample(8)
+    allowed = {100} | ({7} if with_init else set())
+    for got in (first, rest):
+        assert {round(v * 255) for v in got.flatten().tolist()} <= allowed
+    assert rest.shape[0] == 2 + with_init and p.take_dropped() == 6
+
+
 def _pool_reference(adds, cap):
     """The kept images of a FIFO pool fed only the finite rows of each batch (host model)."""
     data, ptr = [], 0

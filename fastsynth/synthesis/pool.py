@@ -320,7 +320,10 @@ class DataPool:
         if done:
             del self._unresolved[:done]
             rest = sum(B for _, _, B in self._unresolved)
-            self._n = self._n_res + rest if self.capacity is None else min(self.capacity, self._n_res + rest)
+            n = self._n_res + rest if self.capacity is None else min(self.capacity, self._n_res + rest)
+            if n != self._n:
+                # a permutation drawn over the old upper bound may hold indices past the new one
+                self._n, self._perm = n, None
 
     def take_dropped(self, wait: bool = False) -> int:
         """Images dropped since the last call, as far as the host knows without waiting (CPU: all
