@@ -334,6 +334,22 @@ def test_injected_nan_batch_never_enters_the_pool(cls, where):
     assert torch.isfinite(m.sample()).all()
 
 
+@pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer, NAYER])
+def test_injected_nan_loss_on_the_graph_path_never_enters_the_pool(cls):
+    """The captured step's generic best tracking (first=None) keeps a NaN cost, so the pool
+    refuses those images on the graph path too (run here through CudaGraphStep on the CPU)."""
+    m = force_graph_mode(make(cls, seed=6, fuse_teacher=False))
+    m.synthesize()
+    n_good = len(m.data_pool)
+    _poison(m, "loss")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m.synthesize()
+    assert len([x for x in w if "did not enter the pool" in str(x.message)]) == 1
+    assert len(m.data_pool) == n_good and m.last_dropped == m.synthesis_batch_size
+    assert torch.isfinite(m.sample()).all()
+
+
 # ------------------------------------------------------------ CUDA graphs (real capture)
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer, NAYER])
