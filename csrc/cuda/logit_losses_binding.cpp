@@ -37,8 +37,8 @@ void check_pair(const char* op, const at::Tensor& a, const char* a_name, const a
                    " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
   TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, op, ": ", a_name, " must not be empty, got shape ", a.sizes());
   TORCH_CHECK_VALUE(a.size(0) < (int64_t(1) << 31), op, ": more than 2^31 rows");
-  TORCH_CHECK(a.is_cuda() && b.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
-              " must be CUDA tensors on one device");
+  TORCH_CHECK_VALUE(a.is_cuda() && b.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
+                    " must be CUDA tensors on one device, got ", a.device(), " and ", b.device());
 }
 
 // unit column stride (rows may be strided); copies only when columns are strided
@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, op, ": targets must have shape [", N, "], got ",
                     targets.sizes());
-  TORCH_CHECK(targets.device() == teacher_logits.device(), op, ": targets must be on ", teacher_logits.device());
+  TORCH_CHECK_VALUE(targets.device() == teacher_logits.device(), op, ": targets must be on ", teacher_logits.device(),
+                    " like the logits, got ", targets.device());
   const c10::cuda::CUDAGuard guard(teacher_logits.device());
   const at::Tensor t = unit_column_stride(teacher_logits), s = unit_column_stride(student_logits);
   const at::Tensor y = targets.contiguous();
@@ -165,10 +166,16 @@ std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& grad_b) {
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "logit_loss_backward: grad_loss must have one element, got shape ",
                     grad_loss.sizes());
+  // The kernel dereferences grad_loss on the device: a host (or other-device) tensor reaches this
+  // kernel whenever one of the gradients is a CUDA tensor, and would be read through a host pointer.
+  const at::Tensor& like = grad_a.numel() != 0 ? grad_a : grad_b;
+  TORCH_CHECK_VALUE(grad_loss.is_cuda(), "logit_loss_backward: grad_loss must be a CUDA tensor on ", like.device(),
+                    " (the device of the gradients), got a tensor on ", grad_loss.device());
   const c10::cuda::CUDAGuard guard(grad_loss.device());
-  auto scale = [&](const at::Tensor& x) {
+  auto scale = [&](const at::Tensor& x, const char* name) {
     if (x.numel() == 0) return at::empty_like(x);
-    TORCH_CHECK(x.is_cuda() && x.device() == grad_loss.device(), "logit_loss_backward: tensors on different devices");
+    TORCH_CHECK_VALUE(x.is_cuda() && x.device() == grad_loss.device(), "logit_loss_backward: ", name,
+                      " must be on the device of grad_loss ", grad_loss.device(), ", got ", x.device());
     const at::Tensor xc = x.contiguous();
     // the kernel reads grad_loss in the accumulator type of x
     const at::Tensor g = grad_loss.reshape({}).to(acc_scalar_type(xc.scalar_type())).contiguous();
@@ -177,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cuda(const at::Tensor& gr
                                            logit_dtype(xc.scalar_type()), c10::cuda::getCurrentCUDAStream()));
     return out;
   };
-  return {scale(grad_a), scale(grad_b)};
+  return {scale(grad_a, "grad_a"), scale(grad_b, "grad_b")};
 }
 
 }  // namespace
