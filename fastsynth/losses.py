@@ -5,6 +5,8 @@ kernels of fastsynth.ops.logit_losses where they apply.
     kldiv(logits, targets, T=1.0, reduction='batchmean')
         = F.kl_div(log_softmax(logits/T), softmax(targets/T), reduction) * T^2
         i.e. T^2 KL(softmax(targets/T) || softmax(logits/T))
+        T a number or a tensor (a learnable temperature, as upstream): a 0-d tensor runs fused,
+        other shapes the upstream eager formula; the gradient reaches T when it requires grad
     KLDiv(T=1.0, reduction='batchmean')       module form of kldiv
     jsdiv(logits, targets, T=1.0, reduction='batchmean')
         P = softmax(logits/T), Q = softmax(targets/T), M = (P + Q)/2, each clamped to [0.01, 0.99],
@@ -53,9 +55,37 @@ def _check_reduction(op: str, reduction) -> None:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_tensor_temperature(op: str, T: torch.Tensor) -> None:
+    # The value is not checked: that would need it on the host (a sync per call for a learnable T
+    # on the GPU); a T <= 0 or NaN gives what the upstream formula gives.
+    if T.dtype == torch.bool or T.is_complex():
+        raise TypeError(f"{op}: a tensor T must be real (a learnable temperature), got dtype {T.dtype}")
+
+
+def _fusable_temperature(T, logits) -> bool:
+    # a 0-d tensor on the logits' device (or a 0-d CPU tensor, which torch treats as a scalar)
+    return T.dim() == 0 and (T.device == logits.device or T.device.type == "cpu")
+
+
 def kldiv(logits, targets, T=1.0, reduction="batchmean"):
-    """``F.kl_div(log_softmax(logits/T), softmax(targets/T), reduction) * T*T`` (upstream kldiv)."""
+    """``F.kl_div(log_softmax(logits/T), softmax(targets/T), reduction) * T*T`` (upstream kldiv).
+
+    ``T`` is a positive number or, as upstream, a tensor (a learnable temperature; the gradient
+    reaches it when it requires grad). A 0-d tensor runs the fused kernel on ``logits / T`` and
+    ``targets / T`` at temperature 1, times ``T*T`` (autograd of the two divisions and the product
+    carries the gradient to T; no host sync); other shapes (a per-sample ``[N, 1]`` T) broadcast
+    in the upstream eager formula."""
     _check_reduction("kldiv", reduction)
+    if isinstance(T, torch.Tensor):
+        _check_tensor_temperature("kldiv", T)
+        if not (_fusable(logits, targets, reduction) and _fusable_temperature(T, logits)):
+            return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
+        backend = resolve_backend(None, logits.device, "kldiv")
+        if backend == "reference":
+            return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
+        n, c = logits.shape
+        loss = _ll._kd(logits / T, targets / T, 1.0, _row_scale(reduction, n, c), backend) * (T * T)
+        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
     T = _ll._check_temperature("kldiv", T)
     if not _fusable(logits, targets, reduction):
         return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
@@ -68,7 +98,8 @@ def kldiv(logits, targets, T=1.0, reduction="batchmean"):
 
 
 class KLDiv(nn.Module):
-    """Module form of :func:`kldiv` (upstream ``KLDiv(T=1.0, reduction='batchmean')``)."""
+    """Module form of :func:`kldiv` (upstream ``KLDiv(T=1.0, reduction='batchmean')``). ``T`` may be
+    a tensor; an ``nn.Parameter`` T is registered as the module's parameter, as upstream."""
 
     def __init__(self, T=1.0, reduction="batchmean"):
         super().__init__()
@@ -105,11 +136,9 @@ def cross_entropy(logits, targets, reduction="mean"):
 
 def onehot_loss(logits, targets=None):
     """Cross-entropy against ``targets``, or against the logits' own argmax when None (DAFL's
-    one-hot loss). The argmax is taken of the log-softmax the loss is built on (the same index),
-    so the loss is one log_softmax + one nll_loss, as ``F.cross_entropy``."""
+    one-hot loss; the argmax of the logits, as upstream's ``logits.max(1)[1]``)."""
     if targets is None:
-        logp = torch.log_softmax(logits, dim=1)
-        return nn.functional.nll_loss(logp, logp.detach().argmax(1))
+        targets = logits.detach().argmax(1)
     return cross_entropy(logits, targets)
 
 

@@ -8,6 +8,18 @@ partial results (CE_i, m_i KL_i, m_i) to a [N, 3] buffer; one more single-progra
 them in row order, so the batch reduction is deterministic and needs no host sync.
 
 Out-of-range targets: the index is clamped for the load and the row's CE is NaN (no host sync).
+
+Non-finite logits as in csrc/common/logit_loss_math.h: NaN anywhere in a row makes the row NaN (the
+KL clamp and the masking keep NaN) and is the argmax (torch.argmax); a -inf logit is a probability
+of exactly 0 and contributes nothing (no 0 * inf); the running maxima start at the lowest finite
+value of the compute dtype, so that no -inf element meets a -inf maximum.
+
+Scalar arguments (1/T, weights, clamp bounds) reach the row kernels in their compute dtype: fp64
+inputs launch the *_f64 entry points, whose scalars are annotated float64 (a plain Python float
+argument is fp32 in a compiled kernel), so the fp64 path is fp64-accurate; fp32/fp16/bf16 inputs
+launch the entry points with fp32 scalars (fp64 arguments there raise register pressure to spills).
+Both entry points inline one body, which converts the scalars with tl.full to ACC (the interpreter
+evaluates that in ACC too). The batch sum takes its weights as fp64 and converts them likewise.
 """
 from __future__ import annotations
 
@@ -19,9 +31,19 @@ import triton.language as tl
 # LSE). Tests lower it to exercise the multi-chunk path under the interpreter.
 MAX_BLOCK = 4096
 SUM_BLOCK = 256
-# Finite "minus infinity" for the running maxima: keeps 0 * (m_new - m) at 0. A tl.constexpr so the
-# compiler (not only the interpreter) accepts it inside @triton.jit code.
-_NEG_BIG = tl.constexpr(-1.0e38)
+# Lowest finite values, the running maxima of empty rows (tl.constexpr globals: the compiler, not only
+# the interpreter, accepts them inside @triton.jit code).
+_LOWEST_F32 = tl.constexpr(-3.4028234663852886e38)
+_LOWEST_F64 = tl.constexpr(-1.7976931348623157e308)
+
+
+@triton.jit
+def _lowest(ACC: tl.constexpr):
+    if ACC == tl.float64:
+        v = tl.full([], _LOWEST_F64, tl.float64)
+    else:
+        v = tl.full([], _LOWEST_F32, tl.float32)
+    return v
 
 
 @triton.jit
@@ -33,7 +55,29 @@ def _kl_rows_kernel(
     gs_ptr,  # [N, C] out: d loss / d student (written when WRITE_GS)
     part_ptr,  # [N, 3] ACC out: CE_i, m_i KL_i, m_i
     stride_t, stride_s, C,
-    inv_t, ce_w, kl_w,  # 1/T; weights of CE_i and KL_i in the loss
+    inv_t, ce_w, kl_w,  # 1/T; weights of CE_i and KL_i in the loss (fp32: fp32/fp16/bf16 inputs)
+    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
+    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _kl_rows(t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
+             HAS_TARGETS, AGREE_MASK, WRITE_GT, WRITE_GS, BLOCK, ACC)
+
+
+@triton.jit
+def _kl_rows_kernel_f64(
+    t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr,  # as _kl_rows_kernel, fp64 inputs
+    stride_t, stride_s, C,
+    inv_t: tl.float64, ce_w: tl.float64, kl_w: tl.float64,
+    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
+    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _kl_rows(t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
+             HAS_TARGETS, AGREE_MASK, WRITE_GT, WRITE_GS, BLOCK, ACC)
+
+
+@triton.jit
+def _kl_rows(
+    t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
     HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
     WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -41,10 +85,13 @@ def _kl_rows_kernel(
     t_row = t_ptr + row * stride_t
     s_row = s_ptr + row * stride_s
     cols = tl.arange(0, BLOCK)
+    inv_t = tl.full([], inv_t, ACC)
+    ce_w = tl.full([], ce_w, ACC)
+    kl_w = tl.full([], kl_w, ACC)
 
     # ---- pass 1: online LSE of both rows, centred KL accumulator, argmax of both rows
-    mt = tl.full([], _NEG_BIG, ACC)
-    ms = tl.full([], _NEG_BIG, ACC)
+    mt = _lowest(ACC)
+    ms = _lowest(ACC)
     zt = tl.zeros([], ACC)
     zs = tl.zeros([], ACC)
     acc = tl.zeros([], ACC)
@@ -57,35 +104,49 @@ def _kl_rows_kernel(
         valid = offs < C
         t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
         s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-        t_m = tl.where(valid, t, float("-inf"))
-        s_m = tl.where(valid, s, float("-inf"))
+        t_nan = valid & (t != t)
+        s_nan = valid & (s != s)
+        # maxima of the chunk without its NaNs (the NaNs reach the sums through exp)
+        t_m = tl.where(valid & (t == t), t, float("-inf"))
+        s_m = tl.where(valid & (s == s), s, float("-inf"))
         ct = tl.max(t_m, axis=0)
         cs = tl.max(s_m, axis=0)
-        it = (tl.argmax(t_m, axis=0, tie_break_left=True) + start).to(tl.int32)
-        is_ = (tl.argmax(s_m, axis=0, tie_break_left=True) + start).to(tl.int32)
-        at_i = tl.where(ct > at_v, it, at_i)
-        at_v = tl.maximum(at_v, ct)
-        as_i = tl.where(cs > as_v, is_, as_i)
-        as_v = tl.maximum(as_v, cs)
+        # argmax of the chunk as torch.argmax: the first NaN if any, else the first maximum
+        it = tl.where(tl.max(t_nan.to(tl.int32), axis=0) > 0, tl.min(tl.where(t_nan, offs, C), axis=0),
+                      tl.argmax(t_m, axis=0, tie_break_left=True) + start).to(tl.int32)
+        is_ = tl.where(tl.max(s_nan.to(tl.int32), axis=0) > 0, tl.min(tl.where(s_nan, offs, C), axis=0),
+                       tl.argmax(s_m, axis=0, tie_break_left=True) + start).to(tl.int32)
+        ct_a = tl.where(tl.max(t_nan.to(tl.int32), axis=0) > 0, float("nan"), ct)
+        cs_a = tl.where(tl.max(s_nan.to(tl.int32), axis=0) > 0, float("nan"), cs)
+        # a later chunk wins if strictly greater, or NaN over a non-NaN (first maximum / first NaN)
+        take_t = (ct_a > at_v) | ((ct_a != ct_a) & (at_v == at_v))
+        take_s = (cs_a > as_v) | ((cs_a != cs_a) & (as_v == as_v))
+        at_i = tl.where(take_t, it, at_i)
+        at_v = tl.where(take_t, ct_a, at_v)
+        as_i = tl.where(take_s, is_, as_i)
+        as_v = tl.where(take_s, cs_a, as_v)
 
         mt_new = tl.maximum(mt, ct)
         ms_new = tl.maximum(ms, cs)
         ft = tl.exp(mt - mt_new)
         fs = tl.exp(ms - ms_new)
-        acc = (acc - zt * ((mt_new - mt) - (ms_new - ms))) * ft
+        # acc is 0 without teacher mass; the shift from the lowest maximum may overflow (0 * inf)
+        acc = tl.where(zt == 0.0, 0.0, (acc - zt * ((mt_new - mt) - (ms_new - ms))) * ft)
         zt = zt * ft
         zs = zs * fs
         et = tl.where(valid, tl.exp(t - mt_new), 0.0)
         es = tl.where(valid, tl.exp(s - ms_new), 0.0)
         zt += tl.sum(et, axis=0)
         zs += tl.sum(es, axis=0)
-        acc += tl.sum(et * ((t - mt_new) - (s - ms_new)), axis=0)
+        # p_t = 0 (a -inf teacher logit): no term, whatever the student holds (not 0 * inf)
+        acc += tl.sum(tl.where(et == 0.0, 0.0, et * ((t - mt_new) - (s - ms_new))), axis=0)
         mt = mt_new
         ms = ms_new
 
     lzt = tl.log(zt)
     lzs = tl.log(zs)
-    kl = tl.maximum(acc / zt + tl.log(zs / zt), 0.0)  # one log of a ratio near 1: no cancellation
+    kl = acc / zt + tl.log(zs / zt)  # one log of a ratio near 1: no cancellation
+    kl = tl.where(kl < 0.0, 0.0, kl)  # rounding can leave -1e-8; NaN stays NaN
     if AGREE_MASK:
         agree = (at_i == as_i).to(ACC)
     else:
@@ -100,7 +161,7 @@ def _kl_rows_kernel(
         y_safe = -1
         ce = tl.zeros([], ACC)
     tl.store(part_ptr + row * 3 + 0, ce)
-    tl.store(part_ptr + row * 3 + 1, tl.where(agree > 0, kl, 0.0))
+    tl.store(part_ptr + row * 3 + 1, kl * agree)  # masked: 0, or NaN for a non-finite KL (as the reference)
     tl.store(part_ptr + row * 3 + 2, agree)
 
     # ---- pass 2: gradients
@@ -119,7 +180,7 @@ def _kl_rows_kernel(
             pt = tl.exp(log_pt)
             ps = tl.exp(log_ps)
             if WRITE_GT:
-                gt = pt * (g_pt + g_ptd * (log_pt - log_ps))
+                gt = tl.where(pt == 0.0, 0.0, pt * (g_pt + g_ptd * (log_pt - log_ps)))
                 gt = gt - tl.where(offs == y_safe, g_y, 0.0)
                 tl.store(gt_ptr + row * C + offs, gt.to(gt_ptr.dtype.element_ty), mask=valid)
             if WRITE_GS:
@@ -135,19 +196,43 @@ def _js_rows_kernel(
     gt_ptr,  # [N, C] out: w * d js / d teacher (written when WRITE_GT)
     part_ptr,  # [N, 3] ACC out: 0, js_i, 1
     stride_s, stride_t, C,
-    inv_t, lo, hi, w,
+    inv_t, lo, hi, w,  # fp32 (fp32/fp16/bf16 inputs)
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _js_rows(s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
+             WRITE_GS, WRITE_GT, BLOCK, ACC)
+
+
+@triton.jit
+def _js_rows_kernel_f64(
+    s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr,  # as _js_rows_kernel, fp64 inputs
+    stride_s, stride_t, C,
+    inv_t: tl.float64, lo: tl.float64, hi: tl.float64, w: tl.float64,
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _js_rows(s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
+             WRITE_GS, WRITE_GT, BLOCK, ACC)
+
+
+@triton.jit
+def _js_rows(
+    s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
     WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
     cols = tl.arange(0, BLOCK)
+    inv_t = tl.full([], inv_t, ACC)
+    lo = tl.full([], lo, ACC)
+    hi = tl.full([], hi, ACC)
+    w = tl.full([], w, ACC)
     log_lo = tl.log(lo)
     log_hi = tl.log(hi)
 
     # ---- pass 1: online LSE of both rows
-    ms = tl.full([], _NEG_BIG, ACC)
-    mt = tl.full([], _NEG_BIG, ACC)
+    ms = _lowest(ACC)
+    mt = _lowest(ACC)
     zs = tl.zeros([], ACC)
     zt = tl.zeros([], ACC)
     for start in range(0, C, BLOCK):
@@ -221,12 +306,15 @@ def _js_element(log_p, log_q, lo, hi, log_lo, log_hi):
 def _sum_rows_kernel(
     part_ptr,  # [N, 3] row partials a_i, b_i, c_i (fp32, or fp64 for fp64 inputs)
     loss_ptr, a_mean_ptr, b_mean_ptr, c_mean_ptr,  # 0-dim outputs (dtype of the pointer)
-    N, w_a, w_b, inv_n,
+    N, w_a: tl.float64, w_b: tl.float64, inv_n: tl.float64,
     BLOCK_N: tl.constexpr,
 ):
     # loss = w_a sum a + w_b sum b; a_mean = sum a / N; b_mean = -sum b / N; c_mean = sum c / N.
     # One program, fixed order: deterministic.
     rows = tl.arange(0, BLOCK_N)
+    w_a = tl.full([], w_a, part_ptr.dtype.element_ty)
+    w_b = tl.full([], w_b, part_ptr.dtype.element_ty)
+    inv_n = tl.full([], inv_n, part_ptr.dtype.element_ty)
     sa = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
     sb = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
     sc = tl.zeros([BLOCK_N], part_ptr.dtype.element_ty)
@@ -288,6 +376,16 @@ def _grad_buffer(x: torch.Tensor, needed: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device) if needed else x.new_empty((0,))
 
 
+def _kl_rows_launcher(dtype: torch.dtype):
+    # fp64 inputs: the scalars travel as fp64 (fp64-accurate 1/T and weights); others take them as
+    # fp32 arguments, their compute dtype (fp64 arguments there cost registers and spill)
+    return _kl_rows_kernel_f64 if dtype == torch.float64 else _kl_rows_kernel
+
+
+def _js_rows_launcher(dtype: torch.dtype):
+    return _js_rows_kernel_f64 if dtype == torch.float64 else _js_rows_kernel
+
+
 def _finish(part: torch.Tensor, like: torch.Tensor, w_a: float, w_b: float):
     n = part.shape[0]
     dt = _acc_dtype(like.dtype)
@@ -298,11 +396,12 @@ def _finish(part: torch.Tensor, like: torch.Tensor, w_a: float, w_b: float):
 
 def synthesis_logit_loss(t, s, targets, oh, adv, agree_mask, need_grad_teacher, need_grad_student):
     t, s = _unit_column_stride(t), _unit_column_stride(s)
+    targets = targets.contiguous()  # the kernel reads targets[row] at unit stride
     n, c = t.shape
     gt, gs = _grad_buffer(t, need_grad_teacher), _grad_buffer(s, need_grad_student)
     part = torch.empty((n, 3), dtype=_acc_dtype(t.dtype), device=t.device)
     block = _block(c)
-    _kl_rows_kernel[(n,)](
+    _kl_rows_launcher(t.dtype)[(n,)](
         t, s, targets, gt, gs, part, t.stride(0), s.stride(0), c, 1.0, oh / n, -adv / n,
         HAS_TARGETS=True, AGREE_MASK=bool(agree_mask), WRITE_GT=bool(need_grad_teacher),
         WRITE_GS=bool(need_grad_student), BLOCK=block, ACC=_acc_tl(t.dtype), num_warps=_num_warps(block),
@@ -317,7 +416,7 @@ def kd_loss(s, t, T, scale, need_grad_student, need_grad_teacher):
     gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
     part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
-    _kl_rows_kernel[(n,)](
+    _kl_rows_launcher(s.dtype)[(n,)](
         t, s, t, gt, gs, part, t.stride(0), s.stride(0), c, 1.0 / T, 0.0, scale,
         HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=bool(need_grad_teacher),
         WRITE_GS=bool(need_grad_student), BLOCK=block, ACC=_acc_tl(s.dtype), num_warps=_num_warps(block),
@@ -332,7 +431,7 @@ def js_divergence(s, t, T, lo, hi, scale, need_grad_student, need_grad_teacher):
     gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
     part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
-    _js_rows_kernel[(n,)](
+    _js_rows_launcher(s.dtype)[(n,)](
         s, t, gs, gt, part, s.stride(0), t.stride(0), c, 1.0 / T, lo, hi, scale,
         WRITE_GS=bool(need_grad_student), WRITE_GT=bool(need_grad_teacher), BLOCK=block,
         ACC=_acc_tl(s.dtype), num_warps=_num_warps(block),

@@ -149,8 +149,7 @@ def test_float64_inputs_are_computed_in_float64(backend, kind):
     got = run(kind, backend, t, s, y, T=2.0, grad_out=1.5)
     ref = oracle(kind, t, s, y, T=2.0, grad_out=1.5)
     assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
-    # triton takes its float scalars (1/T, weights) as fp32 arguments: 1e-7 relative
-    tol = 1e-12 if backend == "cpu" else 2e-7
+    tol = 1e-12
     torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
     torch.testing.assert_close(got[2], ref[2], rtol=tol, atol=tol)
     torch.testing.assert_close(got[3], ref[3], rtol=tol, atol=tol)
@@ -169,8 +168,7 @@ def test_gradcheck(backend):
         lambda a, b: ops.kd_loss(b, a, 4.0, backend=backend),
         lambda a, b: ops.js_divergence(b, a, T=1.0, backend=backend),
     ]
-    # triton receives 1/T and the weights as fp32 scalars: loosen the comparison accordingly
-    tol = dict(atol=1e-6, rtol=1e-5) if backend == "cpu" else dict(atol=1e-5, rtol=1e-4)
+    tol = dict(atol=1e-6, rtol=1e-5)
     for fn in fns:
         # the interpreted Triton kernels are slow: the fast (random-projection) mode there
         assert torch.autograd.gradcheck(fn, (t, s), eps=1e-6, fast_mode=backend == "triton", **tol)
@@ -277,6 +275,150 @@ def test_extreme_logits(backend, C):
         gt_atol = 5e-4 if kind == "kd" else 1e-5
         torch.testing.assert_close(gt.double(), rgt, rtol=1e-3, atol=gt_atol)
         torch.testing.assert_close(gs.double(), rgs, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["synthesis", "kd", "js"])
+@pytest.mark.parametrize("T,oh,adv", [(3.0, 0.1, 1.0 / 3), (0.7, 1.0 / 7, 2.9)])
+def test_float64_scalars_reach_the_kernels_in_float64(backend, kind, T, oh, adv):
+    # 1/T, oh/N, adv/N and the clamp bounds not representable in fp32: an fp32 scalar leaves a
+    # relative error of ~1e-8 on the loss and the gradients
+    t, s = make_logits(7, 45, dtype=torch.float64)
+    y = torch.randint(0, 45, (7,))
+    got = run(kind, backend, t, s, y, T=T, oh=oh, adv=adv, grad_out=1.3)
+    ref = oracle(kind, t, s, y, T=T, oh=oh, adv=adv, grad_out=1.3)
+    for g, r in zip((got[0], got[2], got[3]), (ref[0], ref[2], ref[3])):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+    if kind == "js":  # clamp bounds
+        lo, hi = 0.1 / 3, 1 - 0.1 / 3
+        a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
+        loss = fastsynth.ops.js_divergence(a, b, T=T, clamp=(lo, hi), backend=backend)
+        ga = torch.autograd.grad(loss, a)[0]
+        a2 = s.clone().requires_grad_()
+        rloss = upstream_jsdiv_clamp(a2, t, T, lo, hi)
+        rga = torch.autograd.grad(rloss, a2)[0]
+        torch.testing.assert_close(loss, rloss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ga, rga, rtol=1e-12, atol=1e-14)
+
+
+def upstream_jsdiv_clamp(logits, targets, T, lo, hi):
+    P = F.softmax(logits / T, dim=1)
+    Q = F.softmax(targets / T, dim=1)
+    M = 0.5 * (P + Q)
+    P, Q, M = torch.clamp(P, lo, hi), torch.clamp(Q, lo, hi), torch.clamp(M, lo, hi)
+    return 0.5 * F.kl_div(torch.log(P), M, reduction="batchmean") + 0.5 * F.kl_div(torch.log(Q), M, reduction="batchmean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite logits: NaN in gives NaN out; -inf is a probability of 0
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("C", [10, 100, 300])  # CPU lanes, CPU rows; 300: several Triton chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_logit_gives_nan_loss(backend, C, dtype, where, monkeypatch):
+    from fastsynth.kernels import logit_losses as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 64)
+    for col in (0, 37 % C, C - 1):
+        t, s = make_logits(5, C, dtype=dtype)
+        y = torch.randint(0, C, (5,))
+        (s if where == "student" else t)[1, col] = float("nan")
+        loss, parts = fastsynth.ops.synthesis_logit_loss(t, s, y, oh=0.5, adv=1.0, backend=backend)
+        assert torch.isnan(loss) and torch.isnan(parts["adv"]), (col, loss, parts)
+        # the mask follows torch.argmax, for which NaN is the maximum
+        expected = (s.argmax(1) == t.argmax(1)).to(parts["agree_frac"].dtype).mean()
+        assert abs(float(parts["agree_frac"]) - float(expected)) < 1e-6, col
+        # a row whose mask is 0 still reports its NaN (the reference multiplies by the mask)
+        nomask = fastsynth.ops.synthesis_logit_loss(t, s, y, oh=0.0, adv=1.0, mask=None, backend=backend)[0]
+        assert torch.isnan(nomask)
+        assert torch.isnan(fastsynth.ops.kd_loss(s, t, 4.0, backend=backend))
+        assert torch.isnan(fastsynth.ops.js_divergence(s, t, backend=backend))
+        if where == "teacher":
+            assert torch.isnan(parts["oh"])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_argmax_follows_torch(backend):
+    # rows where the NaN decides the mask: a NaN in the student at the teacher's argmax agrees,
+    # elsewhere disagrees; two NaNs: the first wins
+    t = torch.tensor([[0.0, 5.0, 1.0, 2.0]] * 4)
+    s = torch.tensor([[0.0, 1.0, 9.0, 2.0]] * 4)
+    s[0, 1] = float("nan")  # student argmax 1 == teacher argmax 1: agree
+    s[1, 3] = float("nan")  # 3 != 1: disagree (the finite max 9 at 2 would disagree too)
+    t[2, 2] = float("nan")  # teacher argmax 2 == student argmax 2: agree
+    t[3, 0] = float("nan")
+    s[3, 0] = float("nan")
+    s[3, 2] = float("nan")  # first NaNs at 0 in both: agree
+    y = torch.zeros(4, dtype=torch.int64)
+    parts = fastsynth.ops.synthesis_logit_loss(t, s, y, backend=backend)[1]
+    assert float(parts["agree_frac"]) == float((s.argmax(1) == t.argmax(1)).float().mean()) == 0.75
+
+
+def kl_limit_rows(t, s):
+    # float64 KL rows with p log p = 0 where p_t = 0 (a -inf teacher logit), the limit that the
+    # fused kernels compute; F.kl_div gives 0 * inf = NaN where both logits are -inf
+    lpt = F.log_softmax(t, dim=1)
+    pt = lpt.exp()
+    return torch.where(pt == 0, torch.zeros_like(pt), pt * (lpt - F.log_softmax(s, dim=1))).sum(1)
+
+
+def finite_stand_in(x):
+    # -inf replaced by a value 1e4 below the row's smallest finite value: exp underflows to
+    # exactly 0 in float64, so losses and gradients equal their limits
+    lo = torch.where(torch.isfinite(x), x, torch.full_like(x, float("inf"))).amin(1, keepdim=True) - 1e4
+    return torch.where(x == float("-inf"), lo.expand_as(x), x)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("C", [10, 100, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neg_inf_logits_give_the_limit(backend, C, dtype, monkeypatch):
+    from fastsynth.kernels import logit_losses as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 64)
+    t, s = make_logits(6, C, dtype=dtype)
+    ninf = float("-inf")
+    t[0, 0] = ninf  # the first element: meets the empty running maximum
+    t[1, C // 2:] = ninf  # whole chunks of -inf teacher logits next to finite student logits
+    t[2, 3] = ninf
+    s[2, 3] = ninf  # both -inf in one class: that class has probability 0 in both
+    t[3, ::3] = ninf
+    s[3, ::3] = ninf
+    t[4, 0] = s[4, 0] = 1e30  # huge maxima next to -inf: -inf - 1e30 must stay -inf, exp 0
+    t[4, 1] = s[4, 2] = ninf
+    if dtype == torch.float64:
+        # a huge student logit where the teacher has little mass: the gradient is a difference of
+        # two values ~1e30 (d_c - KL), which float32 resolves only to ~1e-3 relative
+        s[5, 0] = 1e30
+        t[5, 1] = ninf
+    y = torch.tensor([1, 0, 4, 1, 0, 2])
+    t64, s64 = finite_stand_in(t.double()), finite_stand_in(s.double())
+    assert torch.equal(kl_limit_rows(t.double(), s.double()), kl_limit_rows(t64, s64))
+    for kind, kw in (("synthesis", dict(oh=0.5, adv=1.3, mask=None)), ("synthesis", dict(oh=0.5, adv=1.3)),
+                     ("kd", dict(T=2.5)), ("js", dict(T=3.0))):
+        got = run(kind, backend, t, s, y, **kw)
+        ref = oracle(kind, t64, s64, y, **kw)
+        assert_matches(got, ref, dtype, f"{kind} {kw}")
+
+
+def test_neg_inf_student_logit_gives_infinite_kl():
+    # a student -inf where the teacher has mass: KL = +inf on every backend, as the reference
+    t, s = make_logits(3, 20)
+    s[1, 4] = float("-inf")
+    for backend in FUSED + ["reference"]:
+        assert fastsynth.ops.kd_loss(s, t, 2.0, backend=backend).item() == float("inf"), backend
+
+
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
+def test_strided_targets(backend):
+    t, s = make_logits(6, 30)
+    y_full = torch.randint(0, 30, (12,))
+    y = y_full[::2]
+    assert not y.is_contiguous()
+    got = run("synthesis", backend, t, s, y, oh=0.7, adv=1.1)
+    assert_matches(got, oracle("synthesis", t, s, y.contiguous(), oh=0.7, adv=1.1), torch.float32)
 
 
 @pytest.mark.parametrize("n", [1, 16, 17, 50])
@@ -472,6 +614,55 @@ def test_dropin_kldiv_and_jsdiv_match_upstream(reduction, T):
     torch.testing.assert_close(mod(s, t), upstream_kldiv(s, t, T=T, reduction=reduction), rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("shape", [(), (6, 1)])  # a learnable scalar T; a per-sample T
+def test_dropin_kldiv_tensor_temperature(reduction, shape, monkeypatch):
+    # upstream kldiv takes T as a tensor (a learnable temperature): loss and gradients w.r.t. both
+    # logits AND T as autograd of the upstream formula gives them, in float64
+    t, s = make_logits(6, 40, dtype=torch.float64)
+    T0 = torch.full(shape, 2.5, dtype=torch.float64) + (torch.rand(shape, dtype=torch.float64) if shape else 0.0)
+    fused = reduction != "none" and shape == ()
+    if fused:  # a 0-d T runs the fused kernel, never the eager formula
+        monkeypatch.setattr(ll, "_upstream_kldiv", lambda *a, **k: pytest.fail("eager formula for a 0-d T"))
+    a_s, a_t, a_T = s.clone().requires_grad_(), t.clone().requires_grad_(), T0.clone().requires_grad_()
+    b_s, b_t, b_T = s.clone().requires_grad_(), t.clone().requires_grad_(), T0.clone().requires_grad_()
+    a = fastsynth.kldiv(a_s, a_t, T=a_T, reduction=reduction)
+    b = upstream_kldiv(b_s, b_t, T=b_T, reduction=reduction)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(b)
+    ga = torch.autograd.grad(a, [a_s, a_t, a_T], g)
+    gb = torch.autograd.grad(b, [b_s, b_t, b_T], g)
+    assert float(gb[2].abs().sum()) > 1e-3  # the temperature's gradient is really checked
+    for x, y_ in zip(ga, gb):
+        torch.testing.assert_close(x, y_, rtol=1e-9, atol=1e-12)
+    # T without grad, teacher detached (student training): the gradient reaches the student only
+    c_s = s.clone().requires_grad_()
+    c = fastsynth.kldiv(c_s, t, T=T0, reduction=reduction)
+    torch.testing.assert_close(c, b.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(c, c_s, g)[0], gb[0], rtol=1e-9, atol=1e-12)
+
+
+def test_dropin_kldiv_tensor_temperature_fp32_module_and_errors():
+    # the module form with a learnable T registers it as a parameter (as upstream) and trains it
+    t, s = make_logits(5, 30)
+    mod = fastsynth.KLDiv(T=torch.nn.Parameter(torch.tensor(4.0)))
+    assert [n for n, _ in mod.named_parameters()] == ["T"]
+    s = s.requires_grad_()
+    loss = mod(s, t)
+    ref_T = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    ref = upstream_kldiv(s.detach().double(), t.double(), T=ref_T)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=1e-7)
+    loss.backward()
+    torch.testing.assert_close(mod.T.grad.double(), torch.autograd.grad(ref, ref_T)[0], rtol=1e-4, atol=1e-7)
+    # fp16 logits with an fp32 T keep the logits' dtype, as upstream
+    h = fastsynth.kldiv(s.detach().half(), t.half(), T=torch.tensor(2.0))
+    assert h.dtype == torch.float16
+    with pytest.raises(TypeError, match="tensor T must be real"):
+        fastsynth.kldiv(s, t, T=torch.tensor(True))
+
+
 def test_dropins_fall_back_for_other_layouts_and_keep_dtype():
     seg_s, seg_t = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)  # segmentation logits
     torch.testing.assert_close(fastsynth.kldiv(seg_s, seg_t, T=2.0), upstream_kldiv(seg_s, seg_t, T=2.0))
@@ -560,10 +751,12 @@ FLOAT_ARGS = {"inv_t", "ce_w", "kl_w", "lo", "hi", "w"}
 INT_ARGS = {"stride_t", "stride_s", "C"}
 arch = int(sys.argv[1])
 for elem, acc in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    kl = K._kl_rows_kernel_f64 if acc == "fp64" else K._kl_rows_kernel
+    js = K._js_rows_kernel_f64 if acc == "fp64" else K._js_rows_kernel
     for fn, cx in (
-        (K._kl_rows_kernel, dict(HAS_TARGETS=True, AGREE_MASK=True, WRITE_GT=True, WRITE_GS=True)),
-        (K._kl_rows_kernel, dict(HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=False, WRITE_GS=True)),
-        (K._js_rows_kernel, dict(WRITE_GT=True, WRITE_GS=True)),
+        (kl, dict(HAS_TARGETS=True, AGREE_MASK=True, WRITE_GT=True, WRITE_GS=True)),
+        (kl, dict(HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=False, WRITE_GS=True)),
+        (js, dict(WRITE_GT=True, WRITE_GS=True)),
     ):
         sig = {}
         for name in fn.arg_names:
@@ -576,7 +769,7 @@ for elem, acc in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64",
             elif name in INT_ARGS:
                 sig[name] = "i32"
             elif name in FLOAT_ARGS:
-                sig[name] = acc
+                sig[name] = acc  # the *_f64 entry points take fp64 scalars, the others fp32
             else:
                 sig[name] = "constexpr"
         cx = dict(cx, BLOCK=1024, ACC=tl.float64 if acc == "fp64" else tl.float32)

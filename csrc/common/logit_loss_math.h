@@ -15,6 +15,12 @@
 // exactly (kl_state_merge), so a row can be split over lanes, warps and chunks in any way.
 // Centring A on the maxima keeps it exact for logits of magnitude 1e4 in fp32.
 //
+// Non-finite logits follow the float64 reference: a NaN anywhere in a row makes the row's values
+// NaN (never clamped away), and the argmax treats NaN as the maximum (torch.argmax). A -inf logit
+// is a probability of exactly 0: its class contributes p log p = 0 to the KL whatever the other
+// row holds (the limit; no 0 * inf), and the running maxima start at the lowest finite value, not
+// at -inf, so that a -inf element never meets a -inf maximum (exp(-inf - -inf) would be NaN).
+//
 // JS element (clamped Jensen-Shannon of the DeepInversion synthesizers), with P, Q the softmax of
 // s', t', M = (P + Q) / 2 and X^ = clamp(X, lo, hi):
 //   f_c  = M^ (log M^ - log P^ / 2 - log Q^ / 2)            (0.5 KL(M^||P^) + 0.5 KL(M^||Q^))
@@ -63,7 +69,8 @@ FS_HD int32_t float_to_bits(float f) {
 FS_HD float exp_poly(float x) {
   // comparisons, not fminf/fmaxf: those are library calls (NaN rules) that stop vectorisation
   const float xlo = x < -87.0f ? -87.0f : x;
-  const float xc = xlo > 88.0f ? 88.0f : xlo;
+  const float xhi = xlo > 88.0f ? 88.0f : xlo;
+  const float xc = xhi == xhi ? xhi : 0.0f;  // NaN: no float->int conversion of NaN (UB); NaN below
   const float n = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r = r - n * 1.42860682030941723212e-6f;  // ... and the remainder
@@ -77,11 +84,13 @@ FS_HD float exp_poly(float x) {
   p = p * r + 1.0f;
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
   const float result = p * scale;  // computed unconditionally: a select, not a branch, vectorises
-  return x < -87.0f ? 0.0f : result;
+  return x < -87.0f ? 0.0f : (x == x ? result : x);
 }
 
 // log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.1716, series to u^11 (error ~1e-9 relative).
+// NaN and +inf pass through and 0 gives -inf, as libm (a row sum can be NaN, or 0 when every
+// logit of the row is -inf).
 FS_HD float log_poly(float x) {
   const int32_t bits = float_to_bits(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
@@ -97,7 +106,8 @@ FS_HD float log_poly(float x) {
   p = p * u2 + 1.0f / 5.0f;
   p = p * u2 + 1.0f / 3.0f;
   p = p * u2 + 1.0f;
-  return static_cast<float>(e) * 0.693147180559945309f + 2.0f * u * p;
+  const float r = static_cast<float>(e) * 0.693147180559945309f + 2.0f * u * p;
+  return x == 0.0f ? -INFINITY : (x < INFINITY ? r : x);
 }
 
 FS_HD float fs_exp(float x) {
@@ -145,7 +155,8 @@ FS_HD double fs_log(double x) { return log(x); }
 //   x = m 2^e with m in [sqrt(1/2), sqrt(2)],  s = (m - 1)/(m + 1),  |s| <= 0.1716,
 //   ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^21/21)   (truncation below 1e-18 relative),
 //   ln x = e ln2_hi + (ln m + e ln2_lo).
-// Within a few ulps of libm's log (checked in csrc/tests/test_logit_loss_math.cpp).
+// Within a few ulps of libm's log (checked in csrc/tests/test_logit_loss_math.cpp). NaN, +inf
+// and 0 as libm (NaN, +inf, -inf).
 FS_HD double log_f64_poly(double x) {
   uint64_t bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -170,14 +181,28 @@ FS_HD double log_f64_poly(double x) {
   p = p * s2 + 1.0 / 3;
   const double lnm = 2.0 * s + 2.0 * s * s2 * p;
   const double ef = static_cast<double>(e);
-  return ef * 0x1.62e42fefa3800p-1 + (lnm + ef * 0x1.ef35793c76730p-45);  // ln 2 = hi + lo
+  const double r = ef * 0x1.62e42fefa3800p-1 + (lnm + ef * 0x1.ef35793c76730p-45);  // ln 2 = hi + lo
+  return x == 0.0 ? -INFINITY : (x < INFINITY ? r : x);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp and the streamed KL state
 // ---------------------------------------------------------------------------------------------
 
-// Running (max, sum exp(x - max)) of a stream of values; the empty state is (-inf, 0).
+// The lowest finite value: the running maximum of an empty stream. Finite, so that a -inf element
+// gives exp(-inf - m) = 0 and never exp(-inf - -inf) = NaN; every finite logit is >= it.
+template <typename acc_t>
+FS_HD acc_t lowest_finite();
+template <>
+FS_HD float lowest_finite<float>() {
+  return -3.40282346638528859812e+38f;
+}
+template <>
+FS_HD double lowest_finite<double>() {
+  return -1.79769313486231570815e+308;
+}
+
+// Running (max, sum exp(x - max)) of a stream of values; the empty state is (lowest, 0).
 template <typename acc_t>
 struct LseState {
   acc_t m;
@@ -186,13 +211,13 @@ struct LseState {
 
 template <typename acc_t>
 FS_HD LseState<acc_t> lse_empty() {
-  return {-INFINITY, acc_t(0)};
+  return {lowest_finite<acc_t>(), acc_t(0)};
 }
 
 template <typename acc_t>
 FS_HD LseState<acc_t> lse_push(LseState<acc_t> st, acc_t x) {
   if (x > st.m) {
-    st.z = st.z * fs_exp(st.m - x) + acc_t(1);  // exp(-inf) = 0 covers the empty state
+    st.z = st.z * fs_exp(st.m - x) + acc_t(1);  // the empty state has z = 0
     st.m = x;
   } else {
     st.z += fs_exp(x - st.m);
@@ -223,18 +248,21 @@ struct KlState {
 
 template <typename acc_t>
 FS_HD KlState<acc_t> kl_state_empty() {
-  return {-INFINITY, acc_t(0), -INFINITY, acc_t(0), acc_t(0)};
+  return {lowest_finite<acc_t>(), acc_t(0), lowest_finite<acc_t>(), acc_t(0), acc_t(0)};
 }
 
-// Re-express a state relative to new maxima (mt_new >= st.mt, ms_new >= st.ms).
+// Re-express a state relative to new maxima (mt_new >= st.mt, ms_new >= st.ms). The teacher and
+// student sums rescale separately: a state may hold student mass and no teacher mass (its teacher
+// elements were -inf), and that mass must not be dropped.
 template <typename acc_t>
 FS_HD KlState<acc_t> kl_state_rebase(KlState<acc_t> st, acc_t mt_new, acc_t ms_new) {
-  if (st.zt == acc_t(0)) return {mt_new, acc_t(0), ms_new, acc_t(0), acc_t(0)};
   // (t - mt_old) - (s - ms_old) = (t - mt_new) - (s - ms_new) + (mt_new - mt_old) - (ms_new - ms_old)
   const acc_t shift = (mt_new - st.mt) - (ms_new - st.ms);
   const acc_t ft = fs_exp(st.mt - mt_new);
   const acc_t fs = fs_exp(st.ms - ms_new);
-  return {mt_new, st.zt * ft, ms_new, st.zs * fs, (st.a - st.zt * shift) * ft};
+  // a is 0 without teacher mass; the shift from the lowest finite maximum may overflow (0 * inf)
+  const acc_t a = st.zt == acc_t(0) ? acc_t(0) : (st.a - st.zt * shift) * ft;
+  return {mt_new, st.zt * ft, ms_new, st.zs * fs, a};
 }
 
 template <typename acc_t>
@@ -242,17 +270,16 @@ FS_HD KlState<acc_t> kl_state_push(KlState<acc_t> st, acc_t t, acc_t s) {
   if (t > st.mt || s > st.ms) {
     st = kl_state_rebase(st, t > st.mt ? t : st.mt, s > st.ms ? s : st.ms);
   }
-  const acc_t et = fs_exp(t - st.mt);
+  const acc_t dt = t - st.mt, ds = s - st.ms;  // NaN for a NaN element (the maxima skip it)
+  const acc_t et = fs_exp(dt);
   st.zt += et;
-  st.zs += fs_exp(s - st.ms);
-  st.a += et * ((t - st.mt) - (s - st.ms));
+  st.zs += fs_exp(ds);
+  st.a += et == acc_t(0) ? acc_t(0) : et * (dt - ds);  // p_t = 0: no term (0 * inf for s = -inf)
   return st;
 }
 
 template <typename acc_t>
 FS_HD KlState<acc_t> kl_state_merge(KlState<acc_t> x, KlState<acc_t> y) {
-  if (y.zt == acc_t(0)) return x;
-  if (x.zt == acc_t(0)) return y;
   const acc_t mt = x.mt > y.mt ? x.mt : y.mt;
   const acc_t ms = x.ms > y.ms ? x.ms : y.ms;
   x = kl_state_rebase(x, mt, ms);
@@ -260,18 +287,26 @@ FS_HD KlState<acc_t> kl_state_merge(KlState<acc_t> x, KlState<acc_t> y) {
   return {mt, x.zt + y.zt, ms, x.zs + y.zs, x.a + y.a};
 }
 
-// KL(p_t || p_s) of a finished row state. Never below 0 by more than rounding; clamp at 0.
+// KL(p_t || p_s) of a finished row state. Never below 0 by more than rounding; clamp at 0, NaN
+// stays NaN (a comparison that is false for NaN selects the KL itself).
 // log Z_s - log Z_t is taken as one log of the ratio (near 1 for close distributions), which
 // avoids the cancellation of two logs of magnitude log C when the KL is small (high T).
 template <typename acc_t>
 FS_HD acc_t kl_state_value(KlState<acc_t> st) {
   const acc_t rz = fs_recip(st.zt);
   const acc_t kl = st.a * rz + fs_log(st.zs * rz);
-  return kl > acc_t(0) ? kl : acc_t(0);
+  return kl < acc_t(0) ? acc_t(0) : kl;
+}
+
+// p * x where p is a probability: exactly 0 where p is 0 (a -inf logit, or an underflow), where x
+// (a log-ratio) can be infinite or NaN; NaN where p is NaN.
+template <typename acc_t>
+FS_HD acc_t prob_times(acc_t p, acc_t x) {
+  return p == acc_t(0) ? acc_t(0) : p * x;
 }
 
 // ---------------------------------------------------------------------------------------------
-// argmax with torch.argmax's tie rule (the first maximal index wins)
+// argmax with torch.argmax's rules: NaN is the maximum, and the first maximal index wins
 // ---------------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -282,6 +317,8 @@ struct ArgMax {
 
 template <typename acc_t>
 FS_HD ArgMax<acc_t> argmax_merge(ArgMax<acc_t> a, ArgMax<acc_t> b) {
+  const bool a_nan = a.v != a.v, b_nan = b.v != b.v;
+  if (a_nan || b_nan) return (b_nan && (!a_nan || b.i < a.i)) ? b : a;
   if (b.v > a.v || (b.v == a.v && b.i < a.i)) return b;
   return a;
 }

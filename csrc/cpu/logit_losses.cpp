@@ -63,23 +63,36 @@ FS_ALWAYS_INLINE acc_t row_max(const acc_t* x, int64_t C) {
   return m;
 }
 
-// max and first argmax of x[0..C) (torch.argmax's tie rule): a SIMD max, then a SIMD search for
-// the first index holding it, block by block with an early exit.
+// Whether x[0..C) holds a NaN (one SIMD pass; the max above skips NaN).
+template <typename acc_t>
+FS_ALWAYS_INLINE bool row_has_nan(const acc_t* x, int64_t C) {
+  int nan = 0;
+#pragma omp simd reduction(| : nan)
+  for (int64_t c = 0; c < C; ++c) nan |= x[c] != x[c] ? 1 : 0;
+  return nan != 0;
+}
+
+// max and first argmax of x[0..C) with torch.argmax's rules: NaN is the maximum (the first NaN
+// wins), else the first maximal index. A SIMD NaN test and max, then a SIMD search for the first
+// index holding it, block by block with an early exit. For a NaN row the value is NaN, so every
+// exp of the row is NaN and the row's loss terms are NaN.
 template <typename acc_t>
 FS_ALWAYS_INLINE ArgMax<acc_t> row_argmax(const acc_t* x, int64_t C) {
-  const acc_t m = row_max(x, C);
+  const bool nan = row_has_nan(x, C);
+  const acc_t m = nan ? std::numeric_limits<acc_t>::quiet_NaN() : row_max(x, C);
   constexpr int32_t kNone = std::numeric_limits<int32_t>::max();
   for (int64_t b = 0; b < C; b += kSumBlock) {
     const int64_t e = b + kSumBlock < C ? b + kSumBlock : C;
     int32_t first = kNone;
 #pragma omp simd reduction(min : first)
     for (int64_t c = b; c < e; ++c) {
-      const int32_t cand = x[c] == m ? static_cast<int32_t>(c) : kNone;
+      const bool hit = nan ? x[c] != x[c] : x[c] == m;
+      const int32_t cand = hit ? static_cast<int32_t>(c) : kNone;
       first = cand < first ? cand : first;
     }
     if (first != kNone) return {m, first};
   }
-  return {m, 0};  // only for NaN rows: no element equals the max
+  return {m, 0};  // unreachable: some element is the max or NaN
 }
 
 struct KlRowResult {
@@ -115,7 +128,7 @@ FS_ALWAYS_INLINE KlRowResult kl_row(const acc_t* t, const acc_t* s, int64_t C, a
       gs[c] = es;
       zt_b += et;
       zs_b += es;
-      a_b += et * (dt - ds);
+      a_b += prob_times(et, dt - ds);  // a -inf teacher logit: no term (not 0 * inf)
     }
     zt += static_cast<double>(zt_b);
     zs += static_cast<double>(zs_b);
@@ -123,7 +136,7 @@ FS_ALWAYS_INLINE KlRowResult kl_row(const acc_t* t, const acc_t* s, int64_t C, a
   }
   const double lzt = std::log(zt), lzs = std::log(zs);
   double kl = a / zt + std::log(zs / zt);
-  kl = kl > 0 ? kl : 0;  // KL >= 0; rounding can leave -1e-8
+  kl = kl < 0 ? 0 : kl;  // KL >= 0; rounding can leave -1e-8. NaN stays NaN.
   KlRowResult r;
   r.kl = kl;
   r.agree = agree_mask ? (at.i == as.i ? 1.0 : 0.0) : 1.0;
@@ -140,7 +153,7 @@ FS_ALWAYS_INLINE KlRowResult kl_row(const acc_t* t, const acc_t* s, int64_t C, a
     const acc_t pt = gt[c] * rzt;
     const acc_t ps = gs[c] * rzs;
     const acc_t d = ((t[c] - mt) - (s[c] - ms)) * inv_t + lz_diff;  // log p_t - log p_s
-    gt[c] = pt * (g_pt + g_ptd * d);
+    gt[c] = prob_times(pt, g_pt + g_ptd * d);
     gs[c] = g_ps * (ps - pt);
   }
   if (y >= 0) gt[y] -= static_cast<acc_t>(k.g_y);
@@ -266,7 +279,9 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
       lane_vec tv, sv;
       std::memcpy(&tv, t + c * kLanes, sizeof tv);
       std::memcpy(&sv, s + c * kLanes, sizeof sv);
-      const auto gt_t = tv > m_t, gt_s = sv > m_s;  // strict: the first maximum wins
+      // strict: the first maximum wins; a NaN replaces a non-NaN maximum and is never replaced
+      const auto gt_t = (tv > m_t) | ((tv != tv) & (m_t == m_t));
+      const auto gt_s = (sv > m_s) | ((sv != sv) & (m_s == m_s));
       const lane_ivec cv = lane_ivec{} + static_cast<lane_int>(c);
       m_t = gt_t ? tv : m_t;
       i_t = gt_t ? cv : i_t;
@@ -301,7 +316,7 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
       gsc[j] = es;
       zt[j] += et;
       zs[j] += es;
-      a[j] += et * (dt - ds);
+      a[j] += prob_times(et, dt - ds);
     }
   }
   acc_t g_pt[kLanes], g_ptd[kLanes], g_ps[kLanes], rzt[kLanes], rzs[kLanes], lz_diff[kLanes];
@@ -312,7 +327,7 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
     const double zt_j = static_cast<double>(zt[j]), zs_j = static_cast<double>(zs[j]);
     const double lzt_j = log_f64_poly(zt_j), lzs_j = log_f64_poly(zs_j);
     double kl = static_cast<double>(a[j]) / zt_j + (lzs_j - lzt_j);
-    kl = kl > 0 ? kl : 0;  // KL >= 0; rounding can leave -1e-8
+    kl = kl < 0 ? 0 : kl;  // KL >= 0; rounding can leave -1e-8. NaN stays NaN.
     const double agree = agree_mask ? (it[j] == is[j] ? 1.0 : 0.0) : 1.0;
     out.kl[j] = kl;
     out.agree[j] = agree;
@@ -339,7 +354,7 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
       const acc_t pt = gtc[j] * rzt[j];
       const acc_t ps = gsc[j] * rzs[j];
       const acc_t d = ((tc[j] - mt[j]) - (sc[j] - ms[j])) * inv_t + lz_diff[j];  // log p_t - log p_s
-      gtc[j] = pt * (g_pt[j] + g_ptd[j] * d);
+      gtc[j] = prob_times(pt, g_pt[j] + g_ptd[j] * d);
       gsc[j] = g_ps[j] * (ps - pt);
     }
   }
@@ -604,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         with_grad, gtp, gsp, [&](int64_t i0, int64_t nr, const LaneResults& r) {
                                           for (int64_t j = 0; j < nr; ++j) {
                                             ce[i0 + j] = r.ce[j];
-                                            klm[i0 + j] = r.agree[j] > 0 ? r.kl[j] : 0.0;
+                                            klm[i0 + j] = r.kl[j] * r.agree[j];
                                             agree[i0 + j] = r.agree[j];
                                           }
                                         });
@@ -618,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const KlRowResult r = kl_row_acc(ti, si, C, acc_t(1), yp[i], ce_w, kl_w, agree_mask, with_grad,
                                          rows.out_a(i), rows.out_b(i));
         ce[i] = r.ce;
-        klm[i] = r.agree > 0 ? r.kl : 0.0;  // masked rows count exactly 0
+        klm[i] = r.kl * r.agree;  // masked rows count 0, NaN when their KL is not finite (as the reference)
         agree[i] = r.agree;
         rows.store(i);
       }
@@ -632,7 +647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     agree_sum += agree[i];
   }
   const auto sopts = opts.dtype(acc_scalar_type(t.scalar_type()));
-  const double oh_term = ce_sum / N, adv_term = klm_sum > 0 ? -klm_sum / N : 0.0;
+  const double oh_term = ce_sum / N, adv_term = klm_sum == 0 ? 0.0 : -klm_sum / N;  // +0, not -0; NaN stays NaN
   return {at::scalar_tensor(oh * oh_term + adv * adv_term, sopts), at::scalar_tensor(oh_term, sopts),
           at::scalar_tensor(adv_term, sopts), at::scalar_tensor(agree_sum / N, sopts), gt, gs};
 }

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlR
   if (lane == 0) {
     acc_t* part = static_cast<acc_t*>(partials) + row * 3;
     part[0] = ce;
-    part[1] = agree > acc_t(0) ? kl : acc_t(0);
+    part[1] = kl * agree;  // a masked row counts 0, or NaN when its KL is not finite (as the reference)
     part[2] = agree;
   }
   if (a.grad_t == nullptr && a.grad_s == nullptr) return;
@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlR
       const acc_t lpt = tv[j] * inv_t - mt - lzt;
       const acc_t lps = sv[j] * inv_t - ms - lzs;
       const acc_t pt = fs_exp(lpt), ps = fs_exp(lps);
-      gt[j] = pt * (g_pt + g_ptd * (lpt - lps)) - (base + j == y ? g_y : acc_t(0));
+      gt[j] = prob_times(pt, g_pt + g_ptd * (lpt - lps)) - (base + j == y ? g_y : acc_t(0));
       gs[j] = g_ptd * (ps - pt);
     }
     if constexpr (VEC > 1) {

@@ -143,6 +143,87 @@ int main() {
     CHECK(argmax_merge(c, a).i == 5);
   }
 
+  // NaN-aware argmax: NaN is the maximum, the first NaN wins, whatever the merge order
+  {
+    const float nan = NAN;
+    ArgMax<float> big{9.0f, 0}, n3{nan, 3}, n5{nan, 5}, init{-INFINITY, INT64_MAX};
+    CHECK(argmax_merge(big, n3).i == 3);
+    CHECK(argmax_merge(n3, big).i == 3);
+    CHECK(argmax_merge(n5, n3).i == 3);
+    CHECK(argmax_merge(n3, n5).i == 3);
+    CHECK(argmax_merge(init, n5).i == 5);
+    CHECK(argmax_merge(init, ArgMax<float>{-INFINITY, 4}).i == 4);  // a -inf row: its first index
+  }
+
+  // exp / log polynomials at the special values
+  CHECK(std::isnan(exp_poly(NAN)));
+  CHECK(exp_poly(-INFINITY) == 0.0f);
+  // p * x of a probability: exactly 0 where p is 0 whatever x holds; NaN where p is NaN
+  CHECK(prob_times(0.0f, INFINITY) == 0.0f);
+  CHECK(prob_times(0.0, static_cast<double>(NAN)) == 0.0);
+  CHECK(std::isnan(prob_times(static_cast<double>(NAN), 1.0)));
+  CHECK(prob_times(0.25f, -INFINITY) == -INFINITY);
+  // a NaN element makes the online LSE NaN (the maximum skips it, the sum does not)
+  {
+    LseState<float> st = lse_empty<float>();
+    st = lse_push(st, 1.0f);
+    st = lse_push(st, NAN);
+    st = lse_push(st, 2.0f);
+    CHECK(std::isnan(lse_value(st)));
+  }
+  CHECK(exp_poly(INFINITY) > 1e38f);
+  CHECK(std::isnan(log_poly(NAN)));
+  CHECK(log_poly(INFINITY) == INFINITY);
+  CHECK(log_poly(0.0f) == -INFINITY);
+  CHECK(std::isnan(log_f64_poly(NAN)));
+  CHECK(log_f64_poly(INFINITY) == INFINITY);
+  CHECK(log_f64_poly(0.0) == -INFINITY);
+
+  // non-finite logits in the streamed KL state, split into chunks in several ways
+  {
+    const double ninf = -INFINITY;
+    std::vector<double> t = {ninf, 1.0, 2.5, ninf, ninf, ninf, 0.3, -1.0, ninf, 4.0};
+    std::vector<double> s = {0.5, ninf, 1.0, 2.0, -0.5, 3.0, ninf, 1.5, 0.2, 2.2};
+    // oracle: classes with p_t = 0 contribute 0 (the limit), here only where t = -inf
+    auto limit = [&](std::vector<double> tt, const std::vector<double>& ss) {
+      for (auto& v : tt) v = v == ninf ? -1e5 : v;
+      std::vector<double> s2 = ss;
+      for (auto& v : s2) v = v == ninf ? -1e5 : v;
+      return kl_oracle(tt, s2);
+    };
+    std::vector<double> t2 = t;  // student -inf only where the teacher is -inf too: finite KL
+    t2[1] = ninf;
+    t2[6] = ninf;
+    std::vector<double> s_both = s;  // -inf in both at 1 and 6
+    const double ref = limit(t2, s_both);
+    for (const auto& chunks : std::vector<std::vector<size_t>>{{10}, {1, 9}, {4, 0, 6}, {1, 1, 1, 1, 6}, {5, 5}}) {
+      CHECK_CLOSE(kl_state_value(stream_chunked<double>(t2, s_both, chunks)), ref, 1e-12, 1e-12);
+      CHECK_CLOSE(kl_state_value(stream_chunked<float>(t2, s_both, chunks)), ref, 1e-6, 1e-5);
+      // student -inf where the teacher has mass: +inf
+      CHECK(kl_state_value(stream_chunked<double>(t, s, chunks)) == INFINITY);
+      CHECK(kl_state_value(stream_chunked<float>(t, s, chunks)) == INFINITY);
+      // NaN anywhere: NaN
+      std::vector<double> tn = t2;
+      tn[7] = NAN;
+      CHECK(std::isnan(kl_state_value(stream_chunked<double>(tn, s_both, chunks))));
+      CHECK(std::isnan(kl_state_value(stream_chunked<float>(s_both, tn, chunks))));
+    }
+    // a whole row of -inf: NaN (softmax of nothing), as the reference
+    std::vector<double> all(5, ninf), fin = {1.0, 2.0, 3.0, 4.0, 5.0};
+    CHECK(std::isnan(kl_state_value(stream_chunked<double>(all, fin, {2, 3}))));
+    CHECK(std::isnan(kl_state_value(stream_chunked<double>(fin, all, {2, 3}))));
+    // logits below -1e38 (fp64) are ordinary values
+    std::vector<double> low = {-1e300, -1e300 + 1e285, -2e300}, low_s = {-1e300, -1e300, -1e300};
+    CHECK(std::isfinite(kl_state_value(stream_chunked<double>(low, low_s, {1, 2}))));
+    // online LSE with -inf elements, first or in a chunk of their own
+    LseState<double> a = lse_empty<double>(), b = lse_empty<double>();
+    a = lse_push(a, ninf);
+    a = lse_push(a, 1.0);
+    b = lse_push(b, ninf);
+    CHECK_CLOSE(lse_value(lse_merge(a, b)), 1.0, 0, 1e-15);
+    CHECK(lse_value(b) == ninf);
+  }
+
   // row gradient coefficients: finite differences of ce_w*CE + kl_w*KL (double)
   {
     const double T = 2.0, ce_w = 0.3, kl_w = -1.7;
