@@ -837,3 +837,35 @@ def test_cuda_graph_capture_of_forward_backward():
     ref = oracle("synthesis", t, s, y, adv=1.0, grad_out=1.7)
     torch.testing.assert_close(loss.double().cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gs.double().cpu(), ref[3].cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_backward_checks_the_device_of_grad_loss():
+    # the kernel dereferences grad_loss on the device: a host tensor must be refused, not read
+    g = torch.randn(4, 10, device="cuda")
+    with pytest.raises(ValueError, match="grad_loss must be a CUDA tensor"):
+        torch.ops.fastsynth.logit_loss_backward(torch.tensor(1.0), g, g[:0])
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("C", [10, 1000, 21843])
+def test_cuda_non_finite_logits(backend, C):
+    # NaN in gives NaN out with torch.argmax's mask; -inf gives the float64 limit (as on the CPU)
+    t, s = make_logits(6, C)
+    s[1, C // 3] = float("nan")
+    loss, parts = fastsynth.ops.synthesis_logit_loss(t.cuda(), s.cuda(), torch.zeros(6, dtype=torch.int64).cuda(),
+                                                     backend=backend)
+    assert torch.isnan(loss) and torch.isnan(parts["adv"])
+    assert float(parts["agree_frac"]) == float((s.argmax(1) == t.argmax(1)).float().mean())
+    assert torch.isnan(fastsynth.ops.kd_loss(t.cuda(), s.cuda(), 4.0, backend=backend))
+    assert torch.isnan(fastsynth.ops.js_divergence(s.cuda(), t.cuda(), backend=backend))
+    t, s = make_logits(6, C)
+    t[0, 0] = t[2, 3] = s[2, 3] = float("-inf")
+    t[1, C // 2:] = float("-inf")
+    y = torch.tensor([1, 0, 4, 1, 0, 2])
+    t64, s64 = finite_stand_in(t.double()), finite_stand_in(s.double())
+    for kind, kw in (("synthesis", dict(oh=0.5, adv=1.3, mask=None)), ("kd", dict(T=2.5)), ("js", dict(T=3.0))):
+        got = run(kind, backend, t.cuda(), s.cuda(), y.cuda(), **kw)
+        got = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in got)
+        assert_matches(got, oracle(kind, t64, s64, y, **kw), torch.float32, f"{kind} {backend} {C}")
