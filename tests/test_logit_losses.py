@@ -306,7 +306,8 @@ def upstream_jsdiv_clamp(logits, targets, T, lo, hi):
     Q = F.softmax(targets / T, dim=1)
     M = 0.5 * (P + Q)
     P, Q, M = torch.clamp(P, lo, hi), torch.clamp(Q, lo, hi), torch.clamp(M, lo, hi)
-    return 0.5 * F.kl_div(torch.log(P), M, reduction="batchmean") + 0.5 * F.kl_div(torch.log(Q), M, reduction="batchmean")
+    return (0.5 * F.kl_div(torch.log(P), M, reduction="batchmean")
+            + 0.5 * F.kl_div(torch.log(Q), M, reduction="batchmean"))
 
 
 # ---------------------------------------------------------------------------------------------
