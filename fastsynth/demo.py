@@ -9,6 +9,9 @@ scikit-learn, end to end on a CPU in a couple of minutes, no downloads.
 3. A control student is distilled the same way from pure noise images.
 4. The held-out accuracies of teacher, data-free student and noise student are printed with
    the wall time, and a PNG grid of synthesized samples is written.
+
+Step 2 is ``fastsynth distill --dataset digits`` (``fastsynth.distill_run.run``, started afresh in
+``--out``, which also receives its config.yaml, metrics.csv, student checkpoints and grids).
 """
 from __future__ import annotations
 

@@ -94,10 +94,12 @@ def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.
     return total / max(steps, 1) if total is not None else torch.zeros(())
 
 
-def atomic_write(path: str, write: Callable[[object], None], binary: bool = True) -> str:
+def atomic_write(path: str, write: Callable[[object], None], binary: bool = True, fsync: bool = True) -> str:
     """Write ``path`` so that a crash at any moment leaves either the old file or the new one:
     into a temporary file in the same folder, flushed and fsynced, then renamed over ``path``
-    (and the folder fsynced, so the rename itself survives a power loss where the OS allows)."""
+    (and the folder fsynced, so the rename itself survives a power loss where the OS allows).
+    ``fsync=False`` keeps the rename (a killed process never leaves half a file) without the
+    disk flushes, for files that can be rebuilt from a checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -105,12 +107,15 @@ def atomic_write(path: str, write: Callable[[object], None], binary: bool = True
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if not fsync:
+        return path
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder cannot be opened on every OS (Windows)

@@ -369,14 +369,22 @@ _FONT = {  # 3x5 digit glyphs, rows top to bottom
 }
 
 
+_GLYPHS: dict = {}
+
+
+def _glyph(ch: str, px: int) -> np.ndarray:
+    g = _GLYPHS.get((ch, px))
+    if g is None:
+        bits = np.array([b == "1" for b in _FONT[ch]], dtype=np.uint8).reshape(5, 3) * 255
+        g = _GLYPHS[(ch, px)] = np.kron(bits, np.ones((px, px), dtype=np.uint8))
+    return g
+
+
 def _draw_number(canvas: np.ndarray, text: str, top: int, left: int, px: int) -> None:
     for n, ch in enumerate(text):
-        glyph = _FONT[ch]
-        for r in range(5):
-            for col in range(3):
-                if glyph[r * 3 + col] == "1":
-                    y, x = top + r * px, left + (n * 4 + col) * px
-                    canvas[y:y + px, x:x + px] = 255
+        g = _glyph(ch, px)
+        x = left + n * 4 * px
+        canvas[top:top + g.shape[0], x:x + g.shape[1]] = g[:, :, None]
 
 
 def labelled_grid(images: torch.Tensor, labels: torch.Tensor, ncol: int = 10, scale: int = 3) -> np.ndarray:
@@ -384,7 +392,7 @@ def labelled_grid(images: torch.Tensor, labels: torch.Tensor, ncol: int = 10, sc
     drawn under it."""
     imgs = images.detach().cpu()
     n, c, h, w = imgs.shape
-    imgs = imgs.repeat_interleave(scale, 2).repeat_interleave(scale, 3).numpy()
+    imgs = imgs.numpy().repeat(scale, 2).repeat(scale, 3)  # numpy's repeat: torch's is slow on uint8
     px = max(1, scale // 2)
     strip = 5 * px + 2
     th, tw = h * scale + strip, w * scale
@@ -426,12 +434,15 @@ def write_metrics(out: str, rows: list) -> None:
     wr.writeheader()
     for row in rows:
         wr.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
-    _distill.atomic_write(os.path.join(out, "metrics.csv"), lambda f: f.write(buf.getvalue()), binary=False)
+    # rebuilt from the checkpoint on resume: renamed into place, not flushed to disk every epoch
+    _distill.atomic_write(os.path.join(out, "metrics.csv"), lambda f: f.write(buf.getvalue()), binary=False,
+                          fsync=False)
 
 
-def save_state_dict(path: str, model: nn.Module) -> None:
+def save_state_dict(path: str, model: nn.Module, fsync: bool = False) -> None:
+    """The model's state_dict, renamed into place (the checkpoint is the copy that is fsynced)."""
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _distill.atomic_write(path, lambda f: torch.save(sd, f))
+    _distill.atomic_write(path, lambda f: torch.save(sd, f), fsync=fsync)
 
 
 def _tensorboard(out: str, log):
