@@ -6,6 +6,7 @@ Upstream scripts change only their import line::
 """
 from .augment import Augment, crop_flip, jitter_flip
 from .base import BaseSynthesis, Normalizer, normalize
+from .cmi import CMISynthesizer, CMISynthesizerCMI, InstanceMeanHook, MemoryBank, MLPHead, MultiTransform
 from .core import BNCapture
 from .deepinversion import DeepInversionSynthesizer, DeepInvSyntheiszer
 from .fast_meta import FastMetaSynthesizer, FastSynthesizer
@@ -14,7 +15,8 @@ from .nayer import NAYER, NayerSynthesizer
 from .pool import DataPool
 
 __all__ = [
-    "Augment", "BNCapture", "BaseSynthesis", "DataPool", "DeepInvSyntheiszer", "DeepInversionSynthesizer",
-    "FastMetaSynthesizer", "FastSynthesizer", "GENERATIVE_METHODS", "GenerativeSynthesizer", "NAYER",
-    "NayerSynthesizer", "Normalizer", "crop_flip", "jitter_flip", "normalize",
+    "Augment", "BNCapture", "BaseSynthesis", "CMISynthesizer", "CMISynthesizerCMI", "DataPool", "DeepInvSyntheiszer",
+    "DeepInversionSynthesizer", "FastMetaSynthesizer", "FastSynthesizer", "GENERATIVE_METHODS", "GenerativeSynthesizer",
+    "InstanceMeanHook", "MLPHead", "MemoryBank", "MultiTransform", "NAYER", "NayerSynthesizer", "Normalizer",
+    "crop_flip", "jitter_flip", "normalize",
 ]

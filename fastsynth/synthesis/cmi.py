@@ -1,0 +1,581 @@
+"""Contrastive model inversion (CMI) of zju-vipa/CMI and zju-vipa/Fast-Datafree
+(``CMISynthesizer``, with ``MLPHead``, ``MultiTransform``, ``MemoryBank`` and
+``InstanceMeanHook``).
+
+One synthesize() call draws z ~ N(0, I) [synthesis_batch_size, nz] (leaf, optimised), re-initialises
+the generator (unless ``feature_reuse``) and runs ``iterations`` steps of Adam(lr_g, betas
+(0.5, 0.999)) over the generator's parameters and z, together with Adam(lr_g) over the projection
+head, minimising
+
+    bn * L_BN(teacher on g) + oh * CE(t, y) + adv * (-mean_i m_i KL(p_t,i || p_s,i))
+      + cr * L_cr
+
+with x = generator(z), g = global view of x (random crop, padding 4, + flip, normalised),
+l = local view (random resized crop, scale [0.25, 1], + flip, normalised), t = teacher(g),
+s = student(g) (only when adv > 0), m_i = [argmax s_i = argmax t_i], and the contrastive term
+over the current batch and n_neg entries of the memory bank::
+
+    f_g, f_l   = per-instance channel means of the hooked teacher inputs on g and on l, side by side
+    (c_l, c_g) = n_neg bank rows (the [f_l, f_g] of earlier rounds' best batches)
+    q = head([f_l; c_l]),  k = head([f_g; c_g]).detach()            (MLPHead: L2-normalised)
+    L_cr = CE over the rows of q k^T / cr_T against the diagonal, the batch rows and the bank rows
+           averaged separately and summed (one mean over the batch while the bank is empty)
+
+The images and features of the lowest-loss step are kept; the images go to the pool, their
+features [f_l, f_g] into the bank. Returns ``({"synthetic": images}, seconds)`` (zju-vipa/CMI's
+harness reads a bare dict: ``fastsynth.patch`` adapts).
+
+Hooked inputs: ``feature_layers=None`` hooks every BatchNorm2d's input (as both upstreams; their
+comment says "all conv layers": the BN input is the convolution's output), else the inputs of
+the given modules (the scripts pass ResNet-34's ``layer1..layer4``). The hooks only keep a
+reference to the input; all means of one forward come from one ``instance_mean_multi`` call.
+
+What changes against upstream (results equal to float rounding):
+- L_BN from the fused teacher (statistics inside its BatchNorm passes, all layers in one loss
+  op), only on the global forward (upstream's hooks compute it on the local forward too and
+  discard it); teacher and student parameters get no gradients;
+- the contrastive term is one fused op (``fastsynth.ops.contrastive_ce``: no (N+N')^2 matrix,
+  the key side's head forward under no_grad since its output is detached anyway);
+- CE + masked KL through the fused logit-loss op;
+- the memory bank lives on the device (upstream: on the CPU, copied to the device every step)
+  and is sampled there (upstream: Python ``random.sample``). When the bank has just filled
+  (``n_updates == max_size``) upstream's ``get_data`` returns no rows (its pointer wrapped to 0)
+  and the bank half of L_cr is the mean of nothing (NaN); here the full bank is used. A batch
+  that does not divide the bank wraps around it (upstream fails on the shape);
+- best-image tracking on the device (no ``.item()`` per step); the local-view augmentation is
+  one batched ``grid_sample``; with ``cr == 0`` no local forward and no bank update (upstream:
+  a NameError in Fast-Datafree, the term computed and multiplied by 0 in zju-vipa/CMI).
+
+fastsynth keywords (keyword-only, after the upstream ones): ``augment`` (False: both views are
+the normalised images, as equivalence tests use), ``pool_capacity``/``pool_eviction``,
+``save_images``/``save_format``, ``fuse_teacher``, ``seed`` (private RNG for z, the generator
+re-initialisation, the augmentation and the bank sampling), ``compile`` (torch.compile of the
+step's forward and loss), ``cuda_graph`` (accepted; the loop runs eagerly: z and the generator
+are re-initialised every call), ``num_workers`` (accepted and ignored).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.contrastive_loss import contrastive_ce, instance_mean_multi
+from .core import SynthCore, make_adam, now, nvtx_range, warn_once
+from .validate import check_synthesizer_args
+
+__all__ = ["CMISynthesizer", "CMISynthesizerCMI", "MLPHead", "MultiTransform", "MemoryBank", "InstanceMeanHook",
+           "reset_model", "resized_crop_flip"]
+
+
+class MLPHead(nn.Module):
+    """Upstream's projection head: Linear(dim_in, dim_h) - ReLU - Linear(dim_h, dim_feat), output
+    L2-normalised per row (the same module names, so state_dicts load either way)."""
+
+    def __init__(self, dim_in, dim_feat, dim_h=None):
+        super().__init__()
+        if dim_h is None:
+            dim_h = dim_in
+        self.head = nn.Sequential(
+            nn.Linear(dim_in, dim_h),
+            nn.ReLU(inplace=True),
+            nn.Linear(dim_h, dim_feat),
+        )
+
+    def forward(self, x):
+        return F.normalize(self.head(x), dim=1, p=2)
+
+
+class MultiTransform:
+    """Applies each transform of a list to the same input: ``[t(x) for t in transform]``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return [t(x) for t in self.transform]
+
+    def __repr__(self):
+        return str(self.transform)
+
+
+class MemoryBank:
+    """A ring buffer of feature rows on ``device`` (upstream's ``MemoryBank(device, max_size,
+    dim_feat)``: ``data``, ``add``, ``get_data``, ``n_updates``).
+
+    ``add(feat)`` writes the rows at the write pointer, wrapping around; ``get_data(k)`` returns
+    ``(rows, index)`` for k rows drawn without replacement from the filled part (all rows once the
+    bank is full; every row while fewer than k are filled). The pointer and the fill count are
+    Python integers advanced by the known batch sizes, so nothing reads the device: no host sync,
+    and the index arithmetic is capturable. ``generator``: a private RNG for the sampling."""
+
+    def __init__(self, device, max_size=4096, dim_feat=512, *, generator=None):
+        for name, v in (("max_size", max_size), ("dim_feat", dim_feat)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MemoryBank: {name} must be a positive int, got {v!r}")
+        self.device = torch.device(device)
+        # upstream fills the bank with N(0, 1) rows; they are never read before being written
+        # (drawn from the global RNG as upstream, leaving ``generator`` to the sampling)
+        self.data = torch.randn(max_size, dim_feat).to(self.device)
+        self._ptr = 0
+        self.n_updates = 0
+        self.max_size = max_size
+        self.dim_feat = dim_feat
+        self.generator = generator
+
+    @property
+    def filled(self) -> int:
+        """Rows holding features (a Python int)."""
+        return min(self.n_updates, self.max_size)
+
+    def add(self, feat):
+        if not torch.is_tensor(feat) or feat.dim() != 2:
+            raise ValueError(f"MemoryBank.add: feat must be a 2-D tensor [n, dim_feat={self.dim_feat}], got "
+                             f"{tuple(feat.shape) if torch.is_tensor(feat) else type(feat).__name__}")
+        n, c = feat.shape
+        if c != self.dim_feat:
+            raise ValueError(f"MemoryBank.add: feat has {c} features per row, the bank holds dim_feat="
+                             f"{self.dim_feat}")
+        if n > self.max_size:
+            raise ValueError(f"MemoryBank.add: {n} rows do not fit a bank of max_size={self.max_size}")
+        if n == 0:
+            return
+        with torch.no_grad():
+            feat = feat.detach().to(device=self.device, dtype=self.data.dtype)
+            if self._ptr + n <= self.max_size:
+                self.data[self._ptr:self._ptr + n].copy_(feat)
+            else:  # wraps around the end of the buffer
+                head = self.max_size - self._ptr
+                self.data[self._ptr:].copy_(feat[:head])
+                self.data[:n - head].copy_(feat[head:])
+        self._ptr = (self._ptr + n) % self.max_size
+        self.n_updates += n
+
+    def sample_index(self, k=None):
+        """The index of ``get_data(k)``: None when every filled row is taken (the bank's first
+        ``filled`` rows, a view), else k distinct rows drawn on the device."""
+        filled = self.filled
+        if k is None:
+            k = self.max_size
+        if k >= filled:
+            return None
+        # k smallest of ``filled`` uniform keys: a uniform k-subset, drawn on the device
+        keys = torch.rand(filled, device=self.device, generator=self.generator)
+        return keys.topk(k, largest=False, sorted=False).indices
+
+    def get_data(self, k=None, index=None):
+        if index is None:
+            index = self.sample_index(k)
+            if index is None:
+                n = self.filled
+                return self.data[:n], torch.arange(n, device=self.device)
+        return self.data[index], index
+
+
+class InstanceMeanHook:
+    """Upstream's hook: ``instance_mean`` is the mean over H and W of the module's input of the last
+    forward ([B, C]). The hook keeps only a reference to the input (``input``); the mean is taken
+    when read (one reduction; the synthesizer takes all of its hooks' means in one op)."""
+
+    def __init__(self, module):
+        self.hook = module.register_forward_pre_hook(self.hook_fn)
+        self.module = module
+        self.input = None
+
+    def hook_fn(self, module, input):
+        self.input = input[0]
+
+    @property
+    def instance_mean(self):
+        if self.input is None:
+            return None
+        return instance_mean_multi([self.input])
+
+    def remove(self):
+        self.hook.remove()
+
+    def __repr__(self):
+        return "<Feature Hook>: %s" % (self.module)
+
+
+def reset_model(model, generator=None):
+    """Upstream's re-initialisation: Conv/ConvTranspose/Linear weights N(0, 0.02), biases 0,
+    BatchNorm2d weights N(1, 0.02), biases 0 (in module order; ``generator``: the RNG)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.ConvTranspose2d, nn.Linear, nn.Conv2d)):
+                m.weight.normal_(0.0, 0.02, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.02, generator=generator)
+                m.bias.zero_()
+
+
+def resized_crop_codes(batch: int, device, generator=None):
+    """The random numbers of one ``resized_crop_flip`` call: [batch, 5] uniforms."""
+    return torch.rand(batch, 5, device=device, generator=generator)
+
+
+def resized_crop_flip(x, codes, scale=(0.25, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    """Per-sample random resized crop (area fraction uniform in ``scale``, log aspect ratio
+    uniform in ``log(ratio)``, position uniform where the box fits), resampled bilinearly to the
+    input size, and a per-sample horizontal flip: one affine grid and one ``grid_sample`` for the
+    whole batch (kornia's RandomResizedCrop + RandomHorizontalFlip draw per sample too).
+    ``codes``: ``resized_crop_codes(B)``."""
+    B, _, H, W = x.shape
+    u = codes.to(x.dtype if x.is_floating_point() else torch.float32)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(log_r)
+    # box size as fractions of the image side, clipped to the image
+    fw = torch.sqrt(area * r).clamp(max=1.0)
+    fh = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (1.0 - fw) * (2.0 * u[:, 2] - 1.0)  # box centre in [-1, 1] coordinates, box inside
+    cy = (1.0 - fh) * (2.0 * u[:, 3] - 1.0)
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0).to(fw.dtype)
+    zero = torch.zeros_like(fw)
+    theta = torch.stack([torch.stack([fw * sign, zero, cx], 1), torch.stack([zero, fh, cy], 1)], 1)
+    grid = F.affine_grid(theta, [B, x.shape[1], H, W], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_feature_layers(owner: str, teacher: nn.Module, feature_layers):
+    if feature_layers is None:
+        return None
+    if isinstance(feature_layers, nn.Module):
+        feature_layers = [feature_layers]
+    try:
+        layers = list(feature_layers)
+    except TypeError:
+        raise TypeError(f"{owner}: feature_layers must be a list of submodules of the teacher or None, got "
+                        f"{type(feature_layers).__name__}") from None
+    if not layers:
+        raise ValueError(f"{owner}: feature_layers must name at least one submodule of the teacher (None: every "
+                         f"BatchNorm2d input), got an empty list")
+    own = {id(m) for m in teacher.modules()}
+    for i, m in enumerate(layers):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{owner}: feature_layers[{i}] must be an nn.Module (a submodule of the teacher), got "
+                            f"{type(m).__name__}")
+        if id(m) not in own:
+            raise ValueError(f"{owner}: feature_layers[{i}] ({type(m).__name__}) is not a submodule of the teacher; "
+                             f"pass modules of the teacher itself (e.g. [teacher.layer1, teacher.layer2])")
+    return layers
+
+
+class CMISynthesizer(SynthCore):
+    """Drop-in ``CMISynthesizer`` (zju-vipa/Fast-Datafree's constructor; ``CMISynthesizerCMI`` has
+    zju-vipa/CMI's, without ``feature_reuse``); see the module docstring for the loop and what
+    differs.
+
+    Raises at construction (ValueError/TypeError naming the argument) when ``feature_layers`` are
+    not submodules of the teacher (or the teacher's forward does not run them on 4-D inputs),
+    ``n_neg`` exceeds ``bank_size``, a given ``mem_bank``'s width is not twice the hooked
+    channels (the head's input), ``iterations`` < 1, the generator does not make ``img_size``
+    images from z of width ``nz``, or ``num_classes`` exceeds the teacher's outputs."""
+
+    def __init__(self, teacher, student, generator, nz, num_classes, img_size, feature_reuse=False,
+                 feature_layers=None, bank_size=40960, n_neg=4096, head_dim=128, init_dataset=None,
+                 iterations=100, lr_g=0.1, progressive_scale=False,
+                 synthesis_batch_size=128, sample_batch_size=128,
+                 adv=0.0, bn=1, oh=1, cr=0.8, cr_T=0.1,
+                 save_dir='run/cmi', transform=None,
+                 autocast=None, use_fp16=False,
+                 normalizer=None, device='cpu', distributed=False, *,
+                 augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 mem_bank=None, head=None, num_workers=None):
+        super().__init__(teacher, student)
+        owner = type(self).__name__
+        img_size = check_synthesizer_args(
+            owner, teacher=teacher, num_classes=num_classes, img_size=img_size,
+            steps=("iterations", iterations, 1), batch=synthesis_batch_size, generator=generator, kind="latent",
+            nz=nz)
+        for name, v in (("bank_size", bank_size), ("n_neg", n_neg), ("head_dim", head_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+        if n_neg > bank_size:
+            raise ValueError(f"{owner}: n_neg={n_neg} negatives cannot be drawn from a memory bank of "
+                             f"bank_size={bank_size}; n_neg must be at most bank_size")
+        for name, v in (("lr_g", lr_g), ("adv", adv), ("bn", bn), ("oh", oh), ("cr", cr), ("cr_T", cr_T)):
+            if not _is_number(v):
+                raise TypeError(f"{owner}: {name} must be a number, got {type(v).__name__}")
+        if not cr_T > 0:
+            raise ValueError(f"{owner}: cr_T (the contrastive temperature) must be positive, got {cr_T}")
+        if adv > 0 and student is None:
+            raise ValueError(f"{owner}: adv > 0 needs a student (got student=None)")
+        layers = _check_feature_layers(owner, teacher, feature_layers)
+        self.iterations = iterations
+        self.lr_g = lr_g
+        self.progressive_scale = progressive_scale  # stored, unused (as upstream)
+        self.nz = nz
+        self.n_neg = n_neg
+        self.adv = adv
+        self.bn = bn
+        self.oh = oh
+        self.cr = cr
+        self.cr_T = cr_T
+        self.num_classes = num_classes
+        self.distributed = distributed
+        self.synthesis_batch_size = synthesis_batch_size
+        self.sample_batch_size = sample_batch_size
+        self.bank_size = bank_size
+        self.init_dataset = init_dataset
+        self.feature_reuse = feature_reuse
+        # feature_layers: hooked before the teacher is fused, so that its traced forward keeps
+        # them as calls (a module traced through would never run its hooks)
+        self.cmi_hooks = [InstanceMeanHook(m) for m in layers] if layers is not None else []
+        self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=0,
+                         transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
+                         save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
+                         pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
+                         compile=compile, cuda_graph=False, aug_padding=4, aug_flip=True)
+        if cuda_graph:
+            warn_once("cmi_cuda_graph", "fastsynth: CMISynthesizer does not capture CUDA graphs (z and the "
+                      "generator are re-initialised every call); cuda_graph=True runs the loop eagerly")
+        if layers is None:
+            # every BatchNorm2d input, hooked on the fused layers (after fusion: the teacher's
+            # forward is already traced, so its ReLU folding is kept)
+            self.cmi_hooks = [InstanceMeanHook(m) for m in self.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+            if not self.cmi_hooks:
+                raise ValueError(f"{owner}: feature_layers=None hooks the teacher's BatchNorm2d inputs and the "
+                                 f"teacher has none; pass feature_layers")
+        self._augment_on = bool(augment)
+        self.generator = generator.to(self.device).train()
+        # the hooked channel count: one probe forward, as upstream
+        cmi_dim = self._probe_dim(owner, layers)
+        self.cmi_dim = cmi_dim
+        bank_rng = self._rng
+        self.mem_bank = mem_bank if mem_bank is not None else \
+            MemoryBank(self.device, max_size=bank_size, dim_feat=2 * cmi_dim, generator=bank_rng)
+        self.head = head if head is not None else MLPHead(cmi_dim, head_dim)
+        self.head = self.head.to(self.device).train()
+        self._check_bank_head(owner)
+        self.optimizer_head = make_adam(self.head.parameters(), self.lr_g, (0.9, 0.999), self.device)
+        if init_dataset is not None:
+            from .nayer import load_init_dataset
+
+            self.data_pool.set_init(load_init_dataset(init_dataset, img_size))
+
+    # ------------------------------------------------------------------ setup helpers
+    def _probe_dim(self, owner, layers) -> int:
+        was = self.teacher.training
+        self.teacher.eval()
+        for h in self.cmi_hooks:
+            h.input = None
+        try:
+            with torch.no_grad():
+                p = next(self.teacher.parameters(), None)
+                dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
+                self.teacher(torch.randn(1, *self.img_size, device=self.device, dtype=dt))
+        finally:
+            self.teacher.train(was)
+        dim = 0
+        for i, h in enumerate(self.cmi_hooks):
+            what = f"feature_layers[{i}] ({type(h.module).__name__})" if layers is not None \
+                else f"BatchNorm layer {i}"
+            if h.input is None:
+                raise ValueError(f"{owner}: {what} is not run by the teacher's forward (traced through without "
+                                 f"its hooks when the teacher was fused before; pass feature_layers before "
+                                 f"fusing or fuse_teacher=False)")
+            if h.input.dim() != 4:
+                raise ValueError(f"{owner}: {what} receives a {h.input.dim()}-D input of shape "
+                                 f"{tuple(h.input.shape)}; CMI hooks need 4-D feature maps [B, C, H, W]")
+            dim += int(h.input.shape[1])
+            h.input = None
+        return dim
+
+    def _check_bank_head(self, owner):
+        bank, head = self.mem_bank, self.head
+        if bank.dim_feat != 2 * self.cmi_dim:
+            raise ValueError(f"{owner}: the memory bank holds rows of dim_feat={bank.dim_feat}; CMI stores "
+                             f"[local, global] features of the {self.cmi_dim} hooked channels, so it must be "
+                             f"2 * {self.cmi_dim} = {2 * self.cmi_dim} (the head's input is {self.cmi_dim})")
+        first = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+        if first is not None and first.in_features != self.cmi_dim:
+            raise ValueError(f"{owner}: the head takes {first.in_features} features, the hooked channels and the "
+                             f"memory bank's halves are {self.cmi_dim} wide")
+        if self.n_neg > bank.max_size:
+            raise ValueError(f"{owner}: n_neg={self.n_neg} exceeds the memory bank's max_size={bank.max_size}")
+
+    # ------------------------------------------------------------------ one step
+    def _means(self):
+        xs = [h.input for h in self.cmi_hooks]
+        for h in self.cmi_hooks:
+            h.input = None
+        return instance_mean_multi(xs)
+
+    def _views(self, x, codes):
+        g_codes, l_codes = codes if codes is not None else (None, None)
+        g = self.aug(x, generator=self._rng, codes=g_codes)
+        if self._augment_on and self.cr != 0:
+            lx = resized_crop_flip(x, l_codes)
+            l_view = self.normalizer(lx) if self.normalizer is not None else lx
+        elif self.cr != 0:
+            l_view = self.normalizer(x) if self.normalizer is not None else x
+        else:
+            l_view = None
+        return g, l_view
+
+    def _forward(self, z, targets, adv_on: bool, cr_on: bool, cached, n_split, codes):
+        """Generator, both teacher forwards, all losses: (loss, x, [f_l, f_g])."""
+        with nvtx_range("generator", self._nvtx):
+            x = self.generator(z)
+        with nvtx_range("augment", self._nvtx):
+            g_view, l_view = self._views(x, codes)
+        with nvtx_range("teacher", self._nvtx):
+            t_out = self.teacher(g_view)
+        with nvtx_range("losses", self._nvtx):
+            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None
+            g_feat = self._means()
+            if adv_on:
+                with nvtx_range("student", self._nvtx):
+                    s_out = self._student_fwd(g_view)
+                loss = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)[0]
+            else:
+                loss = self.oh * F.cross_entropy(t_out, targets)
+            if loss_bn is not None:
+                loss = loss + loss_bn
+        if not cr_on:
+            return loss, x, g_feat
+        # the local view's forward needs no BatchNorm statistics
+        stats_on = self.bn != 0
+        if stats_on:
+            self.capture.deactivate()
+        try:
+            with nvtx_range("teacher_local", self._nvtx):
+                self.teacher(l_view)
+        finally:
+            if stats_on:
+                self.capture.activate()
+        with nvtx_range("contrastive", self._nvtx):
+            l_feat = self._means()
+            if cached is not None:
+                c_l, c_g = cached[:, :self.cmi_dim], cached[:, self.cmi_dim:]
+                q_in, k_in = torch.cat([l_feat, c_l.to(l_feat.dtype)]), torch.cat([g_feat, c_g.to(g_feat.dtype)])
+            else:
+                q_in, k_in = l_feat, g_feat
+            q = self.head(q_in)
+            with torch.no_grad():  # upstream detaches the key side: no graph for it
+                k = self.head(k_in.detach())
+            loss_cr = contrastive_ce(q, k.to(q.dtype), self.cr_T, n_split)
+            loss = loss + self.cr * loss_cr
+        return loss, x, torch.cat([l_feat, g_feat], dim=1)
+
+    def _draw_codes(self, batch: int):
+        if not self._augment_on:
+            return None
+        g = self._draw_aug(batch)
+        lc = resized_crop_codes(batch, self.device, self._rng) if self.cr != 0 else None
+        return g, lc
+
+    # ------------------------------------------------------------------ API
+    def synthesize(self, targets=None):
+        start = now()
+        owner = type(self).__name__
+        self._check_bank_head(owner)
+        B = self.synthesis_batch_size
+        z = self._randn(B, self.nz).requires_grad_()
+        if targets is None:
+            targets = self._randint(self.num_classes, (B,))
+            targets = targets.sort()[0]
+        targets = targets.to(self.device)
+        if not self.feature_reuse:
+            reset_model(self.generator, generator=self._rng)
+        self.generator.train()
+        optimizer = make_adam([{"params": list(self.generator.parameters())}, {"params": [z]}], self.lr_g,
+                              (0.5, 0.999), self.device)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        head_params = [p for g in self.optimizer_head.param_groups for p in g["params"]]
+        adv_on = self.adv > 0
+        cr_on = self.cr != 0
+        best_cost = torch.full((), float("inf"), device=self.device)
+        best_x = best_feat = None
+        fwd = self._forward
+        if self.compile:
+            fwd = self._compiled_fn(("fwd", adv_on, cr_on), self._forward)
+        with self._synthesis_mode():
+            if self.bn == 0:
+                self.capture.deactivate()
+            for it in range(self.iterations):
+                cached, n_split = None, None
+                if cr_on and self.mem_bank.n_updates > 0:
+                    cached, _ = self.mem_bank.get_data(self.n_neg)
+                    n_split = B if cached.shape[0] > 0 else None
+                    if cached.shape[0] == 0:
+                        cached = None
+                codes = self._draw_codes(B)
+                with self._autocast_ctx():
+                    loss, x, feat = fwd(z, targets, adv_on, cr_on, cached, n_split, codes)
+                with torch.no_grad():
+                    self._log(loss)
+                    ld = loss.detach().reshape(()).float()
+                    if it == 0:
+                        best_cost.copy_(ld)
+                        best_x = x.detach().float().clone()
+                        best_feat = feat.detach().float().clone()
+                    else:
+                        better = ld < best_cost
+                        torch.where(better, ld, best_cost, out=best_cost)
+                        torch.where(better, x.detach().float(), best_x, out=best_x)
+                        torch.where(better, feat.detach().float(), best_feat, out=best_feat)
+                with nvtx_range("backward", self._nvtx):
+                    wrt = params + (head_params if cr_on else [])
+                    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+                    for p, g in zip(wrt, grads):
+                        p.grad = g
+                with nvtx_range("step", self._nvtx):
+                    optimizer.step()
+                    if cr_on:
+                        self.optimizer_head.step()
+            for h in self.cmi_hooks:
+                h.input = None
+        self.student.train()
+        self._sync()
+        end = now()
+        self._add_to_pool([(best_x, best_cost)])
+        if cr_on:
+            self.mem_bank.add(best_feat)
+        return {"synthetic": best_x}, end - start
+
+    def remove_hooks(self):
+        """Remove the instance-mean hooks from the teacher."""
+        for h in self.cmi_hooks:
+            h.remove()
+        self.cmi_hooks = []
+
+    def close(self):
+        self.remove_hooks()
+        super().close()
+
+
+class CMISynthesizerCMI(CMISynthesizer):
+    """``CMISynthesizer`` with zju-vipa/CMI's constructor order (no ``feature_reuse`` between
+    ``img_size`` and ``feature_layers``; here it is keyword-only, default False as that
+    repository's loop always re-initialises the generator)."""
+
+    def __init__(self, teacher, student, generator, nz, num_classes, img_size,
+                 feature_layers=None, bank_size=40960, n_neg=4096, head_dim=128, init_dataset=None,
+                 iterations=100, lr_g=0.1, progressive_scale=False,
+                 synthesis_batch_size=128, sample_batch_size=128,
+                 adv=0.0, bn=1, oh=1, cr=0.8, cr_T=0.1,
+                 save_dir='run/cmi', transform=None,
+                 autocast=None, use_fp16=False,
+                 normalizer=None, device='cpu', distributed=False, *, feature_reuse=False,
+                 augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
+                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
+                 mem_bank=None, head=None, num_workers=None):
+        super().__init__(teacher, student, generator, nz, num_classes, img_size, feature_reuse,
+                         feature_layers, bank_size, n_neg, head_dim, init_dataset, iterations, lr_g,
+                         progressive_scale, synthesis_batch_size, sample_batch_size, adv, bn, oh, cr, cr_T,
+                         save_dir, transform, autocast, use_fp16, normalizer, device, distributed,
+                         augment=augment, pool_capacity=pool_capacity, pool_eviction=pool_eviction,
+                         save_images=save_images, save_format=save_format, fuse_teacher=fuse_teacher, seed=seed,
+                         compile=compile, cuda_graph=cuda_graph, mem_bank=mem_bank, head=head,
+                         num_workers=num_workers)

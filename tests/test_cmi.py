@@ -1,0 +1,310 @@
+"""CMISynthesizer (fastsynth/synthesis/cmi.py) against the eager upstream loop (tests/reference_cmi.py),
+its parts (MemoryBank, MLPHead, InstanceMeanHook, the local-view augmentation) and its errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastsynth.nn import Generator
+from fastsynth.synthesis import Normalizer
+from fastsynth.synthesis.cmi import (CMISynthesizer, CMISynthesizerCMI, InstanceMeanHook, MemoryBank, MLPHead,
+                                     resized_crop_flip)
+
+from reference_cmi import RefCMI
+from reference_loops import max_rel_err
+from test_synthesis import NORM, tiny_net
+
+IMG = 8
+NZ = 8
+BATCH = 6
+LR = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen():
+    torch.manual_seed(3)
+    return Generator(nz=NZ, ngf=4, img_size=IMG, nc=3)
+
+
+class TinyRes(nn.Module):
+    """A two-stage CIFAR-style ResNet (the blocks of fastsynth.models.cifar_resnet) whose stages,
+    like ResNet-34's layer1..layer4 in the upstream scripts, are CMI's feature_layers."""
+
+    def __init__(self, width=4, num_classes=10, seed=0):
+        super().__init__()
+        from fastsynth.models.cifar_resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
+        self.linear = nn.Linear(2 * width, num_classes)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        self.eval()
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        return self.linear(torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _layers(net, idx):
+    if idx is None:
+        return None
+    return [getattr(net, i) if isinstance(i, str) else net[i] for i in idx]
+
+
+def _pair(adv=0.0, layer_idx=None, feature_reuse=False, iterations=4, bank_size=4 * BATCH, n_neg=4 * BATCH,
+          bn=0.5, oh=1.0, cr=0.8, seed=5, res=False):
+    if res:
+        t, s, g = TinyRes(4, seed=1), tiny_net(4, seed=2), gen()
+    else:
+        t, s, g = tiny_net(6, seed=1), tiny_net(4, seed=2), gen()
+    norm = Normalizer(*NORM)
+    ot, os_, og = copy.deepcopy(t), copy.deepcopy(s), copy.deepcopy(g)
+    ours = CMISynthesizer(ot, os_, og, NZ, 10, (3, IMG, IMG), feature_reuse=feature_reuse,
+                          feature_layers=_layers(ot, layer_idx), bank_size=bank_size, n_neg=n_neg, head_dim=16,
+                          iterations=iterations, lr_g=LR, synthesis_batch_size=BATCH, sample_batch_size=4,
+                          adv=adv, bn=bn, oh=oh, cr=cr, cr_T=0.2, normalizer=norm, augment=False, seed=seed)
+    ref = RefCMI(t, s, g, copy.deepcopy(ours.head), NZ, iterations, LR, BATCH, adv, bn, oh, cr, 0.2, bank_size,
+                 n_neg, norm, seed, feature_layers=_layers(t, layer_idx), feature_reuse=feature_reuse)
+    return ref, ours
+
+
+def _targets(rounds):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 10, (BATCH,), generator=g).sort()[0] for _ in range(rounds)]
+
+
+def _run(ref, ours, rounds=3):
+    ours.log_losses = True
+    outs = []
+    for m in (ref, ours):
+        torch.manual_seed(11)
+        res = []
+        for y in _targets(rounds):
+            o = m.synthesize(y)
+            res.append(o[0]["synthetic"] if isinstance(o, tuple) else o["synthetic"])
+        outs.append(res)
+    return outs
+
+
+@pytest.mark.parametrize("adv,layer_idx,feature_reuse,res", [
+    (0.0, None, False, False),
+    (0.7, None, False, False),
+    (0.7, (3, 6), True, False),   # the second convolution's and the pooling's inputs
+    (0.5, ("layer1", "layer2"), False, True),  # residual stages (the ResNet-34 scripts' setting)
+    (0.0, None, False, True),
+])
+def test_matches_upstream_loop(adv, layer_idx, feature_reuse, res):
+    ref, ours = _pair(adv=adv, layer_idx=layer_idx, feature_reuse=feature_reuse, res=res)
+    ref_x, our_x = _run(ref, ours, rounds=3)
+    our_losses = torch.stack(ours.loss_log).tolist()
+    assert len(our_losses) == len(ref.losses) == 12
+    # the bank is used from the second round on: a trajectory that ignored it would differ there
+    assert ours.mem_bank.n_updates == ref.mem_bank.n_updates == 3 * BATCH
+    assert max_rel_err(our_losses, ref.losses) < 2e-4, (our_losses, ref.losses)
+    for a, b in zip(our_x, ref_x):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ours.mem_bank.data[:3 * BATCH], ref.mem_bank.data[:3 * BATCH], rtol=1e-3, atol=1e-5)
+    # the head as a function of the stored features (its raw parameters are not compared: Adam
+    # turns rounding-level differences of a near-zero gradient, e.g. of a hidden unit at the
+    # ReLU's kink, into steps of up to lr)
+    feats = ref.mem_bank.data[:3 * BATCH]
+    with torch.no_grad():
+        for half in (feats[:, :ours.cmi_dim], feats[:, ours.cmi_dim:]):
+            torch.testing.assert_close(ours.head(half), ref.head(half), rtol=1e-3, atol=1e-3)  # unit rows
+    for p, q in zip(ours.generator.parameters(), ref.generator.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_contrastive_term_matters():
+    """cr changes the trajectory (the test above would pass with a dead contrastive term otherwise)."""
+    _, a = _pair(cr=0.8)
+    _, b = _pair(cr=0.0)
+    for m in (a, b):
+        m.log_losses = True
+        torch.manual_seed(11)
+        for y in _targets(2):
+            m.synthesize(y)
+    la, lb = torch.stack(a.loss_log), torch.stack(b.loss_log)
+    assert (la - lb).abs().max() > 1e-3
+    assert b.mem_bank.n_updates == 0 and a.mem_bank.n_updates == 2 * BATCH
+
+
+def test_returns_and_pool_with_augmentation():
+    t, s = tiny_net(6, seed=1), tiny_net(4, seed=2)
+    synth = CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), bank_size=4 * BATCH, n_neg=2 * BATCH, head_dim=8,
+                           iterations=3, synthesis_batch_size=BATCH, sample_batch_size=4, adv=0.5,
+                           normalizer=Normalizer(*NORM), seed=1)
+    for _ in range(3):  # the third round samples n_neg of 2 * BATCH filled rows
+        vis, secs = synth.synthesize()
+        assert vis["synthetic"].shape == (BATCH, 3, IMG, IMG) and isinstance(secs, float)
+        assert torch.isfinite(vis["synthetic"]).all()
+    assert synth.mem_bank.n_updates == 3 * BATCH
+    x = synth.sample()
+    assert x.shape == (4, 3, IMG, IMG)
+    assert all(not p.requires_grad or p.grad is None for p in t.parameters())
+
+
+def test_cmi_repo_constructor_order():
+    t, s = tiny_net(6, seed=1), tiny_net(4, seed=2)
+    # zju-vipa/CMI: feature_layers is the 7th positional argument
+    synth = CMISynthesizerCMI(t, s, gen(), NZ, 10, (3, IMG, IMG), [t[3]], 2 * BATCH, BATCH, 8,
+                              iterations=1, synthesis_batch_size=BATCH)
+    assert synth.cmi_dim == 6 and synth.feature_reuse is False and synth.n_neg == BATCH
+
+
+def test_feature_layers_of_a_teacher_fused_before():
+    """Stages hooked before fusion stay calls in the fused forward; a teacher fused earlier has
+    traced through them, which is reported instead of producing empty features."""
+    from fastsynth import fuse
+
+    t = TinyRes(4, seed=1)
+    synth = CMISynthesizer(t, tiny_net(4, seed=2), gen(), NZ, 10, (3, IMG, IMG), feature_layers=[t.layer1, t.layer2],
+                           iterations=1, synthesis_batch_size=BATCH, bank_size=64, n_neg=8)
+    assert synth.cmi_dim == 4 + 4 and fuse.fused_layers(t)
+    t2 = fuse.fuse_teacher(TinyRes(4, seed=1))
+    with pytest.raises(ValueError, match=r"feature_layers\[0\] \(Sequential\) is not run by the teacher's forward"):
+        CMISynthesizer(t2, tiny_net(4, seed=2), gen(), NZ, 10, (3, IMG, IMG), feature_layers=[t2.layer1],
+                       iterations=1, synthesis_batch_size=BATCH, bank_size=64, n_neg=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_bad_arguments():
+    t, s = tiny_net(6, seed=1), tiny_net(4, seed=2)
+    other = tiny_net(6, seed=3)
+    kw = dict(iterations=1, synthesis_batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"feature_layers\[1\] \(Conv2d\) is not a submodule of the teacher"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), feature_layers=[t[0], other[3]], **kw)
+    with pytest.raises(TypeError, match=r"feature_layers\[0\] must be an nn.Module"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), feature_layers=["layer1"], **kw)
+    with pytest.raises(ValueError, match="4-D"):  # the Linear's input is [B, C]
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), feature_layers=[t[8]], **kw)
+    with pytest.raises(ValueError, match="n_neg=65 .* bank_size=64"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), bank_size=64, n_neg=65, **kw)
+    with pytest.raises(ValueError, match=r"dim_feat=20;.* 2 \* 18 = 36"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), mem_bank=MemoryBank("cpu", 64, 20), n_neg=8, **kw)
+    with pytest.raises(ValueError, match="head takes 7 features"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), head=MLPHead(7, 4), bank_size=64, n_neg=8, **kw)
+    with pytest.raises(ValueError, match="cr_T"):
+        CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), cr_T=0.0, **kw)
+    synth = CMISynthesizer(t, s, gen(), NZ, 10, (3, IMG, IMG), bank_size=64, n_neg=8, **kw)
+    synth.mem_bank = MemoryBank("cpu", 64, 12)  # swapped after construction: checked on every call
+    with pytest.raises(ValueError, match="dim_feat=12"):
+        synth.synthesize()
+
+
+# ---------------------------------------------------------------------------------------------
+# parts
+
+
+def test_memory_bank_ring_buffer():
+    bank = MemoryBank("cpu", max_size=10, dim_feat=3)
+    rows = torch.arange(45, dtype=torch.float32).view(15, 3)
+    data, idx = bank.get_data(4)
+    assert data.shape == (0, 3)
+    bank.add(rows[:4])
+    data, idx = bank.get_data(8)  # fewer filled than asked: every filled row
+    torch.testing.assert_close(data, rows[:4])
+    bank.add(rows[4:11])  # 11 rows in a bank of 10: wraps, row 10 overwrites slot 0
+    assert bank.n_updates == 11 and bank._ptr == 1 and bank.filled == 10
+    torch.testing.assert_close(bank.data[0], rows[10])
+    torch.testing.assert_close(bank.data[1:10], rows[1:10])
+    g = torch.Generator().manual_seed(0)
+    bank.generator = g
+    seen = set()
+    for _ in range(20):
+        data, idx = bank.get_data(4)
+        assert idx.shape == (4,) and len(set(idx.tolist())) == 4 and int(idx.max()) < 10
+        torch.testing.assert_close(data, bank.data[idx])
+        seen.update(idx.tolist())
+    assert seen == set(range(10))
+    with pytest.raises(ValueError, match="5 features per row, the bank holds dim_feat=3"):
+        bank.add(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="do not fit"):
+        bank.add(torch.zeros(11, 3))
+
+
+def test_mlp_head_and_instance_mean_hook():
+    head = MLPHead(5, 3)
+    assert [type(m) for m in head.head] == [nn.Linear, nn.ReLU, nn.Linear]
+    out = head(torch.randn(4, 5))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(4))
+    conv = nn.Conv2d(2, 3, 3)
+    h = InstanceMeanHook(conv)
+    x = torch.randn(4, 2, 5, 7)
+    conv(x)
+    torch.testing.assert_close(h.instance_mean, x.mean(dim=[2, 3]))
+    h.remove()
+    assert not conv._forward_pre_hooks
+
+
+def test_resized_crop_flip():
+    x = torch.randn(3, 2, 6, 10)
+    # area fraction 1, aspect ratio 1 (log-ratio code 0.5), centred, no flip: the identity
+    ident = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9]]).expand(3, 5)
+    torch.testing.assert_close(resized_crop_flip(x, ident), x, rtol=1e-5, atol=1e-5)
+    flip = ident.clone()
+    flip[:, 4] = 0.1
+    torch.testing.assert_close(resized_crop_flip(x, flip), x.flip(3), rtol=1e-5, atol=1e-5)
+    # a smaller box magnifies: a constant image stays constant, a varying one changes
+    small = torch.tensor([[0.0, 0.5, 0.3, 0.7, 0.9]]).expand(3, 5)
+    torch.testing.assert_close(resized_crop_flip(torch.ones(3, 2, 6, 10), small), torch.ones(3, 2, 6, 10))
+    assert (resized_crop_flip(x, small) - x).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled and CUDA steps
+
+
+def _losses(compile=False, device="cpu", cuda_graph=False, rounds=2):
+    t, s, g = tiny_net(6, seed=1), tiny_net(4, seed=2), gen()
+    torch.manual_seed(1)  # the head's initialisation
+    synth = CMISynthesizer(t, s, g, NZ, 10, (3, IMG, IMG), bank_size=4 * BATCH, n_neg=4 * BATCH, head_dim=16,
+                           iterations=2, lr_g=LR, synthesis_batch_size=BATCH, adv=0.5,
+                           normalizer=Normalizer(*NORM), augment=False, seed=5, compile=compile, device=device,
+                           cuda_graph=cuda_graph)
+    synth.log_losses = True
+    for y in _targets(rounds):
+        synth.synthesize(y.to(device))
+    return torch.stack(synth.loss_log).cpu()
+
+
+def test_compile_matches_eager():
+    eager = _losses()
+    compiled = _losses(compile={"backend": "aot_eager"})
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_runs_with_bank_on_device():
+    """On a GPU: the bank is a device buffer, the loop runs (cuda_graph=True runs it eagerly) and
+    its losses track the CPU run's (different random streams per device: z and the
+    re-initialisation differ, so only the scale is compared)."""
+    import warnings
+
+    cpu = _losses()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cuda = _losses(device="cuda", cuda_graph=True)
+    assert cuda.shape == cpu.shape and torch.isfinite(cuda).all()
+    assert (cuda / cpu).sub(1).abs().max() < 0.5
