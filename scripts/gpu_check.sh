@@ -143,6 +143,13 @@ fi
 
 # ------------------------------------------------------------------ build
 BUILT=0
+# torch derives CUDA_HOME from the nvcc on PATH (its parent's parent); where that nvcc is a wrapper
+# script (e.g. /usr/local/bin/nvcc), ask nvcc where its toolkit is instead.
+if [ -z "${CUDA_HOME:-}" ] && have nvcc; then
+  HERE=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1)
+  [ -n "$HERE" ] && [ -d "$HERE/../include" ] && export CUDA_HOME=$(cd "$HERE/.." && pwd)
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}" >> "$OUT/env.txt"
 if [ $GPU = 1 ]; then
   CAP=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')
   have ninja || "$PY" -c 'import ninja' 2>/dev/null || log "WARNING: ninja absent: the extension builds serially (slow)"
