@@ -23,12 +23,19 @@ __device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// Offset of element m (flat index over n, h, w) of channel c.
-__device__ __forceinline__ int64_t offset_of(int64_t m, int64_t c, int64_t HW, int64_t W, const Strides4& s) {
-  const int64_t n = m / HW, hw = m - n * HW;
-  const int64_t h = hw / W, w = hw - h * W;
-  return n * s.n + c * s.c + h * s.h + w * s.w;
-}
+// A thread's walk over the tiles [t0, t1) of its block: its position inside a tile is fixed
+// (row dr of the tile's rows, value dl of the tile's values); the tile index advances by carrying
+// (lc, rg), so the loop has no division; the row start needs one division by R0 per row group.
+struct TileWalk {
+  int64_t lc, rg, r, l, ox, oy;  // value chunk, row group, row, value index, row starts in x and y
+
+  __device__ __forceinline__ void row_start(const FusedBnRows& g, int tr_log2, int64_t dr) {
+    r = (rg << tr_log2) + dr;
+    const int64_t q = g.R0 == 1 ? r : r / g.R0, rem = r - q * g.R0;
+    ox = q * g.x.s1 + rem * g.x.s0;
+    oy = q * g.y.s1 + rem * g.y.s0;
+  }
+};
 
 template <typename acc_t>
 __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> a) {
@@ -72,31 +79,97 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* s_buf) {
   return v;
 }
 
-template <typename scalar_t, typename acc_t>
+// Channel-contiguous tiles: 32 channels (lanes) x 8 positions (warps); other maps: 1 channel.
+constexpr int kClChannels = 32, kClLpLog2 = 3;
+
+// Merge of the per-thread Welford states of each channel of the block; valid in the threads
+// that own channel slot tid < channels (CL: lane tc of warp 0; else thread 0).
+template <typename acc_t, bool CL>
+__device__ __forceinline__ Welford<acc_t> merge_channels(Welford<acc_t> a) {
+  if (!CL) return block_merge(a);
+  __shared__ acc_t s_mean[kThreads], s_m2[kThreads], s_n[kThreads];
+  s_mean[threadIdx.x] = a.mean;
+  s_m2[threadIdx.x] = a.m2;
+  s_n[threadIdx.x] = a.n;
+  __syncthreads();
+  if (threadIdx.x < kClChannels) {
+    for (int k = 1; k < kWarps; ++k) {
+      const int i = threadIdx.x + k * kClChannels;
+      a = welford_merge(a, Welford<acc_t>(s_mean[i], s_m2[i], s_n[i]));
+    }
+  }
+  return a;
+}
+
+template <typename acc_t, bool CL>
+__device__ __forceinline__ acc_t sum_channels(acc_t v, acc_t* s_buf /* kThreads */) {
+  if (!CL) return block_sum(v, s_buf);
+  __syncthreads();  // s_buf may hold a previous sum
+  s_buf[threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.x < kClChannels) {
+    for (int k = 1; k < kWarps; ++k) v += s_buf[threadIdx.x + k * kClChannels];
+  }
+  return v;
+}
+
+template <bool CL>
+struct ThreadSlot {
+  int64_t c, dl, dr;  // channel, value and row inside the tile
+  __device__ __forceinline__ ThreadSlot(int64_t cb, int lp_log2) {
+    if (CL) {
+      c = cb * kClChannels + (threadIdx.x & (kClChannels - 1));
+      dl = threadIdx.x >> 5;
+      dr = 0;
+    } else {
+      c = cb;
+      dl = threadIdx.x & ((1 << lp_log2) - 1);
+      dr = threadIdx.x >> lp_log2;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, bool CL>
 __global__ void __launch_bounds__(kThreads) fused_bn_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ bias, const acc_t* __restrict__ running_mean, const acc_t* __restrict__ running_var,
-    acc_t eps, bool apply_relu, bool with_stats, acc_t* __restrict__ partial /* [3][C][splits] */, int splits,
-    FusedBnGeometry g) {
-  const int64_t c = blockIdx.x;
+    acc_t eps, bool apply_relu, bool with_stats, acc_t* __restrict__ partial /* [3][C][splits] */,
+    FusedBnRows g, FusedBnPlan p) {
+  const ThreadSlot<CL> ts(blockIdx.x, p.lp_log2);
   const int s = blockIdx.y;
-  const int64_t HW = g.H * g.W, M = g.N * HW;
-  const int64_t per = (M + splits - 1) / splits;
-  const int64_t begin = s * per, end = begin + per < M ? begin + per : M;
+  const bool active = ts.c < g.C;
+  const int64_t c = active ? ts.c : 0;
   const auto aff = bn_eval_affine<acc_t>(weight[c], bias[c], running_mean[c], running_var[c], eps);
+  const scalar_t* xc = x + c * g.x.c;
+  scalar_t* yc = y + c * g.y.c;
+  const int64_t t0 = s * p.per, t1 = t0 + p.per < p.tiles ? t0 + p.per : p.tiles;
   Welford<acc_t> acc;
-  for (int64_t m = begin + threadIdx.x; m < end; m += kThreads) {
-    const acc_t v = load_acc(x + offset_of(m, c, HW, g.W, g.x));
-    if (with_stats) acc.update(v);
-    store_acc(y + offset_of(m, c, HW, g.W, g.y), bn_eval_apply<acc_t>(v, aff.scale, aff.shift, apply_relu));
+  if (active && t0 < t1) {
+    TileWalk w;
+    w.rg = t0 / p.lt;
+    w.lc = t0 - w.rg * p.lt;
+    w.row_start(g, p.tr_log2, ts.dr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t l = (w.lc << (CL ? kClLpLog2 : p.lp_log2)) + ts.dl;
+      if (w.r < g.R && l < g.L) {
+        const acc_t v = load_acc(xc + w.ox + l * g.x.l);
+        if (with_stats) acc.update(v);
+        store_acc(yc + w.oy + l * g.y.l, bn_eval_apply<acc_t>(v, aff.scale, aff.shift, apply_relu));
+      }
+      if (++w.lc == p.lt) {
+        w.lc = 0;
+        ++w.rg;
+        w.row_start(g, p.tr_log2, ts.dr);
+      }
+    }
   }
   if (!with_stats) return;
-  acc = block_merge(acc);
-  if (threadIdx.x == 0) {
+  acc = merge_channels<acc_t, CL>(acc);
+  if ((CL ? threadIdx.x < kClChannels : threadIdx.x == 0) && active) {
     const int64_t C = g.C;
-    partial[(0 * C + c) * splits + s] = acc.mean;
-    partial[(1 * C + c) * splits + s] = acc.m2;
-    partial[(2 * C + c) * splits + s] = acc.n;
+    partial[(0 * C + c) * p.splits + s] = acc.mean;
+    partial[(1 * C + c) * p.splits + s] = acc.m2;
+    partial[(2 * C + c) * p.splits + s] = acc.n;
   }
 }
 
@@ -116,75 +189,170 @@ __global__ void __launch_bounds__(kThreads) welford_partials_merge_kernel(const 
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool CL>
 __global__ void __launch_bounds__(kThreads) fused_bn_backward_kernel(
     const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_x,
     const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ running_mean,
     const acc_t* __restrict__ running_var, const acc_t* __restrict__ mean, const acc_t* __restrict__ grad_mean,
     const acc_t* __restrict__ grad_var, acc_t eps, bool apply_relu, bool with_stats, bool need_weight_grad,
-    acc_t* __restrict__ partial_g, acc_t* __restrict__ partial_gx, int splits, FusedBnGeometry g) {
-  __shared__ acc_t s_buf[kWarps];
-  const int64_t c = blockIdx.x;
+    acc_t* __restrict__ partial_g, acc_t* __restrict__ partial_gx, FusedBnRows g, FusedBnPlan p) {
+  __shared__ acc_t s_buf[CL ? kThreads : kWarps];
+  const ThreadSlot<CL> ts(blockIdx.x, p.lp_log2);
   const int s = blockIdx.y;
-  const int64_t HW = g.H * g.W, M = g.N * HW;
-  const int64_t per = (M + splits - 1) / splits;
-  const int64_t begin = s * per, end = begin + per < M ? begin + per : M;
+  const bool active = ts.c < g.C;
+  const int64_t c = active ? ts.c : 0;
   const auto aff = bn_eval_affine<acc_t>(weight[c], bias[c], running_mean[c], running_var[c], eps);
   StatGradCoef<acc_t> sc{acc_t(0), acc_t(0)};
   acc_t mu = acc_t(0);
   if (with_stats) {
-    sc = stat_grad_coef<acc_t>(grad_mean[c], grad_var[c], acc_t(M));
+    sc = stat_grad_coef<acc_t>(grad_mean[c], grad_var[c], acc_t(g.M));
     mu = mean[c];
   }
   const bool need_x = apply_relu || with_stats || need_weight_grad;
   const acc_t rm = running_mean[c];
+  const scalar_t* xc = x + c * g.x.c;
+  const scalar_t* gyc = grad_y + c * g.y.c;
+  scalar_t* gxc = grad_x + c * g.y.c;
+  const int64_t t0 = s * p.per, t1 = t0 + p.per < p.tiles ? t0 + p.per : p.tiles;
   acc_t sg = 0, sgx = 0;
-  for (int64_t m = begin + threadIdx.x; m < end; m += kThreads) {
-    const int64_t oy = offset_of(m, c, HW, g.W, g.y);
-    const acc_t gy = load_acc(grad_y + oy);
-    acc_t gx;
-    if (need_x) {
-      const acc_t v = load_acc(x + offset_of(m, c, HW, g.W, g.x));
-      const acc_t gp = bn_relu_grad<acc_t>(gy, v, aff.scale, aff.shift, apply_relu);
-      gx = bn_grad_input<acc_t>(gp, v, aff.scale, mu, sc, with_stats);
-      sg += gp;
-      sgx += gp * (v - rm);
-    } else {
-      gx = gy * aff.scale;
+  if (active && t0 < t1) {
+    TileWalk w;
+    w.rg = t0 / p.lt;
+    w.lc = t0 - w.rg * p.lt;
+    w.row_start(g, p.tr_log2, ts.dr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t l = (w.lc << (CL ? kClLpLog2 : p.lp_log2)) + ts.dl;
+      if (w.r < g.R && l < g.L) {
+        const int64_t oy = w.oy + l * g.y.l;
+        const acc_t gy = load_acc(gyc + oy);
+        acc_t gx;
+        if (need_x) {
+          const acc_t v = load_acc(xc + w.ox + l * g.x.l);
+          const acc_t gp = bn_relu_grad<acc_t>(gy, v, aff.scale, aff.shift, apply_relu);
+          gx = bn_grad_input<acc_t>(gp, v, aff.scale, mu, sc, with_stats);
+          sg += gp;
+          sgx += gp * (v - rm);
+        } else {
+          gx = gy * aff.scale;
+        }
+        store_acc(gxc + oy, gx);
+      }
+      if (++w.lc == p.lt) {
+        w.lc = 0;
+        ++w.rg;
+        w.row_start(g, p.tr_log2, ts.dr);
+      }
     }
-    store_acc(grad_x + oy, gx);
   }
   if (!need_weight_grad) return;
-  sg = block_sum(sg, s_buf);
-  sgx = block_sum(sgx, s_buf);
-  if (threadIdx.x == 0) {
-    partial_g[c * splits + s] = sg;
-    partial_gx[c * splits + s] = sgx * aff.invstd;
+  sg = sum_channels<acc_t, CL>(sg, s_buf);
+  sgx = sum_channels<acc_t, CL>(sgx, s_buf);
+  if ((CL ? threadIdx.x < kClChannels : threadIdx.x == 0) && active) {
+    partial_g[c * p.splits + s] = sg;
+    partial_gx[c * p.splits + s] = sgx * aff.invstd;
   }
 }
 
 }  // namespace
 
-int fused_bn_splits(int64_t M, int64_t C, int num_sms) {
+FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* xs, const int64_t* ys) {
+  // positions (n, h, w) of size > 1, outermost first, merged where both x and y nest
+  int64_t sz[3], sx[3], sy[3];
+  int n = 0;
+  for (int d : {0, 2, 3}) {
+    if (sizes[d] == 1) continue;
+    sz[n] = sizes[d];
+    sx[n] = xs[d];
+    sy[n] = ys[d];
+    ++n;
+  }
+  if (n == 0) {
+    sz[0] = 1;
+    sx[0] = sy[0] = 0;
+    n = 1;
+  }
+  int64_t mz[3], mx[3], my[3];  // merged dims, innermost at index k - 1
+  int k = 0;
+  for (int i = n - 1; i >= 0; --i) {
+    if (k > 0 && sx[i] == mz[0] * mx[0] && sy[i] == mz[0] * my[0]) {
+      mz[0] *= sz[i];
+    } else {
+      for (int j = k; j > 0; --j) {
+        mz[j] = mz[j - 1];
+        mx[j] = mx[j - 1];
+        my[j] = my[j - 1];
+      }
+      mz[0] = sz[i];
+      mx[0] = sx[i];
+      my[0] = sy[i];
+      ++k;
+    }
+  }
+  FusedBnRows g{};
+  g.C = sizes[1];
+  g.L = mz[k - 1];
+  g.x = {xs[1], 0, 0, mx[k - 1]};
+  g.y = {ys[1], 0, 0, my[k - 1]};
+  g.R = 1;
+  g.R0 = 1;
+  if (k >= 2) {
+    g.R = mz[0];
+    g.x.s1 = mx[0];
+    g.y.s1 = my[0];
+  }
+  if (k == 3) {
+    g.R = mz[0] * mz[1];
+    g.R0 = mz[1];
+    g.x.s0 = mx[1];
+    g.y.s0 = my[1];
+  }
+  g.M = g.L * g.R;
+  return g;
+}
+
+FusedBnPlan fused_bn_plan(const FusedBnRows& g, int num_sms) {
+  FusedBnPlan p{};
+  p.cl = g.x.c == 1 && g.C > 1;
+  if (p.cl) {
+    p.lp_log2 = kClLpLog2;
+    p.tr_log2 = 0;
+    p.cblocks = (g.C + kClChannels - 1) / kClChannels;
+  } else {
+    int lp = 0;
+    while ((int64_t(1) << lp) < g.L && lp < 8) ++lp;  // LP = next power of two of L, at most 256
+    p.lp_log2 = lp;
+    p.tr_log2 = 8 - lp;  // 256 threads = TR rows x LP values
+    p.cblocks = g.C;
+  }
+  p.lt = (g.L + (int64_t(1) << p.lp_log2) - 1) >> p.lp_log2;
+  p.tiles = ((g.R + (int64_t(1) << p.tr_log2) - 1) >> p.tr_log2) * p.lt;
   const int64_t want_blocks = int64_t(num_sms) * 4;
-  int64_t splits = (want_blocks + C - 1) / C;
-  const int64_t max_splits = (M + 4 * kThreads - 1) / (4 * kThreads);  // >= 4 elements per thread
+  int64_t splits = (want_blocks + p.cblocks - 1) / p.cblocks;
+  const int64_t max_splits = (p.tiles + 3) / 4;  // >= 4 tiles (elements per thread) per block
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
   if (splits > 65535) splits = 65535;
-  return int(splits);
+  p.per = (p.tiles + splits - 1) / splits;
+  p.splits = int((p.tiles + p.per - 1) / p.per);
+  if (p.splits < 1) p.splits = 1;
+  return p;
 }
 
 template <typename scalar_t, typename acc_t>
 cudaError_t fused_bn_forward_launch(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
                                     const acc_t* running_mean, const acc_t* running_var, acc_t eps, bool apply_relu,
-                                    bool with_stats, acc_t* mean_out, acc_t* var_out, acc_t* workspace, int splits,
-                                    const FusedBnGeometry& g, cudaStream_t stream) {
-  const dim3 grid(unsigned(g.C), unsigned(splits));
-  fused_bn_forward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-      x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, splits, g);
+                                    bool with_stats, acc_t* mean_out, acc_t* var_out, acc_t* workspace,
+                                    const FusedBnRows& g, const FusedBnPlan& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.cblocks), unsigned(p.splits));
+  if (p.cl)
+    fused_bn_forward_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, g, p);
+  else
+    fused_bn_forward_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
+        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, g, p);
   if (with_stats)
-    welford_partials_merge_kernel<acc_t><<<unsigned(g.C), kThreads, 0, stream>>>(workspace, g.C, splits, mean_out, var_out);
+    welford_partials_merge_kernel<acc_t><<<unsigned(g.C), kThreads, 0, stream>>>(workspace, g.C, p.splits, mean_out,
+                                                                                 var_out);
   return cudaGetLastError();
 }
 
@@ -193,22 +361,28 @@ cudaError_t fused_bn_backward_launch(const scalar_t* grad_y, const scalar_t* x, 
                                      const acc_t* bias, const acc_t* running_mean, const acc_t* running_var,
                                      const acc_t* mean, const acc_t* grad_mean, const acc_t* grad_var, acc_t eps,
                                      bool apply_relu, bool with_stats, bool need_weight_grad, acc_t* partial_g,
-                                     acc_t* partial_gx, int splits, const FusedBnGeometry& g, cudaStream_t stream) {
-  const dim3 grid(unsigned(g.C), unsigned(splits));
-  fused_bn_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-      grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
-      with_stats, need_weight_grad, partial_g, partial_gx, splits, g);
+                                     acc_t* partial_gx, const FusedBnRows& g, const FusedBnPlan& p,
+                                     cudaStream_t stream) {
+  const dim3 grid(unsigned(p.cblocks), unsigned(p.splits));
+  if (p.cl)
+    fused_bn_backward_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
+        with_stats, need_weight_grad, partial_g, partial_gx, g, p);
+  else
+    fused_bn_backward_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
+        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
+        with_stats, need_weight_grad, partial_g, partial_gx, g, p);
   return cudaGetLastError();
 }
 
 #define FS_INSTANTIATE(scalar_t, acc_t)                                                                           \
   template cudaError_t fused_bn_forward_launch<scalar_t, acc_t>(                                                  \
       const scalar_t*, scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool,      \
-      acc_t*, acc_t*, acc_t*, int, const FusedBnGeometry&, cudaStream_t);                                         \
+      acc_t*, acc_t*, acc_t*, const FusedBnRows&, const FusedBnPlan&, cudaStream_t);                              \
   template cudaError_t fused_bn_backward_launch<scalar_t, acc_t>(                                                 \
       const scalar_t*, const scalar_t*, scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*,        \
-      const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool, bool, acc_t*, acc_t*, int,                     \
-      const FusedBnGeometry&, cudaStream_t);
+      const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool, bool, acc_t*, acc_t*, const FusedBnRows&,      \
+      const FusedBnPlan&, cudaStream_t);
 
 FS_INSTANTIATE(double, double)
 FS_INSTANTIATE(float, float)

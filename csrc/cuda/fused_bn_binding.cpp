@@ -20,18 +20,25 @@ bool use_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-cuda::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-cuda::FusedBnGeometry geometry(const at::Tensor& x, const at::Tensor& y) {
-  return {x.size(0), x.size(1), x.size(2), x.size(3), strides_of(x), strides_of(y)};
+cuda::FusedBnRows rows_of(const at::Tensor& x, const at::Tensor& y) {
+  return cuda::fused_bn_rows(x.sizes().data(), x.strides().data(), y.strides().data());
 }
 
-void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<const at::Tensor*> per_channel) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D tensor");
-  for (const auto* p : per_channel) {
-    TORCH_CHECK(p->device() == x.device(), op, ": per-channel tensors must be on x's device");
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": per-channel tensors must be 1-D of size C");
+struct Named {
+  const char* name;
+  const at::Tensor* t;
+};
+
+// Every tensor on x's CUDA device (a kernel would otherwise read another device's memory through
+// unified addressing, or fault), per-channel tensors 1-D of size C.
+void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<Named> per_channel) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got a tensor on ", x.device());
+  TORCH_CHECK(x.dim() == 4 && x.numel() > 0, op, ": x must be a non-empty 4-D tensor, got shape ", x.sizes());
+  for (const auto& p : per_channel) {
+    TORCH_CHECK(p.t->device() == x.device(), op, ": ", p.name, " must be on x's device ", x.device(), ", got ",
+                p.t->device());
+    TORCH_CHECK(p.t->dim() == 1 && p.t->size(0) == x.size(1), op, ": ", p.name, " must be 1-D of size C = ",
+                x.size(1), ", got shape ", p.t->sizes());
   }
 }
 
@@ -52,20 +59,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::T
                                                                      const at::Tensor& running_mean,
                                                                      const at::Tensor& running_var, double eps,
                                                                      bool apply_relu, bool with_stats) {
-  check_inputs("fused_bn_forward", x, {&weight, &bias, &running_mean, &running_var});
+  check_inputs("fused_bn_forward", x,
+               {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = use_channels_last(x);
-  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  const int64_t C = x.size(1);
   auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int splits = cuda::fused_bn_splits(M, C, sms);
+  const auto g = rows_of(x, y);
+  const auto plan = cuda::fused_bn_plan(g, sms);
+  const int64_t splits = plan.splits;
   auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
   auto var = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
   auto workspace = at::empty({with_stats ? 3 * C * splits : 0}, x.options().dtype(adt));
-  const auto g = geometry(x, y);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
@@ -74,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::T
         reinterpret_cast<const scalar_t*>(x.const_data_ptr()), reinterpret_cast<scalar_t*>(y.data_ptr()),
         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
         acc_t(eps), apply_relu, with_stats, with_stats ? mean.data_ptr<acc_t>() : nullptr,
-        with_stats ? var.data_ptr<acc_t>() : nullptr, with_stats ? workspace.data_ptr<acc_t>() : nullptr, splits, g,
+        with_stats ? var.data_ptr<acc_t>() : nullptr, with_stats ? workspace.data_ptr<acc_t>() : nullptr, g, plan,
         stream)));
   });
   return {y, mean, var};
@@ -85,16 +94,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
     const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
     const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in, double eps, bool apply_relu, bool with_stats,
     bool need_weight_grad) {
-  check_inputs("fused_bn_backward", x, {&weight, &bias, &running_mean, &running_var});
-  if (with_stats) check_inputs("fused_bn_backward", x, {&mean_in, &grad_mean_in, &grad_var_in});
+  check_inputs("fused_bn_backward", x,
+               {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  if (with_stats)
+    check_inputs("fused_bn_backward", x, {{"mean", &mean_in}, {"grad_mean", &grad_mean_in}, {"grad_var", &grad_var_in}});
+  TORCH_CHECK(grad_y_in.device() == x.device(), "fused_bn_backward: grad_y must be on x's device ", x.device(),
+              ", got ", grad_y_in.device());
   TORCH_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
-              "fused_bn_backward: grad_y must have x's shape and dtype");
+              "fused_bn_backward: grad_y must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              grad_y_in.sizes(), " ", grad_y_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = use_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto grad_y = grad_y_in.contiguous(fmt);
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const int64_t C = x.size(1), M = x.size(0) * x.size(2) * x.size(3);
+  const int64_t C = x.size(1);
   const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
@@ -105,11 +119,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
     gvar = grad_var_in.to(adt).contiguous();
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int splits = cuda::fused_bn_splits(M, C, sms);
+  // grad_y and grad_x share strides (both dense in the same format)
+  const auto g = rows_of(x, grad_y);
+  const auto plan = cuda::fused_bn_plan(g, sms);
+  const int64_t splits = plan.splits;
   auto pg = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
   auto pgx = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
-  // grad_y and grad_x share strides (both dense in the same format)
-  const auto g = geometry(x, grad_y);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
@@ -120,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
         rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(), with_stats ? mean.const_data_ptr<acc_t>() : nullptr,
         with_stats ? gmean.const_data_ptr<acc_t>() : nullptr, with_stats ? gvar.const_data_ptr<acc_t>() : nullptr,
         acc_t(eps), apply_relu, with_stats, need_weight_grad, need_weight_grad ? pg.data_ptr<acc_t>() : nullptr,
-        need_weight_grad ? pgx.data_ptr<acc_t>() : nullptr, splits, g, stream)));
+        need_weight_grad ? pgx.data_ptr<acc_t>() : nullptr, g, plan, stream)));
   });
   at::Tensor grad_weight, grad_bias;
   if (need_weight_grad) {
