@@ -45,6 +45,12 @@ cmi             CMI/GenerativeSynthesizer     ``vis``; CMI's GenerativeSynthesiz
 ``last_loss`` / ``last_oh`` are the total and the cross-entropy loss of the last inner step, as
 NAYER's copies return them. Classes whose flavoured return fastsynth cannot produce are left.
 
+CMI's constructor differs between the repositories: Fast-Datafree's and NAYER's take
+``feature_reuse`` between ``img_size`` and ``feature_layers``, zju-vipa/CMI's does not; the cmi
+flavour installs ``CMISynthesizerCMI`` (that order, ``feature_reuse`` keyword-only) under the
+name ``CMISynthesizer``. The helpers beside it (``synthesis.contrastive.MLPHead``,
+``MultiTransform``, ``MemoryBank``, ``hooks.InstanceMeanHook``) are replaced in every flavour.
+
 Flavour detection (``flavour=None``), from the package's synthesis module:
 ``datafree.synthesis.NAYER`` exists -> ``"nayer"``; else ``FastMetaSynthesizer`` exists ->
 ``"fast-datafree"``; else ``DeepInvSyntheiszer`` or ``CMISynthesizer`` exists -> ``"cmi"``;
@@ -79,9 +85,13 @@ TABLE: tuple = (
     ("synthesis.NAYER", "fastsynth.synthesis", "NAYER"),
     ("synthesis.GenerativeSynthesizer", "fastsynth.synthesis", "GenerativeSynthesizer"),
     ("synthesis.CMISynthesizer", "fastsynth.synthesis", "CMISynthesizer"),
+    ("synthesis.contrastive.MLPHead", "fastsynth.synthesis", "MLPHead"),
+    ("synthesis.contrastive.MultiTransform", "fastsynth.synthesis", "MultiTransform"),
+    ("synthesis.contrastive.MemoryBank", "fastsynth.synthesis", "MemoryBank"),
     ("synthesis.FastMetaSynthesizerForImageNet", "fastsynth.synthesis", "FastMetaSynthesizerForImageNet"),
     # hooks
     ("hooks.DeepInversionHook", "fastsynth.hooks", "DeepInversionHook"),
+    ("hooks.InstanceMeanHook", "fastsynth.synthesis", "InstanceMeanHook"),
     # criterions
     ("criterions.kldiv", "fastsynth.losses", "kldiv"),
     ("criterions.KLDiv", "fastsynth.losses", "KLDiv"),
@@ -124,7 +134,8 @@ def _nayer_fast(synth, result):
 
 
 # flavour -> class name -> {"synthesize": adapter, "sample": adapter, "last_loss": bool (keep the
-# last step's loss and one-hot loss), "student_bn": False (no student BN term)}
+# last step's loss and one-hot loss), "student_bn": False (no student BN term), "class": the
+# fastsynth.synthesis attribute to install instead (a constructor in that repository's order)}
 # A name missing from a flavour's dict is installed unchanged (fastsynth's return is right);
 # None marks a class whose flavoured return fastsynth does not produce (left upstream's).
 RETURNS: dict = {
@@ -138,7 +149,8 @@ RETURNS: dict = {
     "cmi": {
         # CMI's DeepInversion has no student BN term (Fast-Datafree's adds -0.001 * student BN)
         "DeepInvSyntheiszer": {"synthesize": _first, "student_bn": False},
-        "CMISynthesizer": {"synthesize": _first},
+        # zju-vipa/CMI's constructor has no feature_reuse between img_size and feature_layers
+        "CMISynthesizer": {"synthesize": _first, "class": "CMISynthesizerCMI"},
         # CMI's generative synthesizer returns a bare dict and sample() the images alone
         "GenerativeSynthesizer": {"synthesize": _first, "sample": _first},
     },
@@ -245,12 +257,13 @@ def _record_last(self, loss, loss_oh):
         self._last_oh.copy_(loss_oh.detach())
 
 
-def _flavoured(cls: type, flavour: str, spec: dict | None) -> type:
-    """A subclass of fastsynth's ``cls`` that writes PNGs by default and returns ``flavour``'s
-    values."""
+def _flavoured(cls: type, flavour: str, spec: dict | None, name: str | None = None) -> type:
+    """A subclass of fastsynth's ``cls`` named ``name`` (the upstream class name; default
+    ``cls.__name__``) that writes PNGs by default and returns ``flavour``'s values."""
     spec = spec or {}
+    name = name or cls.__name__
     syn_adapt, sample_adapt = spec.get("synthesize"), spec.get("sample")
-    ns: dict = {"__module__": __name__, "__qualname__": cls.__name__, "fastsynth_flavour": flavour,
+    ns: dict = {"__module__": __name__, "__qualname__": name, "fastsynth_flavour": flavour,
                 "__doc__": f"fastsynth's {cls.__name__} as patched into a {flavour} 'datafree' package: "
                            f"PNGs into save_dir by default, {flavour}'s synthesize() return.\n\n"
                            + (cls.__doc__ or "")}
@@ -288,7 +301,7 @@ def _flavoured(cls: type, flavour: str, spec: dict | None) -> type:
             _record_last(self, loss, loss_oh)
             return loss
         ns["objective"] = objective
-    return type(cls.__name__, (cls,), ns)
+    return type(name, (cls,), ns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,12 +386,17 @@ def patch(datafree, flavour: str | None = None, *, verbose: bool = True) -> Patc
         if spec is None:
             left[up_name] = f"{flavour}'s return value is not produced by fastsynth"
             continue
+        if spec.get("class"):
+            ours = getattr(importlib.import_module(fs_module), spec["class"], None)
+            if ours is None:
+                left[up_name] = "no fastsynth equivalent"
+                continue
         why = _compatible_reason(original, ours)
         if why is not None:
             left[up_name] = why
             continue
         if fs_module == "fastsynth.synthesis" and isinstance(ours, type) and hasattr(ours, "synthesize"):
-            ours = _flavoured(ours, flavour, spec)
+            ours = _flavoured(ours, flavour, spec, name=attr)
         saved.append((mod, attr, original))
         setattr(mod, attr, ours)
         replaced.append(up_name)

@@ -48,6 +48,8 @@ CMI_SIG = ("teacher, student, generator, nz, num_classes, img_size, feature_laye
            "synthesis_batch_size=128, sample_batch_size=128, adv=0.0, bn=1, oh=1, cr=0.8, cr_T=0.1, "
            "save_dir='run/cmi', transform=None, autocast=None, use_fp16=False, normalizer=None, device='cpu', "
            "distributed=False")
+# Fast-Datafree's (and NAYER's identical copy's): feature_reuse between img_size and feature_layers
+CMI_SIG_FD = CMI_SIG.replace("img_size, feature_layers=None", "img_size, feature_reuse=False, feature_layers=None")
 NAYER_SIG = ("teacher, student, generator, num_classes, img_size, init_dataset=None, g_steps=100, lr_g=0.1, "
              "synthesis_batch_size=128, sample_batch_size=128, adv=0.0, bn=1, oh=1, save_dir='run/fast', "
              "transform=None, autocast=None, use_fp16=False, normalizer=None, device='cpu', distributed=False, "
@@ -114,7 +116,28 @@ class DeepInversionHook:
     def __init__(self, module, mmt_rate):
         raise RuntimeError("upstream DeepInversionHook ran")
 '''
+HOOKS_FD += '''
+
+class InstanceMeanHook:
+    def __init__(self, module):
+        raise RuntimeError("upstream InstanceMeanHook ran")
+'''
 HOOKS_CMI = HOOKS_FD.replace("def __init__(self, module, mmt_rate):", "def __init__(self, module):")
+
+# the helpers of datafree/synthesis/contrastive.py next to CMISynthesizer
+CONTRASTIVE_EXTRA = ('''
+import torch.nn as nn
+''' + _module_stub("MLPHead", "dim_in, dim_feat, dim_h=None", "x") + '''
+
+class MultiTransform:
+    def __init__(self, transform):
+        raise RuntimeError("upstream MultiTransform ran")
+
+
+class MemoryBank(object):
+    def __init__(self, device, max_size=4096, dim_feat=512):
+        raise RuntimeError("upstream MemoryBank ran")
+''')
 
 CRITERIONS = '''
 import torch.nn as nn
@@ -191,7 +214,7 @@ def _fake_sources(flavour: str) -> dict:
         synth = {"fast_meta": [("FastMetaSynthesizer", FAST_META_SIG)], "fast": [("FastSynthesizer", FAST_META_SIG)],
                  "deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
                  "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
-                 "contrastive": [("CMISynthesizer", CMI_SIG)]}
+                 "contrastive": [("CMISynthesizer", CMI_SIG_FD)]}
         gens, hooks = g_fd + deep + dcgan, HOOKS_FD
         # Fast-Datafree's package __init__ does not import models (its registry.py does)
         init = "from . import criterions, utils, hooks, synthesis\n"
@@ -199,7 +222,7 @@ def _fake_sources(flavour: str) -> dict:
         synth = {"fast_meta": [("FastMetaSynthesizer", FAST_META_SIG)], "fast": [("FastSynthesizer", FAST_META_SIG)],
                  "deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
                  "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
-                 "contrastive": [("CMISynthesizer", CMI_SIG)], "nayer": [("NAYER", NAYER_SIG)]}
+                 "contrastive": [("CMISynthesizer", CMI_SIG_FD)], "nayer": [("NAYER", NAYER_SIG)]}
         nl_extra = "\n    def reinit(self):\n        raise RuntimeError('upstream reinit ran')\n\n" \
                    "    def re_init_le(self):\n        raise RuntimeError('upstream re_init_le ran')\n"
         gens = (_module_stub("NLGenerator", NL_SIG, "targets=None", nl_extra)
@@ -225,7 +248,7 @@ def _fake_sources(flavour: str) -> dict:
     lines = ["from .base import BaseSynthesis\n"]
     for mod, classes in synth.items():
         src[f"datafree/synthesis/{mod}.py"] = "from .base import BaseSynthesis\n" + "".join(
-            _synth_stub(n, s) for n, s in classes)
+            _synth_stub(n, s) for n, s in classes) + (CONTRASTIVE_EXTRA if mod == "contrastive" else "")
         lines += [f"from .{mod} import {n}\n" for n, _ in classes]
     src["datafree/synthesis/__init__.py"] = "".join(lines)
     return src
@@ -366,18 +389,20 @@ def _same(before, after):
             assert after[mod][k] is v, f"{mod}.{k} changed"
 
 
+CMI_ALL = {"synthesis.CMISynthesizer", "synthesis.contrastive.MLPHead", "synthesis.contrastive.MultiTransform",
+           "synthesis.contrastive.MemoryBank", "hooks.InstanceMeanHook"}
 CRITERIONS_ALL = {"criterions.kldiv", "criterions.KLDiv", "criterions.jsdiv", "criterions.cross_entropy",
                   "criterions.class_balance_loss", "criterions.onehot_loss"}
 EXPECTED = {  # what the README's "Synthesizers" section says each harness gets
     "fast-datafree": {
-        "replaced": CRITERIONS_ALL | {
+        "replaced": CRITERIONS_ALL | CMI_ALL | {
             "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer", "synthesis.DeepInvSyntheiszer",
             "synthesis.GenerativeSynthesizer", "hooks.DeepInversionHook", "models.generator.Generator",
             "models.generator.DeepGenerator", "models.generator.DCGAN_Generator", "utils.Normalizer",
             "utils.normalize"},
         "left": set()},
     "nayer": {
-        "replaced": CRITERIONS_ALL | {
+        "replaced": CRITERIONS_ALL | CMI_ALL | {
             "synthesis.NAYER", "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer",
             "synthesis.DeepInvSyntheiszer", "hooks.DeepInversionHook", "models.generator.NLGenerator",
             "models.generator.NLDeepGenerator", "models.generator.Generator", "models.generator.DeepGenerator",
@@ -386,7 +411,7 @@ EXPECTED = {  # what the README's "Synthesizers" section says each harness gets
         # returns a generator loss fastsynth's does not
         "left": {"synthesis.GenerativeSynthesizer", "models.generator.DCGAN_Generator"}},
     "cmi": {
-        "replaced": CRITERIONS_ALL | {
+        "replaced": CRITERIONS_ALL | CMI_ALL | {
             "synthesis.DeepInvSyntheiszer", "synthesis.GenerativeSynthesizer", "hooks.DeepInversionHook",
             "models.generator.Generator", "models.generator.LargeGenerator", "models.generator.DCGAN_Generator",
             "utils.Normalizer", "utils.normalize"},
@@ -401,7 +426,7 @@ def test_patch_replaces_reports_and_unpatch_restores(make_datafree, flavour, cap
     before = _snapshot(datafree)
     feature_hook = datafree.hooks.FeatureHook
     own = {c: dict(vars(c)) for c in (fs.FastMetaSynthesizer, fs.FastSynthesizer, fs.NAYER, fs.DeepInvSyntheiszer,
-                                      fs.GenerativeSynthesizer)}
+                                      fs.GenerativeSynthesizer, fs.CMISynthesizer, fs.CMISynthesizerCMI)}
     report = fastsynth.patch(datafree)
     for c, attrs in own.items():  # fastsynth's own classes are not modified
         assert dict(vars(c)) == attrs
@@ -418,8 +443,7 @@ def test_patch_replaces_reports_and_unpatch_restores(make_datafree, flavour, cap
 
     where = {up: (mod, attr) for up, mod, attr in TABLE}
     for name in set(report.replaced) - exp["replaced"]:
-        assert name in ("synthesis.CMISynthesizer", "synthesis.FastMetaSynthesizerForImageNet",
-                        "criterions.get_image_prior_losses"), name
+        assert name in ("synthesis.FastMetaSynthesizerForImageNet", "criterions.get_image_prior_losses"), name
     for name, why in report.left.items():
         if why == "no fastsynth equivalent":
             mod, attr = where[name]
@@ -491,10 +515,15 @@ def test_new_fastsynth_names_are_picked_up(make_datafree, monkeypatch):
                      normalizer=None, device='cpu', distributed=False, *, save_images=False, **kw):
             self.save_images, self.kw = save_images, kw
 
+    # the cmi flavour installs the class with zju-vipa/CMI's constructor order (CMISynthesizerCMI)
     monkeypatch.delattr(fs, "CMISynthesizer", raising=False)
+    monkeypatch.delattr(fs, "CMISynthesizerCMI", raising=False)
     report = fastsynth.patch(datafree, verbose=False)
     assert report.left["synthesis.CMISynthesizer"] == "no fastsynth equivalent"
     monkeypatch.setattr(fs, "CMISynthesizer", CMISynthesizer, raising=False)
+    report = fastsynth.patch(datafree, verbose=False)
+    assert report.left["synthesis.CMISynthesizer"] == "no fastsynth equivalent"
+    monkeypatch.setattr(fs, "CMISynthesizerCMI", CMISynthesizer, raising=False)
     report = fastsynth.patch(datafree, verbose=False)
     assert "synthesis.CMISynthesizer" in report.replaced
     patched = datafree.synthesis.CMISynthesizer
@@ -673,6 +702,60 @@ def test_cmi_harness(make_datafree, tmp_path):
     synthesizer.data_pool.flush()
     assert len(_png_files(tmp_path / "run")) == 2 * B
     synthesizer.close()
+
+
+@pytest.mark.parametrize("flavour", ["fast-datafree", "nayer", "cmi"])
+def test_cmi_method_harness(make_datafree, tmp_path, flavour):
+    """The cmi method of each repository's datafree_kd.py: Generator(nz=256 scaled down), every
+    BatchNorm input hooked (feature_layers=None) or the stages (the ResNet-34 branch), a bank and
+    head as the script sizes them (scaled down); Fast-Datafree and NAYER pass feature_reuse=False
+    and unpack (vis, seconds), zju-vipa/CMI passes no feature_reuse and reads a bare dict."""
+    datafree = make_datafree(flavour)
+    fastsynth.patch(datafree, verbose=False)
+    teacher, student = _models()
+    nz = 16
+    generator = datafree.models.generator.Generator(nz=nz, ngf=4, img_size=IMG, nc=3)
+    save_dir = str(tmp_path / "run" / "cmi")
+    extra = {} if flavour == "cmi" else {"feature_reuse": False}
+    for feature_layers in (None, [teacher.conv2, teacher.bn2]):
+        synthesizer = datafree.synthesis.CMISynthesizer(
+            teacher, student, generator, nz=nz, num_classes=NC, img_size=(3, IMG, IMG), **extra,
+            feature_layers=feature_layers, bank_size=4 * B, n_neg=2 * B, head_dim=16, init_dataset=None,
+            iterations=2, lr_g=1e-3, progressive_scale=False, synthesis_batch_size=B, sample_batch_size=B,
+            adv=0.5, bn=1, oh=0.5, cr=0.8, cr_T=0.1, save_dir=save_dir, transform=None,
+            normalizer=datafree.utils.Normalizer(mean=MEAN, std=STD), device=None)
+        assert isinstance(synthesizer, fs.CMISynthesizer)
+        assert type(synthesizer).__name__ == "CMISynthesizer"
+        assert synthesizer.cmi_dim == 16 and synthesizer.mem_bank.dim_feat == 32
+        assert isinstance(synthesizer.head, datafree.synthesis.contrastive.MLPHead)
+        criterion = datafree.criterions.KLDiv(T=20)
+        optimizer = torch.optim.SGD(student.parameters(), 0.1, weight_decay=1e-4, momentum=0.9)
+        for _ in range(3):
+            result = synthesizer.synthesize()
+            if flavour == "cmi":
+                assert isinstance(result, dict)
+                vis_results = result
+            else:
+                vis_results, cost = result
+                assert isinstance(cost, float)
+            assert vis_results["synthetic"].shape == (B, 3, IMG, IMG)
+            _kd_steps(datafree, synthesizer, student, teacher, criterion, optimizer)
+        assert synthesizer.mem_bank.n_updates == 3 * B
+        synthesizer.data_pool.flush()
+        synthesizer.close()
+    # every synthesized image as a PNG in save_dir (two synthesizers, numbering continued)
+    assert len(_png_files(save_dir)) == 2 * 3 * B
+    # the helpers of datafree.synthesis.contrastive and datafree.hooks are fastsynth's
+    bank = datafree.synthesis.contrastive.MemoryBank("cpu", max_size=8, dim_feat=4)
+    bank.add(torch.ones(3, 4))
+    assert bank.get_data(8)[0].shape == (3, 4)
+    views = datafree.synthesis.contrastive.MultiTransform([lambda x: x + 1, lambda x: x * 2])(torch.ones(1))
+    assert [v.item() for v in views] == [2.0, 2.0]
+    hook = datafree.hooks.InstanceMeanHook(teacher.bn1)
+    x = torch.rand(2, 3, IMG, IMG)
+    teacher(x)
+    torch.testing.assert_close(hook.instance_mean, teacher.conv1(x).mean(dim=[2, 3]))
+    hook.remove()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -536,7 +536,8 @@ class CMISynthesizer(SynthCore):
                         self.optimizer_head.step()
             for h in self.cmi_hooks:
                 h.input = None
-        self.student.train()
+        if self.student is not None:
+            self.student.train()
         self._sync()
         end = now()
         self._add_to_pool([(best_x, best_cost)])
