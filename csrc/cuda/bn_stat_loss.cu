@@ -244,7 +244,31 @@ cudaError_t launch_backward(const BnLayer* l, const BnItem* it, int64_t n, const
   return cudaGetLastError();
 }
 
+__global__ void bn_write_bytes_kernel(unsigned char* __restrict__ dst, BnByteChunk chunk, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = chunk.b[i];
+}
+
+__global__ void bn_set_pointers_kernel(BnLayer* __restrict__ layers, BnPointerChunk chunk, int n) {
+  const int i = threadIdx.x;
+  if (i < n) {
+    layers[i].x = chunk.x[i];
+    layers[i].g = chunk.g[i];
+  }
+}
+
 }  // namespace
+
+cudaError_t bn_write_bytes(void* dst, const BnByteChunk& chunk, int n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  bn_write_bytes_kernel<<<1, 256, 0, stream>>>(static_cast<unsigned char*>(dst), chunk, n);
+  return cudaGetLastError();
+}
+
+cudaError_t bn_set_pointers(BnLayer* layers, int64_t first, const BnPointerChunk& chunk, int n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  bn_set_pointers_kernel<<<1, 128, 0, stream>>>(layers + first, chunk, n);
+  return cudaGetLastError();
+}
 
 int64_t bn_plan(std::vector<BnLayer>& layers, std::vector<BnItem>& items, int64_t* n_groups, int64_t* n_channels) {
   constexpr int64_t kPlaneChunk = int64_t(kBnThreads) * 64;   // values of one channel per block

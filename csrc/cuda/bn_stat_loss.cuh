@@ -58,6 +58,22 @@ cudaError_t bn_stats_multi_launch(const BnLayer* d_layers, const BnItem* d_items
                                   int* counters, void* mean, void* var, BnDtype dtype, cudaStream_t stream);
 
 // dL/dx of all layers: g = 2 g_var (x - mean)/M + g_mean/M (statistics in float, or double for f64).
+// Capture-safe uploads: the bytes / pointers travel as kernel arguments (captured by value in a
+// CUDA graph), never as a host-to-device copy that a graph would replay from host memory.
+constexpr int kBnArgBytes = 3968;   // bytes per bn_write_bytes launch (kernel parameter space < 4 KiB)
+constexpr int kBnArgLayers = 120;   // layers per bn_set_pointers launch
+struct BnByteChunk {
+  unsigned char b[kBnArgBytes];
+};
+struct BnPointerChunk {
+  const void* x[kBnArgLayers];
+  void* g[kBnArgLayers];
+};
+// dst[0, n) = chunk.b[0, n)
+cudaError_t bn_write_bytes(void* dst, const BnByteChunk& chunk, int n, cudaStream_t stream);
+// layers[first + i].x / .g = chunk.x[i] / chunk.g[i] for i < n
+cudaError_t bn_set_pointers(BnLayer* layers, int64_t first, const BnPointerChunk& chunk, int n, cudaStream_t stream);
+
 cudaError_t bn_backward_multi_launch(const BnLayer* d_layers, const BnItem* d_items, int64_t n_items,
                                      const void* mean, const void* g_mean, const void* g_var, BnDtype dtype,
                                      cudaStream_t stream);
