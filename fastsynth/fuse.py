@@ -8,12 +8,23 @@ batch mean/biased variance of the input (fastsynth.ops.fused_bn), and its backwa
 gradient of a loss computed from those statistics in the same single pass. It returns the
 teacher itself (only a bare BatchNorm2d passed as ``teacher`` comes back as a new module).
 
-ReLU fusion: where the teacher traces with ``torch.fx.symbolic_trace``, a ReLU (``nn.ReLU``,
-``F.relu``, ``torch.relu``, ``.relu()``) that directly and solely consumes a BatchNorm output is
-folded into that BatchNorm's pass: the traced graph with those ReLUs removed becomes the
-teacher's eval-mode ``forward`` (an instance attribute; in train mode the class forward runs
-unchanged). Modules carrying hooks are kept as leaves so their hooks still fire. When tracing
-fails (data-dependent control flow, ...) the teacher keeps BN-only fusion.
+ReLU fusion: where the teacher traces with ``torch.fx``, a ReLU (``nn.ReLU``, ``F.relu``,
+``torch.relu``, ``.relu()``) that directly and solely consumes a BatchNorm output is folded into
+that BatchNorm's pass, and a residual ``relu(a + b)`` becomes one ``add_relu``: the rewritten
+graph becomes the teacher's eval-mode ``forward`` (an instance attribute; in train mode the class
+forward runs unchanged). Modules carrying hooks are kept as leaves so their hooks still fire.
+
+Call forms: the upstream DFKD classifiers define ``forward(self, x, return_features=False)`` with
+an ``if return_features:`` branch, and their KD loops call the same teacher as ``model(x)`` and
+``model(x, return_features=True)``. Both rewrites (``fuse_teacher``, ``fused_eval_view``) trace
+each call form separately: tensor arguments are graph inputs, every other argument (defaults
+included) is bound into the trace as a constant (``concrete_args``), so Python control flow on
+those arguments is decided per form. Control flow on shapes (``if x.size(2) == 64``,
+``int(x.size(1) * 0.5)``) is decided with the first input of each shape, and that form is traced
+once per input shape. Control flow on tensor VALUES cannot be traced: that call form warns once
+(the reason, with the model's file and line) and runs the model's own forward -- for a fused
+teacher with its BatchNorm layers still fused (statistics in the same pass), for the view
+unfused; the other forms keep their full fusion (``fusion_stats`` lists what each form reached).
 
 Loss: after a forward, ``bn_statistics(teacher)`` returns the differentiable batch means and
 variances of the last forward plus the running buffers, in module order, ready for
@@ -795,8 +806,9 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
     """Fuse the BatchNorm-statistics loss into ``teacher``'s BatchNorm2d layers (in place).
 
     ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
-    solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``
-    (needs torch.fx tracing; falls back to BN-only). ``channels_last_min_hw``: with ``fuse_relu``,
+    solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``, per
+    call form (module docstring: call forms; a form that cannot be traced warns once and keeps
+    BN-only fusion). ``channels_last_min_hw``: with ``fuse_relu``,
     CPU convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
     (``conv_input_layout``; "auto": ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW``; None or 0:
     layouts as the model makes them).

@@ -6,6 +6,13 @@ statistics set to random values), FastDFKD generator (nz 256, ngf 64, 32x32), ba
 g_steps 2, adversarial term on, bn_mmt 0.9, first-order MAML. ``--quick``: a narrow 3-stage
 CNN pair at batch 16.
 
+``--models``: the teacher and student as fastsynth.models defines them, the upstream-style
+classifiers of fastsynth.models.upstream (what a user of the upstream repositories hands the
+synthesizer: ``forward(x, return_features=False)``, in-place residual adds; ``--quick``: CIFAR
+ResNet-20 -> ResNet-8 at batch 16), or both (``run()``'s default, what ``fastsynth bench`` runs).
+The fastsynth rows carry ``fusion``: what the teacher and student rewrites reached
+(``fuse.fusion_stats``).
+
 Providers (measured side by side in one run; ``reference`` and ``fastsynth`` in alternation,
 one step of each in turn, so that their ratio is taken under the same machine state):
 - ``reference``: the upstream loop body, eagerly: forward hooks on every teacher BN computing
@@ -66,12 +73,23 @@ def upstream_generator(gen: nn.Module) -> nn.Module:
     return up
 
 
-def build(quick: bool, device):
+def build(quick: bool, device, models: str = "fastsynth"):
+    """``models="upstream"``: the teacher and student are the upstream-style classifiers of
+    ``fastsynth.models.upstream`` (``forward(x, return_features=False)``, in-place residual adds),
+    what a user of the upstream repositories hands the synthesizer."""
     from ..models import resnet18, resnet34
+    from ..models import upstream
     from ..nn import Generator
 
+    if models not in ("fastsynth", "upstream"):
+        raise ValueError(f"models must be 'fastsynth' or 'upstream', got {models!r}")
+    if models == "upstream":
+        resnet18, resnet34 = upstream.resnet18, upstream.resnet34
     torch.manual_seed(0)
-    if quick:
+    if quick and models == "upstream":
+        teacher, student = upstream.cifar_resnet20(10), upstream.cifar_resnet8(10)
+        batch, nz, ngf = 16, 64, 16
+    elif quick:
         teacher, student = _small_cnn(16), _small_cnn(8)
         batch, nz, ngf = 16, 64, 16
     else:
@@ -332,7 +350,9 @@ def op_breakdown(quick: bool = False, device: str = "cpu") -> tuple[int, dict]:
         finally:
             counter.phase = old
 
-    syn.aug = lambda x, generator=None: mark(aug(mark(x, "bwd generator"), generator=generator), "bwd augment")
+    syn.aug = lambda x, generator=None, codes=None: mark(aug(mark(x, "bwd generator"), generator=generator,
+                                                             codes=codes), "bwd augment")
+    syn.aug.draw = aug.draw  # the step draws the augmentation's random numbers through it
     syn.capture.loss = lambda **kw: mark(loss(**kw), "bwd losses")
     syn._logit_loss = lambda *a: (lambda r: (mark(r[0], "bwd losses"),) + tuple(r[1:]))(logit(*a))
     syn._track_best = track_best
@@ -373,11 +393,46 @@ def print_breakdown(total: int, by_phase: dict) -> None:
         print(f"| {ph} | {sum(ops.values())} | {names} |")
 
 
-def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None) -> list[dict]:
+def _fusion_summary(syn) -> str:
+    """What the fusion reached in ``syn``'s step, from ``fuse.fusion_stats`` of the fused teacher
+    and the student view (default call form): ReLUs folded into BatchNorm (``bn_relu``), residual
+    add+ReLU joins (``add_relu``), conv+BN folds of the student (``conv_bn_fold``)."""
+    from .. import fuse
+
+    parts = []
+    view = getattr(syn, "_student_view", None)
+    for who, model in (("teacher", syn.teacher), ("student", view[1] if view else None)):
+        try:
+            stats = fuse.fusion_stats(model) if model is not None else None
+        except ValueError:
+            stats = None
+        form = next(iter(stats.values()), None) if stats else None
+        if form is None:
+            parts.append(f"{who} not traced")
+            continue
+        keys = ("conv_bn_fold", "bn_relu", "add_relu") if who == "student" else ("fused_bn", "bn_relu", "add_relu")
+        parts.append(f"{who} " + " ".join(f"{k}={form.get(k, 0)}" for k in keys))
+    return "; ".join(parts)
+
+
+def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None,
+        models: str = "both") -> list[dict]:
+    """Rows of one inner step, reference against fastsynth, on fastsynth's own models
+    (``models="fastsynth"``), the upstream-style classifiers (``"upstream"``), or both (the
+    default, what ``fastsynth bench`` runs; there the ``compile=True`` row is measured on
+    fastsynth's models only: inductor compiling a second model pair would double the suite's
+    longest part, and the eager step is what a user of the upstream models gets by default)."""
+    if models == "both":
+        return run(quick, device, compile, reps, "fastsynth") + run(quick, device, False, reps, "upstream")
+    if models not in ("fastsynth", "upstream"):
+        raise ValueError(f"models must be 'fastsynth', 'upstream' or 'both', got {models!r}")
     device = torch.device(device)
     reps = reps or (10 if quick else 5)
-    teacher, student, gen, batch, nz = build(quick, device)
-    case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} g_steps2"
+    teacher, student, gen, batch, nz = build(quick, device, models)
+    if models == "upstream":
+        case = ("upstream resnet20->resnet8" if quick else "upstream resnet34->resnet18") + f" b{batch} g_steps2"
+    else:
+        case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} g_steps2"
     rows = []
 
     def record(provider, fn, compiled=False, t=None):
@@ -408,6 +463,7 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
         record("reference", ref.step, t=t["reference"])
         record("fastsynth", _step_fn(syn), t=t["fastsynth"])
         rows[-1]["aten_ops_profiler"] = count_launches_profiled(_step_fn(syn))  # to compare the methods
+        rows[-1]["fusion"] = _fusion_summary(syn)
         syn._end_round()
     del syn
 
@@ -436,8 +492,14 @@ def main(argv=None):
     p.add_argument("--csv", default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 10 quick, 5 full)")
     p.add_argument("--breakdown", action="store_true",
                    help="only print the eager fastsynth step's ATen ops by phase and op name")
+    p.add_argument("--models", default="fastsynth", choices=("fastsynth", "upstream", "both"),
+                   help="teacher/student classes: fastsynth.models, the upstream-style classifiers "
+                        "(fastsynth.models.upstream: forward(x, return_features=False)), or both")
+    p.add_argument("--generative", action="store_true",
+                   help="only the GenerativeSynthesizer rows (DAFL / ZSKT / DFQ / DFAD, per synthesize() call)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -445,12 +507,143 @@ def main(argv=None):
         total, by_phase = op_breakdown(quick=args.quick, device=args.device)
         print_breakdown(total, by_phase)
         return total, by_phase
-    rows = run(quick=args.quick, device=args.device, compile=not args.no_compile)
+    if args.generative:
+        rows = run_generative(quick=args.quick, device=args.device, compile=not args.no_compile)
+    else:
+        rows = []
+        for models in (("fastsynth", "upstream") if args.models == "both" else (args.models,)):
+            rows += run(quick=args.quick, device=args.device, compile=not args.no_compile, reps=args.reps,
+                        models=models)
     harness.print_table(rows, ["case", "provider", "median_ms", "speedup_vs_eager", "aten_ops",
                                "ops_frac_vs_reference", "peak_mem_MB"])
+    for r in rows:
+        if r.get("fusion"):
+            print(f"{r['case']} {r['provider']}: {r['fusion']}")
     if args.csv:
         harness.write_csv(rows, args.csv, harness.machine_info(args.device))
     return rows
+
+
+
+# ----------------------------------------------------------------------------- generative synthesizer
+# DAFL / ZSKT / DFQ / DFAD: fastsynth's GenerativeSynthesizer against the upstream
+# GenerativeSynthesizer loop, per synthesize() call (g_steps 1, the scripts' setting).
+GENERATIVE_KERNEL = "generative_synthesize"
+
+
+class GenerativeReferenceLoop:
+    """The upstream ``GenerativeSynthesizer.synthesize()`` eagerly: DeepInversion hooks on every
+    teacher BN computing their loss in every forward, all five terms computed and scaled, the
+    teacher's features as its ``return_features=True`` gives them (the input of its last Linear),
+    teacher and student parameters requiring grad, normaliser tensors built per call, the images
+    de-normalised for the return value; the upstream generator (plain ``nn.Sequential``)."""
+
+    def __init__(self, teacher, student, generator, nz, batch, adv, bn, oh, act, balance, criterion,
+                 lr_g=1e-3, device="cpu"):
+        self.teacher, self.student, self.generator = teacher, student, generator.train()
+        self.nz, self.batch, self.device = nz, batch, device
+        self.adv, self.bn, self.oh, self.act, self.balance = adv, bn, oh, act, balance
+        self.criterion = criterion
+        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.5, 0.999))
+        self.hooks = [_RefHook(m, 0) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        fc = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
+        fc.register_forward_pre_hook(self._features)
+
+    def _features(self, module, inputs):
+        self.t_feat = inputs[0]
+
+    def synthesize(self):
+        self.student.eval()
+        self.generator.train()
+        self.teacher.eval()
+        self.optimizer.zero_grad()
+        z = torch.randn(size=(self.batch, self.nz), device=self.device)
+        inputs = _ref_normalize(self.generator(z))
+        t_out = self.teacher(inputs)
+        t_feat = self.t_feat
+        loss_bn = sum([h.r_feature for h in self.hooks])
+        loss_oh = F.cross_entropy(t_out, t_out.max(1)[1])
+        loss_act = -t_feat.abs().mean()
+        if self.adv > 0:
+            loss_adv = -self.criterion(self.student(inputs), t_out)
+        else:
+            loss_adv = loss_oh.new_zeros(1)
+        p = F.softmax(t_out, dim=1).mean(0)
+        loss_balance = (p * torch.log(p)).sum()
+        loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv + self.balance * loss_balance + \
+            self.act * loss_act
+        loss.backward()
+        self.optimizer.step()
+        mean = torch.as_tensor(MEAN, device=inputs.device)[None, :, None, None]
+        std = torch.as_tensor(STD, device=inputs.device)[None, :, None, None]
+        return {"synthetic": inputs.detach() * std + mean}
+
+
+def _upstream_kldiv(logits, targets):
+    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(targets, dim=1), reduction="batchmean")
+
+
+def run_generative(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None,
+                   methods=None, compile_methods=("dfq",)) -> list[dict]:
+    """Rows of the generative methods: per method ``reference`` and ``fastsynth`` timed in
+    alternation, one synthesize() call each (batch 64, ResNet-34 -> ResNet-18, the FastDFKD
+    generator at the method's nz; ``quick``: the small CNN pair at batch 16), ATen ops per call,
+    and ``fastsynth+compile`` for ``compile_methods``."""
+    from ..losses import KLDiv
+    from ..synthesis import GENERATIVE_METHODS, GenerativeSynthesizer, Normalizer
+
+    device = torch.device(device)
+    reps = reps or (10 if quick else 5)
+    teacher, student, _, batch, _ = build(quick, device)
+    rows = []
+    for method in (methods or list(GENERATIVE_METHODS)):
+        cfg = dict(GENERATIVE_METHODS[method])
+        nz = cfg.pop("nz") // (4 if quick else 1)
+        crit = cfg.pop("criterion")
+        torch.manual_seed(0)
+        gen = _gen_for_bench(quick, nz, device)
+        case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} {method}"
+        ref = GenerativeReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), nz,
+                                      batch, criterion=nn.L1Loss() if crit == "L1Loss" else _upstream_kldiv,
+                                      device=device, **cfg)
+        base = None
+        providers = [("fastsynth", {})] + ([("fastsynth+compile", {"compile": True})]
+                                           if compile and method in compile_methods else [])
+        for name, kw in providers:
+            syn = GenerativeSynthesizer(copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), nz,
+                                        (3, 32, 32), iterations=1, lr_g=1e-3, synthesis_batch_size=batch,
+                                        sample_batch_size=batch, normalizer=Normalizer(MEAN, STD), device=device,
+                                        criterion=nn.L1Loss() if crit == "L1Loss" else KLDiv(), **cfg, **kw)
+            if base is None:
+                t = harness.interleaved_median_times({"reference": ref.synthesize, name: syn.synthesize},
+                                                     warmup=2, reps=reps, device=device)
+                base = t["reference"]
+                rows.append({"kernel": GENERATIVE_KERNEL, "case": case, "provider": "reference",
+                             "median_ms": base * 1e3, "aten_ops": harness.count_aten_ops(ref.synthesize),
+                             "ops_counted_by": "dispatch"})
+                ref_ops = rows[-1]["aten_ops"]
+                t_ours = t[name]
+            else:
+                t_ours = harness.median_time(syn.synthesize, warmup=2, reps=reps, device=device)
+            if kw.get("compile"):
+                ops, how = count_launches_profiled(syn.synthesize), "profiler"
+            else:
+                ops, how = harness.count_aten_ops(syn.synthesize), "dispatch"
+            rows.append({"kernel": GENERATIVE_KERNEL, "case": case, "provider": name, "median_ms": t_ours * 1e3,
+                         "aten_ops": ops, "ops_counted_by": how})
+            syn.close()
+            del syn
+        for r in rows:
+            if r["case"] == case:
+                r["speedup_vs_eager"] = base * 1e3 / r["median_ms"]
+                r["ops_frac_vs_reference"] = r["aten_ops"] / ref_ops
+    return rows
+
+
+def _gen_for_bench(quick: bool, nz: int, device):
+    from ..nn import Generator
+
+    return Generator(nz=nz, ngf=16 if quick else 64, img_size=32, nc=3).to(device)
 
 
 if __name__ == "__main__":
