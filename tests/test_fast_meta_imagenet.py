@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from fastsynth.nn import DeepGenerator, Generator
@@ -289,6 +288,34 @@ def test_compile_with_augmentation_matches_eager():
     eager, _, _ = _losses(augment=True, rounds=1)
     compiled, _, _ = _losses(augment=True, rounds=1, compile={"backend": "aot_eager"})
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_maml", [1, 0])
+def test_graph_code_path_matches_eager_on_cpu(is_maml):
+    """The cuda_graph=True code path (static buffers, CudaGraphStep's warm-up and restore, the
+    mutable list) run on the CPU, where CudaGraphStep runs the step eagerly after its warm-up:
+    the same images, losses and meta-learned state as the eager path, augmentation on."""
+    from fastsynth.synthesis.core import CudaGraphStep
+
+    runs = []
+    for graph in (False, True):
+        t, s, g = tiny_net(6, seed=1), tiny_net(4, seed=2), gen()
+        synth = FastMetaSynthesizerForImageNet(t, s, g, NZ, 10, (3, IMG, IMG), iterations=3, lr_g=LR_G, lr_z=LR_Z,
+                                               lr_g_meta=LR_GM, lr_z_meta=LR_ZM, synthesis_batch_size=BATCH,
+                                               adv=0.5, bn_mmt=0.9, is_maml=is_maml, reinit=2,
+                                               normalizer=Normalizer(*NORM), seed=5)
+        synth._graph_mode = graph
+        out = [synth.synthesize() for _ in range(3)]
+        if graph:
+            assert synth._graphs and all(isinstance(c, CudaGraphStep) for c in synth._graphs.values())
+        runs.append((out, synth.z.detach().clone()))
+    (e_out, e_z), (g_out, g_z) = runs
+    for (ei, el, _), (gi, gl, _) in zip(e_out, g_out):
+        for k in ("synthetic", "meta"):
+            torch.testing.assert_close(gi[k], ei[k], rtol=1e-5, atol=1e-5)
+        for k in ("loss_bn", "loss_oh"):
+            assert math.isclose(gl[k], el[k], rel_tol=1e-5), (k, gl[k], el[k])
+    torch.testing.assert_close(g_z, e_z, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.needs_cuda

@@ -180,7 +180,8 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         # batched resized crop; the shared parser (padded crop/flip/Normalize) is not given it
         rrc = resized_crop_from_transform(transform, enabled=augment)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
-                         transform=None if rrc is not None else transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
+                         transform=None if rrc is not None else transform, autocast=autocast,
+                         use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=cuda_graph, aug_padding=0, aug_flip=aug_flip)
@@ -328,7 +329,8 @@ class FastMetaSynthesizerForImageNet(SynthCore):
                 t = torch.as_tensor(targets).to(self.device)
                 if t.shape != self._targets.shape:
                     raise ValueError(f"{type(self).__name__}.synthesize: targets must have shape "
-                                     f"({self.synthesis_batch_size},) (synthesis_batch_size labels), got {tuple(t.shape)}")
+                                     f"({self.synthesis_batch_size},) (synthesis_batch_size labels), got "
+                                     f"{tuple(t.shape)}")
             self._targets.copy_(t)
             torch._foreach_copy_(*_copy_pairs(self._fast, self.generator))  # fast <- slow (clone())
         self._optimizer.param_groups[0]["lr"] = self.lr_g
