@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import fastsynth
@@ -181,6 +181,13 @@ def _bn_size(rm, rv, mean, var, mm=None, mv=None):
     return float(sum(torch.linalg.vector_norm(p.detach().to(F64)) for p in parts)) + 1e-300
 
 
+def _bn_grad_arith(x64):
+    """Size of the terms of dL/dx = g_mu / M + 2 g_var (x - mu) / M (|g| <= 1 per unit weight):
+    x - mu cancels, so its rounding error is relative to max|x|, not to the gradient."""
+    m = x64.numel() / x64.shape[1]
+    return (2 * float(x64.detach().abs().max()) + 1) / m
+
+
 @st.composite
 def bn_layer(draw, dtype=None, ndim=None):
     dtype = draw(st.sampled_from(DTYPES)) if dtype is None else dtype
@@ -220,7 +227,7 @@ def test_bn_stat_loss_against_float64(backend, layer, data, seed):
     _close(var, var64, RTOL[dtype], float(var64.max()) + float(mean64.abs().max()) ** 2, "batch var")
     got_g, want_g = _grad(loss, leaf), _grad(want, leaf64)
     assert got_g.dtype == dtype
-    _close(got_g, want_g, GRAD_RTOL[dtype], float(want_g.abs().max()) + 1e-300, "grad x")
+    _close(got_g, want_g, 1.0, _grad_bound(dtype, want_g, _bn_grad_arith(x64)), "grad x")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -259,7 +266,8 @@ def test_bn_stat_loss_multi_against_float64(backend, data, seed):
     got = torch.autograd.grad(loss, leaves)
     ref = torch.autograd.grad(want, leaves64)
     for i in range(L):
-        _close(got[i], ref[i], GRAD_RTOL[dtype], float(ref[i].abs().max()) + 1e-300, f"grad features[{i}]")
+        w = 1.0 if weights is None else max(weights[i], 1.0)
+        _close(got[i], ref[i], 1.0, _grad_bound(dtype, ref[i], w * _bn_grad_arith(xs64[i])), f"grad features[{i}]")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -363,8 +371,18 @@ def fused_bn_oracle(x64, w, b, rm, rv, eps, relu):
     y = (x64 - rm[:, None, None]) / torch.sqrt(rv[:, None, None] + eps) * w[:, None, None] + b[:, None, None]
     if relu:
         y = torch.relu(y)
-    var, mean = torch.var_mean(x64, dim=(0, 2, 3), correction=0)
+    # two passes, not var_mean (whose mean of [inf, 1] is NaN): mean inf, var NaN
+    mean = x64.mean(dim=(0, 2, 3))
+    var = ((x64 - mean[:, None, None]) ** 2).mean(dim=(0, 2, 3))
     return y, mean, var
+
+
+def _cpu_strided_single_row(backend, x):
+    """csrc/cpu/fused_bn.cpp reads an NCHW plane of one row (H == 1) with a non-unit W stride as
+    if it were dense (see test_fused_bn_cpu_single_row_strided_plane, xfail): left out of the
+    property tests until fixed."""
+    return (backend == "cpu" and x.shape[2] == 1 and x.shape[3] > 1 and x.stride(3) != 1
+            and not (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -379,6 +397,7 @@ def test_fused_bn_against_float64(backend, layer, data, seed):
     g = _gen(seed)
     c = shape[1]
     leaf, x, leaf64, x64 = _make(g, shape, layout, dtype, scale)
+    assume(not _cpu_strided_single_row(backend, x))
     pdt = F32 if dtype in (F16, BF16) else dtype  # BatchNorm parameters of a half model stay float32 here
     rm, rv = _running(g, c, scale, dtype)
     rm, rv = rm.to(pdt), rv.to(pdt)
@@ -405,8 +424,48 @@ def test_fused_bn_against_float64(backend, layer, data, seed):
         assert mean.numel() == 0 and var.numel() == 0
     got = torch.autograd.grad(got_loss, (leaf, w, b))
     want = torch.autograd.grad(want_loss, (leaf64, w64, b64))
+    # sizes of the summed terms: the weight and bias gradients are reductions over N*H*W (with
+    # cancellation), grad_y reaches the op rounded to the dtype of y
+    invstd = 1 / (rv.to(F64) + eps).sqrt()
+    ag = gy.abs()
+    xc = (x64.detach() - rm.to(F64)[:, None, None]).abs() * invstd[:, None, None]
+    sizes = {"bias": float(ag.sum(dim=(0, 2, 3)).max()), "weight": float((ag * xc).sum(dim=(0, 2, 3)).max()),
+             "x": float((ag * (w64.detach().abs() * invstd)[:, None, None]).max())}
+    if with_stats:
+        m = x64.numel() / c
+        sizes["x"] += float(gm.abs().max()) / m + 2 * float(gv.abs().max()) * float(x64.detach().abs().max() + 1) / m
     for name, a, r in zip(("x", "weight", "bias"), got, want):
-        _close(a, r, GRAD_RTOL[dtype], float(r.abs().max()) + 1e-300, f"grad {name}")
+        _close(a, r, 1.0, _grad_bound(dtype, r, 0) + GRAD_RTOL[dtype] * sizes[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@examples(0.75)
+@given(layer=bn_layer(ndim=4), data=st.data(), seed=st.integers(0, 2**31))
+def test_fused_bn_non_finite_inputs_as_the_oracle(backend, layer, data, seed):
+    """A NaN/Inf in the map reaches y (ReLU included: relu(NaN) is NaN) and the statistics of
+    its channel as in the float64 oracle."""
+    dtype, shape, layout = layer
+    value = data.draw(st.sampled_from(_NONFINITE), label="value")
+    relu = data.draw(st.booleans(), label="relu")
+    g = _gen(seed)
+    base = torch.randn(_leaf_shape(shape, layout), generator=g, dtype=F64)
+    base.view(-1)[data.draw(st.integers(0, base.numel() - 1), label="index")] = value
+    leaf = base.to(dtype)
+    x, x64 = _view(leaf, shape, layout), _view(leaf.to(F64), shape, layout)
+    assume(not _cpu_strided_single_row(backend, x))
+    c = shape[1]
+    pdt = F32 if dtype in (F16, BF16) else dtype
+    w, b = torch.randn(c, generator=g).to(pdt), torch.randn(c, generator=g).to(pdt)
+    rm, rv = torch.randn(c, generator=g).to(pdt), (torch.rand(c, generator=g) + 0.5).to(pdt)
+    with torch.no_grad():
+        y, mean, var = fused_bn(x, w, b, rm, rv, 1e-5, relu, True, backend=backend)
+    y64, mean64, var64 = fused_bn_oracle(x64, w, b, rm, rv, 1e-5, relu)
+    # the mean of a channel holding an infinity: inf or NaN (a Welford update, like torch.var_mean's,
+    # turns inf into NaN at the next element, depending on the layout); either is a non-finite flag
+    mean64, mean = (torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m) for m in (mean64, mean))
+    _close(y, y64, GRAD_RTOL[dtype], 20.0, "y")
+    _close(mean, mean64, RTOL[dtype], 10.0, "mean")
+    _close(var, var64, RTOL[dtype], 10.0, "var")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -636,7 +695,7 @@ def test_logit_losses_non_finite_inputs_as_the_oracle(backend, pair, data, seed)
             want, ce, l_adv, agree, _, _ = synthesis_oracle(t64, s64, y, 1.0, 1.0, "agree")
             _close(parts["oh"], ce, RTOL[dtype], 10.0, "oh term")
             _close(parts["adv"], l_adv, RTOL[dtype], 10.0, "adv term")
-            _close(parts["agree_frac"], agree, 0.0, 1.0, "agree_frac")
+            _close(parts["agree_frac"], agree, RTOL[_acc(dtype)], 1.0, "agree_frac")
         elif op == "kd":
             loss, want = kd_loss(s, t, 2.0, backend=backend), kd_oracle(s64, t64, 2.0)[0]
         else:
@@ -686,6 +745,8 @@ def test_kldiv_jsdiv_against_float64(pair, data, seed):
             ("kldiv", fastsynth.kldiv(s, t, T, reduction), kl_want, 4 * T * T * size * n / div, T * size / div),
             ("jsdiv", fastsynth.jsdiv(s, t, T, reduction), js_want, 20.0 * n / div, 20.0 / (div * T))):
         assert got.dtype == dtype and got.dim() == 0
+        if float(want.abs()) > torch.finfo(dtype).max * 1.01:  # the true value overflows the dtype
+            want = want.to(dtype)
         _close(got, want, out_rtol, vsize + float(want.abs()), name)
         a = torch.autograd.grad(got, s_leaf)[0]
         r = torch.autograd.grad(want, s_leaf64)[0]
@@ -731,6 +792,25 @@ def test_noisy_linear_against_float64(backend, data, seed):
     ref = torch.autograd.grad((want * gy).sum(), (x_leaf64, w_leaf64, b_leaf64))
     for name, a, r in zip(("x", "weight", "bias"), got, ref):
         _close(a, r, max(rtol, GRAD_RTOL[dtype]), (float(r.abs().max()) + 1e-300) * (i + nl + 1), f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@examples()
+@given(data=st.data(), seed=st.integers(0, 2**31))
+def test_noisy_linear_non_finite_inputs_as_the_oracle(backend, data, seed):
+    """NaN/Inf in x, weight or bias reach exactly the outputs the float64 loop oracle has them in."""
+    dtype = data.draw(st.sampled_from([F64, F32]), label="dtype")
+    k, nl = data.draw(st.integers(1, 3), label="K"), data.draw(st.integers(1, 4), label="nl")
+    b = data.draw(st.integers(1, k * nl), label="B")
+    i, o = data.draw(st.integers(1, 5), label="in"), data.draw(st.integers(1, 5), label="out")
+    g = _gen(seed)
+    x, w, bias = (torch.randn(b, i, generator=g, dtype=F64), torch.randn(k, i, o, generator=g, dtype=F64),
+                  torch.randn(k, o, generator=g, dtype=F64))
+    target = data.draw(st.sampled_from([x, w, bias]), label="where")
+    target.view(-1)[data.draw(st.integers(0, target.numel() - 1), label="index")] = \
+        data.draw(st.sampled_from(_NONFINITE), label="value")
+    out = noisy_linear(x.to(dtype), w.to(dtype), bias.to(dtype), nl, backend=backend)
+    _close(out, noisy_oracle(x, w, bias, nl), RTOL[dtype], 100.0, "out")
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
@@ -833,3 +913,29 @@ def test_reinit_reads_a_seed_mutated_in_place(backend, seed, how):
     fresh = torch.empty(33)
     reinit_([fresh], make_seed(seed ^ 0x5A5A5A5A), backend=backend)
     assert torch.equal(second, fresh) and not torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------
+# defects found by the properties above, pinned until fixed (strict: an XPASS fails the run)
+
+
+@needs_ext
+@pytest.mark.xfail(strict=True, reason="csrc/cpu/fused_bn.cpp forward_planes/backward: the small-plane path "
+                   "(pr.rows == 1 && HW < kSmallPlane) is taken for H == 1 planes whose W stride is not 1 "
+                   "(plane_rows returns rows=1 for H == 1 without unit stride) and reads them as dense: "
+                   "x = leaf[..., ::2] of shape (1, 1, 1, 3) gives y[1] = leaf[1] instead of leaf[2], and wrong "
+                   "mean, var and weight gradient; the condition needs pr.elem_stride == 1")
+def test_fused_bn_cpu_single_row_strided_plane():
+    leaf = torch.randn(1, 1, 1, 6, dtype=F64, generator=_gen(0))
+    one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
+    for make in (lambda t: t[..., ::2], lambda t: t.reshape(3, 1, 1, 2).permute(3, 1, 2, 0)):
+        x = make(leaf)
+        assert x.shape[2] == 1 and x.stride(3) != 1
+        w = one.clone().requires_grad_()
+        y, mean, var = fused_bn(x, w, zero, zero, one, 0.0, False, True, backend="cpu")
+        y64, mean64, var64 = fused_bn_oracle(x, one, zero, zero, one, 0.0, False)
+        _close(y, y64, 1e-12, 1.0, "y")
+        _close(mean, mean64, 1e-12, 1.0, "mean")
+        _close(var, var64, 1e-12, 1.0, "var")
+        gy = torch.arange(float(x.numel()), dtype=F64).view(x.shape)
+        _close(torch.autograd.grad((y * gy).sum(), w)[0], (gy * x).sum(dim=(0, 2, 3)), 1e-12, 10.0, "grad weight")
