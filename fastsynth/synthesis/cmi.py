@@ -423,8 +423,11 @@ class CMISynthesizer(SynthCore):
             l_view = None
         return g, l_view
 
-    def _forward(self, z, targets, adv_on: bool, cr_on: bool, cached, n_split, codes):
-        """Generator, both teacher forwards, all losses: (loss, x, [f_l, f_g])."""
+    def _forward(self, z, targets, adv_on: bool, cr_on: bool, codes):
+        """Generator, both teacher forwards, the inversion losses: (loss_inv, x, f_g, f_l or None).
+        What compile=True compiles: its shapes are fixed for the whole run (the bank part, whose
+        row count grows while the bank fills, is ``_contrastive``, kept out of it so that it
+        causes no recompilation)."""
         with nvtx_range("generator", self._nvtx):
             x = self.generator(z)
         with nvtx_range("augment", self._nvtx):
@@ -443,7 +446,7 @@ class CMISynthesizer(SynthCore):
             if loss_bn is not None:
                 loss = loss + loss_bn
         if not cr_on:
-            return loss, x, g_feat
+            return loss, x, g_feat, None
         # the local view's forward needs no BatchNorm statistics
         stats_on = self.bn != 0
         if stats_on:
@@ -454,8 +457,11 @@ class CMISynthesizer(SynthCore):
         finally:
             if stats_on:
                 self.capture.activate()
+        return loss, x, g_feat, self._means()
+
+    def _contrastive(self, g_feat, l_feat, cached, n_split):
+        """cr * L_cr over the batch and the ``cached`` bank rows (None: the bank is empty)."""
         with nvtx_range("contrastive", self._nvtx):
-            l_feat = self._means()
             if cached is not None:
                 c_l, c_g = cached[:, :self.cmi_dim], cached[:, self.cmi_dim:]
                 q_in, k_in = torch.cat([l_feat, c_l.to(l_feat.dtype)]), torch.cat([g_feat, c_g.to(g_feat.dtype)])
@@ -465,8 +471,7 @@ class CMISynthesizer(SynthCore):
             with torch.no_grad():  # upstream detaches the key side: no graph for it
                 k = self.head(k_in.detach())
             loss_cr = contrastive_ce(q, k.to(q.dtype), self.cr_T, n_split)
-            loss = loss + self.cr * loss_cr
-        return loss, x, torch.cat([l_feat, g_feat], dim=1)
+        return self.cr * loss_cr
 
     def _draw_codes(self, batch: int):
         if not self._augment_on:
@@ -512,7 +517,12 @@ class CMISynthesizer(SynthCore):
                         cached = None
                 codes = self._draw_codes(B)
                 with self._autocast_ctx():
-                    loss, x, feat = fwd(z, targets, adv_on, cr_on, cached, n_split, codes)
+                    loss, x, g_feat, l_feat = fwd(z, targets, adv_on, cr_on, codes)
+                    if cr_on:
+                        loss = loss + self._contrastive(g_feat, l_feat, cached, n_split)
+                        feat = torch.cat([l_feat, g_feat], dim=1)
+                    else:
+                        feat = g_feat
                 with torch.no_grad():
                     self._log(loss)
                     ld = loss.detach().reshape(()).float()
