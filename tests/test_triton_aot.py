@@ -48,19 +48,29 @@ def test_no_spills_outside_fp64(aot):
 
 
 def test_every_kernel_covered_for_both_archs_and_all_dtypes(aot):
+    """Every @triton.jit function of every kernels/ module is compiled (a device function inside a
+    compiled caller, transitively), each kernel for both archs and every dtype its launchers use,
+    and every module is launched in all four dtypes."""
     compiled = {}
     for r in aot["rows"]:  # a variant may serve several workload dtypes (fp32 statistics of fp16 maps)
-        compiled.setdefault(r["kernel"], set()).update((r["arch"], d) for d in r["launch_dtypes"])
+        compiled.setdefault(f"{r['module']}.{r['kernel']}", set()).update((r["arch"], d) for d in r["launch_dtypes"])
     missing = []
+    for kernel, dtypes in aot["launched"].items():
+        absent = {(a, d) for a in ARCHS for d in dtypes} - compiled.get(kernel, set())
+        if absent:
+            missing.append(f"{kernel}: launched but not compiled for {sorted(absent)}")
     for module, fns in aot["inventory"].items():
-        for name, callers in fns.items():
-            if name in compiled:
-                absent = {(a, d) for a in ARCHS for d in DTYPES} - compiled[name]
-                if absent:
-                    missing.append(f"{module}.{name}: not compiled for {sorted(absent)}")
-            elif not any(c in compiled for c in callers):  # a device function is compiled in its callers
-                missing.append(f"{module}.{name}: never compiled (add its launcher to the workloads of "
-                               f"fastsynth/bench/triton_aot.py)")
+        covered = {n for n in fns if f"{module}.{n}" in compiled}
+        grew = True
+        while grew:
+            grown = {n for n, callers in fns.items() if any(c in covered for c in callers)} - covered
+            covered |= grown
+            grew = bool(grown)
+        missing += [f"{module}.{n}: never compiled (add its launcher to the workloads of "
+                    f"fastsynth/bench/triton_aot.py)" for n in sorted(set(fns) - covered)]
+        used = set().union(*[set(d) for k, d in aot["launched"].items() if k.startswith(module + ".")])
+        if used != DTYPES:
+            missing.append(f"{module}: launched only in {sorted(used)}")
     assert not missing, "\n".join(missing)
 
 

@@ -216,6 +216,14 @@ def capture(subset: bool = False) -> list[Launch]:
     return launches
 
 
+def launched_dtypes(subset: bool = False) -> dict[str, list[str]]:
+    """``module.kernel`` -> the workload dtypes it is launched with in the matrix."""
+    out: dict = {}
+    for la in capture(subset):
+        out.setdefault(f"{la.module}.{la.kernel}", set()).add(la.dtype)
+    return {k: sorted(v, key=list(DTYPES).index) for k, v in sorted(out.items())}
+
+
 def kernel_inventory() -> dict[str, dict[str, list[str]]]:
     """Every @triton.jit function of every module of kernels/, by module, with the @triton.jit
     functions of that module that call it (a device function is compiled inside its callers):
@@ -310,7 +318,7 @@ def _group_key(key, launch: Launch, inputs):
     fn, consts = inputs[0], inputs[6]
     declared = [p.name for p in fn.params if p.is_constexpr]
     return (launch.kernel, launch.arch, launch.dtype, inputs[5].num_warps,
-            tuple((n, str(consts[n]).replace("triton.language.", "")) for n in declared))
+            tuple((n, str(consts[n]).replace("triton.language.", "")) for n in declared), launch.module)
 
 
 def _flags_on(gkey) -> int:
@@ -333,7 +341,7 @@ def _subset(groups: dict) -> dict:
     different tiles). One integer specialisation each."""
     by_rest: dict = {}
     for gkey in groups:
-        rest = gkey[:3]
+        rest = gkey[:3] + (gkey[5],)
         if gkey[0] in BOUNDED_KERNELS:
             rest += (gkey[3], tuple(kv for kv in gkey[4] if kv[1] not in ("True", "False")))
         by_rest.setdefault(rest, []).append(gkey)
@@ -346,7 +354,7 @@ def _flag_extremes(groups: dict) -> dict:
     the fewest flags on, one integer specialisation each (the matrix of the docs table)."""
     by_rest: dict = {}
     for gkey in groups:
-        rest = gkey[:4] + (tuple(kv for kv in gkey[4] if kv[1] not in ("True", "False")),)
+        rest = gkey[:4] + (tuple(kv for kv in gkey[4] if kv[1] not in ("True", "False")), gkey[5])
         by_rest.setdefault(rest, []).append(gkey)
     keep = set()
     for gks in by_rest.values():
@@ -406,7 +414,7 @@ def run(subset: bool = False, jobs: int = 1, only: tuple = (), every: bool = Fal
         ok = [r for r in res if not r["error"]]
         errors = sorted({r["error"] for r in res if r["error"]})
         cases = sorted(set().union(*(m[3] for m in members)))
-        kernel, arch, dtype, warps, consts = gkey
+        kernel, arch, dtype, warps, consts, _ = gkey
         launch_dtypes = sorted(set().union(*(m[4] for m in members)), key=list(DTYPES).index)
         row = {"module": members[0][1].module, "kernel": kernel, "arch": arch, "dtype": dtype, "num_warps": warps,
                "constexprs": dict(consts), "specialisations": len(res), "cases": cases,
@@ -482,7 +490,7 @@ def markdown(rows: list[dict], seconds: float, command: str) -> str:
         cases = "; ".join(r["cases"][:2]) + (f"; +{len(r['cases']) - 2} more" if len(r["cases"]) > 2 else "")
         dts = r.get("launch_dtypes") or [r["dtype"]]
         dtype = r["dtype"] if dts == [r["dtype"]] else "/".join(dts)  # one variant serving several dtypes
-        head = (f"| {r['kernel']} | sm_{r['arch']} | {dtype} | {_fmt_consts(r['constexprs'])} | "
+        head = (f"| {r['module']}.{r['kernel']} | sm_{r['arch']} | {dtype} | {_fmt_consts(r['constexprs'])} | "
                 f"{r['num_warps']} | {r['specialisations']} | ")
         if r["error"]:
             lines.append(head + f"**compile error** | | | | {cases} |")
@@ -524,7 +532,8 @@ def main(argv=None) -> int:
     md = markdown(rows, seconds, cmd)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seconds": seconds, "rows": rows, "inventory": kernel_inventory()}, f, indent=1)
+            json.dump({"seconds": seconds, "rows": rows, "inventory": kernel_inventory(),
+                       "launched": launched_dtypes(args.subset)}, f, indent=1)
     if args.write:
         with open(args.write, "w") as f:
             f.write(md)
