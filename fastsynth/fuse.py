@@ -633,8 +633,8 @@ class _FormDispatch:
             return self._default, values, None
         try:
             bound = inspect.signature(type(self.model).forward).bind(self.model, *args, **kwargs)
-        except TypeError as exc:
-            return None, f"the arguments do not match the signature ({exc})", None
+        except TypeError:
+            return None, None, None  # the model's own forward raises its own TypeError
         tensors, consts, values = [], [], []
         for p in self.params:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -720,8 +720,9 @@ class _FormDispatch:
 
     def __call__(self, args, kwargs):
         key, values, _ = self._bind(args, kwargs)
-        if key is None:  # ``values`` holds the reason
-            self._warn(("unsupported arguments", values), values)
+        if key is None:  # ``values`` holds the reason (None: a call the signature rejects, no warning)
+            if values is not None:
+                self._warn(("unsupported arguments", values), values)
             return self.eager(*args, **kwargs)
         entry = self.forms.get(key)
         if isinstance(entry, dict):

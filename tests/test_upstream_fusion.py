@@ -236,6 +236,39 @@ def test_arguments_that_are_not_traced_run_eagerly_with_a_warning():
     _assert_close(out[0], ref(x, return_features=True)[0])
 
 
+def test_call_the_signature_rejects_raises_the_models_own_error():
+    """A keyword the model does not take (MobileNetV2 has no return_features) raises the model's
+    TypeError, with no tracing warning in front of it."""
+    ref = _model("mobilenetv2")
+    teacher = fuse.fuse_teacher(copy.deepcopy(ref))
+    view = fuse.fused_eval_view(ref)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    for f in (ref, teacher, view):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TypeError, match="return_features"):
+                f(x, return_features=True)
+
+
+def test_synthesizer_on_upstream_models_reaches_full_fusion():
+    """What a user of the upstream repositories gets: FastMetaSynthesizer with upstream-style
+    teacher and student fuses both fully (what bench_synthesis reports in its fusion column)."""
+    from fastsynth.bench import synthesis as bench
+    from fastsynth.synthesis import FastMetaSynthesizer
+
+    torch.manual_seed(0)
+    teacher, student = up.cifar_resnet20(10).eval(), up.cifar_resnet8(10)
+    gen = bench._gen_for_bench(True, 16, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fusion may be turned off
+        syn = FastMetaSynthesizer(teacher, student, gen, nz=16, num_classes=10, img_size=(3, 32, 32), iterations=1,
+                                  synthesis_batch_size=2, sample_batch_size=2, warmup=0, bn_mmt=0.9, is_maml=1)
+        syn.synthesize()
+    assert bench._fusion_summary(syn) == ("teacher fused_bn=21 bn_relu=10 add_relu=9; "
+                                          "student conv_bn_fold=9 bn_relu=4 add_relu=3")
+    syn.close()
+
+
 @pytest.mark.parametrize("name", ["wrn16_1", "resnet18_imagenet", "resnet8", "vgg8"])
 def test_fused_teacher_accepts_an_empty_batch(name):
     """The fused teacher and the view give on an empty batch what the unfused model gives: an empty
