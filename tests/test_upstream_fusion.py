@@ -194,8 +194,9 @@ def test_data_dependent_form_warns_once_and_keeps_what_fuses():
     view = fuse.fused_eval_view(ref)
     assert fuse.fusion_stats(teacher)["x, return_features=False"]["bn_relu"] == 1  # the default form fuses
     for f, who in ((teacher, "fuse_teacher"), (view, "fused_eval_view")):
-        with pytest.warns(RuntimeWarning, match=rf"{who}: _DataDependent.forward\(x, return_features=True\) "
-                                                r"cannot be traced .*output of module .bn. at .*test_upstream_fusion.py"):
+        with pytest.warns(RuntimeWarning,
+                          match=rf"{who}: _DataDependent.forward\(x, return_features=True\) "
+                                r"cannot be traced .*output of module .bn. at .*test_upstream_fusion.py"):
             got = f(x, return_features=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once per form
@@ -222,7 +223,8 @@ def test_untraceable_default_form_view_is_none_with_the_reason():
 
     with pytest.warns(RuntimeWarning, match=r"fused_eval_view: Branchy.forward\(x\) cannot be traced.*input 'x'"):
         assert fuse.fused_eval_view(Branchy()) is None
-    with pytest.warns(RuntimeWarning, match=r"fuse_teacher: Branchy.forward\(x\) cannot be traced.*BatchNorm layers fused"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"fuse_teacher: Branchy.forward\(x\) cannot be traced.*BatchNorm layers fused"):
         teacher = fuse.fuse_teacher(Branchy().eval())
     assert len(fuse.fused_layers(teacher)) == 1
 
