@@ -345,16 +345,20 @@ def test_graph_code_path_matches_eager_on_cpu(is_maml):
 
 @pytest.mark.needs_cuda
 def test_cuda_graph_matches_eager_on_cuda():
-    """cuda_graph=True: the captured inner step gives the eager CUDA run's losses, images and
-    meta-learned state (same seed, same device: the same random streams)."""
+    """cuda_graph=True on a GPU: the captured inner step gives the eager CUDA run's images, losses
+    and meta-learned state (same seed, same device: the same random streams, crop boxes included).
+    Compared through the returned values (``loss_log`` records per step only in eager/compiled
+    modes). Tolerances allow cuDNN's rounding differences amplified by Adam (see the equivalence
+    test); a captured step that replayed stale inputs differs by far more."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        eager, e_out, es = _losses(device="cuda", rounds=3, augment=True)
-        graph, g_out, gs = _losses(device="cuda", cuda_graph=True, rounds=3, augment=True)
+        _, e_out, es = _losses(device="cuda", rounds=3, augment=True)
+        _, g_out, gs = _losses(device="cuda", cuda_graph=True, rounds=3, augment=True)
     assert gs._graphs, "no graph was captured"
-    torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-5)
-    for (a, am, al), (b, bm, bl) in zip(g_out, e_out):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(am, bm, rtol=1e-4, atol=1e-5)
-        assert math.isclose(al["loss_bn"], bl["loss_bn"], rel_tol=1e-4)
-    torch.testing.assert_close(gs.z, es.z, rtol=1e-4, atol=1e-5)
+    for r, ((a, am, al), (b, bm, bl)) in enumerate(zip(g_out, e_out)):
+        tol = 1e-4 if r == 0 else 1e-2
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(am, bm, rtol=tol, atol=tol)
+        for k in ("loss_bn", "loss_oh"):
+            assert math.isclose(al[k], bl[k], rel_tol=1e-3), (r, k, al[k], bl[k])
+    assert (gs.z - es.z).abs().mean() < 5e-3
