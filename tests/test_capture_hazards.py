@@ -618,3 +618,23 @@ def test_cuda_graph_generative_follows_settings_changed_between_rounds(name):
     res = [_gen_rounds(make_generative("cuda", cuda_graph=g), GEN_CHANGES[name]) for g in (False, True)]
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_backward_gives_gradients_their_parameters_strides():
+    """torch's fused Adam pairs parameter and gradient elements by memory position: a
+    channels_last gradient of a contiguous weight (autograd.grad returns what the op produced)
+    must be given the weight's strides before the step, or the wrong elements are updated."""
+    from fastsynth.synthesis.core import SynthCore, make_adam
+
+    torch.manual_seed(0)
+    w_cl = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    p_fast = torch.randn(8, 4, 3, 3, requires_grad=True)
+    p_ref = p_fast.detach().clone().requires_grad_()
+    opt = make_adam([p_fast], lr=0.1, betas=(0.9, 0.999), device="cpu")
+    grads = SynthCore._backward((p_fast * w_cl).sum(), opt)
+    assert p_fast.grad.stride() == p_fast.stride() and grads[0] is p_fast.grad
+    opt.step()
+    ref_opt = torch.optim.Adam([p_ref], lr=0.1, foreach=False)
+    (p_ref * w_cl).sum().backward()
+    ref_opt.step()
+    torch.testing.assert_close(p_fast.detach(), p_ref.detach(), rtol=0, atol=1e-6)

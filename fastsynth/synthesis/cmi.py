@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.contrastive_loss import contrastive_ce, instance_mean_multi
-from .core import SynthCore, make_adam, now, nvtx_range, warn_once
+from .core import SynthCore, assign_grads, make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
 
 __all__ = ["CMISynthesizer", "CMISynthesizerCMI", "MLPHead", "MultiTransform", "MemoryBank", "InstanceMeanHook",
@@ -537,9 +537,7 @@ class CMISynthesizer(SynthCore):
                         torch.where(better, feat.detach().float(), best_feat, out=best_feat)
                 with nvtx_range("backward", self._nvtx):
                     wrt = params + (head_params if cr_on else [])
-                    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-                    for p, g in zip(wrt, grads):
-                        p.grad = g
+                    assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
                 with nvtx_range("step", self._nvtx):
                     optimizer.step()
                     if cr_on:

@@ -238,6 +238,18 @@ def parse_transform(transform):
     return padding, flip, mean, std
 
 
+def assign_grads(params, grads) -> list:
+    """Set ``p.grad = g`` with each gradient in its parameter's strides (see
+    ``SynthCore._backward``); returns the gradients as set."""
+    out = []
+    for p, g in zip(params, grads):
+        if g is not None and g.stride() != p.stride():
+            g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g)
+        p.grad = g
+        out.append(g)
+    return out
+
+
 class SynthCore(BaseSynthesis):
     """Shared state and helpers of the fastsynth synthesizers (not an upstream class)."""
 
@@ -420,12 +432,16 @@ class SynthCore(BaseSynthesis):
         """``optimizer.zero_grad(set_to_none=True); loss.backward()`` for the optimizer's
         parameters, as ``torch.autograd.grad``: the same gradients, set as ``.grad``, without
         an AccumulateGrad node (one detach op) per leaf or zero_grad's profiling ops. Returns
-        the gradients (None for a parameter the loss does not use)."""
+        the gradients (None for a parameter the loss does not use).
+
+        Each gradient is given its parameter's strides (``.backward()`` does this in
+        AccumulateGrad; ``autograd.grad`` does not): torch's fused Adam pairs parameter and
+        gradient elements by memory position, so a channels_last weight gradient of a
+        contiguous weight (the upsample+conv layers return some) would update the wrong
+        elements. A Python stride comparison per parameter; a copy only where they differ."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = torch.autograd.grad(loss, params, grad_outputs=_unit_seed(loss), allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g
-        return list(grads)
+        return assign_grads(params, grads)
 
     def _compiled_fn(self, key, fn):
         c = self._compiled.get(key)
