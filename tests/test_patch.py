@@ -36,6 +36,12 @@ FAST_META_SIG = ("teacher, student, generator, nz, num_classes, img_size, init_d
                  "save_dir='run/fast', transform=None, autocast=None, use_fp16=False, normalizer=None, "
                  "device='cpu', distributed=False, lr_z=0.01, warmup=10, reset_l0=0, reset_bn=0, bn_mmt=0, "
                  "is_maml=1")
+FAST_META_IMAGENET_SIG = (
+    "teacher, student, generator, nz, num_classes, img_size, init_dataset=None, iterations=100, lr_g=1e-3, "
+    "lr_z=1e-3, lr_z_meta=1e-3, lr_g_meta=1e-3, synthesis_batch_size=128, sample_batch_size=128, reinit=0, "
+    "adv=0.0, bn=1, oh=1, meta_lr_scale=1.0, save_dir='run/fast', transform=None, autocast=None, "
+    "use_fp16=False, normalizer=None, device='cpu', distributed=False, start_kd=10, rand_label=1, reset_l0=0, "
+    "reset_bn=0, bn_mmt=0, lr_diff=0, is_maml=1")
 DEEPINV_SIG = ("teacher, student, num_classes, img_size, iterations=1000, lr_g=0.1, progressive_scale=False, "
                "synthesis_batch_size=128, sample_batch_size=128, adv=0.0, bn=1, oh=1, tv=1e-5, l2=0.0, "
                "save_dir='run/deepinversion', transform=None, normalizer=None, device='cpu', autocast=None, "
@@ -214,7 +220,8 @@ def _fake_sources(flavour: str) -> dict:
         synth = {"fast_meta": [("FastMetaSynthesizer", FAST_META_SIG)], "fast": [("FastSynthesizer", FAST_META_SIG)],
                  "deepinversion": [("DeepInvSyntheiszer", DEEPINV_SIG)],
                  "generative": [("GenerativeSynthesizer", GENERATIVE_SIG)],
-                 "contrastive": [("CMISynthesizer", CMI_SIG_FD)]}
+                 "contrastive": [("CMISynthesizer", CMI_SIG_FD)],
+                 "fast_meta_imagenet": [("FastMetaSynthesizerForImageNet", FAST_META_IMAGENET_SIG)]}
         gens, hooks = g_fd + deep + dcgan, HOOKS_FD
         # Fast-Datafree's package __init__ does not import models (its registry.py does)
         init = "from . import criterions, utils, hooks, synthesis\n"
@@ -397,7 +404,8 @@ EXPECTED = {  # what the README's "Synthesizers" section says each harness gets
     "fast-datafree": {
         "replaced": CRITERIONS_ALL | CMI_ALL | {
             "synthesis.FastMetaSynthesizer", "synthesis.FastSynthesizer", "synthesis.DeepInvSyntheiszer",
-            "synthesis.GenerativeSynthesizer", "hooks.DeepInversionHook", "models.generator.Generator",
+            "synthesis.GenerativeSynthesizer", "synthesis.FastMetaSynthesizerForImageNet",
+            "hooks.DeepInversionHook", "models.generator.Generator",
             "models.generator.DeepGenerator", "models.generator.DCGAN_Generator", "utils.Normalizer",
             "utils.normalize"},
         "left": set()},
@@ -534,6 +542,34 @@ def test_new_fastsynth_names_are_picked_up(make_datafree, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------
 # the miniature harnesses
+
+def test_fast_datafree_imagenet_harness(make_datafree, tmp_path):
+    """datafree_kd_imagenet.py's fast_meta path: FastMetaSynthesizerForImageNet with a
+    DeepGenerator and a spatial z, its three-element return, PNGs in save_dir."""
+    datafree = make_datafree("fast-datafree")
+    fastsynth.patch(datafree, verbose=False)
+    teacher, student = _models()
+    save_dir = str(tmp_path / "run" / "imagenet")
+    normalizer = datafree.utils.Normalizer(mean=MEAN, std=STD)
+    nz, img = 8, 32  # DeepGenerator: a multiple of 32
+    generator = datafree.models.generator.DeepGenerator(nz=nz, ngf=4, img_size=img, nc=3)
+    synthesizer = datafree.synthesis.FastMetaSynthesizerForImageNet(
+        teacher, student, generator, nz=nz, num_classes=NC, img_size=(3, img, img), init_dataset=None,
+        save_dir=save_dir, device=None, transform=None, normalizer=normalizer, synthesis_batch_size=B,
+        sample_batch_size=B, iterations=2, lr_g=5e-3, lr_z=0.015, lr_z_meta=0.015, lr_g_meta=5e-3, adv=1.33,
+        bn=10.0, oh=0.5, reinit=0, bn_mmt=0.9, is_maml=1)
+    assert isinstance(synthesizer, fs.FastMetaSynthesizerForImageNet)
+    criterion = datafree.criterions.KLDiv(T=20)
+    optimizer = torch.optim.SGD(student.parameters(), 0.1, weight_decay=1e-4, momentum=0.9)
+    for _ in range(2):
+        vis, losses, secs = synthesizer.synthesize()
+        assert set(vis) == {"synthetic", "meta"} and set(losses) == {"loss_bn", "loss_oh"}
+        assert isinstance(secs, float) and all(np.isfinite(float(v)) for v in losses.values())
+        _kd_steps(datafree, synthesizer, student, teacher, criterion, optimizer)
+    synthesizer.data_pool.flush()
+    assert len(_png_files(save_dir)) == 2 * B
+    synthesizer.close()
+
 
 @pytest.mark.parametrize("method", ["fast_meta", "fast", "deepinv"])
 def test_fast_datafree_harness(make_datafree, tmp_path, method):
