@@ -329,3 +329,32 @@ def test_interleaved_median_times_alternates_and_takes_each_median(monkeypatch):
                                          warmup=1, reps=3)
     assert calls == ["a", "b"] * 4  # one warm-up round, then three alternating timed rounds
     assert t == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("method", ["cmi", "fast_meta_imagenet", "deepinv", "dafl"])
+def test_issue19_synthesizer_rows_quick(method):
+    """Each issue-19 row (the new synthesizer against the test suite's eager reference loop) runs at
+    the tiny size; the fused path shows in the op counts (a synthesizer that fell back to the
+    upstream formulation would count as many ATen ops as the reference)."""
+    from fastsynth.bench import synthesis
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = synthesis.run_new(quick=True, reps=1, warmup=0, methods=[method])
+    finally:
+        torch.set_num_threads(n)
+    assert [r["provider"] for r in rows] == ["reference", "fastsynth"]
+    ref, ours = rows
+    assert ref["case"] == ours["case"] and method in ours["case"]
+    assert ref["median_ms"] > 0 and ours["median_ms"] > 0
+    assert ours["speedup_vs_eager"] == pytest.approx(ref["median_ms"] / ours["median_ms"])
+    assert 0 < ours["aten_ops"] < 0.6 * ref["aten_ops"]
+    assert ours["ops_frac_vs_reference"] == pytest.approx(ours["aten_ops"] / ref["aten_ops"])
+
+
+def test_issue19_rows_reject_unknown_method():
+    from fastsynth.bench import synthesis
+
+    with pytest.raises(ValueError, match="methods must be among"):
+        synthesis.run_new(quick=True, methods=["nayer_typo"])

@@ -500,6 +500,9 @@ def main(argv=None):
                         "(fastsynth.models.upstream: forward(x, return_features=False)), or both")
     p.add_argument("--generative", action="store_true",
                    help="only the GenerativeSynthesizer rows (DAFL / ZSKT / DFQ / DFAD, per synthesize() call)")
+    p.add_argument("--new", default=None, metavar="METHODS",
+                   help="only the issue-19 synthesizer rows, per synthesize() call at iterations=1: a comma list "
+                        f"of {','.join(NEW_METHODS)} or 'all'")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -507,7 +510,10 @@ def main(argv=None):
         total, by_phase = op_breakdown(quick=args.quick, device=args.device)
         print_breakdown(total, by_phase)
         return total, by_phase
-    if args.generative:
+    if args.new:
+        rows = run_new(quick=args.quick, device=args.device, reps=args.reps,
+                       methods=None if args.new == "all" else args.new.split(","))
+    elif args.generative:
         rows = run_generative(quick=args.quick, device=args.device, compile=not args.no_compile)
     else:
         rows = []
@@ -584,7 +590,7 @@ def _upstream_kldiv(logits, targets):
 
 
 def run_generative(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None,
-                   methods=None, compile_methods=("dfq",)) -> list[dict]:
+                   methods=None, compile_methods=("dfq",), models: str = "fastsynth") -> list[dict]:
     """Rows of the generative methods: per method ``reference`` and ``fastsynth`` timed in
     alternation, one synthesize() call each (batch 64, ResNet-34 -> ResNet-18, the FastDFKD
     generator at the method's nz; ``quick``: the small CNN pair at batch 16), ATen ops per call,
@@ -594,7 +600,7 @@ def run_generative(quick: bool = False, device: str = "cpu", compile: bool = Tru
 
     device = torch.device(device)
     reps = reps or (10 if quick else 5)
-    teacher, student, _, batch, _ = build(quick, device)
+    teacher, student, _, batch, _ = build(quick, device, models)
     rows = []
     for method in (methods or list(GENERATIVE_METHODS)):
         cfg = dict(GENERATIVE_METHODS[method])
@@ -602,7 +608,9 @@ def run_generative(quick: bool = False, device: str = "cpu", compile: bool = Tru
         crit = cfg.pop("criterion")
         torch.manual_seed(0)
         gen = _gen_for_bench(quick, nz, device)
-        case = ("cnn16->cnn8" if quick else "resnet34->resnet18") + f" b{batch} {method}"
+        case = {"fastsynth": "cnn16->cnn8" if quick else "resnet34->resnet18",
+                "upstream": "upstream resnet20->resnet8" if quick else "upstream resnet34->resnet18"}[models]
+        case += f" b{batch} {method}"
         ref = GenerativeReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), nz,
                                       batch, criterion=nn.L1Loss() if crit == "L1Loss" else _upstream_kldiv,
                                       device=device, **cfg)
@@ -644,6 +652,163 @@ def _gen_for_bench(quick: bool, nz: int, device):
     from ..nn import Generator
 
     return Generator(nz=nz, ngf=16 if quick else 64, img_size=32, nc=3).to(device)
+
+
+
+# ----------------------------------------------------------------------------- issue 19 synthesizers
+# CMISynthesizer, FastMetaSynthesizerForImageNet and DeepInvSyntheiszer (NVlabs' ImageNet options
+# on) against the eager upstream loops of tests/ (the references their equivalence tests run
+# against, imported lazily: one reference loop serves tests and benchmarks), and the generative
+# family's DAFL setting (run_generative). Per synthesize() call at iterations=1 (one inner step
+# per call), reference and fastsynth timed in alternation, augmentation off on both sides (the
+# references leave it out); ATen ops of one call each.
+NEW_KERNEL = "synthesizer_call"
+NEW_METHODS = ("cmi", "fast_meta_imagenet", "deepinv", "dafl")
+
+
+def _test_references():
+    """The eager reference loops of the test suite (tests/reference_*.py), imported on demand."""
+    import importlib
+    import pathlib
+    import sys
+
+    tests_dir = pathlib.Path(__file__).resolve().parents[2] / "tests"
+    if not (tests_dir / "reference_cmi.py").is_file():
+        raise RuntimeError(f"the issue-19 synthesizer rows time fastsynth against the eager reference loops of the "
+                           f"test suite; {tests_dir} (reference_cmi.py, reference_fast_meta_imagenet.py, "
+                           f"reference_loops.py) is absent: run from a source checkout")
+    if str(tests_dir) not in sys.path:
+        sys.path.insert(0, str(tests_dir))
+    return (importlib.import_module("reference_loops"), importlib.import_module("reference_cmi"),
+            importlib.import_module("reference_fast_meta_imagenet"))
+
+
+def _new_models(quick: bool, device):
+    """Teacher and student: the upstream-style CIFAR ResNet-34 -> ResNet-18 at batch 64 (full) or
+    the small CNN pair at batch 8 (quick: seconds)."""
+    from ..models import upstream
+
+    torch.manual_seed(0)
+    if quick:
+        teacher, student, batch = _small_cnn(8), _small_cnn(4), 8
+    else:
+        teacher, student, batch = upstream.resnet34(10), upstream.resnet18(10), 64
+    return _randomise_bn(teacher, 1).to(device).eval(), _randomise_bn(student, 2).to(device).train(), batch
+
+
+def _pair_cmi(refs, teacher, student, batch, quick, device):
+    from ..nn import Generator
+    from ..synthesis import Normalizer
+    from ..synthesis.cmi import CMISynthesizer
+
+    _, rc, _ = refs
+    nz, ngf = (16, 8) if quick else (256, 64)
+    bank, n_neg, head_dim = (64, 32, 16) if quick else (40960, 4096, 128)
+    torch.manual_seed(3)
+    gen = Generator(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
+    t, s = copy.deepcopy(teacher), copy.deepcopy(student)
+    # the ResNet-34 scripts' feature layers: the four residual stages' inputs
+    layers = (lambda m: None) if quick else (lambda m: [m.layer1, m.layer2, m.layer3, m.layer4])
+    kw = dict(iterations=1, lr_g=1e-3, adv=0.5, bn=1.0, oh=0.5, cr=0.8, cr_T=0.2)
+    ours = CMISynthesizer(t, s, copy.deepcopy(gen), nz, 10, (3, 32, 32), feature_layers=layers(t), bank_size=bank,
+                          n_neg=n_neg, head_dim=head_dim, synthesis_batch_size=batch, sample_batch_size=batch,
+                          normalizer=Normalizer(MEAN, STD), device=device, augment=False, seed=5, **kw)
+    rt, rs = copy.deepcopy(teacher), copy.deepcopy(student)
+    ref = rc.RefCMI(rt, rs, upstream_generator(gen), copy.deepcopy(ours.head), nz, kw["iterations"], kw["lr_g"],
+                    batch, kw["adv"], kw["bn"], kw["oh"], kw["cr"], kw["cr_T"], bank, n_neg,
+                    Normalizer(MEAN, STD), 5, feature_layers=layers(rt))
+    # both banks hold n_neg rows (the same ones): the contrastive term at its steady-state size
+    fill = torch.randn(n_neg, ref.mem_bank.data.shape[1], generator=torch.Generator().manual_seed(1))
+    ref.mem_bank.add(fill)
+    ours.mem_bank.add(fill.to(device))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(7)).sort()[0]
+    return (lambda: ref.synthesize(y)), (lambda: ours.synthesize(y.to(device))), ours
+
+
+def _pair_fast_meta_imagenet(refs, teacher, student, batch, quick, device):
+    from ..nn import DeepGenerator
+    from ..synthesis import FastMetaSynthesizerForImageNet, Normalizer
+
+    _, _, rf = refs
+    nz, ngf = (16, 8) if quick else (256, 64)
+    torch.manual_seed(3)
+    gen = DeepGenerator(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
+    kw = dict(iterations=1, lr_g=5e-3, lr_z=0.015, lr_g_meta=5e-3, lr_z_meta=0.015, adv=1.33, bn=10.0, oh=0.5)
+    ours = FastMetaSynthesizerForImageNet(
+        copy.deepcopy(teacher), copy.deepcopy(student), copy.deepcopy(gen), nz, 10, (3, 32, 32),
+        synthesis_batch_size=batch, sample_batch_size=batch, normalizer=Normalizer(MEAN, STD), bn_mmt=0.9,
+        is_maml=1, augment=False, seed=5, device=device, **kw)
+    up = upstream_generator(gen)
+    up.clone = lambda: upstream_generator(up)  # the inner-loop copy computes as upstream too
+    ref = rf.RefFastMetaImageNet(copy.deepcopy(teacher), copy.deepcopy(student), up, nz, 10, (3, 32, 32),
+                                 kw["iterations"], kw["lr_g"], kw["lr_z"], kw["lr_g_meta"], kw["lr_z_meta"], batch,
+                                 kw["adv"], kw["bn"], kw["oh"], Normalizer(MEAN, STD),
+                                 torch.Generator().manual_seed(5), bn_mmt=0.9, is_maml=1)
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(7))
+    return (lambda: ref.synthesize(y)), (lambda: ours.synthesize(y.to(device))), ours
+
+
+def _pair_deepinv(refs, teacher, student, batch, quick, device):
+    from ..synthesis import DeepInvSyntheiszer, Normalizer
+
+    rl, _, _ = refs
+    # NVlabs' ImageNet options on (all but the multi-resolution warm-up, which one iteration per
+    # call never leaves)
+    extra = dict(first_bn_multiplier=10.0, tv_l2=1e-4, l2_scale=1e-5, adi_scale=0.5)
+    kw = dict(iterations=1, lr_g=0.1, adv=1.0, bn=10.0, oh=1.0, tv=1e-3, l2=1e-5)
+    ours = DeepInvSyntheiszer(copy.deepcopy(teacher), copy.deepcopy(student), 10, (3, 32, 32),
+                              synthesis_batch_size=batch, sample_batch_size=batch, normalizer=Normalizer(MEAN, STD),
+                              device=device, augment=False, **kw, **extra)
+    ref = rl.RefDeepInv(copy.deepcopy(teacher), copy.deepcopy(student), 10, (3, 32, 32), kw["iterations"],
+                        kw["lr_g"], batch, kw["adv"], kw["bn"], kw["oh"], kw["tv"], kw["l2"],
+                        Normalizer(MEAN, STD), **extra)
+    return ref.synthesize, ours.synthesize, ours
+
+
+_NEW_PAIRS = {"cmi": _pair_cmi, "fast_meta_imagenet": _pair_fast_meta_imagenet, "deepinv": _pair_deepinv}
+
+
+def run_new(quick: bool = False, device: str = "cpu", reps: int | None = None, warmup: int = 1,
+            methods=None) -> list[dict]:
+    """Issue-19 rows: per method ``reference`` (the test suite's eager upstream loop) and
+    ``fastsynth`` timed in alternation, one synthesize() call each at iterations=1 (full: the
+    upstream-style CIFAR ResNet-34 -> ResNet-18 at batch 64; ``quick``: the small CNN pair at
+    batch 8), and ATen ops per call (dispatch count). ``dafl`` comes from ``run_generative``
+    (that reference is the bench's own, per call at g_steps 1)."""
+    methods = list(methods or NEW_METHODS)
+    bad = [m for m in methods if m not in NEW_METHODS]
+    if bad:
+        raise ValueError(f"methods must be among {NEW_METHODS}, got {bad!r}")
+    device = torch.device(device)
+    reps = reps or (3 if quick else 3)
+    rows = []
+    refs = _test_references() if any(m in _NEW_PAIRS for m in methods) else None
+    teacher, student, batch = _new_models(quick, device)
+    case_models = "cnn8->cnn4" if quick else "upstream resnet34->resnet18"
+    for method in methods:
+        if method == "dafl":
+            g_rows = run_generative(quick=quick, device=device, compile=False, reps=reps, methods=["dafl"],
+                                    models="fastsynth" if quick else "upstream")
+            for r in g_rows:
+                r["method"] = "dafl"
+            rows += g_rows
+            continue
+        ref_fn, our_fn, syn = _NEW_PAIRS[method](refs, teacher, student, batch, quick, device)
+        t = harness.interleaved_median_times({"reference": ref_fn, "fastsynth": our_fn}, warmup=warmup, reps=reps,
+                                             device=device)
+        case = f"{case_models} b{batch} {method} it1"
+        ref_ops = harness.count_aten_ops(ref_fn)
+        our_ops = harness.count_aten_ops(our_fn)
+        for prov, ops in (("reference", ref_ops), ("fastsynth", our_ops)):
+            rows.append({"kernel": NEW_KERNEL, "case": case, "method": method, "provider": prov,
+                         "median_ms": t[prov] * 1e3, "aten_ops": ops, "ops_counted_by": "dispatch",
+                         "speedup_vs_eager": t["reference"] / t[prov], "ops_frac_vs_reference": ops / ref_ops})
+        close = getattr(syn, "close", None)
+        if close is not None:
+            close()
+        del syn, ref_fn, our_fn
+        gc.collect()
+    return rows
 
 
 if __name__ == "__main__":
