@@ -51,25 +51,6 @@ class BenchmarkNotFound(LookupError):
 
 
 # ---------------------------------------------------------------------------------------------
-# timing helper for benchmark modules: device events on a GPU, triton.testing.do_bench for
-# Triton providers on CUDA (it flushes the L2 cache between repetitions and uses CUDA events).
-# ---------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], device="cpu", provider: str = "", *, quick: bool = False) -> float:
-    """Median milliseconds of ``fn()``; how it is timed depends on device and provider."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and "triton" in provider:
-        try:
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100,
-                                                 return_mode="median"))
-        except ImportError:
-            pass
-    reps = 3 if quick else 10
-    return harness.median_time(fn, warmup=1 if quick else 3, reps=reps, device=dev) * 1e3
-
-
-# ---------------------------------------------------------------------------------------------
 # module loading
 # ---------------------------------------------------------------------------------------------
 def load_benchmark(name: str, registry: dict[str, str] | None = None):
