@@ -71,9 +71,13 @@ SO=$(ls "$WORK"/src/fastsynth/_C*.so)
 ldd "$SO" | grep -q libasan || { echo "$SO is not linked against libasan" >&2; exit 1; }
 ldd "$SO" | grep -q libubsan || { echo "$SO is not linked against libubsan" >&2; exit 1; }
 LIBASAN=$("$CXX" -print-file-name=libasan.so)
-[ -e "$LIBASAN" ] || { echo "libasan.so not found ($LIBASAN)" >&2; exit 1; }
+LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so)
+[ -e "$LIBASAN" ] && [ -e "$LIBSTDCXX" ] || { echo "libasan.so / libstdc++.so not found ($LIBASAN, $LIBSTDCXX)" >&2; exit 1; }
 
-export LD_PRELOAD="$LIBASAN"
+# libstdc++ is preloaded too: python itself does not link it, and ASan's __cxa_throw interceptor
+# must find the real one at start-up (else the first C++ exception, e.g. a TORCH_CHECK, aborts
+# with "CHECK failed: asan_interceptors.cpp ... real___cxa_throw")
+export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:allocator_may_return_null=1
 "$PY" - "$SO" <<'PYEOF'
 import os, sys
@@ -90,5 +94,7 @@ TESTS=(tests/test_bn_stat_loss.py tests/test_logit_losses.py tests/test_reinit.p
        tests/test_noisy_linear.py)
 # The Triton interpreter runs are pure Python/NumPy (nothing the sanitizers instrument) and slow.
 eval "SEL=(${FASTSYNTH_SAN_PYTEST:--k 'not triton'})"
-"$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "${SEL[@]}"
+# --capture=sys: a sanitizer report is written to file descriptor 2 just before the process exits;
+# pytest's default fd capture would swallow it
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${TESTS[@]}" "${SEL[@]}"
 stamp "sanitizer leg passed"
