@@ -142,19 +142,33 @@ def _grad_k_kernel(
     dcol = tl.arange(0, BD)
     scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
     acc = tl.zeros([BN, BD], ACC)
+    # the key block is loop-invariant; the similarities are formed transposed (k q^T, [BN, BM])
+    # so that the gradient block feeds the second dot as it is: a transposed operand of a
+    # register FMA dot (fp32) costs a layout conversion that spills at BD = 256
+    k = tl.load(k_ptr + cols[:, None] * skm + dcol[None, :] * skd,
+                mask=(cols[:, None] < M) & (dcol[None, :] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
     for m0 in range(0, M, BM):
         rows = m0 + tl.arange(0, BM)
         lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
         ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
         ws = tl.where(rows < M, ws, 0.0)
-        s, q, k = _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE, UPCAST)
-        s = s.to(ACC)
-        p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
-        g = ws[:, None] * (p - tl.where(rows[:, None] == cols[None, :], 1.0, 0.0))  # [BM, BN]
+        q = tl.load(q_ptr + rows[:, None] * sqm + dcol[None, :] * sqd,
+                    mask=(rows[:, None] < M) & (dcol[None, :] < D), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
         if IEEE:
-            acc += tl.dot(tl.trans(g.to(q_ptr.dtype.element_ty).to(q.dtype)), q, input_precision="ieee").to(ACC)
+            s_t = tl.dot(k, tl.trans(q), input_precision="ieee")
         else:
-            acc += tl.dot(tl.trans(g.to(q_ptr.dtype.element_ty).to(q.dtype)), q).to(ACC)
+            s_t = tl.dot(k, tl.trans(q))
+        s_t = (s_t * scale).to(ACC)
+        p_t = tl.where(cols[:, None] < M, tl.exp(s_t - lse[None, :]), 0.0)
+        g_t = ws[None, :] * (p_t - tl.where(rows[None, :] == cols[:, None], 1.0, 0.0))  # [BN, BM]
+        if IEEE:
+            acc += tl.dot(g_t.to(q_ptr.dtype.element_ty).to(q.dtype), q, input_precision="ieee").to(ACC)
+        else:
+            acc += tl.dot(g_t.to(q_ptr.dtype.element_ty).to(q.dtype), q).to(ACC)
     tl.store(gk_ptr + cols[:, None] * D + dcol[None, :], acc.to(gk_ptr.dtype.element_ty),
              mask=(cols[:, None] < M) & (dcol[None, :] < D))
 
@@ -164,9 +178,14 @@ def _acc(dtype: torch.dtype):
 
 
 def block_sizes(m: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BM, BN, BD): 16-row blocks under the interpreter (fast), 64 x 64 on a GPU (32 for wide D or fp64)."""
+    """(BM, BN, BD): 16-row blocks under the interpreter (fast) and for fp32; on a GPU 64 x 64 for
+    fp16/bf16 (32 for wide D) and 32 x 32 for fp64."""
     bd = max(16, triton.next_power_of_2(d))
     if q_interpreting():
+        return 16, 16, bd
+    if dtype == torch.float32:
+        # fp32 runs the IEEE dot as FMAs on registers (no tensor cores): 64 x 64 or 32 x 32
+        # blocks beside a [block, BD] operand tile spill on sm_80/sm_90; 16-row blocks do not
         return 16, 16, bd
     big = 64 if (bd <= 128 and dtype != torch.float64) else 32
     return big, big, bd
@@ -192,6 +211,9 @@ def contrastive_ce(q: torch.Tensor, k: torch.Tensor, scale: float, n_split: int,
     row_loss = torch.empty(m, dtype=acc_dt, device=q.device)
     args = (m, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale_hi, scale_lo, int(n_split))
     meta = dict(BM=bm, BN=bn, BD=bd, ACC=_acc(q.dtype), IEEE=ieee, UPCAST=upcast)
+    if q.dtype == torch.float32 and bd >= 256:
+        # three [16, BD] fp32 tiles live in registers across the loop: spread them over 8 warps
+        meta["num_warps"] = 8
     _lse_kernel[(triton.cdiv(m, bm),)](q, k, lse, row_loss, *args, **meta)
     gq = torch.empty(0, dtype=q.dtype, device=q.device)
     gk = torch.empty(0, dtype=k.dtype, device=k.device)
