@@ -480,6 +480,20 @@ class CMISynthesizer(SynthCore):
         lc = resized_crop_codes(batch, self.device, self._rng) if self.cr != 0 else None
         return g, lc
 
+    # ------------------------------------------------------------------ state
+    def _extra_state(self) -> dict:
+        b = self.mem_bank
+        return {"mem_bank": {"data": b.data.detach().clone(), "ptr": b._ptr, "n_updates": b.n_updates}}
+
+    def _load_extra_state(self, state: dict) -> None:
+        b, st = self.mem_bank, state["mem_bank"]
+        if tuple(st["data"].shape) != tuple(b.data.shape):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: saved memory bank of shape "
+                             f"{tuple(st['data'].shape)}, this one is {tuple(b.data.shape)}")
+        with torch.no_grad():
+            b.data.copy_(st["data"])
+        b._ptr, b.n_updates = int(st["ptr"]), int(st["n_updates"])
+
     # ------------------------------------------------------------------ API
     def synthesize(self, targets=None):
         start = now()

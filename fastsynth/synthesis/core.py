@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import time
 import warnings
 from typing import Callable
@@ -250,8 +252,200 @@ def assign_grads(params, grads) -> list:
     return out
 
 
+def _plain(v) -> bool:
+    """A value ``torch.load(weights_only=True)`` reads back and ``==`` compares: None, bool,
+    int, float, str, or a list/tuple of them."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
+
+
+def _clone_state(obj):
+    """A deep copy of a state (dicts, lists, tuples, tensors, plain values) whose tensors are
+    detached clones: the state keeps its values while the synthesizer runs on."""
+    if torch.is_tensor(obj):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _clone_state(v)) for k, v in obj.items())
+        meta = getattr(obj, "_metadata", None)
+        if meta is not None:  # a module's state_dict: BatchNorm reads its version from it on load
+            out._metadata = copy.deepcopy(meta)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_state(v) for v in obj)
+    return obj
+
+
+STATE_FORMAT = "fastsynth-synth/1"
+
+
 class SynthCore(BaseSynthesis):
-    """Shared state and helpers of the fastsynth synthesizers (not an upstream class)."""
+    """Shared state and helpers of the fastsynth synthesizers (not an upstream class).
+
+    ``state_dict()`` / ``load_state_dict()``: everything a later synthesize()/sample() reads,
+    so that a synthesizer built again with the same keywords and loaded continues exactly as the
+    saved one would have (bit-identical on the same device). Found generically among the
+    instance attributes: modules (the generator(s), heads; never the teacher's or the student's),
+    optimizers with their state, tensors and lists/tuples of tensors (z, meta buffers), private
+    ``torch.Generator`` states, counters (plain values that are not keyword options), the BN
+    momentum buffers, plus the pool (``DataPool.state_dict``), the default generators' states
+    (the synthesizers draw from them when no ``seed`` is given) and the keyword options, which
+    ``load_state_dict`` checks. Compiled functions and captured CUDA graphs are not state:
+    loading drops them and they are rebuilt on first use. All of it loads with
+    ``torch.load(weights_only=True)``."""
+
+    # keyword options that may differ on resume (where and how the run executes, not what it computes)
+    _OPTION_SKIP = frozenset({"device", "num_workers", "distributed"})
+    # attributes that are handles, caches or settings of this process, never state
+    _STATE_SKIP = frozenset({"teacher", "student", "data_pool", "_student_fwd", "_student_view", "_compiled",
+                             "_graphs", "_graph_values", "loss_log", "log_losses", "last_dropped", "compile",
+                             "cuda_graph", "_graph_mode", "_nvtx", "use_fp16", "_options", "_compile_options",
+                             "data_iter", "_fuse_student"})
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_records_options", False):
+            return
+        sig = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kw):
+            if "_options" not in self.__dict__:  # the outermost constructor records them
+                try:
+                    bound = sig.bind(self, *args, **kw)
+                except TypeError:  # the constructor itself says what is wrong
+                    return init(self, *args, **kw)
+                bound.apply_defaults()
+                opts = {}
+                for name, v in list(bound.arguments.items())[1:]:
+                    if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                        items = v.items()
+                    elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+                        continue
+                    else:
+                        items = [(name, v)]
+                    for k, x in items:
+                        if k not in cls._OPTION_SKIP and _plain(x):
+                            opts[k] = list(x) if isinstance(x, tuple) else x
+                self._options = opts
+            init(self, *args, **kw)
+
+        __init__._records_options = True
+        cls.__init__ = __init__
+
+    # ---------------------------------------------------------------- resumable state
+
+    def _extra_state(self) -> dict:
+        """Per-class state the generic walk does not find (plain objects holding tensors)."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _prepare_load(self, state: dict) -> None:
+        """Per-class: build what the saved state has and a fresh object does not yet (after the
+        modules are loaded, before the optimizers are)."""
+
+    def state_dict(self) -> dict:
+        """The synthesizer's state (see the class docstring); waits for the pool's counts and
+        its writer thread, so images saved to disk are numbered and written before it returns."""
+        skip, options = self._STATE_SKIP, self._options
+        frozen_ids = {id(m) for root in (self.teacher, self.student) if isinstance(root, nn.Module)
+                      for m in root.modules()}
+        modules, optims, tensors, values, rngs, captures = {}, {}, {}, {}, {}, {}
+        for name, v in vars(self).items():
+            if name in skip:
+                continue
+            if isinstance(v, nn.Module):
+                if id(v) not in frozen_ids:
+                    modules[name] = _clone_state(v.state_dict())
+            elif isinstance(v, torch.optim.Optimizer):
+                optims[name] = _clone_state(v.state_dict())
+            elif torch.is_tensor(v):
+                tensors[name] = v.detach().clone()
+            elif isinstance(v, (list, tuple)) and v and all(torch.is_tensor(t) for t in v):
+                tensors[name] = _clone_state(v)
+            elif isinstance(v, torch.Generator):
+                rngs[name] = v.get_state()
+            elif isinstance(v, BNCapture):
+                captures[name] = {"mmt_means": _clone_state(v.mmt_means), "mmt_vars": _clone_state(v.mmt_vars)}
+            elif _plain(v) and not isinstance(v, (list, tuple)) and name not in options:
+                values[name] = v  # counters; a setting named like an option is that option
+        default_rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            default_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": STATE_FORMAT, "class": type(self).__name__, "options": dict(self._options),
+                "modules": modules, "optimizers": optims, "tensors": tensors, "values": values, "rngs": rngs,
+                "captures": captures, "default_rng": default_rng, "pool": self.data_pool.state_dict(),
+                "extra": self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s state into a synthesizer built with the same keyword options
+        (a different one raises ValueError naming it). Sets the default generators' states too."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state must be a dict from state_dict() "
+                             f"(format {STATE_FORMAT!r}), got "
+                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
+        if state["class"] != type(self).__name__:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state is of a {state['class']}")
+        saved, now_opts = state["options"], self._options
+        for k in sorted(set(saved) | set(now_opts)):
+            a, b = saved.get(k, "<absent>"), now_opts.get(k, "<absent>")
+            if a != b:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: option {k}={b!r} differs from the "
+                                 f"saved synthesizer's {k}={a!r}")
+        # compiled functions and captured graphs hold the old tensors: rebuilt on first use
+        self._close_graphs()
+        self._compiled = {}
+        for name, sd in state["modules"].items():
+            m = getattr(self, name, None)
+            if not isinstance(m, nn.Module):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: saved module {name!r} has no "
+                                 f"counterpart here")
+            m.load_state_dict(sd)
+        self._prepare_load(state)
+        for name, t in state["tensors"].items():
+            self._load_tensor_attr(name, t)
+        for name, sd in state["optimizers"].items():
+            opt = getattr(self, name, None)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: saved optimizer {name!r} has no "
+                                 f"counterpart here")
+            opt.load_state_dict(sd)
+        for name, v in state["values"].items():
+            setattr(self, name, v)
+        for name, st in state["rngs"].items():
+            getattr(self, name).set_state(st)
+        for name, st in state["captures"].items():
+            cap = getattr(self, name)
+            for key in ("mmt_means", "mmt_vars"):
+                v = st[key]
+                setattr(cap, key, None if v is None else [t.to(self.device) for t in v])
+        self.data_pool.load_state_dict(state["pool"])
+        self._load_extra_state(state["extra"])
+        torch.set_rng_state(state["default_rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["default_rng"]:
+            torch.cuda.set_rng_state(state["default_rng"]["cuda"], self.device)
+
+    def _load_tensor_attr(self, name: str, saved) -> None:
+        """In place where this object has a tensor of the same kind (optimizers and captured
+        steps hold it by address), else a new attribute."""
+        cur = getattr(self, name, None)
+        if torch.is_tensor(saved):
+            if torch.is_tensor(cur) and cur.shape == saved.shape and cur.dtype == saved.dtype:
+                with torch.no_grad():
+                    cur.copy_(saved)
+            else:
+                setattr(self, name, saved.to(self.device))
+            return
+        if isinstance(cur, (list, tuple)) and len(cur) == len(saved) and all(
+                torch.is_tensor(c) and c.shape == s.shape and c.dtype == s.dtype for c, s in zip(cur, saved)):
+            with torch.no_grad():
+                for c, s in zip(cur, saved):
+                    c.copy_(s)
+            return
+        setattr(self, name, type(saved)(s.to(self.device) for s in saved))
 
     # ---------------------------------------------------------------- setup
     def _setup_core(self, *, img_size, normalizer, device, bn_mmt, transform, autocast, use_fp16,

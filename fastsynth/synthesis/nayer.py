@@ -180,6 +180,14 @@ class NAYER(SynthCore):
             ts += [v for v in st.values() if torch.is_tensor(v)]
         return ts
 
+    # the optimizer's owner is the generator itself (saved once, as "generator")
+    _STATE_SKIP = SynthCore._STATE_SKIP | {"_opt_owner"}
+
+    def _prepare_load(self, state: dict) -> None:
+        # the saved run had built its Adam (first round done): build it over this generator
+        if "_optimizer" in state["optimizers"] and self._opt_owner is not self.generator:
+            self._ensure_optimizer()
+
     def _ensure_optimizer(self):
         if self._opt_owner is not self.generator:
             self._optimizer = make_adam(self.generator.parameters(), self.lr_g, (0.5, 0.999), self.device,

@@ -383,6 +383,40 @@ class DataPool:
         x = torch.where(from_init.view(-1, 1, 1, 1), self._init.index_select(0, init_idx), x)
         return x.to(dtype).div_(255.0)
 
+    def state_dict(self) -> dict:
+        """The pool's contents and sampling position (uint8 images, counters, the sampling
+        permutation and its cursor), after waiting for every count and every queued write, so a
+        pool loaded from it samples what this one would. Images written to ``save_dir`` stay
+        there: a later pool numbers its files after them. The ``set_init`` images are not part
+        of it (they come from the synthesizer's ``init_dataset``)."""
+        self.flush()
+        c = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        return {"capacity": self.capacity, "eviction": self.eviction, "data": c(self._data),
+                "n_dev": c(self._n_dev), "seen_dev": c(self._seen_dev), "ptr_dev": c(self._ptr_dev),
+                "n": self._n, "n_res": self._n_res, "seen": self._seen, "batches": self._batches,
+                "perm": c(self._perm), "cursor": self._cursor, "dropped": self.dropped,
+                "dropped_new": self._dropped_new}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s contents into a pool of the same capacity and eviction."""
+        for key in ("capacity", "eviction"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"DataPool.load_state_dict: {key}={getattr(self, key)!r} differs from the saved "
+                                 f"pool's {key}={state[key]!r}")
+        self._resolve(wait=True)
+        if self._data is not None and state["data"] is not None and \
+                tuple(self._data.shape[1:]) != tuple(state["data"].shape[1:]):
+            raise ValueError(f"DataPool.load_state_dict: saved images of shape {tuple(state['data'].shape[1:])}, "
+                             f"this pool holds {tuple(self._data.shape[1:])}")
+        d = lambda t: None if t is None else t.to(self.device).clone()  # noqa: E731
+        self._data, self._n_dev, self._seen_dev, self._ptr_dev = (
+            d(state["data"]), d(state["n_dev"]), d(state["seen_dev"]), d(state["ptr_dev"]))
+        self._n, self._n_res, self._seen = int(state["n"]), int(state["n_res"]), int(state["seen"])
+        self._batches, self._cursor = int(state["batches"]), int(state["cursor"])
+        self._perm = d(state["perm"])
+        self.dropped, self._dropped_new = int(state["dropped"]), int(state["dropped_new"])
+        self._unresolved = []
+
     def wait_idle(self):
         """Block until the writer thread has written everything submitted so far (before a CUDA
         graph capture: no copy of ours runs on another thread meanwhile)."""
