@@ -6,8 +6,9 @@ Flash-attention layout, three kernels, the M x M similarity matrix never stored:
                   log-sum-exp of S = scale * q k^T; picks the diagonal S_ii on the way; writes
                   lse_i and the weighted row loss w_i (lse_i - S_ii).
   _grad_q_kernel  per query block: recomputes S, G = w scale (exp(S - lse) - I), dq = G k.
-  _grad_k_kernel  per key block: loops over query blocks, dk = G^T q (written once per key
-                  block: no atomics, deterministic).
+  _grad_k_kernel  per key block: loops over query blocks, recomputes S^T = scale * k q^T (so
+                  G^T is formed directly), dk = G^T q (written once per key block: no
+                  atomics, deterministic).
 
 The batch loss is the ordered sum of the row losses (one reduction by the launcher). The feature
 dimension is held whole in a block (D <= MAX_D, padded to a power of two). fp32 products use
