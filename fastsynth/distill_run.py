@@ -15,11 +15,12 @@ grids in ``tb/`` when ``tensorboard`` is installed, and ``checkpoints/ckpt-NNNNN
 
 Checkpoints: one per epoch, written atomically (temporary file, fsync, rename), the last
 ``--keep-ckpts`` kept: student, optimizer, scheduler, epochs done, best accuracy, history, every
-RNG state, the resolved settings and, when the synthesizer has ``state_dict()``, its state.
-Rerunning in the same ``--out`` (or ``--resume``) continues from the newest complete checkpoint;
-a checkpoint of other settings is refused with the settings that differ. A synthesizer without
-``state_dict()`` restarts (new generator, empty pool) on resume: the student side resumes
-exactly, the synthesis does not.
+RNG state, the resolved settings and the synthesizer's ``state_dict()`` (generator, optimizers,
+counters, pool, RNG states; every fastsynth synthesizer has one). Rerunning in the same ``--out``
+(or ``--resume``) continues from the newest complete checkpoint, bit-identical to a run that was
+never interrupted (same device); a checkpoint of other settings is refused with the settings that
+differ. A user synthesizer without ``state_dict()`` restarts (new generator, empty pool) on
+resume, with a note: the student side resumes exactly, the synthesis does not.
 
 The evaluation set is read only to evaluate, only from disk (never downloaded).
 """

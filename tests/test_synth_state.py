@@ -45,10 +45,10 @@ def make_fast(seed=3, **kw):
                            normalizer=_norm(), seed=seed, pool_capacity=12, pool_eviction="random", **kw)
 
 
-def make_nayer(seed=None, **kw):
+def make_nayer(seed=None, g_life=2, **kw):
     t, s = _pair()
     return NAYER(t, s, nl_gen(6), 10, (3, IMG, IMG), g_steps=2, lr_g=0.01, synthesis_batch_size=6,
-                 sample_batch_size=4, adv=0.5, warmup=1, bn_mmt=0.9, g_life=2, g_loops=2, gwp_loops=1,
+                 sample_batch_size=4, adv=0.5, warmup=1, bn_mmt=0.9, g_life=g_life, g_loops=2, gwp_loops=1,
                  normalizer=_norm(), seed=seed, **kw)
 
 
@@ -86,6 +86,9 @@ def make_fast_meta_imagenet(seed=2, **kw):
 
 MAKERS = {
     "fast_meta": make_fast_meta, "fast": make_fast, "nayer": make_nayer, "deepinv": make_deepinv,
+    # g_life=10: no generator re-initialisation after the resume, so the noisy layers' seed
+    # buffer (not in the generator's state_dict) must come back from the state
+    "nayer_no_reinit": lambda **kw: make_nayer(g_life=10, **kw),
     "generative": make_generative, "cmi": make_cmi, "fast_meta_imagenet": make_fast_meta_imagenet,
 }
 

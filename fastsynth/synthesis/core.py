@@ -279,6 +279,18 @@ def _clone_state(obj):
 STATE_FORMAT = "fastsynth-synth/1"
 
 
+def _nonpersistent_buffers(m: nn.Module) -> dict:
+    """The buffers a module's state_dict leaves out (``persistent=False``), by qualified name:
+    e.g. the seed tensor of NAYER's noisy layers, which advances at every re-initialisation."""
+    out = {}
+    for prefix, mod in m.named_modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            buf = mod._buffers.get(name)
+            if buf is not None:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 class SynthCore(BaseSynthesis):
     """Shared state and helpers of the fastsynth synthesizers (not an upstream class).
 
@@ -353,13 +365,16 @@ class SynthCore(BaseSynthesis):
         skip, options = self._STATE_SKIP, self._options
         frozen_ids = {id(m) for root in (self.teacher, self.student) if isinstance(root, nn.Module)
                       for m in root.modules()}
-        modules, optims, tensors, values, rngs, captures = {}, {}, {}, {}, {}, {}
+        modules, buffers, optims, tensors, values, rngs, captures = {}, {}, {}, {}, {}, {}, {}
         for name, v in vars(self).items():
             if name in skip:
                 continue
             if isinstance(v, nn.Module):
                 if id(v) not in frozen_ids:
                     modules[name] = _clone_state(v.state_dict())
+                    extra_buffers = _nonpersistent_buffers(v)
+                    if extra_buffers:
+                        buffers[name] = _clone_state(extra_buffers)
             elif isinstance(v, torch.optim.Optimizer):
                 optims[name] = _clone_state(v.state_dict())
             elif torch.is_tensor(v):
@@ -376,7 +391,7 @@ class SynthCore(BaseSynthesis):
         if self.device.type == "cuda":
             default_rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"format": STATE_FORMAT, "class": type(self).__name__, "options": dict(self._options),
-                "modules": modules, "optimizers": optims, "tensors": tensors, "values": values, "rngs": rngs,
+                "modules": modules, "buffers": buffers, "optimizers": optims, "tensors": tensors, "values": values, "rngs": rngs,
                 "captures": captures, "default_rng": default_rng, "pool": self.data_pool.state_dict(),
                 "extra": self._extra_state()}
 
@@ -404,6 +419,13 @@ class SynthCore(BaseSynthesis):
                 raise ValueError(f"{type(self).__name__}.load_state_dict: saved module {name!r} has no "
                                  f"counterpart here")
             m.load_state_dict(sd)
+            own = _nonpersistent_buffers(m)
+            for key, t in state["buffers"].get(name, {}).items():
+                if key not in own or own[key].shape != t.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: saved buffer {name}.{key} of shape "
+                                     f"{tuple(t.shape)} does not fit this {type(m).__name__}")
+                with torch.no_grad():
+                    own[key].copy_(t)
         self._prepare_load(state)
         for name, t in state["tensors"].items():
             self._load_tensor_attr(name, t)
