@@ -391,8 +391,8 @@ class SynthCore(BaseSynthesis):
         if self.device.type == "cuda":
             default_rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"format": STATE_FORMAT, "class": type(self).__name__, "options": dict(self._options),
-                "modules": modules, "buffers": buffers, "optimizers": optims, "tensors": tensors, "values": values, "rngs": rngs,
-                "captures": captures, "default_rng": default_rng, "pool": self.data_pool.state_dict(),
+                "modules": modules, "buffers": buffers, "optimizers": optims, "tensors": tensors, "values": values,
+                "rngs": rngs, "captures": captures, "default_rng": default_rng, "pool": self.data_pool.state_dict(),
                 "extra": self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
