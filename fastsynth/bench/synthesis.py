@@ -29,6 +29,10 @@ Columns: median seconds per inner step, ATen ops per inner step (AtenOpCounter: 
 about one kernel launch on a GPU), peak extra memory of one step (CUDA: max_memory_allocated;
 CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mode), speedup.
 ``--breakdown``: only the eager fastsynth step's ATen ops by phase and op name (``op_breakdown``).
+``--generative``: only the GenerativeSynthesizer rows (``run_generative``). ``--new METHODS``: only
+the issue-19 synthesizers (CMI, FastMeta for ImageNet, DeepInversion with NVlabs' ImageNet options,
+DAFL) against the test suite's eager reference loops, per synthesize() call (``run_new``; needs the
+source checkout's tests/ directory).
 """
 from __future__ import annotations
 
