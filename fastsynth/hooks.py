@@ -29,6 +29,7 @@ import numbers
 
 import torch
 
+from .backend import BACKENDS
 from .ops.bn_stat_loss import bn_stat_loss
 
 
@@ -52,6 +53,8 @@ class DeepInversionHook:
                                  f"(track_running_stats=True); got {what}, whose {name} is "
                                  f"{type(getattr(module, name, None)).__name__}")
         _check_rate(mmt_rate)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"DeepInversionHook: backend must be None or one of {BACKENDS}, got {backend!r}")
         self.hook = module.register_forward_hook(self.hook_fn)
         self.module = module
         self.mmt_rate = mmt_rate

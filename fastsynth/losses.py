@@ -55,6 +55,17 @@ def _check_reduction(op: str, reduction) -> None:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_pair(op: str, logits, targets) -> None:
+    for name, t in (("logits", logits), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        torch.broadcast_shapes(logits.shape, targets.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: targets of shape {tuple(targets.shape)} do not match logits of shape "
+                         f"{tuple(logits.shape)} (expected the same [N, C] shape)") from None
+
+
 def _check_tensor_temperature(op: str, T: torch.Tensor) -> None:
     # The value is not checked: that would need it on the host (a sync per call for a learnable T
     # on the GPU); a T <= 0 or NaN gives what the upstream formula gives.
@@ -75,6 +86,7 @@ def kldiv(logits, targets, T=1.0, reduction="batchmean"):
     ``targets / T`` at temperature 1, times ``T*T`` (autograd of the two divisions and the product
     carries the gradient to T; no host sync); other shapes (a per-sample ``[N, 1]`` T) broadcast
     in the upstream eager formula."""
+    _check_pair("kldiv", logits, targets)
     _check_reduction("kldiv", reduction)
     if isinstance(T, torch.Tensor):
         _check_tensor_temperature("kldiv", T)
@@ -113,6 +125,7 @@ class KLDiv(nn.Module):
 def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
     """Upstream clamped JS: P, Q = softmax(logits/T), softmax(targets/T), M = (P+Q)/2, each
     clamped to [0.01, 0.99]; ``0.5 * F.kl_div(log P, M, reduction) + 0.5 * F.kl_div(log Q, M, reduction)``."""
+    _check_pair("jsdiv", logits, targets)
     _check_reduction("jsdiv", reduction)
     T = _ll._check_temperature("jsdiv", T)
     if not _fusable(logits, targets, reduction):
