@@ -63,6 +63,13 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
   HERE=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1)
   [ -n "$HERE" ] && [ -d "$HERE/../include" ] && export CUDA_HOME=$(cd "$HERE/.." && pwd)
 fi
+# torch's CUDA headers include the CUDA libraries' headers (cusparse.h, cublas_v2.h); a toolkit
+# with only nvcc and the runtime cannot compile the CUDA bindings: build the CPU extension then
+# (FASTSYNTH_CUDA=1 in the environment still insists on CUDA).
+if [ -z "${FASTSYNTH_CUDA:-}" ] && [ -n "${CUDA_HOME:-}" ] && [ ! -e "$CUDA_HOME/include/cusparse.h" ]; then
+  echo "NOTE: $CUDA_HOME has no cusparse.h (torch's CUDA headers need it): CPU-only build (FASTSYNTH_CUDA=0)"
+  export FASTSYNTH_CUDA=0
+fi
 # CUDA sources compile for one arch here (sm_90; the CMake check compiles sm_80 and sm_90 without
 # torch) to keep the leg short; TORCH_CUDA_ARCH_LIST overrides.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
