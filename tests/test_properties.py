@@ -378,14 +378,6 @@ def fused_bn_oracle(x64, w, b, rm, rv, eps, relu):
     return y, mean, var
 
 
-def _cpu_strided_single_row(backend, x):
-    """csrc/cpu/fused_bn.cpp reads an NCHW plane of one row (H == 1) with a non-unit W stride as
-    if it were dense (see test_fused_bn_cpu_single_row_strided_plane, xfail): left out of the
-    property tests until fixed."""
-    return (backend == "cpu" and x.shape[2] == 1 and x.shape[3] > 1 and x.stride(3) != 1
-            and not (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples()
 @given(layer=bn_layer(ndim=4), data=st.data(), seed=st.integers(0, 2**31))
@@ -398,7 +390,6 @@ def test_fused_bn_against_float64(backend, layer, data, seed):
     g = _gen(seed)
     c = shape[1]
     leaf, x, leaf64, x64 = _make(g, shape, layout, dtype, scale)
-    assume(not _cpu_strided_single_row(backend, x))
     pdt = F32 if dtype in (F16, BF16) else dtype  # BatchNorm parameters of a half model stay float32 here
     rm, rv = _running(g, c, scale, dtype)
     rm, rv = rm.to(pdt), rv.to(pdt)
@@ -454,7 +445,6 @@ def test_fused_bn_non_finite_inputs_as_the_oracle(backend, layer, data, seed):
     base.view(-1)[data.draw(st.integers(0, base.numel() - 1), label="index")] = value
     leaf = base.to(dtype)
     x, x64 = _view(leaf, shape, layout), _view(leaf.to(F64), shape, layout)
-    assume(not _cpu_strided_single_row(backend, x))
     c = shape[1]
     pdt = F32 if dtype in (F16, BF16) else dtype
     w, b = torch.randn(c, generator=g).to(pdt), torch.randn(c, generator=g).to(pdt)
@@ -933,11 +923,6 @@ def test_reinit_reads_a_seed_mutated_in_place(backend, seed, how):
 
 
 @needs_ext
-@pytest.mark.xfail(strict=True, reason="csrc/cpu/fused_bn.cpp forward_planes/backward: the small-plane path "
-                   "(pr.rows == 1 && HW < kSmallPlane) is taken for H == 1 planes whose W stride is not 1 "
-                   "(plane_rows returns rows=1 for H == 1 without unit stride) and reads them as dense: "
-                   "x = leaf[..., ::2] of shape (1, 1, 1, 3) gives y[1] = leaf[1] instead of leaf[2], and wrong "
-                   "mean, var and weight gradient; the condition needs pr.elem_stride == 1")
 def test_fused_bn_cpu_single_row_strided_plane():
     leaf = torch.randn(1, 1, 1, 6, dtype=F64, generator=_gen(0))
     one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)

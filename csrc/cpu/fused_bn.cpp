@@ -242,7 +242,7 @@ void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_
   using acc_t = acc_of<scalar_t>;
   const Shape s = shape_of(x);
   const PlaneRows pr = plane_rows(s);
-  if (pr.rows == 1 && s.HW < kSmallPlane) {
+  if (pr.rows == 1 && pr.elem_stride == 1 && s.HW < kSmallPlane) {  // dense planes only (H == 1 may be strided)
     forward_small_planes<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s, aff, relu, with_stats, mean, var);
     return;
   }
@@ -547,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     int64_t ntasks, nblocks = 0, rows = 0;
 
     const PlaneRows pr = plane_rows(s);
-    if (!cl && pr.rows == 1 && s.HW < kSmallPlane) {
+    if (!cl && pr.rows == 1 && pr.elem_stride == 1 && s.HW < kSmallPlane) {
       // small dense planes in memory order (see kSmallPlane); partial sums laid out as the
       // channel-major path's, [c][task], so the reduction below serves both
       const int64_t nb = std::max<int64_t>(1, kTaskElems / (C * s.HW));  // samples per task
