@@ -35,7 +35,7 @@ def step_line(summary, name):
 
 
 def test_dry_run_writes_the_summary_and_skips_gpu_steps(tmp_path):
-    proc, summary, out = run_dry(tmp_path, budget=300, extra_s=35)
+    proc, summary, out = run_dry(tmp_path, budget=300, extra_s=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "dry=1" in summary.splitlines()[0]
     assert "PASS env" in step_line(summary, "env")
