@@ -63,21 +63,6 @@ def _check_spatial_generator(owner: str, generator: nn.Module, nz: int, img_size
                          f"{tuple(out.shape[1:])}, expected {(c, h, w)}")
 
 
-def _conform_layouts(optimizer, grads: list) -> list:
-    """Gradients in their parameters' memory layout (set as ``.grad``). torch's fused Adam pairs
-    parameter and gradient elements by memory position: a gradient with other strides than its
-    parameter (DeepGenerator's fused upsample+conv returns its weight gradients channels_last)
-    gets a wrong update. A Python stride comparison per parameter; a copy only where they differ."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    out = []
-    for p, g in zip(params, grads):
-        if g is not None and g.stride() != p.stride():
-            g = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device).copy_(g)
-            p.grad = g
-        out.append(g)
-    return out
-
-
 class FastMetaSynthesizerForImageNet(SynthCore):
     """Drop-in ``FastMetaSynthesizerForImageNet`` (zju-vipa/Fast-Datafree): same constructor
     arguments and defaults, same return tuple (module docstring), running through fastsynth's
@@ -252,7 +237,7 @@ class FastMetaSynthesizerForImageNet(SynthCore):
             loss, loss_bn, loss_oh, x = fwd(adv_on, aug_codes)
         self._log(loss)
         with nvtx_range("backward", self._nvtx):
-            grads = _conform_layouts(self._optimizer, self._backward(loss, self._optimizer))  # [fast..., z]
+            grads = self._backward(loss, self._optimizer)  # [fast..., z], in their parameters' strides
         with nvtx_range("step", self._nvtx):
             self._optimizer.step()
         x = x.detach()
