@@ -10,3 +10,13 @@
 #define FS_HD inline
 #define FS_DEVICE inline
 #endif
+
+// Register room for a kernel whose fp64 build spills under ptxas' default heuristics (which, with
+// __launch_bounds__ alone, spill some kernels at ~40-50 registers): __maxnreg__ (CUDA >= 12.4)
+// caps registers explicitly and cannot be combined with __launch_bounds__, which older toolkits
+// get instead.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define FS_KERNEL_REGS(max_regs, threads) __maxnreg__(max_regs)
+#else
+#define FS_KERNEL_REGS(max_regs, threads) __launch_bounds__(threads)
+#endif

@@ -9,13 +9,8 @@
 #include "cuda/bn_stat_loss.cuh"
 
 // The double-precision statistics kernel spills a few bytes on sm_90 under ptxas' default
-// heuristics; __maxnreg__ (CUDA >= 12.4) gives it room. It cannot be combined with
-// __launch_bounds__, which older toolkits get instead.
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-#define FS_BN_STATS_BOUNDS __maxnreg__(96)
-#else
-#define FS_BN_STATS_BOUNDS __launch_bounds__(kBnThreads)
-#endif
+// heuristics; FS_KERNEL_REGS (common/macros.h) gives it room.
+#define FS_BN_STATS_BOUNDS FS_KERNEL_REGS(96, kBnThreads)
 
 namespace fastsynth {
 namespace cuda {

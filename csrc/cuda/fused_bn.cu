@@ -31,7 +31,8 @@ struct TileWalk {
 
   __device__ __forceinline__ void row_start(const FusedBnRows& g, int tr_log2, int64_t dr) {
     r = (rg << tr_log2) + dr;
-    const int64_t q = g.R0 == 1 ? r : r / g.R0, rem = r - q * g.R0;
+    // 32-bit: R < 2^31 (checked on the host); a 64-bit division would be a called subroutine.
+    const int64_t q = g.R0 == 1 ? r : int64_t(uint32_t(r) / uint32_t(g.R0)), rem = r - q * g.R0;
     ox = q * g.x.s1 + rem * g.x.s0;
     oy = q * g.y.s1 + rem * g.y.s0;
   }
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) fused_bn_forward_kernel(
   Welford<acc_t> acc;
   if (active && t0 < t1) {
     TileWalk w;
-    w.rg = t0 / p.lt;
+    w.rg = uint32_t(t0) / uint32_t(p.lt);  // tiles < 2^31 (checked on the host)
     w.lc = t0 - w.rg * p.lt;
     w.row_start(g, p.tr_log2, ts.dr);
     for (int64_t t = t0; t < t1; ++t) {
@@ -190,7 +191,9 @@ __global__ void __launch_bounds__(kThreads) welford_partials_merge_kernel(const 
 }
 
 template <typename scalar_t, typename acc_t, bool CL>
-__global__ void __launch_bounds__(kThreads) fused_bn_backward_kernel(
+// 128 registers: with __launch_bounds__ alone ptxas spills the fp64 and channels_last builds
+// inside the element loop at ~48 registers; uncapped they use at most 60.
+__global__ void FS_KERNEL_REGS(128, kThreads) fused_bn_backward_kernel(
     const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_x,
     const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ running_mean,
     const acc_t* __restrict__ running_var, const acc_t* __restrict__ mean, const acc_t* __restrict__ grad_mean,
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) fused_bn_backward_kernel(
   acc_t sg = 0, sgx = 0;
   if (active && t0 < t1) {
     TileWalk w;
-    w.rg = t0 / p.lt;
+    w.rg = uint32_t(t0) / uint32_t(p.lt);  // tiles < 2^31 (checked on the host)
     w.lc = t0 - w.rg * p.lt;
     w.row_start(g, p.tr_log2, ts.dr);
     for (int64_t t = t0; t < t1; ++t) {

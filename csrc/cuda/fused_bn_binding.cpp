@@ -20,8 +20,22 @@ bool use_channels_last(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The kernels index rows and tiles with 32-bit divisions (a 64-bit division is a called
+// subroutine on the GPU and makes the fp64 kernels spill), so rows per channel stay below 2^31.
 cuda::FusedBnRows rows_of(const at::Tensor& x, const at::Tensor& y) {
-  return cuda::fused_bn_rows(x.sizes().data(), x.strides().data(), y.strides().data());
+  const auto g = cuda::fused_bn_rows(x.sizes().data(), x.strides().data(), y.strides().data());
+  TORCH_CHECK(g.R < (int64_t(1) << 31), "fused_bn (cuda): x of shape ", x.sizes(), " and strides ", x.strides(),
+              " has ", g.R, " rows per channel after merging its dimensions; at most 2^31 - 1 are supported "
+              "(make x contiguous or channels_last)");
+  return g;
+}
+
+cuda::FusedBnPlan plan_of(const cuda::FusedBnRows& g) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto p = cuda::fused_bn_plan(g, sms);
+  TORCH_CHECK(p.tiles < (int64_t(1) << 31), "fused_bn (cuda): ", g.M, " values per channel in ", g.R,
+              " rows make ", p.tiles, " tiles; at most 2^31 - 1 are supported");
+  return p;
 }
 
 struct Named {
@@ -68,9 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::T
   const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const auto g = rows_of(x, y);
-  const auto plan = cuda::fused_bn_plan(g, sms);
+  const auto plan = plan_of(g);
   const int64_t splits = plan.splits;
   auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
   auto var = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
@@ -118,10 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
     gmean = grad_mean_in.to(adt).contiguous();
     gvar = grad_var_in.to(adt).contiguous();
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // grad_y and grad_x share strides (both dense in the same format)
   const auto g = rows_of(x, grad_y);
-  const auto plan = cuda::fused_bn_plan(g, sms);
+  const auto plan = plan_of(g);
   const int64_t splits = plan.splits;
   auto pg = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
   auto pgx = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
