@@ -37,74 +37,9 @@ def _distill(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    import torch
+    from .bench import runner
 
-    from .bench import harness, runner
-
-    p = argparse.ArgumentParser(prog="fastsynth bench", description="Run the kernel benchmarks and write one CSV.")
-    p.add_argument("kernels", nargs="*", metavar="kernel",
-                   help=f"kernels to run (default: all registered: {', '.join(runner.REGISTRY)})")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="small shape sets and few repetitions")
-    p.add_argument("--out", default="bench_results", help="folder for the CSV (and PNGs) (default bench_results)")
-    p.add_argument("--plot", action="store_true", help="also draw PNGs (needs matplotlib: fastsynth[plot])")
-    p.add_argument("--report", metavar="MD", default=None,
-                   help="also write a markdown report of this run (e.g. docs/BENCHMARKS.md)")
-    p.add_argument("--model", action="store_true",
-                   help="regenerate the GPU performance model docs/PERF_MODEL.md instead of timing")
-    p.add_argument("--list", action="store_true", help="list the registered kernels and whether they exist")
-    a = p.parse_args(argv)
-
-    if a.list:
-        for name in runner.REGISTRY:
-            present = runner.load_benchmark(name) is not None
-            print(f"{name:16s} {runner.REGISTRY[name]:36s} {'present' if present else 'absent'}")
-        return 0
-    if a.model:
-        from .bench import perf_model
-
-        return perf_model.main([])
-    if a.device == "cuda" and not torch.cuda.is_available():
-        print("fastsynth bench --device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
-    if a.plot:  # fail before timing anything, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("fastsynth bench --plot: matplotlib is not installed; "
-                  "pip install \"fastsynth[plot]\" (or matplotlib)", file=sys.stderr)
-            return 2
-    command = "fastsynth bench " + " ".join(argv)
-    try:
-        res = runner.run_suite(a.kernels or None, device=a.device, quick=a.quick, out_dir=a.out,
-                               command=command.strip())
-    except runner.BenchmarkNotFound as exc:
-        print(f"fastsynth bench: {exc}", file=sys.stderr)
-        return 2
-    rows = res["rows"]
-    if rows:
-        harness.print_table(rows, runner.table_columns(rows))
-    else:
-        print("fastsynth bench: no kernel benchmark ran (none of the modules is present)")
-    print(f"\nbandwidth: read {res['bandwidth']['read_GBps']:.1f} GB/s, copy {res['bandwidth']['copy_GBps']:.1f} GB/s"
-          f" (bw_frac is relative to {res['meta']['bw_ref_GBps']} GB/s)")
-    if res["skipped"]:
-        print(f"skipped (module absent): {', '.join(res['skipped'])}")
-    if res["failed"]:
-        print(f"FAILED: {'; '.join(f'{k}: {v}' for k, v in res['failed'].items())}")
-    print(f"csv: {res['csv']}")
-    pngs = []
-    if a.plot:
-        from .bench.plot import plot_csv
-
-        pngs = plot_csv(res["csv"], a.out)
-        for path in pngs:
-            print(f"png: {path}")
-    if a.report:
-        from .bench import report
-
-        print(f"report: {report.write(res['csv'], a.report, pngs)}")
-    return 1 if res["failed"] else 0
+    return runner.main(argv)
 
 
 def _plot(argv: list[str]) -> int:

@@ -1,7 +1,8 @@
 """``python -m fastsynth.bench [kernel...] [--device ...] [--quick] ...``: same as ``fastsynth bench``
-(handy under profilers: ``ncu ... python -m fastsynth.bench bn_stat_loss --device cuda --quick``)."""
+(handy under profilers: ``ncu ... python -m fastsynth.bench bn_stat_loss --device cuda --quick``).
+Runs ``runner.main`` directly: the CLI module (and the distillation code it reaches) stays unimported."""
 import sys
 
-from fastsynth.cli import main
+from fastsynth.bench.runner import main
 
-sys.exit(main(["bench"] + sys.argv[1:]))
+sys.exit(main(sys.argv[1:], prog="python -m fastsynth.bench"))

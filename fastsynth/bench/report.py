@@ -10,7 +10,7 @@ from .runner import COLUMNS, OPTIONAL_COLUMNS, is_eager_provider, read_csv
 
 _META_KEYS = ["date", "command", "commit", "worktree", "device", "gpu", "processor", "cores", "torch_threads", "torch",
               "triton", "python", "build_info", "read_GBps", "copy_GBps", "bw_ref_GBps", "quick", "kernels",
-              "skipped", "failed", "seconds"]
+              "failed", "seconds"]
 
 
 def _fmt(v) -> str:

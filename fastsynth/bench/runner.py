@@ -5,16 +5,20 @@ Every kernel benchmark is a module ``fastsynth/bench/<name>.py`` with
 ``run(quick=False, device="cpu") -> list[dict]`` (rows with the columns of ``COLUMNS``; see
 docs/DEVELOPING.md). This runner
 
-- imports the registered modules (a module that is not there yet is reported and skipped; a
-  kernel named explicitly on the command line that is not there is an error),
+- imports the registered modules (an unknown name is an error; an import error inside a
+  module propagates),
 - measures the machine's memory bandwidth in the same run (a large read and a large copy),
 - fills what a module left empty: ``GBps`` from ``bytes`` and ``median_ms``, the speed-up
   columns from the eager and torch.compile providers of the same case, and ``bw_frac``
   against the bandwidth measured here, so that every row of a CSV uses one reference,
 - writes ONE CSV per run with the machine, versions and commit as ``# key: value`` lines.
+
+``main(argv)`` is ``fastsynth bench`` (the CLI delegates to it) and ``python -m fastsynth.bench``;
+it imports neither the CLI nor anything beyond the benchmark modules it runs.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import math
@@ -47,28 +51,22 @@ OPTIONAL_COLUMNS = ["aten_ops", "peak_mem_MB"]
 
 
 class BenchmarkNotFound(LookupError):
-    """A kernel benchmark named explicitly is not registered or its module is absent."""
+    """A kernel benchmark named on the command line is not registered."""
 
 
 # ---------------------------------------------------------------------------------------------
 # module loading
 # ---------------------------------------------------------------------------------------------
 def load_benchmark(name: str, registry: dict[str, str] | None = None):
-    """The benchmark module of ``name``, or None when its module does not exist (yet).
-
-    Only a missing module of that exact name counts as absent: an import error inside an
-    existing benchmark module (a bug) propagates.
-    """
+    """The benchmark module of ``name``. Every registered module ships with fastsynth, so any
+    import error (a missing dependency included) is a bug and propagates."""
     registry = REGISTRY if registry is None else registry
     if name not in registry:
         raise BenchmarkNotFound(f"unknown kernel benchmark {name!r}; registered: {', '.join(registry)}")
-    path = registry[name]
-    try:
-        return importlib.import_module(path)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (exc.name == path or path.startswith(exc.name + ".")):
-            return None
-        raise
+    mod = importlib.import_module(registry[name])
+    if not callable(getattr(mod, "run", None)):
+        raise BenchmarkNotFound(f"{registry[name]} has no run(quick, device) function")
+    return mod
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,32 +149,18 @@ def run_suite(
     bandwidth_bytes: int | None = None,
     command: str | None = None,
 ) -> dict:
-    """Run the kernel benchmarks; returns {"rows", "csv", "meta", "skipped", "failed", "bandwidth"}.
+    """Run the kernel benchmarks; returns {"rows", "csv", "meta", "failed", "bandwidth"}.
 
     A benchmark whose run() raises is reported (traceback on the log, name and error in the
     CSV metadata and in "failed") and the others still run.
 
-    ``kernels``: registry names (None: all). Named kernels must exist; with None, absent
-    modules are reported and skipped.
+    ``kernels``: registry names (None: all); an unknown name raises ``BenchmarkNotFound``
+    before anything is timed.
     """
     registry = REGISTRY if registry is None else registry
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    explicit = bool(kernels)
     names = list(kernels) if kernels else list(registry)
-
-    modules, skipped = {}, []
-    for name in names:
-        mod = load_benchmark(name, registry)
-        if mod is None:
-            if explicit:
-                raise BenchmarkNotFound(
-                    f"kernel benchmark {name!r}: module {registry[name]} is not in this installation")
-            skipped.append(name)
-            log(f"fastsynth bench: {name}: no benchmark module {registry[name]} yet, skipped")
-            continue
-        if not callable(getattr(mod, "run", None)):
-            raise BenchmarkNotFound(f"{registry[name]} has no run(quick, device) function")
-        modules[name] = mod
+    modules = {name: load_benchmark(name, registry) for name in names}
 
     if bandwidth_bytes is None:
         bandwidth_bytes = (64 if quick else 256) * 2**20
@@ -212,7 +196,6 @@ def run_suite(
         "command": command or "fastsynth bench",
         "quick": quick,
         "kernels": ",".join(modules) or "none",
-        "skipped": ",".join(skipped) or "none",
         "failed": "; ".join(f"{k} ({v})" for k, v in failed.items()).replace("\n", " ") or "none",
         "read_GBps": f"{bw['read_GBps']:.2f}",
         "copy_GBps": f"{bw['copy_GBps']:.2f}",
@@ -234,7 +217,7 @@ def run_suite(
     if not rows:  # keep the header so the file still says what it would hold
         with open(path, "a") as f:
             f.write(",".join(COLUMNS) + "\n")
-    return {"rows": rows, "csv": path, "meta": meta, "skipped": skipped, "failed": failed, "bandwidth": bw}
+    return {"rows": rows, "csv": path, "meta": meta, "failed": failed, "bandwidth": bw}
 
 
 def _worktree_state() -> str:
@@ -274,3 +257,72 @@ TABLE_COLUMNS = COLUMNS + OPTIONAL_COLUMNS
 
 def table_columns(rows: list[dict]) -> list[str]:
     return [c for c in TABLE_COLUMNS if any(r.get(c, "") != "" for r in rows)] or COLUMNS
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: ``fastsynth bench`` and ``python -m fastsynth.bench``
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None, prog: str = "fastsynth bench") -> int:
+    """Run the benchmarks named in ``argv`` (all by default), print a table, write one CSV.
+    Exit status: 0, 1 when a benchmark failed, 2 for a usage error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=prog, description="Run the kernel benchmarks and write one CSV.")
+    p.add_argument("kernels", nargs="*", metavar="kernel",
+                   help=f"kernels to run (default: all registered: {', '.join(REGISTRY)})")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="small shape sets and few repetitions")
+    p.add_argument("--out", default="bench_results", help="folder for the CSV (and PNGs) (default bench_results)")
+    p.add_argument("--plot", action="store_true", help="also draw PNGs (needs matplotlib: fastsynth[plot])")
+    p.add_argument("--report", metavar="MD", default=None,
+                   help="also write a markdown report of this run (e.g. docs/BENCHMARKS.md)")
+    p.add_argument("--model", action="store_true",
+                   help="regenerate the GPU performance model docs/PERF_MODEL.md instead of timing")
+    p.add_argument("--list", action="store_true", help="list the registered kernels and their modules")
+    a = p.parse_args(argv)
+
+    if a.list:
+        for name, path in REGISTRY.items():
+            print(f"{name:16s} {path}")
+        return 0
+    if a.model:
+        from . import perf_model
+
+        return perf_model.main([])
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print(f"{prog} --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if a.plot:  # fail before timing anything, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"{prog} --plot: matplotlib is not installed; "
+                  "pip install \"fastsynth[plot]\" (or matplotlib)", file=sys.stderr)
+            return 2
+    command = (prog + " " + " ".join(argv)).strip()
+    try:
+        res = run_suite(a.kernels or None, device=a.device, quick=a.quick, out_dir=a.out, command=command)
+    except BenchmarkNotFound as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    rows = res["rows"]
+    if rows:
+        harness.print_table(rows, table_columns(rows))
+    else:
+        print(f"{prog}: no rows (every benchmark failed)")
+    print(f"\nbandwidth: read {res['bandwidth']['read_GBps']:.1f} GB/s, copy {res['bandwidth']['copy_GBps']:.1f} GB/s"
+          f" (bw_frac is relative to {res['meta']['bw_ref_GBps']} GB/s)")
+    if res["failed"]:
+        print(f"FAILED: {'; '.join(f'{k}: {v}' for k, v in res['failed'].items())}")
+    print(f"csv: {res['csv']}")
+    pngs = []
+    if a.plot:
+        from .plot import plot_csv
+
+        pngs = plot_csv(res["csv"], a.out)
+        for path in pngs:
+            print(f"png: {path}")
+    if a.report:
+        from . import report
+
+        print(f"report: {report.write(res['csv'], a.report, pngs)}")
+    return 1 if res["failed"] else 0
