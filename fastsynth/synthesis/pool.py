@@ -48,6 +48,7 @@ from .png import to_uint8, write_png
 
 EVICTION = ("fifo", "random", None)
 SAVE_FORMATS = ("shard", "png")
+STORAGES = ("device", "cuda", "cpu", "disk", None)
 
 _NUMBERED = re.compile(r"^(?:(\d+)-\d+\.png|shard_(\d+)\.npy)$")
 _DIR_LOCK = threading.Lock()
@@ -157,7 +158,16 @@ class DataPool:
     """Bounded on-device image pool with uniform sampling (see the module docstring)."""
 
     def __init__(self, capacity: int | None = None, eviction: str | None = "fifo", device="cpu",
-                 save_dir: str | None = None, save_format: str = "shard"):
+                 save_dir: str | None = None, save_format: str = "shard", storage: str | None = None,
+                 directory: str | None = None):
+        if storage not in STORAGES:
+            raise ValueError(f"DataPool: storage must be one of {STORAGES}, got {storage!r}")
+        if storage in ("cpu", "disk"):
+            raise NotImplementedError(f"DataPool: storage={storage!r} is not available yet")
+        if directory is not None and not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"DataPool: directory must be a path or None, got {type(directory).__name__}")
+        self.storage = "device"
+        self.directory = None if directory is None else os.fspath(directory)
         if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
             raise ValueError(f"DataPool: capacity must be a positive int or None, got {capacity!r}")
         if eviction not in EVICTION:
