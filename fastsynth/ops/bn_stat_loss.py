@@ -524,6 +524,7 @@ def bn_stat_loss_multi(
     mmt_rate: float = 0.0,
     weights: torch.Tensor | Sequence[float] | None = None,
     backend: str | None = None,
+    stats_hook=None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Summed BN-statistics loss of several layers: ``sum_l w_l R_l``.
 
@@ -532,6 +533,12 @@ def bn_stat_loss_multi(
     state. ``weights``: optional per-layer weights (e.g. NVlabs' first_bn_multiplier).
     Returns ``(loss, means, vars)`` with per-layer detached statistics. One statistics launch
     and one backward launch serve all layers.
+
+    ``stats_hook(means, vars, sizes, counts) -> (means, vars)``: optional; receives the batch
+    statistics of all layers as one flat (differentiable) buffer each, ``sizes`` (channels per
+    layer) and ``counts`` (elements per channel, N*H*W, per layer), and returns the statistics the
+    loss is computed from (and returned) instead, e.g. ``fastsynth.distributed.global_bn_stats``
+    for statistics over every rank's batch. None: the batch statistics, with no extra op.
     """
     if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
         raise TypeError(f"features must be a list of tensors, got {type(features).__name__}")
@@ -557,6 +564,29 @@ def bn_stat_loss_multi(
                      features[0] if i else None)
     _check_weights(weights, L)
     be = resolve_backend(backend, features[0].device, "bn_stat_loss_multi")
+    sizes = [int(x.shape[1]) for x in features]
+    if stats_hook is not None:
+        counts = [x.numel() // x.shape[1] for x in features]
+        if be == "reference":
+            per = [_reference_stats(x) for x in features]
+            mu_cat, var_cat = torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])
+        else:
+            mu_cat, var_cat = _stats_multi(list(features), be)
+        mu_cat, var_cat = stats_hook(mu_cat, var_cat, sizes, counts)
+        if be == "reference":
+            total = None
+            for i, (m, v) in enumerate(zip(mu_cat.split(sizes), var_cat.split(sizes))):
+                r = _reference_layer_loss(m, v, running_means[i], running_vars[i],
+                                          None if mmt_means is None else mmt_means[i],
+                                          None if mmt_vars is None else mmt_vars[i], float(mmt_rate))
+                if weights is not None:
+                    r = r * weights[i]
+                total = r if total is None else total + r
+            loss = total
+        else:
+            loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means,
+                                         mmt_vars, float(mmt_rate), weights)
+        return loss, list(mu_cat.detach().split(sizes)), list(var_cat.detach().split(sizes))
     if be == "reference":
         means, variances, total = [], [], None
         for i, x in enumerate(features):
@@ -571,7 +601,6 @@ def bn_stat_loss_multi(
             variances.append(v.detach())
         return total, means, variances
     mu_cat, var_cat = _stats_multi(list(features), be)
-    sizes = [int(x.shape[1]) for x in features]
     # the concatenated statistics feed the loss directly (no split + re-concatenation in autograd)
     loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means, mmt_vars,
                                  float(mmt_rate), weights)

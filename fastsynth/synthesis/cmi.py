@@ -62,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.contrastive_loss import contrastive_ce, instance_mean_multi
+from ..distributed import unwrap
 from .core import SynthCore, assign_grads, make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
 
@@ -290,8 +291,9 @@ class CMISynthesizer(SynthCore):
                  normalizer=None, device='cpu', distributed=False, *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 mem_bank=None, head=None, num_workers=None):
+                 mem_bank=None, head=None, num_workers=None, bn_stats="global", pool_device=None, pool_dir=None):
         super().__init__(teacher, student)
+        generator = unwrap(generator)
         owner = type(self).__name__
         img_size = check_synthesizer_args(
             owner, teacher=teacher, num_classes=num_classes, img_size=img_size,
@@ -335,7 +337,8 @@ class CMISynthesizer(SynthCore):
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=False, aug_padding=4, aug_flip=True)
+                         compile=compile, cuda_graph=False, aug_padding=4, aug_flip=True, bn_stats=bn_stats,
+                         pool_device=pool_device, pool_dir=pool_dir)
         if cuda_graph:
             warn_once("cmi_cuda_graph", "fastsynth: CMISynthesizer does not capture CUDA graphs (z and the "
                       "generator are re-initialised every call); cuda_graph=True runs the loop eagerly")
@@ -347,7 +350,8 @@ class CMISynthesizer(SynthCore):
                 raise ValueError(f"{owner}: feature_layers=None hooks the teacher's BatchNorm2d inputs and the "
                                  f"teacher has none; pass feature_layers")
         self._augment_on = bool(augment)
-        self.generator = generator.to(self.device).train()
+        # rank 0's weights everywhere: with feature_reuse the generator is learned across rounds
+        self.generator = self._share_generator(generator.to(self.device)).train()
         # the hooked channel count: one probe forward, as upstream
         cmi_dim = self._probe_dim(owner, layers)
         self.cmi_dim = cmi_dim
@@ -355,7 +359,7 @@ class CMISynthesizer(SynthCore):
         self.mem_bank = mem_bank if mem_bank is not None else \
             MemoryBank(self.device, max_size=bank_size, dim_feat=2 * cmi_dim, generator=bank_rng)
         self.head = head if head is not None else MLPHead(cmi_dim, head_dim)
-        self.head = self.head.to(self.device).train()
+        self.head = self._share_generator(self.head.to(self.device)).train()  # learned across rounds
         self._check_bank_head(owner)
         self.optimizer_head = make_adam(self.head.parameters(), self.lr_g, (0.9, 0.999), self.device)
         if init_dataset is not None:
@@ -552,6 +556,10 @@ class CMISynthesizer(SynthCore):
                 with nvtx_range("backward", self._nvtx):
                     wrt = params + (head_params if cr_on else [])
                     assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
+                if self._dist:
+                    # what is learned across rounds (the head; the generator with feature_reuse)
+                    # is averaged across ranks in one all_reduce; z and a per-round generator stay per rank
+                    self._average_grads((params[:-1] if self.feature_reuse else []) + (head_params if cr_on else []))
                 with nvtx_range("step", self._nvtx):
                     optimizer.step()
                     if cr_on:
@@ -593,7 +601,7 @@ class CMISynthesizerCMI(CMISynthesizer):
                  normalizer=None, device='cpu', distributed=False, *, feature_reuse=False,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 mem_bank=None, head=None, num_workers=None):
+                 mem_bank=None, head=None, num_workers=None, bn_stats="global", pool_device=None, pool_dir=None):
         super().__init__(teacher, student, generator, nz, num_classes, img_size, feature_reuse,
                          feature_layers, bank_size, n_neg, head_dim, init_dataset, iterations, lr_g,
                          progressive_scale, synthesis_batch_size, sample_batch_size, adv, bn, oh, cr, cr_T,
@@ -601,4 +609,4 @@ class CMISynthesizerCMI(CMISynthesizer):
                          augment=augment, pool_capacity=pool_capacity, pool_eviction=pool_eviction,
                          save_images=save_images, save_format=save_format, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=cuda_graph, mem_bank=mem_bank, head=head,
-                         num_workers=num_workers)
+                         num_workers=num_workers, bn_stats=bn_stats, pool_device=pool_device, pool_dir=pool_dir)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as _dist
 from .. import fuse as _fuse
 from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
 from ..ops.logit_losses import synthesis_logit_loss
@@ -34,6 +35,11 @@ from .base import BaseSynthesis
 from .pool import DataPool, save_options
 
 _WARNED: set = set()
+
+
+def global_stats_hook(means, variances, sizes, counts):
+    """``BNCapture.stats_hook`` of ``bn_stats='global'``: statistics over every rank's batch."""
+    return _dist.global_bn_stats(means, variances, counts, sizes)
 
 
 def warn_once(key: str, msg: str) -> None:
@@ -113,6 +119,12 @@ class BNCapture:
     the BN inputs, and ``loss()`` passes all of them to one ``bn_stat_loss_multi`` call.
     Either way statistics are produced only between ``activate()`` and ``deactivate()``.
 
+    ``stats_hook`` (None, or e.g. the synthesizers' global-statistics hook under
+    torch.distributed; see ``bn_stat_loss_multi``): maps the flat batch statistics of all layers
+    to the ones the loss uses. With the fused teacher the element count of every layer is given
+    as the batch rows N (recorded by a forward pre-hook on the teacher while active): the merge
+    weighs ranks by count ratios, and H*W of a layer is the same on every rank.
+
     Momentum (``mmt_rate`` = bn_mmt): ``update_mmt()`` folds the detached statistics of the last
     forward into (mu_bar, var_bar) as upstream's ``DeepInversionHook.update_mmt`` does; the
     buffers are created on the first call and updated in place afterwards.
@@ -139,6 +151,14 @@ class BNCapture:
         self.last_means: list | None = None
         self.last_vars: list | None = None
         self._op = bn_stat_loss_multi
+        self.stats_hook = None
+        self._rows = None  # batch rows of the last teacher forward (fused path with stats_hook)
+        self._row_handle = None
+
+    def _record_rows(self, module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if torch.is_tensor(x):
+            self._rows = int(x.shape[0])
 
     # -- activation
     def _hook(self, module, inputs, output):
@@ -148,6 +168,8 @@ class BNCapture:
         self._features = []
         if self.fuse is not None:
             self.fuse.set_stats_enabled(self.teacher, True)
+            if self.stats_hook is not None and self._row_handle is None:
+                self._row_handle = self.teacher.register_forward_pre_hook(self._record_rows, with_kwargs=True)
         elif not self._handles:
             self._handles = [m.register_forward_hook(self._hook) for m in self.bns]
 
@@ -158,6 +180,9 @@ class BNCapture:
             h.remove()
         self._handles = []
         self._features = []
+        if self._row_handle is not None:
+            self._row_handle.remove()
+            self._row_handle = None
 
     # -- loss
     @property
@@ -171,15 +196,26 @@ class BNCapture:
         rate = self.mmt_rate if self.mmt_active else 0.0
         if self.fuse is not None:
             means, variances, rms, rvs = self.fuse.bn_statistics(self.teacher)
+            if self.stats_hook is not None:
+                if self._rows is None:
+                    raise RuntimeError("BNCapture: no teacher forward recorded its batch size since activate()")
+                sizes = [int(m.numel()) for m in means]
+                mu, var = self.stats_hook(torch.cat([m.reshape(-1) for m in means]),
+                                          torch.cat([v.reshape(-1) for v in variances]), sizes,
+                                          [self._rows] * len(sizes))
+                means, variances = mu.split(sizes), var.split(sizes)
             loss = loss_from_stats(means, variances, rms, rvs, mm, mv, rate, self.weights, scale=scale)
         else:
             feats, self._features = self._features, []
             if len(feats) != len(self.bns):
                 raise RuntimeError(f"BNCapture: expected {len(self.bns)} BatchNorm inputs in one teacher "
                                    f"forward, got {len(feats)}")
-            loss, means, variances = self._op(
-                feats, [m.running_mean for m in self.bns], [m.running_var for m in self.bns],
-                mm, mv, rate, self.weights)
+            rms, rvs = [m.running_mean for m in self.bns], [m.running_var for m in self.bns]
+            if self.stats_hook is None:  # the single-process call, unchanged
+                loss, means, variances = self._op(feats, rms, rvs, mm, mv, rate, self.weights)
+            else:
+                loss, means, variances = self._op(feats, rms, rvs, mm, mv, rate, self.weights,
+                                                  stats_hook=self.stats_hook)
             if scale != 1.0:
                 loss = loss * scale
         self.last_means, self.last_vars = list(means), list(variances)
@@ -312,7 +348,7 @@ class SynthCore(BaseSynthesis):
     _STATE_SKIP = frozenset({"teacher", "student", "data_pool", "_student_fwd", "_student_view", "_compiled",
                              "_graphs", "_graph_values", "loss_log", "log_losses", "last_dropped", "compile",
                              "cuda_graph", "_graph_mode", "_nvtx", "use_fp16", "_options", "_compile_options",
-                             "data_iter", "_fuse_student"})
+                             "data_iter", "_fuse_student", "_dist", "_rank", "_world", "_global_stats"})
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -393,7 +429,7 @@ class SynthCore(BaseSynthesis):
         return {"format": STATE_FORMAT, "class": type(self).__name__, "options": dict(self._options),
                 "modules": modules, "buffers": buffers, "optimizers": optims, "tensors": tensors, "values": values,
                 "rngs": rngs, "captures": captures, "default_rng": default_rng, "pool": self.data_pool.state_dict(),
-                "extra": self._extra_state()}
+                "extra": self._extra_state(), "dist": {"rank": self._rank, "world_size": self._world}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``'s state into a synthesizer built with the same keyword options
@@ -404,6 +440,15 @@ class SynthCore(BaseSynthesis):
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
         if state["class"] != type(self).__name__:
             raise ValueError(f"{type(self).__name__}.load_state_dict: the state is of a {state['class']}")
+        saved_dist = state.get("dist", {"rank": 0, "world_size": 1})
+        if saved_dist["world_size"] != self._world:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state was saved with world size "
+                             f"{saved_dist['world_size']} (rank {saved_dist['rank']}), this process group has world "
+                             f"size {self._world}; resume with the same number of processes")
+        if saved_dist["rank"] != self._rank:
+            warn_once("load_rank", f"fastsynth: {type(self).__name__}.load_state_dict: loading rank "
+                                   f"{saved_dist['rank']}'s state on rank {self._rank}; its random streams are rank "
+                                   f"{saved_dist['rank']}'s (save and load each rank's own state)")
         saved, now_opts = state["options"], self._options
         for k in sorted(set(saved) | set(now_opts)):
             a, b = saved.get(k, "<absent>"), now_opts.get(k, "<absent>")
@@ -472,7 +517,28 @@ class SynthCore(BaseSynthesis):
     # ---------------------------------------------------------------- setup
     def _setup_core(self, *, img_size, normalizer, device, bn_mmt, transform, autocast, use_fp16,
                     save_dir, save_images, save_format, pool_capacity, pool_eviction, augment,
-                    fuse_teacher, seed, compile, cuda_graph, aug_padding=4, aug_flip=True, bn_weights=None):
+                    fuse_teacher, seed, compile, cuda_graph, aug_padding=4, aug_flip=True, bn_weights=None,
+                    bn_stats="global", pool_device=None, pool_dir=None):
+        if bn_stats not in ("global", "per_rank"):
+            raise ValueError(f"{type(self).__name__}: bn_stats must be 'global' (BN statistics over every rank's "
+                             f"batch) or 'per_rank', got {bn_stats!r}")
+        self.bn_stats = bn_stats
+        # the user's modules inside DDP wrappers: synthesis never runs a wrapper's forward (a
+        # DDP forward with frozen parameters would leave its reducer expecting a backward)
+        self.teacher = _dist.unwrap(self.teacher)
+        self._dist = _dist.is_distributed()
+        self._rank, self._world = _dist.rank(), _dist.world_size()
+        if getattr(self, "distributed", False) and not self._dist:
+            warn_once("distributed_no_group", "fastsynth: distributed=True, but no torch.distributed process group "
+                                              "with more than one process is initialised; synthesizing as one "
+                                              "process")
+        if self._dist:
+            # every rank its own random stream (z, labels, augmentation): seed + rank; without a
+            # seed, a seed drawn from the default generator (which the user may have seeded alike
+            # on every rank) plus the rank
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = _dist.rank_seed(int(seed))
         if device is None:  # upstream harnesses pass args.gpu, which may be None: follow the teacher
             p = next(self.teacher.parameters(), None)
             device = p.device if p is not None else "cpu"
@@ -491,7 +557,8 @@ class SynthCore(BaseSynthesis):
             self._cpu_rng = torch.Generator().manual_seed(int(seed) + 1) if self.device.type != "cpu" else self._rng
         save_images, save_format = save_options(save_images, save_format)  # save_images="png" too
         self.data_pool = DataPool(capacity=pool_capacity, eviction=pool_eviction, device=self.device,
-                                  save_dir=save_dir if save_images else None, save_format=save_format)
+                                  save_dir=save_dir if save_images else None, save_format=save_format,
+                                  storage=pool_device, directory=pool_dir)
         hw = tuple(img_size[-2:]) if img_size is not None else None
         self.aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
         # sample(): the upstream harness applies the dataset's train transform to pool images
@@ -505,6 +572,9 @@ class SynthCore(BaseSynthesis):
             norm = Normalizer(mean, std) if mean is not None else None
             self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
+        self._global_stats = self._dist and bn_stats == "global"
+        if self._global_stats:
+            self.capture.stats_hook = global_stats_hook
         # the student's eval-mode forward with conv+BN folded, other BN+ReLU through fused_bn (no
         # statistics) and add+ReLU joined, built on first use; the student module itself is not
         # changed (fuse.fused_eval_view)
@@ -520,6 +590,16 @@ class SynthCore(BaseSynthesis):
             warn_once("cuda_graph_cpu", "fastsynth: cuda_graph=True needs a CUDA device; running the inner "
                                         "steps eagerly on " + str(self.device))
             self.cuda_graph = False
+        if self._dist and self.cuda_graph:
+            # the gathers of global statistics and the gradient all_reduces run inside the steps;
+            # capturing collectives is not safe on every backend and version
+            warn_once("cuda_graph_dist", "fastsynth: cuda_graph=True under torch.distributed runs the inner steps "
+                                         "eagerly (collectives are not captured)")
+            self.cuda_graph = False
+        if self._global_stats and self.compile:
+            warn_once("compile_dist", "fastsynth: compile=True with bn_stats='global' under torch.distributed runs "
+                                      "the inner steps eagerly (the statistics gather is not traced)")
+            self.compile = False
         self._compiled: dict = {}
         self._graphs: dict = {}
         self._graph_values: dict = {}  # key -> the settings its graph was captured with
@@ -529,6 +609,22 @@ class SynthCore(BaseSynthesis):
         # per-step losses as device tensors (no sync), for curves and tests; eager/compile modes
         self.log_losses = False
         self.loss_log: list = []
+
+    # ---------------------------------------------------------------- torch.distributed
+    def _share_generator(self, generator: nn.Module) -> nn.Module:
+        """The user's generator (unwrapped from DDP) with rank 0's parameters and buffers on
+        every rank (one broadcast per dtype; nothing on one process)."""
+        generator = _dist.unwrap(generator)
+        if self._dist:
+            _dist.broadcast_module_(generator)
+        return generator
+
+    def _average_grads(self, params_or_grads) -> None:
+        """Under torch.distributed: gradients (of ``params``' ``.grad`` or the given buffers)
+        averaged across ranks in one flat all_reduce, before a step of an optimizer of what
+        every rank learns jointly. Nothing on one process."""
+        if self._dist:
+            _dist.average_gradients_(params_or_grads)
 
     # ---------------------------------------------------------------- helpers
     def _autocast_ctx(self):
@@ -578,7 +674,7 @@ class SynthCore(BaseSynthesis):
         """What computes the student's logits in synthesis: its fused eval view, or the student
         itself when fusion is off, impossible (no BatchNorm2d, untraceable) or when any of its
         modules carries hooks (checked on every synthesize() call; they run as written)."""
-        st = self.student
+        st = _dist.unwrap(self.student)
         if st is None or not self._fuse_student:
             return st
         if any(m._forward_hooks or m._forward_pre_hooks for m in st.modules()):

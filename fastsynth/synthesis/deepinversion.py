@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from ..ops.logit_losses import js_divergence
 from .augment import jitter_codes, jitter_flip
-from .core import BNCapture, SynthCore, make_adam, now, nvtx_range, warn_once
+from ..distributed import unwrap
+from .core import BNCapture, SynthCore, global_stats_hook, make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
 
 
@@ -86,7 +87,8 @@ class DeepInvSyntheiszer(SynthCore):
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
                  aug_padding=4, aug_flip=None, num_workers=None,
-                 first_bn_multiplier=1.0, tv_l2=0.0, l2_scale=0.0, lowres_iterations=0, adi_scale=0.0):
+                 first_bn_multiplier=1.0, tv_l2=0.0, l2_scale=0.0, lowres_iterations=0, adi_scale=0.0,
+                 bn_stats="global", pool_device=None, pool_dir=None):
         super().__init__(teacher, student)
         # upstream runs 0 iterations too (it returns the initial noise)
         img_size = check_synthesizer_args(
@@ -135,11 +137,14 @@ class DeepInvSyntheiszer(SynthCore):
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=False, aug_padding=aug_padding,
-                         aug_flip=True if aug_flip is None else aug_flip, bn_weights=bn_weights)
+                         aug_flip=True if aug_flip is None else aug_flip, bn_weights=bn_weights,
+                         bn_stats=bn_stats, pool_device=pool_device, pool_dir=pool_dir)
         # the student's BN term (-0.001 * its BN loss); without BatchNorm layers the term is 0,
         # as upstream's empty sum over student hooks
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules())
-        self.s_capture = BNCapture(self.student, fuse=False) if has_bn else None
+        self.s_capture = BNCapture(unwrap(self.student), fuse=False) if has_bn else None
+        if self.s_capture is not None and self._global_stats:
+            self.s_capture.stats_hook = global_stats_hook
         self._augment_on = augment
         self._js = js_divergence
         if normalizer is not None:
@@ -160,7 +165,7 @@ class DeepInvSyntheiszer(SynthCore):
             loss_bn = self.capture.loss()
             if adv_on or adi_on:
                 with nvtx_range("student", self._nvtx):
-                    s_out = self.student(x_aug)
+                    s_out = unwrap(self.student)(x_aug)  # never a DDP wrapper's forward
                 js = self._js(s_out, t_out, T=3)
             if adv_on and self.s_capture is not None:
                 loss_bn = loss_bn - 0.001 * self.s_capture.loss()

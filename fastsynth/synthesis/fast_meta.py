@@ -22,6 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..distributed import unwrap
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
@@ -89,8 +90,10 @@ class FastMetaSynthesizer(SynthCore):
                  warmup=10, reset_l0=0, reset_bn=0, bn_mmt=0,
                  is_maml=1, *, augment=True, pool_capacity=None, pool_eviction="fifo",
                  save_images=False, save_format="shard", fuse_teacher=True, seed=None,
-                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None, num_workers=None):
+                 compile=False, cuda_graph=False, aug_padding=4, aug_flip=None, num_workers=None,
+                 bn_stats="global", pool_device=None, pool_dir=None):
         super().__init__(teacher, student)
+        generator = unwrap(generator)  # clone()/reset_l0 act on the user's module, DDP-wrapped or not
         img_size = check_synthesizer_args(
             type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
             steps=("iterations", iterations, 1), batch=synthesis_batch_size, generator=generator, kind="latent",
@@ -118,8 +121,10 @@ class FastMetaSynthesizer(SynthCore):
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
-                         aug_flip=True if aug_flip is None else aug_flip)
-        self.generator = generator.to(self.device).train()
+                         aug_flip=True if aug_flip is None else aug_flip, bn_stats=bn_stats,
+                         pool_device=pool_device, pool_dir=pool_dir)
+        # the generator is learned jointly: rank 0's weights everywhere, gradients averaged
+        self.generator = self._share_generator(generator.to(self.device)).train()
         self._graph_mode = self.cuda_graph
         # persistent inner state: the module optimised in the inner loop, z, the inner optimiser
         if self._meta:
@@ -162,6 +167,9 @@ class FastMetaSynthesizer(SynthCore):
             self._track_best(loss, x, self._best_cost, self._best_x, first)
         with nvtx_range("backward", self._nvtx):
             grads = self._backward(loss, self._optimizer)  # param group 0: the fast generator, then z
+        if not self._meta:
+            # FastSynthesizer updates the shared generator itself (z stays per rank)
+            self._average_grads(self._optimizer.param_groups[0]["params"])
         with nvtx_range("step", self._nvtx):
             if meta_accumulate:
                 # first-order MAML: the slow generator's grad is the sum of the inner grads (one op)
@@ -236,6 +244,7 @@ class FastMetaSynthesizer(SynthCore):
 
     def _end_round(self):
         if self._meta and self.ismaml and self.iterations > 0:
+            self._average_grads(self._meta_grads)  # one all_reduce per round under torch.distributed
             for p, g in zip(self.generator.parameters(), self._meta_grads):
                 p.grad = g
             self.meta_optimizer.step()
@@ -246,6 +255,7 @@ class FastMetaSynthesizer(SynthCore):
             with torch.no_grad():
                 for p, q in zip(self.generator.parameters(), self._fast.parameters()):
                     p.grad = (p - q) * REPTILE_SCALE
+            self._average_grads(self.generator.parameters())
             self.meta_optimizer.step()
 
     def synthesize(self, targets=None):
@@ -253,6 +263,7 @@ class FastMetaSynthesizer(SynthCore):
         self.ep += 1
         if self._meta and (self.ep == 120 + self.ep_start) and self.reset_l0:
             reset_l0(self.generator)
+            self._share_generator(self.generator)  # reset_l0 draws from each rank's default generator
         adv_on = self.adv > 0 and (self.ep >= self.ep_start)
         with self._synthesis_mode():
             self._begin_round(targets)

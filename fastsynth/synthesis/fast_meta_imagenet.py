@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import unwrap
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .fast_meta import _copy_pairs, _drop_batch_counters, _module_tensors
 from .resized_crop import ResizedCropAugment, resized_crop_from_transform
@@ -124,8 +125,9 @@ class FastMetaSynthesizerForImageNet(SynthCore):
                  lr_diff=0, is_maml=1, *, augment=True, pool_capacity=None, pool_eviction="fifo",
                  save_images=False, save_format="shard", fuse_teacher=True, seed=None,
                  compile=False, cuda_graph=False, aug_scale=AUG_SCALE, aug_ratio=AUG_RATIO, aug_flip=True,
-                 z_meta_grad="grad", num_workers=None):
+                 z_meta_grad="grad", num_workers=None, bn_stats="global", pool_device=None, pool_dir=None):
         super().__init__(teacher, student)
+        generator = unwrap(generator)  # clone() acts on the user's module, DDP-wrapped or not
         owner = type(self).__name__
         # padding=None: the crop-fits-the-padded-image check of the 32px synthesizers does not
         # apply (a resized crop resamples); the spatial check below replaces it
@@ -169,14 +171,17 @@ class FastMetaSynthesizerForImageNet(SynthCore):
                          use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=cuda_graph, aug_padding=0, aug_flip=aug_flip)
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=0, aug_flip=aug_flip,
+                         bn_stats=bn_stats, pool_device=pool_device, pool_dir=pool_dir)
         hw = tuple(img_size[-2:])
         self.aug = ResizedCropAugment(normalizer, size=hw, scale=aug_scale, ratio=aug_ratio, flip=bool(aug_flip),
                                       enabled=augment)
         if rrc is not None:
             self.transform = transform
             self.sample_aug = rrc
-        self.generator = generator.to(self.device).train()
+        # the meta-generator is learned jointly: rank 0's weights everywhere, meta gradients
+        # averaged (the meta latent z stays per rank)
+        self.generator = self._share_generator(generator.to(self.device)).train()
         self._graph_mode = self.cuda_graph
         zshape = (synthesis_batch_size, nz, hw[0] // 16, hw[1] // 16)
         # the meta-learned latent (upstream's self.z) and its meta optimizer
@@ -341,6 +346,7 @@ class FastMetaSynthesizerForImageNet(SynthCore):
                 for p, q in zip(gen_params, self._fast.parameters()):
                     p.grad = p - q
                 self.z.grad = torch.zeros_like(self.z)
+        self._average_grads(gen_params)
         self.meta_optimizer.step()
 
     def synthesize(self, targets=None):

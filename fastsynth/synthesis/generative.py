@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import unwrap
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range
 
 __all__ = ["GenerativeSynthesizer", "GENERATIVE_METHODS"]
@@ -104,8 +105,9 @@ class GenerativeSynthesizer(SynthCore):
                  adv=0, bn=0, oh=0, act=0, balance=0, criterion=None,
                  normalizer=None, device='cpu',
                  autocast=None, use_fp16=False, distributed=False, *,
-                 fuse_teacher=True, seed=None, compile=False, cuda_graph=False):
+                 fuse_teacher=True, seed=None, compile=False, cuda_graph=False, bn_stats="global"):
         super().__init__(teacher, student)
+        generator = unwrap(generator)
         if not isinstance(img_size, (tuple, list)) or len(img_size) != 3:
             raise ValueError(f"GenerativeSynthesizer: img_size must be a 3-tuple (C, H, W), got {img_size!r}")
         for name, v in (("nz", nz), ("iterations", iterations), ("synthesis_batch_size", synthesis_batch_size),
@@ -141,8 +143,9 @@ class GenerativeSynthesizer(SynthCore):
                          transform=None, autocast=autocast, use_fp16=use_fp16, save_dir=None,
                          save_images=False, save_format="shard", pool_capacity=None, pool_eviction="fifo",
                          augment=False, fuse_teacher=fuse_teacher, seed=seed, compile=compile,
-                         cuda_graph=cuda_graph)
-        self.generator = generator.to(self.device)
+                         cuda_graph=cuda_graph, bn_stats=bn_stats)
+        # learned jointly: rank 0's weights everywhere, gradients averaged before each step
+        self.generator = self._share_generator(generator.to(self.device))
         _check_generator(self.generator, nz, self.img_size)
         self.generator.train()
         self._graph_mode = self.cuda_graph
@@ -209,6 +212,7 @@ class GenerativeSynthesizer(SynthCore):
         self._log(loss)
         with nvtx_range("backward", self._nvtx):
             self._backward(loss, self.optimizer)
+        self._average_grads(self.generator.parameters())
         with nvtx_range("step", self._nvtx):
             self.optimizer.step()
         if self._graph_mode:

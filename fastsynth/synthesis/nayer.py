@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import unwrap
+from ..nn.generators import NoisyLayers
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
@@ -80,8 +82,10 @@ class NAYER(SynthCore):
                  cr_loop=1, g_life=50, g_loops=1, gwp_loops=10, dataset="cifar10", *,
                  augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
                  save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 aug_padding=4, aug_flip=None, num_workers=None):
+                 aug_padding=4, aug_flip=None, num_workers=None, bn_stats="global", pool_device=None,
+                 pool_dir=None):
         super().__init__(teacher, student)
+        generator = unwrap(generator)  # reinit()/re_init_le() are the user's module's, DDP-wrapped or not
         if isinstance(cr_loop, bool) or not isinstance(cr_loop, (int, float)) or not cr_loop > 0:
             raise ValueError(f"NAYER: cr_loop must be a positive number, got {cr_loop!r}")
         img_size = check_synthesizer_args(
@@ -114,8 +118,8 @@ class NAYER(SynthCore):
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
                          compile=compile, cuda_graph=cuda_graph, aug_padding=aug_padding,
-                         aug_flip=aug_flip)
-        self.generator = generator.to(self.device).train()
+                         aug_flip=aug_flip, bn_stats=bn_stats, pool_device=pool_device, pool_dir=pool_dir)
+        self.generator = self._share_nayer_generator(generator.to(self.device)).train()
         self._targets = torch.zeros(self.synthesis_batch_size, dtype=torch.long, device=self.device)
         self._best_cost = torch.full((), float("inf"), device=self.device)
         self._best_oh = torch.full((), float("inf"), device=self.device)
@@ -166,6 +170,8 @@ class NAYER(SynthCore):
             torch.minimum(self._best_oh, loss_oh, out=self._best_oh)
         with nvtx_range("backward", self._nvtx):
             self._backward(loss, self._optimizer)
+        if self._dist:
+            self._average_grads(self._shared_params)
         with nvtx_range("step", self._nvtx):
             self._optimizer.step()
         if self.cuda_graph:
@@ -180,8 +186,24 @@ class NAYER(SynthCore):
             ts += [v for v in st.values() if torch.is_tensor(v)]
         return ts
 
+    def _share_nayer_generator(self, generator: nn.Module) -> nn.Module:
+        """Under torch.distributed: rank 0's generator on every rank, except that each rank's
+        noisy layers draw their own re-initialisations (their seed buffers are offset by
+        rank * 2**40, far beyond the one-per-loop advance), so that two ranks given the same labels
+        still synthesize different images; the noisy layers are per rank and their gradients
+        are not averaged (``_shared_params``). Unwraps DDP."""
+        generator = self._share_generator(generator)
+        noisy = [m for m in generator.modules() if isinstance(m, NoisyLayers)]
+        if self._dist:
+            with torch.no_grad():
+                for m in noisy:
+                    m.seed.add_(self._rank * 2**40)
+        noisy_ids = {id(p) for m in noisy for p in m.parameters()}
+        self._shared_params = [p for p in generator.parameters() if id(p) not in noisy_ids]
+        return generator
+
     # the optimizer's owner is the generator itself (saved once, as "generator")
-    _STATE_SKIP = SynthCore._STATE_SKIP | {"_opt_owner"}
+    _STATE_SKIP = SynthCore._STATE_SKIP | {"_opt_owner", "_shared_params"}
 
     def _prepare_load(self, state: dict) -> None:
         # the saved run had built its Adam (first round done): build it over this generator
@@ -225,7 +247,7 @@ class NAYER(SynthCore):
         if (self.ep - self.ep_start) % self.g_life == 0 or self.ep % self.g_life == 0:
             g = self.generator.reinit()
             if isinstance(g, nn.Module):
-                self.generator = g.to(self.device).train()
+                self.generator = self._share_nayer_generator(g.to(self.device)).train()
         loops = self.gwp_loops if self.ep < self.ep_start else self.g_loops
         self.ep += 1
         if loops == 0:
