@@ -12,11 +12,22 @@ Build without build isolation so the installed torch is the one compiled against
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def version() -> str:
+    """The version is written once, as ``__version__`` in fastsynth/__init__.py; read it as text
+    (importing fastsynth here would need the extension this script builds)."""
+    with open(os.path.join(ROOT, "fastsynth", "__init__.py")) as f:
+        m = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
+    if m is None:
+        raise RuntimeError("setup.py: fastsynth/__init__.py has no line __version__ = \"X.Y.Z\"")
+    return m.group(1)
 
 
 def _rel(paths):
@@ -46,7 +57,7 @@ def _extension():
     # C++17), so forcing one here would break the build on a newer torch.
     # -fno-math-errno: no C++ code here reads errno, and with it sqrt is one instruction that
     # vectorises (the Philox Box-Muller loops of csrc/cpu/reinit.cpp run 2x faster).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DFASTSYNTH_WITH_CPU"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
     sanitize = os.environ.get("FASTSYNTH_SANITIZE", "").lower() in ("1", "true", "on")
     if sanitize:
@@ -97,7 +108,7 @@ ext_modules, cmdclass = _extension()
 
 setup(
     name="fastsynth",
-    version="0.1.0",
+    version=version(),
     description="Fused kernels and drop-in synthesizers for data-free knowledge distillation",
     packages=[
         "fastsynth",

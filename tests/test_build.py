@@ -90,3 +90,41 @@ def test_torch_lower_bound_is_the_tested_pin():
     assert pin.group(1).split(".")[:2] == bound.group(1).split(".")[:2], (bound.group(1), pin.group(1))
     assert not re.search(r'"-std=', setup_src), "setup.py must not force a C++ standard"
 
+
+
+def test_version_is_written_once_and_setup_reads_it():
+    """``__version__`` in fastsynth/__init__.py is the only copy: setup.py reads it (as text) and
+    the installed metadata agrees."""
+    import ast
+    import importlib.metadata
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    setup_src = open(os.path.join(root, "setup.py")).read()
+    tree = ast.parse(setup_src)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "version")
+    ns = {"os": os, "re": re, "ROOT": root}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    assert ns["version"]() == fastsynth.__version__
+    assert "version=version()" in setup_src
+    assert not re.search(r'version\s*=\s*["\']', setup_src), "setup.py must not write the version itself"
+    assert importlib.metadata.version("fastsynth") == fastsynth.__version__
+
+
+def test_every_macro_setup_defines_is_read_by_the_sources():
+    """A -D flag or define_macros entry that no source reads is dead configuration."""
+    import glob
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    setup_src = open(os.path.join(root, "setup.py")).read()
+    macros = set(re.findall(r'"-D([A-Z_0-9]+)', setup_src)) | set(re.findall(r'\("([A-Z_0-9]+)", None\)', setup_src))
+    assert "FASTSYNTH_WITH_CUDA" in macros
+    sources = ""
+    for ext in ("cpp", "h", "cu", "cuh"):
+        for path in glob.glob(os.path.join(root, "csrc", "**", f"*.{ext}"), recursive=True):
+            sources += open(path).read()
+    for macro in macros:
+        assert re.search(rf"\b{macro}\b", sources), f"setup.py defines {macro}, which no source under csrc/ reads"

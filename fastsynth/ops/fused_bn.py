@@ -31,6 +31,8 @@ from ..backend import check_tensor, resolve_backend
 
 OP = "fused_bn"
 
+__all__ = ["fused_bn", "fused_bn_reference"]
+
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

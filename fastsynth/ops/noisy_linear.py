@@ -35,6 +35,8 @@ from .. import _ext
 from ..backend import check_tensor, resolve_backend
 
 OP = "noisy_linear"
+
+__all__ = ["noisy_linear", "noisy_linear_reference"]
 _CPU_DTYPES = (torch.float32, torch.float64)
 # With the backend chosen automatically, CPU tensors take the fused kernel up to this many rows
 # per layer and the batched GEMM above it: at nl = 10 (CIFAR-10) the fused kernel is about twice

@@ -43,6 +43,8 @@ from .. import _ext
 from ..backend import resolve_backend
 
 DISTS = ("normal", "uniform", "kaiming_uniform", "constant")
+
+__all__ = ["reinit_", "reinit_reference", "make_seed", "advance_seed_", "philox_draws"]
 _DIST_CODE = {"normal": 0, "uniform": 1, "kaiming_uniform": 1, "constant": 2}  # philox::Dist
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MASK32 = 0xFFFFFFFF
@@ -291,8 +293,11 @@ def _step_down(v: torch.Tensor) -> torch.Tensor:
     return stepped.view(v.dtype)
 
 
-def _reinit_reference(tensors: Sequence[torch.Tensor], seed: torch.Tensor, dists: Sequence[str],
-                      avals: Sequence[float], bvals: Sequence[float]) -> None:
+def reinit_reference(tensors: Sequence[torch.Tensor], seed: torch.Tensor, dists: Sequence[str],
+                     avals: Sequence[float], bvals: Sequence[float]) -> None:
+    """Eager oracle of ``reinit_`` (the ``reference`` backend): the same Philox draws and the same
+    float32 (float64 for float64 tensors) arithmetic as the kernels, written with torch ops, one
+    entry of ``dists``/``avals``/``bvals`` per tensor."""
     total = sum(t.numel() for t in tensors)
     normal = philox_draws(seed, total, "normal") if "normal" in dists else None
     uniform = philox_draws(seed, total, "uniform") if any(d in ("uniform", "kaiming_uniform") for d in dists) else None
@@ -366,7 +371,7 @@ def reinit_(tensors: Sequence[torch.Tensor], seed: torch.Tensor, dist: str | Seq
     with torch.no_grad():
         if be == "reference":
             n = len(tensors)
-            _reinit_reference(tensors, seed, dists * (n if len(dists) == 1 else 1),
+            reinit_reference(tensors, seed, dists * (n if len(dists) == 1 else 1),
                               avals * (n if len(avals) == 1 else 1), bvals * (n if len(bvals) == 1 else 1))
         elif be == "triton":
             torch.ops.fastsynth.reinit_triton(tensors, seed, [DISTS.index(d) for d in dists], avals, bvals)
