@@ -128,3 +128,19 @@ def test_every_macro_setup_defines_is_read_by_the_sources():
             sources += open(path).read()
     for macro in macros:
         assert re.search(rf"\b{macro}\b", sources), f"setup.py defines {macro}, which no source under csrc/ reads"
+
+
+def test_ops_all_lists_every_public_op_and_each_module_its_reference():
+    import importlib
+
+    import fastsynth.ops as ops
+
+    assert "fused_bn" in ops.__all__ and len(set(ops.__all__)) == len(ops.__all__)
+    for name in ops.__all__:
+        assert callable(getattr(ops, name)), name
+    # every op module exports its eager oracle under one name pattern: <op>_reference
+    for mod_name, ref in (("fused_bn", "fused_bn_reference"), ("noisy_linear", "noisy_linear_reference"),
+                          ("reinit", "reinit_reference"), ("logit_losses", "kd_loss_reference"),
+                          ("contrastive_loss", "contrastive_ce_reference")):
+        mod = importlib.import_module(f"fastsynth.ops.{mod_name}")
+        assert ref in mod.__all__ and callable(getattr(mod, ref)), (mod_name, ref)

@@ -234,3 +234,52 @@ def test_automatic_backend_fused_for_few_rows_per_layer_batched_gemm_above():
         assert (counter.counts.get("fastsynth.noisy_linear", 0) == 1) == fused, counter.counts
         assert (counter.counts.get("aten.baddbmm", 0) == 1) == (not fused), counter.counts
         torch.testing.assert_close(out, loop_reference(x, layers.weight, layers.bias, nl), rtol=1e-5, atol=1e-5)
+
+
+def test_route_is_the_documented_table():
+    from fastsynth.ops.noisy_linear import FUSED_MAX_NL, route
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    ext = _ext.has_extension()
+    for dtype in (torch.float32, torch.float64):
+        assert route(None, cpu, dtype, 10) == ("fused_cpu" if ext else "batched_gemm")
+        assert route(None, cpu, dtype, FUSED_MAX_NL + 1) == "batched_gemm"
+        assert route("reference", cpu, dtype, 10) == "batched_gemm"
+        if ext:
+            assert route("cpu", cpu, dtype, FUSED_MAX_NL + 1) == "fused_cpu"  # asked for: no size rule
+    for dtype in (torch.float16, torch.bfloat16):
+        assert route(None, cpu, dtype, 10) == "batched_gemm"
+    # CUDA tensors: cuBLAS's batched GEMM is the implementation (decided without a GPU present)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for nl in (1, 10, 1000):
+            assert route(None, cuda, dtype, nl) == "batched_gemm"
+    assert route("reference", cuda, torch.float32, 10) == "batched_gemm"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_backends_without_a_kernel_are_refused_not_rerouted(backend):
+    x, w, bias = _inputs(20, 2, 6, 5, dtype=torch.float32, requires_grad=(False, False, False))
+    with pytest.raises(ValueError, match=rf"backend='{backend}': noisy_linear has no {backend} kernel.*batched GEMM"):
+        noisy_linear(x, w, bias, 10, backend=backend)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backend_refuses_half_precision(dtype):
+    x, w, bias = _inputs(20, 2, 6, 5, dtype=dtype, requires_grad=(False, False, False))
+    with pytest.raises(TypeError, match=r"backend='cpu' needs float32 or float64 tensors"):
+        noisy_linear(x, w, bias, 10, backend="cpu")
+
+
+@pytest.mark.needs_cuda
+def test_cuda_runs_the_batched_gemm():
+    from fastsynth.bench.harness import AtenOpCounter
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, w, bias = (t.cuda() for t in _inputs(37, 4, 12, 9, dtype=torch.float32, requires_grad=(False, False, False)))
+    with AtenOpCounter() as counter:
+        out = noisy_linear(x, w, bias, 10)
+    assert counter.counts.get("aten.baddbmm", 0) == 1, counter.counts
+    ref = loop_reference(x.double(), w.double(), bias.double(), 10)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@
 // the M values into chunks, reduce each chunk to a Welford state (see welford.h) and merge the
 // chunk states in chunk order. Biased variance = m2 / M.
 //
-// Backward (spec section 1): with g_mu = dL/dmu_c and g_var = dL/dvar_c,
+// Backward (the loss of fastsynth/ops/bn_stat_loss.py): with g_mu = dL/dmu_c and g_var = dL/dvar_c,
 //     dL/da = g_mu / M + 2 g_var (a - mu) / M  =  scale * (a - mu) + shift,
 //     scale = 2 g_var / M,  shift = g_mu / M.
 // (a - mu) is formed before scaling: a + (shift - scale*mu) would cancel when |mu| >> std.

@@ -1,4 +1,5 @@
-"""Teacher/student divergences of a synthesis step and of student training, spec section 2.
+"""Teacher/student divergences of a synthesis step (Fast-Datafree's and NAYER's synthesizers) and of
+student training (their KD and JS losses); the formulas below are the whole definition.
 
 Notation: teacher logits t, student logits s (both [N, C]), targets y ([N], int64), p = softmax.
 

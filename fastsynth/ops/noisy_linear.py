@@ -1,4 +1,4 @@
-"""Batched noisy layers (NAYER, spec section 3): K Linear layers on consecutive row blocks.
+"""Batched noisy layers (NAYER's ``NLGenerator``): K Linear layers on consecutive row blocks.
 
 Math (x: [B, I], weight W: [K, I, O], bias: [K, O], B <= K * nl; row b goes through layer
 k = b // nl; the last block may be partial and layers k >= ceil(B / nl) are unused):
@@ -8,22 +8,33 @@ k = b // nl; the last block may be partial and layers k >= ceil(B / nl) are unus
     grad_W[k]     = x[rows of k]^T @ grad_out[rows of k]      (zero for unused layers)
     grad_bias[k]  = sum over the rows of k of grad_out         (zero for unused layers)
 
-Backends:
-  cpu        ``fastsynth::noisy_linear`` / ``noisy_linear_backward`` (csrc/cpu/noisy_linear.cpp),
-             float32 and float64. Each GEMM here has only nl rows (10 for CIFAR-10 against a 512 x
-             1000 weight), so the op is bound by streaming the weight: the forward reads W once;
-             the backward reads each weight row once and in the same sweep forms grad_x (dot
-             products with the layer's nl grad_out rows, held in cache) and writes the grad_W row
-             (where MKL runs grad_W as a GEMM of inner dimension nl, far below the bandwidth
-             floor). float16/bfloat16 CPU tensors take the reference below (no fp32-accumulating
-             CPU kernel for them), and so do layers of more than FUSED_MAX_NL rows unless
-             ``backend="cpu"`` is asked for: there each weight element serves enough rows for
-             MKL's GEMM to be the faster kernel.
-  reference  one ``torch.baddbmm(bias, x.view(kb, nl, I), W[:kb])`` over the kb layers in use
-             (x zero-padded to whole blocks; the padded rows' outputs are dropped), autograd by
-             torch. This is also the path on CUDA tensors: there cuBLAS's batched GEMM is the
-             right kernel (the K small GEMMs of the upstream loop become one launch, and the
-             GPU's bandwidth is not the limit at these sizes), so no CUDA/Triton kernel exists.
+Two implementations, chosen by ``route`` (the one place that decides):
+
+  "fused_cpu"     ``fastsynth::noisy_linear`` / ``noisy_linear_backward`` (csrc/cpu/noisy_linear.cpp),
+                  CPU tensors, float32 and float64. Each GEMM here has only nl rows (10 for
+                  CIFAR-10 against a 512 x 1000 weight), so the op is bound by streaming the
+                  weight: the forward reads W once; the backward reads each weight row once and in
+                  the same sweep forms grad_x (dot products with the layer's nl grad_out rows, held
+                  in cache) and writes the grad_W row (where MKL runs grad_W as a GEMM of inner
+                  dimension nl, far below the bandwidth floor).
+  "batched_gemm"  ``noisy_linear_reference``: one ``torch.baddbmm(bias, x.view(kb, nl, I), W[:kb])``
+                  over the kb layers in use (x zero-padded to whole blocks; the padded rows'
+                  outputs are dropped), autograd by torch.
+
+Routing (``backend``, then the tensors):
+
+  backend="cpu"        fused_cpu; a CPU float16/bfloat16 input is an error (the kernel has no
+                       fp32-accumulating path for them).
+  backend="reference"  batched_gemm, any device and dtype.
+  backend=None, CPU    fused_cpu for float32/float64 with nl <= FUSED_MAX_NL; batched_gemm above
+                       (each weight element then serves enough rows for MKL's GEMM to be the
+                       faster kernel), for float16/bfloat16, and without the extension.
+  backend=None, CUDA   batched_gemm on cuBLAS. This is the CUDA implementation by design, not a
+                       fallback: the K small GEMMs of the upstream loop become one launch, and at
+                       these sizes the GPU's bandwidth is not the limit, so a custom kernel would
+                       not beat cuBLAS.
+  backend="cuda" / "triton"  an error naming the above: noisy_linear has no CUDA or Triton kernel,
+                       and asking for one must not silently run something else.
 """
 from __future__ import annotations
 
@@ -36,7 +47,7 @@ from ..backend import check_tensor, resolve_backend
 
 OP = "noisy_linear"
 
-__all__ = ["noisy_linear", "noisy_linear_reference"]
+__all__ = ["noisy_linear", "noisy_linear_reference", "route"]
 _CPU_DTYPES = (torch.float32, torch.float64)
 # With the backend chosen automatically, CPU tensors take the fused kernel up to this many rows
 # per layer and the batched GEMM above it: at nl = 10 (CIFAR-10) the fused kernel is about twice
@@ -46,7 +57,7 @@ FUSED_MAX_NL = 32
 
 
 # ---------------------------------------------------------------------------------------------
-# reference (and the CUDA path)
+# reference (the batched GEMM: also the CUDA implementation)
 
 
 def noisy_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nl: int) -> torch.Tensor:
@@ -111,6 +122,29 @@ if _ext.has_extension():
 
 
 # ---------------------------------------------------------------------------------------------
+# routing
+
+
+def route(backend: str | None, device: torch.device, dtype: torch.dtype, nl: int) -> str:
+    """"fused_cpu" or "batched_gemm" for inputs on ``device`` of ``dtype`` with ``nl`` rows per
+    layer (the table of the module docstring). Raises for a backend noisy_linear does not have."""
+    if backend in ("cuda", "triton"):
+        raise ValueError(f"{OP}: backend={backend!r}: noisy_linear has no {backend} kernel; on CUDA tensors it runs "
+                         "cuBLAS's batched GEMM, which backend=None or backend='reference' selects")
+    if backend is None and device.type != "cpu":
+        return "batched_gemm"
+    be = resolve_backend(backend, device, OP)  # validates "cpu"/"reference"; None on CPU: "cpu" or "reference"
+    if be == "reference":
+        return "batched_gemm"
+    if dtype not in _CPU_DTYPES:
+        if backend == "cpu":
+            raise TypeError(f"{OP}: backend='cpu' needs float32 or float64 tensors, got {dtype} "
+                            "(backend=None or 'reference' runs the batched GEMM for it)")
+        return "batched_gemm"
+    return "fused_cpu" if backend == "cpu" or nl <= FUSED_MAX_NL else "batched_gemm"
+
+
+# ---------------------------------------------------------------------------------------------
 # public API
 
 
@@ -121,11 +155,11 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nl: 
     ``x``: [B, in_features] with B <= K * nl (the last block may be partial; layers past the
     batch are unused and get zero gradients), ``weight``: [K, in_features, out_features],
     ``bias``: [K, out_features]. Returns [B, out_features]; B = 0 gives an empty output.
-    ``backend``: "cpu" asks for the fused CPU kernel (float32/float64); every other backend, and
-    CUDA tensors, run the batched GEMM of the reference (no CUDA or Triton kernel exists).
+    ``backend``: None (automatic), "cpu" (the fused CPU kernel, float32/float64) or "reference"
+    (the batched GEMM, also what CUDA tensors run); "cuda" and "triton" are errors, as no such
+    kernel exists (``route`` and the module docstring give the whole table).
     """
     _validate(x, weight, bias, nl)
-    be = resolve_backend(backend, x.device, OP)
-    if be == "cpu" and x.dtype in _CPU_DTYPES and (backend == "cpu" or nl <= FUSED_MAX_NL):
+    if route(backend, x.device, x.dtype, nl) == "fused_cpu":
         return torch.ops.fastsynth.noisy_linear(x, weight, bias, int(nl))
     return noisy_linear_reference(x, weight, bias, int(nl))

@@ -1,4 +1,5 @@
-"""Fused in-place re-initialisation of a list of tensors (NAYER's noisy layers), spec section 3.
+"""Fused in-place re-initialisation of a list of tensors: NAYER re-initialises its noisy layers
+every synthesis step.
 
 ``reinit_(tensors, seed, dist="normal", a=0.0, b=1.0)`` fills every tensor of the list in place,
 in one kernel launch per backend (a multi-tensor kernel over a table of pointers and sizes):
