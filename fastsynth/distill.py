@@ -10,6 +10,13 @@ harnesses.
 - evaluation on a user test loader after each epoch (or every ``eval_every``), the best
   accuracy kept, checkpoints (student, optimizer, scheduler, epoch, best) written when asked;
 - a plain-text progress bar (no tqdm).
+
+Under an initialised process group the student may be a ``DistributedDataParallel``: its
+gradients are averaged over the ranks by DDP (each rank's loss is the mean over its slice of the
+batch, so the update is that of the global batch), rank 0's BatchNorm buffers are broadcast after
+every round of student updates (the synthesizers then evaluate the same student on every rank),
+the epoch's KD loss is averaged over the ranks, and the test loader is each rank's shard of the
+test set, its counts summed over the ranks (``evaluate(..., reduce=True)``).
 """
 from __future__ import annotations
 
@@ -53,9 +60,35 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _ddp_class():
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DistributedDataParallel
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (the model itself otherwise)."""
+    ddp = _ddp_class()
+    return model.module if ddp is not None and isinstance(model, ddp) else model
+
+
+def group_size() -> int:
+    """The world size of the initialised default process group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on (images, labels) batches."""
+def evaluate(model: nn.Module, loader: Iterable, device="cpu", reduce: bool = False) -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on (images, labels) batches.
+    ``reduce=True`` under an initialised process group: ``loader`` is this rank's shard and the
+    counts are summed over the ranks (one all_reduce), so every rank returns the accuracy on the
+    whole set. A DistributedDataParallel is evaluated through its module: DDP's forward would
+    broadcast buffers, a collective the ranks' unequal shards cannot match."""
+    model = unwrap(model)
     was = model.training
     model.eval()
     correct, total, loss = 0, 0, 0.0
@@ -66,7 +99,29 @@ def evaluate(model: nn.Module, loader: Iterable, device="cpu") -> dict:
         correct += int((out.argmax(1) == y).sum())
         total += y.numel()
     model.train(was)
+    if reduce and group_size() > 1:
+        import torch.distributed as dist
+
+        # float64 holds the counts exactly; on the device the backend reduces (NCCL: CUDA only)
+        dev = torch.device(device)
+        sums = torch.tensor([correct, total, loss], dtype=torch.float64,
+                            device=dev if dev.type == "cuda" else "cpu")
+        dist.all_reduce(sums)
+        correct, total, loss = int(sums[0]), int(sums[1]), float(sums[2])
     return {"acc": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank of a DistributedDataParallel:
+    DDP broadcasts them before each training forward, so after the last one every rank holds
+    statistics of its own batch; the synthesizers and the evaluation read them. No-op otherwise."""
+    ddp = _ddp_class()
+    if ddp is None or not isinstance(model, ddp) or group_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for b in model.module.buffers():
+        dist.broadcast(b.data, 0)
 
 
 def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.Tensor],
@@ -141,7 +196,8 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
             progress: bool = True, autocast=None, log: Callable[[str], None] | None = None,
             optimizer: torch.optim.Optimizer | None = None, scheduler=None, start_epoch: int = 0,
             history: dict | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
-            criterion: Callable | None = None) -> dict:
+            criterion: Callable | None = None, start_round: int = 0, round_state: dict | None = None,
+            on_round_end: Callable[[int, int, dict], None] | None = None) -> dict:
     """Data-free distillation of ``student`` from ``teacher`` with ``synthesizer`` (any fastsynth or
     upstream-style synthesizer with synthesize()/sample()). Returns a history dict with the
     per-epoch accuracies, the best accuracy, the synthesis time and the total time.
@@ -151,12 +207,25 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
     ``on_epoch_end(epoch, info)`` is called after each epoch, after the scheduler step (so a
     checkpoint written there resumes exactly), with ``info`` = {"epoch": epochs done,
     "kd_loss", "acc" (None when not evaluated), "synthesis_s" (this epoch), "epoch_s",
-    "best_acc", "is_best", "lr", "optimizer", "scheduler", "history"}."""
+    "best_acc", "is_best", "lr", "optimizer", "scheduler", "history"}.
+
+    Inside an epoch: ``on_round_end(epoch, rounds_done, info)`` is called after each synthesis
+    round but the epoch's last (whose state is the epoch's), with ``info`` = {"round_state"
+    (what the rest of the epoch reads: its synthesis seconds so far and the last round's KD loss
+    tensor), "history"}; a run resumed there passes ``start_epoch`` = that epoch,
+    ``start_round`` = rounds_done and that ``round_state``.
+
+    ``student`` may be a DistributedDataParallel (see the module docstring); the evaluation and
+    the callbacks' view use its module."""
     ep_steps = kd_steps if ep_steps is None else ep_steps
     rounds = max(ep_steps // max(kd_steps, 1), 1)
+    if not 0 <= start_round < rounds:
+        raise ValueError(f"distill: start_round must be in [0, {rounds}) (synthesis rounds per epoch), "
+                         f"got {start_round}")
+    distributed = group_size() > 1 and unwrap(student) is not student
     if optimizer is None:
-        optimizer, scheduler = make_optimizer(student, epochs=epochs, warmup=warmup, lr=lr, momentum=momentum,
-                                              weight_decay=weight_decay, eta_min=eta_min)
+        optimizer, scheduler = make_optimizer(unwrap(student), epochs=epochs, warmup=warmup, lr=lr,
+                                              momentum=momentum, weight_decay=weight_decay, eta_min=eta_min)
     elif scheduler is None:
         raise ValueError("distill: an optimizer was given without its scheduler")
     bar = ProgressBar(epochs, prefix="distill ", enabled=progress)
@@ -165,34 +234,46 @@ def distill(synthesizer, student: nn.Module, teacher: nn.Module, *, epochs: int 
     start = time.time()
     for epoch in range(start_epoch, epochs):
         t_epoch = time.time()
-        synth_s = 0.0
-        kd_mean = None
-        for _ in range(rounds):
+        first = start_round if epoch == start_epoch else 0
+        synth_s, kd_mean = 0.0, None
+        if first and round_state is not None:
+            synth_s, kd_mean = float(round_state["synthesis_s"]), round_state["kd_mean"]
+        for r in range(first, rounds):
             res = synthesizer.synthesize()
             if res is not None and len(res) > 1 and isinstance(res[1], (int, float)):
                 synth_s += float(res[1])
             if epoch >= warmup:
                 kd_mean = kd_train(student, teacher, synthesizer.sample, optimizer, kd_steps, T, autocast, criterion)
+                sync_buffers(student)
+            if on_round_end is not None and r + 1 < rounds:
+                on_round_end(epoch, r + 1, {"round_state": {"synthesis_s": synth_s, "kd_mean": kd_mean},
+                                            "history": hist})
         hist["synthesis_s"] += synth_s
         text = ""
         kd_value = None
         if kd_mean is not None:
+            if distributed:  # the loss of the global batch: the mean of the ranks' means
+                import torch.distributed as dist
+
+                kd_mean = kd_mean.detach().clone()
+                dist.all_reduce(kd_mean)
+                kd_mean = kd_mean / group_size()
             kd_value = float(kd_mean)  # the one host read of the epoch
             hist["kd_loss"].append(kd_value)
             text = f"kd {kd_value:.3f} lr {optimizer.param_groups[0]['lr']:.4f}"
         acc, is_best = None, False
         if test_loader is not None and epoch >= warmup and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
-            acc = evaluate(student, test_loader, device)["acc"]
+            acc = evaluate(student, test_loader, device, reduce=distributed)["acc"]
             hist["acc"].append(acc)
             is_best = acc > hist["best_acc"]
             hist["best_acc"] = max(hist["best_acc"], acc)
             text += f" acc {acc:.2f}"
             if checkpoint is not None and (is_best or not save_best_only):
-                save_checkpoint(checkpoint, epoch=epoch + 1, state_dict=student.state_dict(),
+                save_checkpoint(checkpoint, epoch=epoch + 1, state_dict=unwrap(student).state_dict(),
                                 best_acc1=hist["best_acc"], optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict())
         elif checkpoint is not None and not save_best_only:
-            save_checkpoint(checkpoint, epoch=epoch + 1, state_dict=student.state_dict(),
+            save_checkpoint(checkpoint, epoch=epoch + 1, state_dict=unwrap(student).state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
         bar.update(epoch + 1, text)
         if log is not None and text:

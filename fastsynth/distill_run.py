@@ -31,6 +31,7 @@ import io
 import os
 import pickle
 import random
+import re
 import sys
 import time
 
@@ -119,7 +120,8 @@ def _load_imagefolder(cfg: dict, path: str):
         from PIL import Image
     except ImportError:
         raise ImportError("--dataset imagefolder: reading images needs Pillow (pip install pillow)") from None
-    side = cfg["img_size"] or 32
+    # torchvision's ImageNet models were trained on 224x224 crops
+    side = cfg["img_size"] or (224 if str(cfg["teacher"]).startswith(rc.TORCHVISION_PREFIX) else 32)
     xs, ys = [], []
     for file, label in files:
         with Image.open(file) as im:
@@ -202,7 +204,11 @@ def load_into(model: nn.Module, state: dict, flag: str, arch: str, path: str) ->
 def build_teacher(cfg: dict, data: EvalData) -> nn.Module:
     from . import demo
 
-    teacher = rc.build_model(cfg["teacher"], "--teacher", data.num_classes, data.shape[0])
+    torchvision_weights = cfg["teacher"].startswith(rc.TORCHVISION_PREFIX) and not cfg["teacher_ckpt"]
+    teacher = rc.build_model(cfg["teacher"], "--teacher", data.num_classes, data.shape[0],
+                             pretrained=torchvision_weights)
+    if torchvision_weights:
+        return teacher.eval()
     path = cfg["teacher_ckpt"] or demo.TEACHER_PATH
     load_into(teacher, read_state_dict(path), "--teacher-ckpt", cfg["teacher"], path)
     return teacher.eval()
@@ -330,36 +336,77 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def checkpoints(out: str) -> list:
-    """``[(epochs done, path)]`` of the checkpoints in ``out``, newest first (temporary files of an
-    interrupted write are never listed: they do not carry the final name)."""
+_CKPT_RE = re.compile(r"^ckpt-(\d{5,})(?:-(\d{4,}))?(?:\.rank(\d+))?\.pt$")
+
+
+def checkpoint_name(epoch: int, rounds: int = 0, rank: int | None = None) -> str:
+    """``ckpt-EEEEE.pt`` after epoch E; ``ckpt-EEEEE-RRRR.pt`` after R synthesis rounds of epoch
+    E + 1 (``--ckpt-every``); ``.rankN`` before ``.pt``: rank N's part of a multi-process one."""
+    return f"ckpt-{epoch:05d}" + (f"-{rounds:04d}" if rounds else "") + (f".rank{rank}" if rank is not None else "") \
+        + ".pt"
+
+
+def _checkpoint_files(out: str) -> list:
     folder = os.path.join(out, CKPT_DIR)
     if not os.path.isdir(folder):
         return []
     found = []
     for f in os.listdir(folder):
-        if f.startswith("ckpt-") and f.endswith(".pt") and f[5:-3].isdigit():
-            found.append((int(f[5:-3]), os.path.join(folder, f)))
-    return sorted(found, reverse=True)
+        m = _CKPT_RE.match(f)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2) or 0), None if m.group(3) is None else int(m.group(3)),
+                          os.path.join(folder, f)))
+    return found
+
+
+def checkpoints(out: str) -> list:
+    """``[(epochs done, rounds done in the next epoch, path)]`` of the checkpoints in ``out``,
+    newest first (temporary files of an interrupted write are never listed: they do not carry
+    the final name; ranks' parts are not listed)."""
+    return sorted(((e, r, p) for e, r, k, p in _checkpoint_files(out) if k is None), reverse=True)
 
 
 def load_newest_checkpoint(out: str, log=print):
-    for epoch, path in checkpoints(out):
+    for epoch, rounds, path in checkpoints(out):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("complete") and state.get("epoch") == epoch:
+            if state.get("complete") and state.get("epoch") == epoch and state.get("round", 0) == rounds:
                 return state, path
         except Exception as exc:  # a damaged file (disk error): fall back to the one before
             log(f"[distill] skipping unreadable checkpoint {path} ({type(exc).__name__}: {exc})")
     return None, None
 
 
+def rank_part(path: str, rank: int) -> str:
+    """The file of rank ``rank``'s part of the checkpoint ``path``."""
+    return path[:-len(".pt")] + f".rank{rank}.pt"
+
+
 def write_checkpoint(out: str, state: dict, keep: int) -> str:
-    path = os.path.join(out, CKPT_DIR, f"ckpt-{state['epoch']:05d}.pt")
+    """Rank 0's file (the whole checkpoint on one process), atomically; then only the newest
+    ``keep`` checkpoints stay, with their ranks' parts. Written last: its presence says every
+    rank's part is on disk."""
+    path = os.path.join(out, CKPT_DIR, checkpoint_name(state["epoch"], state.get("round", 0)))
     _distill.save_checkpoint(path, **state, complete=True)
-    for _, old in checkpoints(out)[keep:]:
-        os.remove(old)
+    kept = checkpoints(out)[:keep]
+    newest = kept[0][:2]
+    names = {(e, r) for e, r, _ in kept}
+    for e, r, k, old in _checkpoint_files(out):
+        # parts newer than the newest checkpoint belong to one being written: left alone
+        if (e, r) not in names and (e, r) < newest:
+            os.remove(old)
     return path
+
+
+def write_rank_part(out: str, epoch: int, rounds: int, rank: int, world: int, local: dict) -> str:
+    path = os.path.join(out, CKPT_DIR, checkpoint_name(epoch, rounds, rank))
+    return _distill.save_checkpoint(path, **local, epoch=epoch, round=rounds, rank=rank, world_size=world,
+                                    complete=True)
+
+
+def remove_checkpoints(out: str) -> None:
+    for *_, path in _checkpoint_files(out):
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -455,50 +502,153 @@ def _tensorboard(out: str, log):
     return SummaryWriter(os.path.join(out, "tb"))
 
 
-# ----------------------------------------------------------------------------- the run
-def resolve_device(name: str) -> torch.device:
+# ----------------------------------------------------------------------------- processes
+def rank_world() -> tuple:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local_rank(rank: int) -> int:
+    """The process's index on its machine: torchrun's LOCAL_RANK, else the rank modulo the GPUs."""
+    env = os.environ.get("LOCAL_RANK")
+    if env is not None and env.strip().isdigit():
+        return int(env)
+    return rank % max(torch.cuda.device_count(), 1)
+
+
+def resolve_device(name: str, world: int = 1, rank: int = 0) -> torch.device:
+    """``--device`` as a torch.device; with several processes a GPU device is cuda:LOCAL_RANK
+    (one process per GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available")
+    if dev.type == "cuda" and world > 1:
+        local = _local_rank(rank)
+        if dev.index is not None and dev.index != local:
+            raise ConfigError(f"--device {name}: with {world} processes each one takes cuda:LOCAL_RANK "
+                              f"(this one cuda:{local}); pass --device cuda or auto")
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: local rank {local} has no GPU ({torch.cuda.device_count()} "
+                              f"visible); start at most one process per GPU (torchrun --nproc_per_node)")
+        dev = torch.device("cuda", local)
     return dev
 
 
+def init_distributed_from_env(device_name: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) and without a process group yet:
+    initialise the default group from the environment, NCCL when the run's device is a GPU and
+    gloo otherwise, and make cuda:LOCAL_RANK this process's device. Returns whether it
+    initialised one (the caller then destroys it)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit():
+        raise ConfigError(f"WORLD_SIZE={world!r} in the environment: expected the number of processes")
+    world = int(world)
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ConfigError("torchrun: this torch build has no torch.distributed; run one process")
+    if dist.is_initialized():
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    dev = resolve_device(device_name, world, rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return True
+
+
+def _split_batches(cfg: dict, world: int) -> dict:
+    """The settings of one rank: the global synthesis and KD batches divided by the world size."""
+    if world == 1:
+        return cfg
+    for name in ("synthesis_batch_size", "batch_size"):
+        if cfg[name] % world:
+            raise ConfigError(f"--{name.replace('_', '-')} {cfg[name]}: not divisible by the {world} processes "
+                              f"(torchrun --nproc_per_node): each process takes an equal slice of the global batch")
+    return dict(cfg, synthesis_batch_size=cfg["synthesis_batch_size"] // world, batch_size=cfg["batch_size"] // world)
+
+
+def _broadcast_object(obj, rank: int, world: int):
+    """Rank 0's ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the run
 def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, progress: bool | None = None,
         save_outputs: bool = True) -> dict:
     """One data-free run with the resolved settings ``cfg`` (``run_config.resolve``), outputs in
     ``cfg["out"]``. ``resume``: "auto" (continue from a checkpoint when there is one), "require"
     (``--resume``: an error without one) or "never" (start over, discarding old checkpoints).
-    Returns the accuracies, times, the synthesizer and the student."""
+    Returns the accuracies, times, the synthesizer and the (unwrapped) student.
+
+    Under an initialised default process group of several processes (torchrun; see
+    ``init_distributed_from_env``) every rank calls ``run`` with the same settings: each
+    synthesizes and trains on its slice of the global batches, the student is a
+    DistributedDataParallel, rank 0 alone writes the outputs and prints."""
     if resume not in ("auto", "require", "never"):
         raise ValueError(f"run: resume must be 'auto', 'require' or 'never', got {resume!r}")
     t0 = time.time()
     out = cfg["out"]
-    say = (lambda s: None) if quiet else log
-    device = resolve_device(cfg["device"])
+    rank, world = rank_world()
+    lead = rank == 0
+    say = (lambda s: None) if quiet or not lead else log
+    writes = save_outputs and lead
+    device = resolve_device(cfg["device"], world, rank)
+    local_cfg = _split_batches(cfg, world)
     data = load_eval_data(cfg)
+    # each rank evaluates its share of the test batches; the counts are summed (exact accuracy)
+    test_shard = data.loader[rank::world]
     teacher = build_teacher(cfg, data).to(device)
-    teacher_acc = _distill.evaluate(teacher, data.loader, device)["acc"]
+    teacher_acc = _distill.evaluate(teacher, test_shard, device, reduce=True)["acc"]
 
-    # the order of what draws random numbers is that of ``fastsynth demo`` (same results)
+    # the order of what draws random numbers is that of ``fastsynth demo`` (same results); every
+    # rank builds the same student and generator from the same seed
     torch.manual_seed(cfg["seed"])
     student = rc.build_model(cfg["student"], "--student", data.num_classes, data.shape[0]).to(device)
-    synth = build_synthesizer(cfg, teacher, student, data, device, out)
+    synth = build_synthesizer(local_cfg, teacher, student, data, device, out)
     optimizer, scheduler = _distill.make_optimizer(student, epochs=cfg["epochs"], warmup=cfg["warmup"], lr=cfg["lr"],
                                                    momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                                                    eta_min=cfg["eta_min"])
+    if world > 1:
+        # from here each rank draws its own stream: no two ranks synthesize the same images
+        torch.manual_seed(cfg["seed"] + rank)
     ident = rc.identity(cfg)
-    start_epoch, rows, hist = 0, [], None
+    start_epoch, start_round, round_state, rows, hist = 0, 0, None, [], None
     if resume == "never":
-        for _, path in checkpoints(out):
-            os.remove(path)
+        if lead:
+            remove_checkpoints(out)
+        _barrier(world)
     else:
-        state, path = load_newest_checkpoint(out, log)
-        if state is None and resume == "require":
+        state, path = load_newest_checkpoint(out, log) if lead else (None, None)
+        path = _broadcast_object(path, rank, world)  # every rank resumes from rank 0's choice
+        if path is not None and not lead:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if path is None and resume == "require":
             raise ConfigError(f"--resume: no complete checkpoint in {os.path.join(out, CKPT_DIR)}")
         if state is not None:
             diff = rc.config_diff(state["config"], ident)
@@ -506,19 +656,36 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
                 listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:8])
                 raise ConfigError(f"--out {out} holds a run with other settings ({listed}); pass --restart to "
                                   f"start over in that folder, or choose another --out")
+            saved_world = state.get("world_size", 1)
+            if saved_world != world:
+                raise ConfigError(f"--out {out}: the checkpoint {os.path.basename(path)} was written by {saved_world} "
+                                  f"process(es), this run has {world} (torchrun --nproc_per_node): resume with "
+                                  f"{saved_world}, or pass --restart to start over")
+            local = state
+            if world > 1:
+                part = rank_part(path, rank)
+                if not os.path.isfile(part):
+                    raise FileNotFoundError(f"--out {out}: rank {rank}'s part of {os.path.basename(path)} is missing "
+                                            f"({part}); every process must see the same --out folder")
+                local = torch.load(part, map_location="cpu", weights_only=True)
             student.load_state_dict(state["student"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, rows, hist = state["epoch"], list(state["rows"]), dict(state["history"])
-            if state.get("synthesizer") is not None and hasattr(synth, "load_state_dict"):
-                synth.load_state_dict(state["synthesizer"])
+            start_round = state.get("round", 0)
+            round_state = local.get("round_state")
+            if round_state is not None and torch.is_tensor(round_state.get("kd_mean")):
+                round_state = dict(round_state, kd_mean=round_state["kd_mean"].to(device))
+            if local.get("synthesizer") is not None and hasattr(synth, "load_state_dict"):
+                synth.load_state_dict(local["synthesizer"])
             elif start_epoch < cfg["epochs"]:
                 say("[distill] the synthesizer has no saved state: it restarts (new generator, empty pool)")
-            set_rng_state(state["rng"])
-            say(f"[distill] resuming {path} after epoch {start_epoch}/{cfg['epochs']}")
+            set_rng_state(local["rng"])
+            within = f" and {start_round} synthesis rounds of epoch {start_epoch + 1}" if start_round else ""
+            say(f"[distill] resuming {path} after epoch {start_epoch}/{cfg['epochs']}{within}")
 
-    os.makedirs(out, exist_ok=True)
-    if save_outputs:
+    if writes:
+        os.makedirs(out, exist_ok=True)
         yaml_text = rc.to_yaml(cfg)
         _distill.atomic_write(os.path.join(out, "config.yaml"), lambda f: f.write(yaml_text), binary=False)
         _distill.atomic_write(os.path.join(out, "classes.txt"),
@@ -526,11 +693,45 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
         write_metrics(out, rows)
         if start_epoch:
             save_state_dict(os.path.join(out, "student_last.pt"), student)
+    procs = f" processes={world} (per process: synthesis batch {local_cfg['synthesis_batch_size']}, KD batch " \
+            f"{local_cfg['batch_size']})" if world > 1 else ""
     say(f"[distill] method={cfg['method']} dataset={cfg['dataset']} teacher={cfg['teacher']} "
-        f"student={cfg['student']} seed={cfg['seed']} device={device} teacher test accuracy {teacher_acc:.2f}%")
-    tb = _tensorboard(out, say) if save_outputs else None
+        f"student={cfg['student']} seed={cfg['seed']} device={device}{procs} teacher test accuracy {teacher_acc:.2f}%")
+    tb = _tensorboard(out, say) if writes else None
     wall0 = rows[-1]["wall_s"] if rows else 0.0
     t_loop = time.time()
+    trained = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the teacher is never wrapped (no gradient all-reduce, no buffer broadcast); DDP's
+        # construction broadcasts rank 0's student (equal on every rank already)
+        trained = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save_checkpoint(epoch_done: int, rounds_done: int, h: dict, rstate: dict | None) -> None:
+        common = {"format": "fastsynth-distill/2", "epoch": epoch_done, "round": rounds_done, "world_size": world,
+                  "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "best_acc": h["best_acc"], "history": h, "rows": rows,
+                  "config": ident}
+        # what differs per rank: the synthesizer (generator, pool, its RNGs), the RNG states and,
+        # inside an epoch, the epoch's running values
+        local = {"synthesizer": synth.state_dict() if hasattr(synth, "state_dict") else None, "rng": rng_state(),
+                 "round_state": rstate}
+        if world == 1:
+            write_checkpoint(out, {**common, **local}, cfg["keep_ckpts"])
+            return
+        write_rank_part(out, epoch_done, rounds_done, rank, world, local)
+        _barrier(world)  # every part is on disk before rank 0's file names the checkpoint complete
+        if lead:
+            write_checkpoint(out, {**common, "synthesizer": None, "rng": None, "round_state": None},
+                             cfg["keep_ckpts"])
+
+    rounds_per_epoch = max(cfg["ep_steps"] // cfg["kd_steps"], 1)
+
+    def on_round_end(epoch: int, rounds_done: int, info: dict) -> None:
+        every = cfg["ckpt_every"]
+        if save_outputs and every and (epoch * rounds_per_epoch + rounds_done) % every == 0:
+            save_checkpoint(epoch, rounds_done, info["history"], info["round_state"])
 
     def on_epoch_end(epoch: int, info: dict) -> None:
         h = info["history"]
@@ -541,11 +742,9 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
         rows.append(row)
         if not save_outputs:
             return
-        sstate = synth.state_dict() if hasattr(synth, "state_dict") else None
-        write_checkpoint(out, {"format": "fastsynth-distill/1", "epoch": info["epoch"], "student": student.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "best_acc": h["best_acc"], "history": h, "rows": rows, "rng": rng_state(),
-                               "config": ident, "synthesizer": sstate}, cfg["keep_ckpts"])
+        save_checkpoint(info["epoch"], 0, h, None)
+        if not writes:
+            return
         save_state_dict(os.path.join(out, "student_last.pt"), student)
         if info["is_best"]:
             save_state_dict(os.path.join(out, "student_best.pt"), student)
@@ -567,26 +766,30 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
                 tb.add_image("synthetic", grid, info["epoch"], dataformats="HWC")
             tb.flush()
 
-    hist = _distill.distill(synth, student, teacher, epochs=cfg["epochs"], kd_steps=cfg["kd_steps"],
-                            ep_steps=cfg["ep_steps"], T=cfg["T"], warmup=cfg["warmup"], test_loader=data.loader,
+    hist = _distill.distill(synth, trained, teacher, epochs=cfg["epochs"], kd_steps=cfg["kd_steps"],
+                            ep_steps=cfg["ep_steps"], T=cfg["T"], warmup=cfg["warmup"], test_loader=test_shard,
                             device=device, eval_every=cfg["eval_every"],
-                            progress=(not quiet) if progress is None else progress,
+                            progress=lead and ((not quiet) if progress is None else progress),
                             optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch, history=hist,
-                            on_epoch_end=on_epoch_end, criterion=kd_criterion(cfg))
+                            on_epoch_end=on_epoch_end, criterion=kd_criterion(cfg), start_round=start_round,
+                            round_state=round_state, on_round_end=on_round_end)
     if tb is not None:
         tb.close()
-    student_acc = _distill.evaluate(student, data.loader, device)["acc"]
+    student_acc = _distill.evaluate(student, test_shard, device, reduce=True)["acc"]
     pool = getattr(synth, "data_pool", None)
     return {"teacher_acc": teacher_acc, "student_acc": student_acc, "best_acc": hist["best_acc"],
             "synthesis_s": hist["synthesis_s"], "wall_s": time.time() - t0, "epochs_run": cfg["epochs"] - start_epoch,
-            "start_epoch": start_epoch, "pool_images": len(pool) if pool is not None else 0,
-            "synthesizer": synth, "student": student, "teacher": teacher, "data": data, "rows": rows, "config": cfg}
+            "start_epoch": start_epoch, "start_round": start_round, "pool_images": len(pool) if pool is not None else 0,
+            "synthesizer": synth, "student": student, "teacher": teacher, "data": data, "rows": rows, "config": cfg,
+            "rank": rank, "world_size": world}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = rc.build_parser()
     args = vars(parser.parse_args(argv))
+    owns_group = False
+    rank = int(os.environ.get("RANK", "0") or 0)
     try:
         if args.get("resume") and args.get("restart"):
             raise ConfigError("--resume and --restart exclude each other")
@@ -594,16 +797,28 @@ def main(argv=None) -> int:
         cfg = rc.resolve(args, file_cfg)
         torch.set_num_threads(args.get("threads") or (1 if cfg["dataset"] == "digits" else torch.get_num_threads()))
         quiet = bool(args.get("quiet"))
-        print("[distill] resolved configuration:")
-        print("".join(f"  {line}\n" for line in rc.to_yaml(cfg).splitlines()), end="")
+        owns_group = init_distributed_from_env(cfg["device"])
+        rank, world = rank_world()
+        _split_batches(cfg, world)  # before anything is printed or built
+        if rank == 0:
+            print("[distill] resolved configuration:")
+            print("".join(f"  {line}\n" for line in rc.to_yaml(cfg).splitlines()), end="")
         mode = "require" if args.get("resume") else "never" if args.get("restart") else "auto"
         res = run(cfg, resume=mode, progress=not quiet)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"fastsynth distill: {exc}", file=sys.stderr)
+        who = f" (rank {rank})" if rank else ""
+        print(f"fastsynth distill{who}: {exc}", file=sys.stderr)
         return 2
-    print(f"[distill] outputs in {cfg['out']}: config.yaml metrics.csv student_last.pt student_best.pt grids/ "
-          f"{CKPT_DIR}/ (wall {res['wall_s']:.1f} s, synthesis {res['synthesis_s']:.1f} s, best {res['best_acc']:.2f}%)")
-    print(f"teacher test accuracy {res['teacher_acc']:.2f}%, student test accuracy {res['student_acc']:.2f}%")
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"[distill] outputs in {cfg['out']}: config.yaml metrics.csv student_last.pt student_best.pt grids/ "
+              f"{CKPT_DIR}/ (wall {res['wall_s']:.1f} s, synthesis {res['synthesis_s']:.1f} s, "
+              f"best {res['best_acc']:.2f}%)")
+        print(f"teacher test accuracy {res['teacher_acc']:.2f}%, student test accuracy {res['student_acc']:.2f}%")
     return 0
 
 

@@ -31,9 +31,10 @@ SETTINGS = [
     # what to run
     ("method", str, "nayer", "synthesis method"),
     ("dataset", str, "digits", "digits | cifar10 | cifar100 | imagefolder:PATH (evaluation only, read from disk)"),
-    ("teacher", str, None, "teacher architecture (default for digits: the shipped digits_cnn)"),
+    ("teacher", str, None, "teacher architecture (default for digits: the shipped digits_cnn); tv:NAME is a "
+                           "torchvision model (ImageNet; its pretrained weights without --teacher-ckpt)"),
     ("teacher_ckpt", str, None, "teacher weights: {'state_dict': ...} (with or without 'module.') or a bare state_dict"),
-    ("student", str, None, "student architecture (default for digits: digits_cnn_small)"),
+    ("student", str, None, "student architecture (default for digits: digits_cnn_small); tv:NAME: torchvision's"),
     ("data_root", str, "data", "folder holding the evaluation data (cifar-10-batches-py/, cifar-100-python/)"),
     ("seed", int, 0, "random seed"),
     ("device", str, "auto", "cpu | cuda | cuda:N | auto"),
@@ -73,7 +74,7 @@ SETTINGS = [
     ("ngf", int, 64, "generator width"),
     ("tv", float, 0.0, "total-variation weight (deepinv; the harness passes 0)"),
     ("l2", float, 0.0, "image L2 weight (deepinv; the harness passes 0)"),
-    ("img_size", int, None, "image side (default: the dataset's, 32 for imagefolder)"),
+    ("img_size", int, None, "image side (default: the dataset's; imagefolder: 32, 224 with a tv: teacher)"),
     ("mean", "floats", None, "normalisation mean, comma-separated (default: the dataset's)"),
     ("std", "floats", None, "normalisation std, comma-separated (default: the dataset's)"),
     ("aug_padding", int, None, "crop padding of the synthesis augmentation (default: the synthesizer's)"),
@@ -84,6 +85,7 @@ SETTINGS = [
     # run
     ("eval_every", int, 1, "evaluate the student every N epochs (after warmup)"),
     ("keep_ckpts", int, 2, "checkpoints kept in OUT/checkpoints"),
+    ("ckpt_every", int, 0, "also checkpoint every N synthesis rounds inside an epoch (0: at epoch ends only)"),
 ]
 SETTING_TYPES = {name: typ for name, typ, _, _ in SETTINGS}
 GLOBAL_DEFAULTS = {name: default for name, _, default, _ in SETTINGS}
@@ -136,7 +138,7 @@ for _m in GENERATIVE:
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH")
 
 # settings that do not change what the run computes (a resume may change them)
-RUN_ONLY = {"device", "eval_every", "keep_ckpts", "data_root"}
+RUN_ONLY = {"device", "eval_every", "keep_ckpts", "data_root", "ckpt_every"}
 
 
 def architectures() -> dict:
@@ -159,10 +161,50 @@ def architectures() -> dict:
     return archs
 
 
-def build_model(name: str, flag: str, num_classes: int, in_ch: int):
+TORCHVISION_PREFIX = "tv:"
+
+
+def _torchvision_models(flag: str, name: str):
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise ConfigError(f"{flag} {name}: torchvision model names need torchvision, which is not installed "
+                          f"(pip install torchvision)") from None
+    return tvm
+
+
+def check_torchvision_name(name: str, flag: str) -> None:
+    """A ConfigError naming ``flag`` unless ``tv:NAME`` is a torchvision classification model."""
+    tvm = _torchvision_models(flag, name)
+    known = tvm.list_models(module=tvm)
+    if name[len(TORCHVISION_PREFIX):] not in known:
+        raise ConfigError(f"{flag}: {name!r} is not a torchvision classification model; known: "
+                          f"{', '.join(TORCHVISION_PREFIX + k for k in known[:12])}, ... "
+                          f"(torchvision.models.list_models())")
+
+
+def build_model(name: str, flag: str, num_classes: int, in_ch: int, pretrained: bool = False):
+    """The architecture ``name`` (see ``architectures()``; ``tv:NAME``: torchvision's model, with
+    its default pretrained weights when ``pretrained``, downloaded by torchvision into its cache
+    when absent)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        check_torchvision_name(name, flag)
+        tvm = _torchvision_models(flag, name)
+        if in_ch != 3:
+            raise ConfigError(f"{flag}: {name} takes 3-channel images, the dataset has {in_ch} channels")
+        arch = name[len(TORCHVISION_PREFIX):]
+        if pretrained:
+            model = tvm.get_model(arch, weights="DEFAULT")
+            classes = len(tvm.get_model_weights(arch).DEFAULT.meta["categories"])
+            if classes != num_classes:
+                raise ConfigError(f"{flag}: {name}'s pretrained weights classify {classes} classes, the dataset has "
+                                  f"{num_classes}; give the weights of a {num_classes}-class model with --teacher-ckpt")
+            return model
+        return tvm.get_model(arch, weights=None, num_classes=num_classes)
     archs = architectures()
     if name not in archs:
-        raise ConfigError(f"{flag}: unknown architecture {name!r}; known: {', '.join(sorted(archs))}")
+        raise ConfigError(f"{flag}: unknown architecture {name!r}; known: {', '.join(sorted(archs))}, "
+                          f"or tv:NAME (torchvision)")
     ctor, shape = archs[name]
     if shape[0] != in_ch and not name.startswith("digits_cnn"):
         raise ConfigError(f"{flag}: {name} takes {shape[0]}-channel images, the dataset has {in_ch} channels")
@@ -332,18 +374,26 @@ def _check(cfg: dict) -> None:
         low = 0 if name == "g_steps" and cfg["method"] == "deepinv" else 1
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise ConfigError(f"{_flag(name)}: must be an integer >= {low}, got {v!r}")
+    if not isinstance(cfg["ckpt_every"], int) or isinstance(cfg["ckpt_every"], bool) or cfg["ckpt_every"] < 0:
+        raise ConfigError(f"--ckpt-every: must be an integer >= 0 (synthesis rounds; 0: at epoch ends only), "
+                          f"got {cfg['ckpt_every']!r}")
     if not 0 <= cfg["warmup"] <= cfg["epochs"]:
         raise ConfigError(f"--warmup: must be in [0, --epochs={cfg['epochs']}], got {cfg['warmup']!r}")
     if cfg["dataset"] != "digits":
         for name in ("teacher", "student", "teacher_ckpt"):
+            if name == "teacher_ckpt" and str(cfg["teacher"]).startswith(TORCHVISION_PREFIX):
+                continue  # torchvision's pretrained weights
             if not cfg[name]:
                 raise ConfigError(f"{_flag(name)} is required with --dataset {cfg['dataset']} "
                                   f"(the upstream scripts use e.g. --teacher {METHODS[cfg['method']]['teacher']} "
                                   f"--student {METHODS[cfg['method']]['student']})")
     archs = architectures()
     for name in ("teacher", "student"):
-        if cfg[name] is not None and cfg[name] not in archs:
-            raise ConfigError(f"{_flag(name)}: unknown architecture {cfg[name]!r}; known: {', '.join(sorted(archs))}")
+        if isinstance(cfg[name], str) and cfg[name].startswith(TORCHVISION_PREFIX):
+            check_torchvision_name(cfg[name], _flag(name))
+        elif cfg[name] is not None and cfg[name] not in archs:
+            raise ConfigError(f"{_flag(name)}: unknown architecture {cfg[name]!r}; known: {', '.join(sorted(archs))}, "
+                              f"or tv:NAME (torchvision)")
     for name in ("mean", "std"):
         if cfg[name] is not None and (not cfg[name] or (name == "std" and any(s <= 0 for s in cfg[name]))):
             raise ConfigError(f"{_flag(name)}: expected positive comma-separated numbers, got {cfg[name]!r}")

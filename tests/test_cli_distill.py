@@ -200,7 +200,7 @@ def test_distill_digits_writes_outputs_and_rerun_continues(tmp_path, capsys):
     student.load_state_dict(torch.load(out / "student_best.pt", weights_only=True))
     for e in (1, 2, 3):
         assert (out / "grids" / f"epoch_{e:04d}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [e for e, _ in dr.checkpoints(str(out))] == [3]  # --keep-ckpts 1
+    assert [e for e, _, _ in dr.checkpoints(str(out))] == [3]  # --keep-ckpts 1
     assert (out / "classes.txt").read_text().splitlines()[3] == "3 three"
     # the same command in the same folder: nothing left to do, same answer
     assert cli.main(["distill", *TINY, "--out", str(out), "--quiet"]) == 0
@@ -247,7 +247,7 @@ def test_resume_after_interruption_is_bit_identical_on_the_student_side(tmp_path
     monkeypatch.setattr(dr, "write_checkpoint", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         dr.run(cfg(tmp_path / "b"), quiet=True)
-    assert [e for e, _ in dr.checkpoints(str(tmp_path / "b"))] == [2, 1]
+    assert [e for e, _, _ in dr.checkpoints(str(tmp_path / "b"))] == [2, 1]
     monkeypatch.setattr(dr, "write_checkpoint", real_write)
     resumed = dr.run(cfg(tmp_path / "b"), quiet=True)
     assert resumed["start_epoch"] == 2 and resumed["epochs_run"] == 3
@@ -257,7 +257,7 @@ def test_resume_after_interruption_is_bit_identical_on_the_student_side(tmp_path
     b = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in a] == [r.split(",")[3:] for r in b]  # kd loss and accuracy per epoch
     # a damaged newest checkpoint falls back to the one before
-    newest = dr.checkpoints(str(tmp_path / "b"))[0][1]
+    newest = dr.checkpoints(str(tmp_path / "b"))[0][-1]
     with open(newest, "r+b") as f:
         f.truncate(100)
     notes = []
