@@ -80,6 +80,10 @@ def _const(key, make):
     return t
 
 
+# all_gather_single is the newer name of all_gather_into_tensor (deprecated from torch 2.13)
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherOwnGrad(torch.autograd.Function):
     """all_gather of one flat tensor into [world, n]; backward: this rank's row of the incoming
     gradient. Every rank evaluates the same function of the gathered tensor, so that row already
@@ -88,10 +92,10 @@ class _GatherOwnGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, group):
         w = dist.get_world_size(group)
-        out = local.new_empty((w, local.numel()))
-        dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+        out = local.new_empty(w * local.numel())  # the concatenated form, which every backend takes
+        _gather_single(out, local.contiguous(), group=group)
         ctx.rank = dist.get_rank(group)
-        return out
+        return out.view(w, local.numel())
 
     @staticmethod
     def backward(ctx, g):
