@@ -29,6 +29,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from . import distributed as _dist
+from .distributed import unwrap
 from .ops.logit_losses import kd_loss
 
 
@@ -60,25 +62,9 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _ddp_class():
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:  # a torch built without distributed support
-        return None
-    return DistributedDataParallel
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel (the model itself otherwise)."""
-    ddp = _ddp_class()
-    return model.module if ddp is not None and isinstance(model, ddp) else model
-
-
 def group_size() -> int:
     """The world size of the initialised default process group (1 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return _dist.world_size()
 
 
 @torch.no_grad()
@@ -115,12 +101,11 @@ def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) to every rank of a DistributedDataParallel:
     DDP broadcasts them before each training forward, so after the last one every rank holds
     statistics of its own batch; the synthesizers and the evaluation read them. No-op otherwise."""
-    ddp = _ddp_class()
-    if ddp is None or not isinstance(model, ddp) or group_size() == 1:
+    if unwrap(model) is model or group_size() == 1:
         return
     import torch.distributed as dist
 
-    for b in model.module.buffers():
+    for b in unwrap(model).buffers():
         dist.broadcast(b.data, 0)
 
 

@@ -1,26 +1,50 @@
 """``fastsynth distill``: a whole data-free run from one command.
 
     fastsynth distill [--method nayer|fast_meta|fast|deepinv|dafl|zskt|dfq|dfad] [--dataset digits|cifar10|cifar100|imagefolder:PATH]
-                      [--teacher ARCH --teacher-ckpt PATH --student ARCH] [--config FILE] [--out DIR] ...
+                      [--teacher ARCH|tv:NAME --teacher-ckpt PATH --student ARCH] [--config FILE] [--out DIR] ...
+    torchrun --standalone --nproc_per_node N -m fastsynth distill ...      (one process per GPU; gloo on CPUs)
 
 Without arguments it runs the built-in digits job (the shipped teacher, ``fastsynth demo``'s
 settings). Settings: ``fastsynth.run_config`` (per-method defaults of the upstream scripts).
+``--teacher tv:NAME`` is a torchvision model (ImageNet), with torchvision's pretrained weights
+unless ``--teacher-ckpt`` is given (torchvision is optional: a one-line error without it).
 
 Outputs in ``--out``: ``config.yaml`` (the resolved settings), ``metrics.csv`` (one row per
 epoch: epoch, wall_s and synthesis_s (cumulative seconds, over resumed sittings too), kd_loss,
 test_acc), ``student_last.pt`` / ``student_best.pt`` (the student's state_dict),
 ``grids/epoch_NNNN.png`` (the newest synthesized images grouped by the teacher's class, the
 class index drawn under each; ``classes.txt`` names the indices), TensorBoard scalars and
-grids in ``tb/`` when ``tensorboard`` is installed, and ``checkpoints/ckpt-NNNNN.pt``.
+grids in ``tb/`` when ``tensorboard`` is installed, and ``checkpoints/ckpt-EEEEE.pt``.
 
-Checkpoints: one per epoch, written atomically (temporary file, fsync, rename), the last
-``--keep-ckpts`` kept: student, optimizer, scheduler, epochs done, best accuracy, history, every
-RNG state, the resolved settings and the synthesizer's ``state_dict()`` (generator, optimizers,
-counters, pool, RNG states; every fastsynth synthesizer has one). Rerunning in the same ``--out``
-(or ``--resume``) continues from the newest complete checkpoint, bit-identical to a run that was
-never interrupted (same device); a checkpoint of other settings is refused with the settings that
-differ. A user synthesizer without ``state_dict()`` restarts (new generator, empty pool) on
-resume, with a note: the student side resumes exactly, the synthesis does not.
+Checkpoints: one per epoch (and with ``--ckpt-every N`` one every N synthesis rounds inside an
+epoch, ``ckpt-EEEEE-RRRR.pt``: E epochs and R rounds of the next done), written atomically
+(temporary file, fsync, rename), the last ``--keep-ckpts`` kept: student, optimizer, scheduler,
+epochs and rounds done, best accuracy, history, every RNG state, the resolved settings, the
+synthesizer's ``state_dict()`` (generator, optimizers, counters, pool, RNG states; every
+fastsynth synthesizer has one) and, inside an epoch, the epoch's running values. Rerunning in
+the same ``--out`` (or ``--resume``) continues from the newest complete checkpoint,
+bit-identical to a run that was never interrupted (same device and process count); a checkpoint
+of other settings is refused with the settings that differ. A user synthesizer without
+``state_dict()`` restarts (new generator, empty pool) on resume, with a note: the student side
+resumes exactly, the synthesis does not.
+
+Several processes (``torchrun``, or ``run()`` under a process group the caller initialised):
+``main`` initialises the default group from torchrun's environment (NCCL when the device is a
+GPU, gloo otherwise; each process on cuda:LOCAL_RANK) and destroys it at the end. The global
+``--synthesis-batch-size`` and ``--batch-size`` are split evenly over the processes (a world size
+that does not divide them is an error). Every rank builds the same student and generator from
+``--seed`` and then draws its own random stream (seed + rank): no two ranks synthesize the same
+images; the synthesizers merge the BN statistics over the global batch and average the
+generator's gradients (``fastsynth.distributed``); each rank keeps its own pool and samples its
+KD batch from it. The student is trained in DistributedDataParallel (the teacher is never
+wrapped; the synthesizers see the unwrapped student), rank 0's BN buffers are broadcast after
+every round of student updates. Evaluation is sharded: each rank evaluates every world-th test
+batch and the counts are summed, so every rank gets the exact whole-set accuracy. Rank 0 alone
+prints and writes the outputs; a checkpoint is each rank's part (``ckpt-....rankN.pt``: its
+synthesizer, RNG states and running values), then, after a barrier, rank 0's file (student,
+optimizer, settings), whose presence marks it complete. On resume every rank loads the
+checkpoint rank 0 chose; one written by another number of processes is refused, naming both.
+All processes must see the same ``--out`` folder.
 
 The evaluation set is read only to evaluate, only from disk (never downloaded).
 """
@@ -505,11 +529,9 @@ def _tensorboard(out: str, log):
 # ----------------------------------------------------------------------------- processes
 def rank_world() -> tuple:
     """(rank, world size) of the initialised default process group; (0, 1) without one."""
-    import torch.distributed as dist
+    from . import distributed
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def _local_rank(rank: int) -> int:
