@@ -31,10 +31,11 @@ TINY = dict(method="nayer", epochs=3, warmup=1, kd_steps=3, ep_steps=9, g_steps=
             synthesis_batch_size=40, gwp_loops=1)
 TINY_FLAGS = ["--epochs", "3", "--warmup", "1", "--kd-steps", "3", "--ep-steps", "9", "--g-steps", "2",
               "--batch-size", "32", "--synthesis-batch-size", "40", "--gwp-loops", "1"]
-# the single-process band of the torchrun test's settings (12 epochs of the digits default):
-# student test accuracy over seeds 0-3 on one process, widened by a few points (see the report)
+# the single-process band of the torchrun test's settings (12 epochs of the digits default),
+# measured: one process 91.76 / 94.43 / 92.20 % (seeds 0 / 1 / 2), two processes 93.76 / 91.31 /
+# 93.54 %; the lower bound leaves ~3 points below the lowest single-process seed
 BAND_SETTINGS = ["--epochs", "12"]
-BAND = (88.0, 100.0)
+BAND = (89.0, 100.0)
 
 
 def _cfg(out, **kw):
