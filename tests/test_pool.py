@@ -4,6 +4,7 @@ disk index survives a crash between a shard write and its index entry and a proc
 a disk pool of a million images keeps the resident memory bounded while sampling uniformly."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -334,7 +335,7 @@ _MILLION = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     counts = np.zeros(40, np.int64)
     draws = 0
-    while draws < 400_000:
+    while draws < 50_000:
         y = p.sample(1000, generator=g).mul_(255).round_().to(torch.uint8)
         n = y[:, 0, 0, 0].long() | (y[:, 0, 0, 1].long() << 8) | (y[:, 0, 0, 2].long() << 16)
         assert bool((y[:, 1:] == (n % 251).to(torch.uint8).view(-1, 1, 1, 1)).all())  # whole images
@@ -346,18 +347,21 @@ _MILLION = textwrap.dedent("""
 
 
 def test_disk_million_images_bounded_resident_memory(tmp_path):
-    """One million 32x32 images (3 GB on disk) in a disk pool: writing them and sampling 400k
-    (a sixth of the pool, across every shard) keeps the process's peak resident memory under
-    1 GB (VmHWM, torch included), and the samples are uniform over 40 buckets of the pool."""
-    r = subprocess.run([sys.executable, "-c", _MILLION, str(tmp_path / "pool")], cwd=REPO, capture_output=True,
-                       text=True, timeout=170)
+    """One million 32x32 images (3 GB on disk) in a disk pool: writing them and sampling 50k
+    whole images from every shard keeps the process's peak resident memory under 1 GB (VmHWM,
+    torch included), and the samples are uniform over 40 buckets of the pool."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _MILLION, str(tmp_path / "pool")], cwd=REPO, capture_output=True,
+                           text=True, timeout=170)
+    finally:
+        shutil.rmtree(tmp_path / "pool", ignore_errors=True)  # 3 GB: not left for pytest's kept tmp dirs
     assert r.returncode == 0, r.stderr[-3000:]
     rss, hwm, draws, counts, t_write, t_all = r.stdout.split()
     counts = np.array([int(c) for c in counts.split(",")])
     assert counts.sum() == int(draws)
     assert int(hwm) < 1 << 30 and int(rss) < 1 << 30, (rss, hwm)
     # without replacement within a permutation: the counts vary less than a multinomial's, so
-    # the chi-square bound of a multinomial (39 degrees of freedom, p = 1e-6: 92) is a safe one
+    # the chi-square bound of a multinomial (39 degrees of freedom, p = 1e-6: 96) is a safe one
     expected = int(draws) / 40
     chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 92, (chi2, counts)
+    assert chi2 < 96 and counts.min() > 0, (chi2, counts)

@@ -252,6 +252,7 @@ class DataPool:
         self.directory = None if directory is None else os.fspath(directory)
         self.expected_images = expected_images
         self.storage: str | None = None  # "device", "cpu" or "disk" once chosen
+        self._auto = storage is None
         self._store = None
         self._own_dir: str | None = None  # a temporary directory the automatic choice made (removed at close)
         # the counters live on the device (a dropped row is known there only); the host holds
@@ -621,7 +622,8 @@ class DataPool:
         self._resolve(wait=True)
         index = state.get("index")
         if index is not None:
-            if self._store is None:
+            if self._store is None or (self._auto and self.storage != "disk"):
+                # an automatic choice follows the state (whatever it held is replaced anyway)
                 if self.directory is None:
                     self.directory = index["directory"]
                 self._use("disk", "the loaded state is a disk pool's")
