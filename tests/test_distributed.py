@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastsynth import distributed as fdist
 from fastsynth.synthesis import NAYER, FastMetaSynthesizer, FastSynthesizer, GenerativeSynthesizer, Normalizer
@@ -112,8 +113,11 @@ def _worker(rank, world, store_path, out_dir):
         res["fast_gen"] = _params(fs.generator)
         fs.close()
 
+        # generator and student as torchrun scripts pass them: wrapped in DDP (reinit() and the
+        # synthesis forwards use the wrapped modules)
         t, s = _pair()
-        ny = NAYER(t, s, _perturbed(nl_gen(6), rank), 10, (3, IMG, IMG), g_steps=2, lr_g=0.01,
+        s = DDP(s)
+        ny = NAYER(t, s, DDP(nl_gen(6)), 10, (3, IMG, IMG), g_steps=2, lr_g=0.01,
                    synthesis_batch_size=6, sample_batch_size=4, adv=0.5, warmup=1, bn_mmt=0.9, g_life=2, g_loops=1,
                    gwp_loops=1, normalizer=norm, seed=0)
         for _ in range(3):  # the third round re-initialises the generator (g_life=2)
@@ -121,6 +125,11 @@ def _worker(rank, world, store_path, out_dir):
         res["nayer_imgs"] = out[0]["synthetic"][-1]
         res["nayer_gen"] = _params(ny.generator, skip=("le1.",))  # the noisy layers are per rank
         ny.close()
+        # the DDP student still trains: synthesis left no reduction pending in its reducer
+        s.train()
+        for _ in range(2):
+            s(res["nayer_imgs"]).square().mean().backward()
+        res["student_grad"] = [p.grad.clone() for p in s.parameters()]
 
         t, s = _pair()
         gs = GenerativeSynthesizer(t, s, _perturbed(fast_gen(8), rank), 8, (3, IMG, IMG), iterations=2,
@@ -239,6 +248,8 @@ def test_fast_and_generative_generators_identical(results):
 
 def test_nayer_ranks(results):
     a, b = results
+    for ga, gb in zip(a["student_grad"], b["student_grad"]):  # DDP averaged the student's gradients
+        torch.testing.assert_close(ga, gb)
     _assert_states_equal(a["nayer_gen"], b["nayer_gen"])
     assert not torch.allclose(a["nayer_imgs"], b["nayer_imgs"])  # same labels, per-rank noisy layers
 

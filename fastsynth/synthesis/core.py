@@ -340,7 +340,30 @@ class SynthCore(BaseSynthesis):
     (the synthesizers draw from them when no ``seed`` is given) and the keyword options, which
     ``load_state_dict`` checks. Compiled functions and captured CUDA graphs are not state:
     loading drops them and they are rebuilt on first use. All of it loads with
-    ``torch.load(weights_only=True)``."""
+    ``torch.load(weights_only=True)``. The state records the rank and world size it was saved
+    with: loading it under another world size raises ValueError naming both (each rank saves
+    and loads its own state; another rank's state warns once, its random streams being that
+    rank's).
+
+    torch.distributed (``fastsynth.distributed``): when the default process group is initialised
+    with more than one process (torchrun; upstream's ``distributed=True`` without such a group
+    warns once and runs as one process), each rank synthesizes its own batch (the batch sizes
+    given are per rank) from its own random stream (``seed + rank``; without a seed, a seed
+    drawn from the default generator plus the rank). ``bn_stats="global"`` (default): the
+    BN-statistics loss uses the statistics of the global batch (one all_gather of all layers'
+    statistics per step, merged exactly; ``fastsynth.distributed.global_bn_stats``), and the
+    BN momentum state is the same on every rank; ``"per_rank"``: each rank's own statistics. The
+    generator(s) start from rank 0's weights (one broadcast at construction) and, where the
+    method learns them jointly across rounds (FastMeta's meta-generator, Fast's and NAYER's
+    generator, the generative family, CMI's head and its generator with feature_reuse), their
+    gradients are averaged in one flat all_reduce before each optimizer step. Teacher, student
+    and generator may be given wrapped in DDP: synthesis uses the wrapped modules (a DDP
+    forward with frozen parameters would leave its reducer waiting for a backward).
+    ``cuda_graph=True`` runs the steps eagerly under torch.distributed (collectives are not
+    captured), as ``compile=True`` does with ``bn_stats="global"`` (one warning each). The
+    generators' own BatchNorm layers normalise with each rank's batch (as DDP without
+    SyncBatchNorm). One process: no collective, no extra op, results unchanged.
+    ``pool_device`` / ``pool_dir``: the pool's ``storage`` / ``directory`` (``DataPool``)."""
 
     # keyword options that may differ on resume (where and how the run executes, not what it computes)
     _OPTION_SKIP = frozenset({"device", "num_workers", "distributed"})

@@ -74,6 +74,10 @@ class FastMetaSynthesizer(SynthCore):
     together with the synthesized images but kept apart from the pool.
     ``num_workers``: accepted and ignored (upstream forks pass the DataLoader's worker count;
     sampling here never builds a DataLoader).
+    ``bn_stats`` ("global" | "per_rank"), ``pool_device``, ``pool_dir``: torch.distributed and
+    pool storage (``SynthCore``). Under torch.distributed the meta-generator's summed inner
+    gradients (FastSynthesizer: the generator's gradients at every step) are averaged across
+    ranks before its optimizer steps; z stays per rank.
 
     Raises at construction (ValueError/TypeError) when ``iterations`` < 1, the generator's latent
     size is not ``nz``, ``num_classes`` exceeds the teacher's outputs, or ``img_size`` crops are

@@ -70,7 +70,13 @@ class NAYER(SynthCore):
     Raises at construction (ValueError/TypeError) when ``g_steps`` < 1, the generator is not a
     NAYER generator (no ``reinit``/``re_init_le``), ``num_classes`` exceeds the teacher's outputs,
     or ``img_size`` crops are larger than the generator's padded images (NAYER's ImageNet script
-    passes img_size=(3, 244, 244) for a 224 generator)."""
+    passes img_size=(3, 244, 244) for a 224 generator).
+
+    torch.distributed (``SynthCore``; ``bn_stats``, ``pool_device``, ``pool_dir``): the generator
+    is rank 0's (broadcast at construction and after every ``reinit()``) and its gradients are
+    averaged across ranks at every step, except its noisy layers (``NoisyLayers``), which are per
+    rank: each rank's re-initialisations draw from their own seeds, so ranks given the same labels
+    still synthesize different images."""
 
     def __init__(self, teacher, student, generator, num_classes, img_size,
                  init_dataset=None, g_steps=100, lr_g=0.1,
