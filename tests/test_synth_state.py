@@ -121,7 +121,7 @@ def _roundtrip(state):
 
 def _pool(synth):
     p = synth.data_pool
-    return None if p._data is None else p.images().clone()
+    return p.images().clone() if len(p) else None
 
 
 def _same(a, b, what):
