@@ -365,3 +365,19 @@ def test_disk_million_images_bounded_resident_memory(tmp_path):
     expected = int(draws) / 40
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 96 and counts.min() > 0, (chi2, counts)
+
+
+def test_automatic_storage_reopens_a_disk_pool_and_logs_once(tmp_path, caplog):
+    d = str(tmp_path / "pool")
+    a = DataPool(storage="disk", directory=d)
+    _fill(a, _batches()[:2])
+    n = len(a)
+    a.close()
+    with caplog.at_level("INFO", logger="fastsynth.pool"):
+        b = DataPool(directory=d)  # storage=None: the index there is reopened
+        _fill(b, _batches()[2:4])
+        b.sample(3)
+    assert b.storage == "disk" and n == 7 and len(b) == n + 6  # of the next two, the second is refused
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastsynth.pool"]
+    assert len(lines) == 1 and "storage='disk'" in lines[0] and "reopening" in lines[0], lines
+    b.close()

@@ -289,7 +289,7 @@ class DataPool:
         if storage == "device":
             self._store = pool_store.DeviceStore(self.device)
         elif storage == "cpu":
-            self._store = pool_store.HostStore()
+            self._store = pool_store.HostStore(pin=self.device.type == "cuda")
         else:
             directory = self.directory
             if directory is None:

@@ -6,7 +6,7 @@ writes/reads them:
 
 * ``DeviceStore``: one uint8 tensor on the device plus a trailing trash row that dropped rows
   are written to (the writes stay on the device, no host sync).
-* ``HostStore``: one uint8 tensor in host memory, pinned when CUDA is available so that each
+* ``HostStore``: one uint8 tensor in host memory, pinned when the pool's device is a GPU so that each
   sampled batch is gathered on the host and copied to the device asynchronously.
 * ``DiskStore``: an append-only log of shard files (``shard_{e:06d}.npy``, one per added
   batch: its surviving rows) and an index (``index.jsonl``) naming them. An entry is committed
@@ -37,15 +37,11 @@ INDEX = "index.jsonl"
 FORMAT_VERSION = 1
 
 
-def _pinned() -> bool:
-    return torch.cuda.is_available()
-
-
 def _release_host_cache() -> None:
     """Return freed pinned blocks to the system (the caching host allocator keeps them, which
     after a doubling would hold the old pool's memory for good)."""
     empty = getattr(torch._C, "_host_emptyCache", None)
-    if empty is not None and _pinned():
+    if empty is not None:
         empty()
 
 
@@ -100,12 +96,13 @@ class DeviceStore:
 
 
 class HostStore:
-    """The pool's rows in host memory (pinned where CUDA is available)."""
+    """The pool's rows in host memory (pinned when the pool's device is a GPU)."""
 
     on_device = False
     trash = -1  # slots of dropped rows; skipped on the host
 
-    def __init__(self):
+    def __init__(self, pin: bool):
+        self.pin = bool(pin)  # pinned: the pool's batches are copied to a GPU asynchronously
         self.data: torch.Tensor | None = None
 
     @property
@@ -117,7 +114,7 @@ class HostStore:
         return 0 if self.data is None else self.data.shape[0]
 
     def _alloc(self, rows: int, shape) -> torch.Tensor:
-        return torch.zeros((rows, *shape), dtype=torch.uint8, pin_memory=_pinned())
+        return torch.zeros((rows, *shape), dtype=torch.uint8, pin_memory=self.pin)
 
     def reserve(self, need: int, shape, capacity: int | None) -> None:
         cap = self.rows
@@ -130,7 +127,8 @@ class HostStore:
         if self.data is not None:
             buf[:cap].copy_(self.data[:cap])
         self.data = buf
-        _release_host_cache()
+        if self.pin:
+            _release_host_cache()
 
     def write(self, x: torch.Tensor, slots, counters: dict | None = None) -> None:
         """``x`` (B, C, H, W) uint8 and ``slots`` (passes, B) int64, both on the host."""
