@@ -32,8 +32,8 @@ TINY = dict(method="nayer", epochs=3, warmup=1, kd_steps=3, ep_steps=9, g_steps=
 TINY_FLAGS = ["--epochs", "3", "--warmup", "1", "--kd-steps", "3", "--ep-steps", "9", "--g-steps", "2",
               "--batch-size", "32", "--synthesis-batch-size", "40", "--gwp-loops", "1"]
 # the single-process band of the torchrun test's settings (12 epochs of the digits default),
-# measured: one process 91.76 / 94.43 / 92.20 % (seeds 0 / 1 / 2), two processes 93.76 / 91.31 /
-# 93.54 %; the lower bound leaves ~3 points below the lowest single-process seed
+# measured: one process 91.76 / 94.43 / 92.20 / 92.65 % (seeds 0-3), two processes 93.76 / 91.31 /
+# 93.54 % (seeds 0-2); the lower bound leaves ~3 points below the lowest single-process seed
 BAND_SETTINGS = ["--epochs", "12"]
 BAND = (89.0, 100.0)
 
@@ -179,7 +179,7 @@ def test_torchrun_two_processes_digits(tmp_path):
     acc = float(lines[-1].rsplit(" ", 1)[-1].rstrip("%"))
     assert BAND[0] <= acc <= BAND[1], lines[-1]
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 13 and float(rows[-1].split(",")[-1]) == acc
+    assert len(rows) == 13 and round(float(rows[-1].split(",")[-1]), 2) == acc
     assert sorted(os.listdir(out / dr.CKPT_DIR)) == [f"ckpt-000{e}{s}.pt" for e in (11, 12) for s in ("", ".rank0",
                                                                                                        ".rank1")]
     student = rc.build_model("digits_cnn_small", "--student", 10, 1)
