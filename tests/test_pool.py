@@ -297,6 +297,8 @@ def test_bad_arguments():
         DataPool(storage="disk", directory=3)
     with pytest.raises(ValueError, match="expected_images"):
         DataPool(expected_images=0)
+    with pytest.raises(ValueError, match="save_dir and directory must differ"):
+        DataPool(storage="disk", directory="/tmp/x", save_dir="/tmp/x/")
 
 
 def test_automatic_choice():

@@ -250,6 +250,10 @@ class DataPool:
         if storage == "disk" and directory is None:
             raise ValueError("DataPool: storage='disk' needs directory= (where the shard files and the index go)")
         self.directory = None if directory is None else os.fspath(directory)
+        if save_dir is not None and self.directory is not None and \
+                os.path.abspath(save_dir) == os.path.abspath(self.directory):
+            # both write shard_{i:06d}.npy: the saved copies would overwrite the pool's shards
+            raise ValueError(f"DataPool: save_dir and directory must differ, both are {self.directory!r}")
         self.expected_images = expected_images
         self.storage: str | None = None  # "device", "cpu" or "disk" once chosen
         self._auto = storage is None
