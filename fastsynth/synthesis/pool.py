@@ -1,10 +1,13 @@
-"""In-memory, on-device pool of synthesized images.
+"""Pool of synthesized images: on the synthesis device, in host memory, or on disk.
 
 The upstream pool writes every image as a PNG into ``save_dir`` and rebuilds a DataLoader (4
 worker processes, PIL decode, per-image transforms) after every synthesized batch. This pool
-keeps the images on the synthesis device as uint8 (the same quantisation as the PNG round trip:
-clamp to [0, 1], times 255, truncate), samples batches by index on the device, and writes to
-disk only when asked, from a background thread.
+keeps the images as uint8 (the same quantisation as the PNG round trip: clamp to [0, 1], times
+255, truncate), computes slots and samples indices on the device, and writes copies to
+``save_dir`` only when asked, from a background thread. Where the images live is ``storage``
+(``pool_store``; docs/POOL.md): on the device (the default on a CPU, and on a GPU when the
+expected pool fits comfortably), in pinned host memory, or in memory-mapped shard files with
+an atomically committed index; the last two keep the GPU memory independent of the pool size.
 
 Capacity: ``None`` keeps everything (the storage grows by doubling). With a capacity, new
 images evict old ones: ``"fifo"`` (oldest first), ``"random"`` (uniformly chosen slots), or
