@@ -3,6 +3,8 @@
     fastsynth demo [args...]                 data-free distillation demo (fastsynth.demo)
     fastsynth distill [--method M] [--dataset D] [--teacher A --teacher-ckpt P --student A] [--config F] [--out DIR] ...
                                              a whole data-free run (fastsynth distill --help)
+    torchrun --standalone --nproc_per_node N -m fastsynth distill ...
+                                             the same run on N processes (docs/DISTILL.md)
     fastsynth bench [kernel...] [--device cpu|cuda] [--quick] [--out DIR] [--plot] [--report MD] [--model]
     fastsynth plot CSV [--out DIR] [--report MD]   PNG charts (and a markdown report) of a benchmark CSV
     fastsynth profile [--steps N] [--out DIR] [--device ...]
