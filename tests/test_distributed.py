@@ -8,6 +8,8 @@ whole file; each test checks what the workers recorded).
 - ranks synthesize different images with the same seed; the jointly learned generators stay
   identical (broadcast at construction, gradients averaged); FastMeta, Fast, NAYER and the
   generative synthesizer run whole rounds under 2 processes;
+- DeepInversion and CMI run under 2 processes (CMI's head stays identical); a DDP-wrapped
+  generator, teacher and student work, and the DDP student trains after synthesis;
 - state_dict() records rank and world size; loading into another world size raises.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastsynth import distributed as fdist
-from fastsynth.synthesis import NAYER, FastMetaSynthesizer, FastSynthesizer, GenerativeSynthesizer, Normalizer
+from fastsynth.synthesis import (NAYER, CMISynthesizer, DeepInversionSynthesizer, FastMetaSynthesizer, FastSynthesizer,
+                                 GenerativeSynthesizer, Normalizer)
 from fastsynth.synthesis.core import BNCapture, global_stats_hook
 
 from test_synthesis import IMG, NORM, fast_gen, nl_gen, tiny_net
@@ -139,6 +142,27 @@ def _worker(rank, world, store_path, out_dir):
         res["gen_gen"] = _params(gs.generator)
         res["gen_sample"] = gs.sample()[0]
         gs.close()
+
+        # per-round images: global statistics of the teacher's and the student's BatchNorm inputs
+        t, s = _pair()
+        di = DeepInversionSynthesizer(DDP(t), s, 10, (3, IMG, IMG), iterations=2, lr_g=0.05, synthesis_batch_size=3,
+                                      sample_batch_size=3, adv=0.5, normalizer=norm, seed=5)
+        res["deepinv_imgs"] = di.synthesize()[0]["synthetic"]
+        di.close()
+        t, s = _pair()
+        cm = CMISynthesizer(t, s, fast_gen(8), 8, 10, (3, IMG, IMG), bank_size=16, n_neg=8, head_dim=8,
+                            iterations=2, synthesis_batch_size=4, sample_batch_size=4, adv=0.5, cr=0.8,
+                            normalizer=norm, seed=7)
+        for _ in range(2):  # the second round has negatives in the bank: the head trains
+            res["cmi_imgs"] = cm.synthesize()[0]["synthetic"]
+        res["cmi_head"] = _params(cm.head)
+        cm.close()
+        with pytest.warns(RuntimeWarning, match="compile=True with bn_stats='global'"):
+            t, s = _pair()
+            fc = FastSynthesizer(t, s, fast_gen(8), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4,
+                                 normalizer=norm, compile=True)
+        res["compile_kept"] = fc.compile
+        fc.close()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -252,6 +276,14 @@ def test_nayer_ranks(results):
         torch.testing.assert_close(ga, gb)
     _assert_states_equal(a["nayer_gen"], b["nayer_gen"])
     assert not torch.allclose(a["nayer_imgs"], b["nayer_imgs"])  # same labels, per-rank noisy layers
+
+
+def test_per_round_synthesizers(results):
+    a, b = results
+    assert not torch.allclose(a["deepinv_imgs"], b["deepinv_imgs"])
+    assert not torch.allclose(a["cmi_imgs"], b["cmi_imgs"])
+    _assert_states_equal(a["cmi_head"], b["cmi_head"])  # the contrastive head is learned jointly
+    assert not a["compile_kept"]  # the gather is not traced: eager steps, with a warning
 
 
 def test_state_records_world(results):
