@@ -383,3 +383,22 @@ def test_automatic_storage_reopens_a_disk_pool_and_logs_once(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fastsynth.pool"]
     assert len(lines) == 1 and "storage='disk'" in lines[0] and "reopening" in lines[0], lines
     b.close()
+
+
+def test_disk_pool_of_each_rank_in_its_own_directory(tmp_path, monkeypatch):
+    """Under an initialised process group of several ranks, a disk pool lives in
+    ``directory/rank{r:05d}``: the ranks' shards never share an index."""
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    pools = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        p = DataPool(storage="disk", directory=str(tmp_path))
+        p.add(torch.full((2, 1, 2, 2), rank, dtype=torch.uint8))
+        pools.append(p)
+    for rank, p in enumerate(pools):
+        assert os.path.exists(tmp_path / f"rank{rank:05d}" / pool_store.INDEX)
+        assert p.images().unique().tolist() == [rank]
+        p.close()

@@ -251,8 +251,9 @@ class DiskStore:
         first = int(self._starts[-1])
         if rows:
             need = int(slots.max()) + 1
-            if need > self._table.shape[0]:
-                self._table = np.concatenate([self._table, np.full(need - self._table.shape[0], -1, np.int64)])
+            if need > self._table.shape[0]:  # doubling: a run of E entries copies O(slots), not O(E x slots)
+                grow = max(need, 2 * self._table.shape[0]) - self._table.shape[0]
+                self._table = np.concatenate([self._table, np.full(grow, -1, np.int64)])
             self._table[slots] = first + np.arange(rows, dtype=np.int64)
         self._entries.append(entry)
         self._lines.append(line)
@@ -274,10 +275,6 @@ class DiskStore:
     @property
     def entries(self) -> int:
         return len(self._entries)
-
-    @property
-    def rows(self) -> int:
-        return int(self._table.shape[0])
 
     def truncate(self, entries: int) -> None:
         """Forget the entries after the first ``entries`` (a state saved earlier is loaded): the
