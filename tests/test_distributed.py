@@ -218,6 +218,19 @@ def test_one_process_unchanged():
     fm.close()
 
 
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_pool_storage_options(tmp_path, storage):
+    """pool_device / pool_dir reach the synthesizer's DataPool (storage / directory)."""
+    t, s = _pair()
+    fm = FastMetaSynthesizer(t, s, fast_gen(8), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4,
+                             sample_batch_size=3, normalizer=Normalizer(*NORM), seed=3, save_dir=None,
+                             pool_device=storage, pool_dir=str(tmp_path) if storage == "disk" else None)
+    assert fm.data_pool.storage == storage
+    fm.synthesize()
+    assert fm.sample().shape == (3, 3, IMG, IMG)
+    fm.close()
+
+
 def test_group_seen(results):
     for r, res in enumerate(results):
         assert res["rank"] == r and res["world"] == WORLD and res["is_dist"]
