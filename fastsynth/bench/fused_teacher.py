@@ -8,7 +8,7 @@ in synthesis, the input requires grad like a generator output; loss = cross-entr
                  variance of its input and ||rv - var|| + ||rm - mean|| (DeepInversionHook)
   upstream_hooks_compile  the same step under torch.compile
   separate_stats hooks keep the BN inputs; statistics by torch.var_mean per layer, loss by the
-                 vectorised loss_from_stats (fastsynth.ops.bn_stat_loss_multi is not on main yet)
+                 vectorised loss_from_stats (the statistics computed apart from the teacher pass)
   fused          fastsynth.fuse_teacher (ReLUs folded into the BN pass) + bn_statistics +
                  loss_from_stats
   fused_no_relu  fuse_teacher(fuse_relu=False)

@@ -7,8 +7,8 @@ Writes ``trace.json`` (Chrome trace: open in https://ui.perfetto.dev or chrome:/
 
     nsys profile -t cuda,nvtx -o synth fastsynth profile --device cuda --steps 5
 
-With ``--impl synthesizer`` (the default when ``fastsynth.synthesis.FastMetaSynthesizer``
-exists) one ``synthesize()`` round of ``--steps`` inner iterations is profiled; with
+With ``--impl synthesizer`` (the default; ``auto`` means the same) one
+``FastMetaSynthesizer.synthesize()`` round of ``--steps`` inner iterations is profiled; with
 ``--impl step`` a self-contained step (``workloads.SynthesisStep``) built on fastsynth's ops.
 """
 from __future__ import annotations
@@ -21,14 +21,6 @@ import time
 import torch
 
 
-def _synthesizer_cls():
-    try:
-        from fastsynth.synthesis import FastMetaSynthesizer  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return FastMetaSynthesizer
-
-
 def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str,
                  teacher: str = "resnet34", student: str = "resnet18"):
     """A zero-argument callable running ``steps`` synthesis steps, and the impl it uses."""
@@ -36,17 +28,13 @@ def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str
 
     nz, num_classes = 256, 10
     teacher, student, generator = cifar_config(nz=nz, num_classes=num_classes, teacher=teacher, student=student)
-    cls = _synthesizer_cls()
     if impl == "auto":
-        impl = "synthesizer" if cls is not None else "step"
+        impl = "synthesizer"
     if impl == "synthesizer":
-        if cls is None:
-            raise RuntimeError("fastsynth profile --impl synthesizer: fastsynth.synthesis.FastMetaSynthesizer "
-                               "is not in this installation (use --impl step)")
-        from fastsynth.synthesis import Normalizer  # type: ignore[attr-defined]
+        from fastsynth.synthesis import FastMetaSynthesizer, Normalizer
 
         dev = torch.device(device)
-        synth = cls(teacher.to(dev).eval(), student.to(dev).eval(), generator.to(dev), nz=nz,
+        synth = FastMetaSynthesizer(teacher.to(dev).eval(), student.to(dev).eval(), generator.to(dev), nz=nz,
                     num_classes=num_classes, img_size=(3, 32, 32), iterations=steps, lr_g=5e-3, lr_z=0.015,
                     synthesis_batch_size=batch, sample_batch_size=batch, adv=1.33, bn=10, oh=0.5, bn_mmt=0.9,
                     save_dir=os.path.join(out_dir, "synth"), normalizer=Normalizer(CIFAR_MEAN, CIFAR_STD),
