@@ -357,8 +357,8 @@ class SynthCore(BaseSynthesis):
     method learns them jointly across rounds (FastMeta's meta-generator, Fast's and NAYER's
     generator, the generative family, CMI's head and its generator with feature_reuse), their
     gradients are averaged in one flat all_reduce before each optimizer step. Teacher, student
-    and generator may be given wrapped in DDP: synthesis uses the wrapped modules (a DDP
-    forward with frozen parameters would leave its reducer waiting for a backward).
+    and generator may be given wrapped in DDP: synthesis runs the modules inside the wrappers (a
+    DDP forward with frozen parameters would leave its reducer waiting for a backward).
     ``cuda_graph=True`` runs the steps eagerly under torch.distributed (collectives are not
     captured), as ``compile=True`` does with ``bn_stats="global"`` (one warning each). The
     generators' own BatchNorm layers normalise with each rank's batch (as DDP without
@@ -366,7 +366,7 @@ class SynthCore(BaseSynthesis):
     ``pool_device`` / ``pool_dir``: the pool's ``storage`` / ``directory`` (``DataPool``)."""
 
     # keyword options that may differ on resume (where and how the run executes, not what it computes)
-    _OPTION_SKIP = frozenset({"device", "num_workers", "distributed"})
+    _OPTION_SKIP = frozenset({"device", "num_workers", "distributed", "pool_device", "pool_dir"})
     # attributes that are handles, caches or settings of this process, never state
     _STATE_SKIP = frozenset({"teacher", "student", "data_pool", "_student_fwd", "_student_view", "_compiled",
                              "_graphs", "_graph_values", "loss_log", "log_losses", "last_dropped", "compile",
