@@ -402,3 +402,40 @@ def test_disk_pool_of_each_rank_in_its_own_directory(tmp_path, monkeypatch):
         assert os.path.exists(tmp_path / f"rank{rank:05d}" / pool_store.INDEX)
         assert p.images().unique().tolist() == [rank]
         p.close()
+
+
+class _Held(DataPool):
+    """A pool whose batches stay in flight until something needs them (as on a GPU, where the
+    asynchronous copies of several adds may not have arrived before a sample)."""
+    hold = True
+
+    def _resolve(self, wait):
+        if self.hold and not wait:
+            return
+        super()._resolve(wait)
+
+
+@pytest.mark.parametrize("capacity,eviction", [(None, "fifo"), (10, "fifo"), (10, "random")])
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_host_store_writes_batches_in_flight_in_order(storage, capacity, eviction, tmp_path):
+    """Several adds whose rows have not reached the host yet are written, in order, before the
+    first read (sample, state_dict): the pool equals a device pool."""
+    torch.manual_seed(4)
+    ref = _pool("device", tmp_path, capacity, eviction)
+    _fill(ref, _batches())
+    torch.manual_seed(4)
+    directory = str(tmp_path / "held") if storage == "disk" else None
+    p = _Held(capacity=capacity, eviction=eviction, storage=storage, directory=directory)
+    _fill(p, _batches())
+    assert len(p._unresolved) == 6 and len(p._payloads) == 6  # nothing written yet
+    ga, gb = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(ref.sample(9, generator=ga), p.sample(9, generator=gb))
+    assert not p._unresolved and not p._payloads
+    torch.manual_seed(5)
+    _fill(p, _batches(1)[:2])
+    torch.manual_seed(5)
+    _fill(ref, _batches(1)[:2])
+    st = p.state_dict()  # waits for (writes) the two batches in flight
+    assert st["n"] == ref.state_dict()["n"]
+    _same(ref, p)
+    p.close()
