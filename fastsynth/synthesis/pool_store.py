@@ -114,9 +114,9 @@ class HostStore:
         return 0 if self.data is None else self.data.shape[0]
 
     def _alloc(self, rows: int, shape) -> torch.Tensor:
-        # empty, not zeros: a host store is read only below the exact kept count (its reads wait
-        # for the counts), so no slot is read before it is written
-        return torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=self.pin)
+        # zeros, though no slot is read before it is written: the unwritten rows go into
+        # state_dict(), which must not depend on what the memory held before
+        return torch.zeros((rows, *shape), dtype=torch.uint8, pin_memory=self.pin)
 
     def reserve(self, need: int, shape, capacity: int | None) -> None:
         cap = self.rows
