@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastsynth import distributed as fdist
 from fastsynth.synthesis import (NAYER, CMISynthesizer, DeepInversionSynthesizer, FastMetaSynthesizer, FastSynthesizer,
                                  GenerativeSynthesizer, Normalizer)
+from fastsynth.synthesis import core
 from fastsynth.synthesis.core import BNCapture, global_stats_hook
 
 from test_synthesis import IMG, NORM, fast_gen, nl_gen, tiny_net
@@ -212,6 +213,14 @@ def test_one_process_unchanged():
     assert fm.capture.stats_hook is None and not fm._dist
     assert torch.equal(fm._rng.get_state(), torch.Generator().manual_seed(3).get_state())
     assert fm.state_dict()["dist"] == {"rank": 0, "world_size": 1}
+    state = fm.state_dict()
+    state["dist"] = {"rank": 1, "world_size": 2}
+    with pytest.raises(ValueError, match="saved with world size 2 .* world size 1"):
+        fm.load_state_dict(state)
+    core._WARNED.discard("distributed_no_group")
+    with pytest.warns(RuntimeWarning, match="distributed=True, but no torch.distributed process group"):
+        FastMetaSynthesizer(t, s, fast_gen(8), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4,
+                            normalizer=Normalizer(*NORM), distributed=True).close()
     with pytest.raises(ValueError, match="bn_stats must be 'global'"):
         FastMetaSynthesizer(t, s, fast_gen(8), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4,
                             normalizer=Normalizer(*NORM), bn_stats="global_batch")
