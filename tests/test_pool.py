@@ -304,7 +304,7 @@ def test_bad_arguments():
 def test_automatic_choice():
     cifar = 50_000 * 3 * 32 * 32
     assert choose_storage(cifar, "cpu", None, None)[0] == "device"
-    assert choose_storage(None, "cuda", 80 << 30, 100 << 30)[0] == "cpu"
+    assert choose_storage(None, "cuda", 80 << 30, 100 << 30)[0] == "device"  # re-checked at each doubling
     assert choose_storage(cifar, "cuda", 80 << 30, 100 << 30)[0] == "device"
     imagenet = 412_000 * 3 * 224 * 224  # ~62 GB
     assert choose_storage(imagenet, "cuda", 80 << 30, 200 << 30)[0] == "cpu"
@@ -450,3 +450,33 @@ def test_memory_state_is_deterministic(storage, tmp_path):
         _fill(q, _batches()[:2])
     sa, sb = a.state_dict(), b.state_dict()
     assert torch.equal(sa["data"][:-1], sb["data"][:-1]) and not sa["data"][len(a):-1].any()
+
+
+@pytest.mark.parametrize("target", ["cpu", "disk"])
+def test_automatic_device_pool_moves_off_the_gpu_when_it_outgrows_it(tmp_path, caplog, monkeypatch, target):
+    """An automatic pool of unknown size starts on the device; at the doubling that no longer
+    fits the free GPU memory it moves (once, logged) to host memory, or to disk when the host
+    is short too, and goes on as the same pool."""
+    from fastsynth.synthesis import pool as pool_mod
+    free = {"dev": 1 << 40, "host": 1 << 40 if target == "cpu" else 1000}
+    monkeypatch.setattr(pool_mod, "_free_host_bytes", lambda: free["host"])
+    ref = DataPool(capacity=None)
+    p = DataPool(directory=str(tmp_path / "pool") if target == "disk" else None)
+    p._watch_growth = True  # as after an automatic "device" choice on a GPU
+    p._free_device = lambda: free["dev"]
+    p.set_init(torch.full((2, 3, 5, 3), 9, dtype=torch.uint8))
+    ref.set_init(torch.full((2, 3, 5, 3), 9, dtype=torch.uint8))
+    batches = _batches() * 14  # 300 images: doublings at 64, 128, 256
+    with caplog.at_level("INFO", logger="fastsynth.pool"):
+        for i, (x, valid) in enumerate(batches):
+            if i == 20:
+                free["dev"] = 0  # the next doubling does not fit
+            p.add(x, valid=valid)
+            ref.add(x, valid=valid)
+            if i == 19:
+                assert p.storage == "device"
+    assert p.storage == target and len(p) == len(ref) > 128
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastsynth.pool"]
+    assert len(lines) == 1 and "moved off the GPU" in lines[0] and f"storage={target!r}" in lines[0], lines
+    _same(ref, p)
+    p.close()

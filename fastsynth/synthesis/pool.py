@@ -182,8 +182,9 @@ def choose_storage(expected_bytes: int | None, device_type: str, free_device: in
     size in bytes (None: unknown) and the free device / host memory.
 
     - a CPU pool device: ``"device"`` (the device is host memory already);
-    - unknown size on a GPU: ``"cpu"`` (the pool may grow without bound, so the GPU memory must
-      not depend on it; each sampled batch costs a host gather and one asynchronous copy);
+    - unknown size on a GPU: ``"device"`` for now; ``DataPool`` asks again with the size of
+      every doubling of its buffer and moves the pool to host memory or disk when the answer
+      changes (``DataPool._grow_check``);
     - ``"device"`` when twice the expected size (a doubling holds the old and the new buffer) is
       at most a quarter of the free device memory (the rest is the models' and the synthesis');
     - else ``"cpu"`` when the expected size is at most half the available host memory;
@@ -191,8 +192,8 @@ def choose_storage(expected_bytes: int | None, device_type: str, free_device: in
     if device_type != "cuda":
         return "device", f"the pool's device ({device_type}) is host memory"
     if expected_bytes is None:
-        return "cpu", ("the pool size is not known (no capacity, no expected_images): pinned host memory keeps "
-                       "the GPU memory independent of it")
+        return "device", ("the pool size is not known (no capacity, no expected_images): on the GPU until a "
+                          "doubling of it would not fit comfortably")
     size = _gib(expected_bytes)
     if free_device is not None and 2 * expected_bytes <= free_device // 4:
         return "device", f"the expected pool ({size}) fits a quarter of the free GPU memory ({_gib(free_device)}) twice"
@@ -260,6 +261,9 @@ class DataPool:
         self.expected_images = expected_images
         self.storage: str | None = None  # "device", "cpu" or "disk" once chosen
         self._auto = storage is None
+        # an automatic "device" choice on a GPU is checked again at every doubling (_grow_check)
+        self._watch_growth = False
+        self._free_device = lambda: torch.cuda.mem_get_info(self.device)[0]
         self._store = None
         self._own_dir: str | None = None  # a temporary directory the automatic choice made (removed at close)
         # the counters live on the device (a dropped row is known there only); the host holds
@@ -314,9 +318,39 @@ class DataPool:
             return
         expected = self.capacity if self.capacity is not None else self.expected_images
         nbytes = None if expected is None else expected * int(np.prod(shape))
-        free_dev = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        free_dev = self._free_device() if self.device.type == "cuda" else None
         storage, reason = choose_storage(nbytes, self.device.type, free_dev, _free_host_bytes())
         self._use(storage, reason)
+        self._watch_growth = storage == "device" and self.device.type == "cuda"
+
+    def _grow_check(self, need: int, shape) -> None:
+        """An automatic device pool about to double: if the doubled buffer no longer fits
+        (``choose_storage`` with its size and the free GPU memory, counting the buffer it
+        replaces as free), the pool moves to pinned host memory or disk, once. The move waits
+        for the device (the counts and the rows it copies) -- one sync, logged, in the whole run."""
+        store = self._store
+        if need <= store.rows:
+            return
+        new_rows = max(need, 2 * store.rows, 64)
+        if self.capacity is not None:
+            new_rows = min(new_rows, self.capacity)
+        row = int(np.prod(shape))
+        storage, reason = choose_storage(new_rows * row, "cuda", self._free_device() + store.rows * row,
+                                         _free_host_bytes())
+        if storage == "device":
+            return
+        self._resolve(wait=True)
+        n = self._n
+        self._watch_growth = False
+        self._use(storage, f"the pool is growing to {new_rows} images, moved off the GPU: {reason}")
+        if n:
+            rows = self._host_tensor(store.data[:n])
+            self._store.reserve(n, shape, self.capacity)
+            counters = {"n": n, "seen": self._seen, "ptr": int(self._ptr_dev), "dropped": self.dropped}
+            self._store.write(rows, torch.arange(n).view(1, n), counters=counters)
+        if self._init is not None:
+            self._init = self._host_tensor(self._init)
+        store.data = None  # the GPU buffer goes now
 
     def _restore_counters(self, c: dict | None) -> None:
         """The counters of a reopened disk pool (its last committed index entry)."""
@@ -414,6 +448,8 @@ class DataPool:
             self._seen_dev = torch.zeros((), dtype=torch.int64, device=dev)
             self._ptr_dev = torch.zeros((), dtype=torch.int64, device=dev)
         cap = self.capacity
+        if self._watch_growth:
+            self._grow_check(self._n + B if cap is None else min(cap, self._n + B), shape)
         store = self._store
         store.reserve(self._n + B if cap is None else min(cap, self._n + B), shape, cap)
         trash = store.trash
