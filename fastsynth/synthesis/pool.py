@@ -221,8 +221,10 @@ class DataPool:
     memory-mapped shard files under ``directory`` with an atomically appended index
     (``pool_store.DiskStore``; reopening a directory resumes its pool), or ``None``: chosen once
     the image shape is known, from the expected size (``capacity``, else ``expected_images``)
-    and the free memory (``choose_storage``), and said once in the ``fastsynth.pool`` log. With
-    ``"cpu"`` and ``"disk"`` the GPU memory does not depend on the pool's size.
+    and the free memory (``choose_storage``), and said in the ``fastsynth.pool`` log; of an
+    unknown size on a GPU, on the device until a doubling would not fit (``_grow_check``). With
+    ``"cpu"`` and ``"disk"`` the GPU memory does not depend on the pool's size (but for the
+    sampling permutation, 8 bytes per image).
 
     Under torch.distributed each rank keeps its own pool (its own images; ``"disk"`` puts it in
     ``directory/rank{r}``) and samples its per-rank slice of the global batch from it. With equal
