@@ -433,6 +433,8 @@ class DataPool:
         dev = self.device
         if x.dtype == torch.uint8 and valid is None:
             k = torch.full((), B, dtype=torch.int64, device=dev)  # every row kept: no sort needed
+            if self._saver is not None and x.data_ptr() == images.data_ptr():
+                x = x.clone()  # the writer thread reads it later; the caller may reuse its tensor
         else:
             if x.dtype == torch.uint8:
                 keep = torch.ones(B, dtype=torch.bool, device=dev)
