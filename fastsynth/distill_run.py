@@ -433,6 +433,16 @@ def remove_checkpoints(out: str) -> None:
         os.remove(path)
 
 
+def remove_partial_writes(out: str) -> None:
+    """The temporary files of checkpoint writes a killed process left (``.ckpt-....tmp-PID``);
+    called before any process of this run writes one."""
+    folder = os.path.join(out, CKPT_DIR)
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".ckpt-") and ".tmp-" in f:
+                os.remove(os.path.join(folder, f))
+
+
 # ----------------------------------------------------------------------------- outputs
 _FONT = {  # 3x5 digit glyphs, rows top to bottom
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
@@ -666,6 +676,8 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
             remove_checkpoints(out)
         _barrier(world)
     else:
+        if lead:
+            remove_partial_writes(out)  # the other ranks write nothing before the broadcast below
         state, path = load_newest_checkpoint(out, log) if lead else (None, None)
         path = _broadcast_object(path, rank, world)  # every rank resumes from rank 0's choice
         if path is not None and not lead:

@@ -7,7 +7,9 @@
   in the single-process accuracy band;
 - a resume with another world size, a world size that does not divide the batch: refused, naming
   both sizes / the flag;
-- a single-process run SIGKILLed right after a mid-epoch checkpoint resumes bit-identical.
+- a single-process run with ``--ckpt-every`` SIGKILLed inside a synthesis round, inside student
+  training, during a checkpoint write and right after a mid-epoch checkpoint resumes each time
+  bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -187,43 +189,106 @@ def test_torchrun_two_processes_digits(tmp_path):
 
 
 # ----------------------------------------------------------------------------- --ckpt-every, SIGKILL
+# The run in a subprocess SIGKILLs itself at a chosen moment of epoch 2 (rounds 4 to 6 of 9; a
+# checkpoint after every round): inside a synthesis round (the fifth round's images made, nothing
+# after them run), inside student training (one update of round 5 done), during the write of the
+# checkpoint after round 5 (its temporary file written, not renamed), or right after that
+# checkpoint is on disk.
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    from fastsynth import distill_run as dr
+    from fastsynth import distill as _distill, distill_run as dr
 
-    real = dr.write_checkpoint
+    moment = sys.argv.pop(1)
+    calls = {"synthesize": 0, "kd_train": 0}
+    real_build, real_kd, real_atomic, real_write = (dr.build_synthesizer, _distill.kd_train, _distill.atomic_write,
+                                                    dr.write_checkpoint)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def build(*a, **k):
+        synth = real_build(*a, **k)
+        real_synthesize = synth.synthesize
+
+        def synthesize(*a, **k):
+            res = real_synthesize(*a, **k)
+            calls["synthesize"] += 1
+            if moment == "synthesis" and calls["synthesize"] == 5:
+                die()
+            return res
+
+        synth.synthesize = synthesize
+        return synth
+
+    def kd_train(student, teacher, sample, *a, **k):
+        calls["kd_train"] += 1
+        seen = [0]
+
+        def sample_then_die():
+            seen[0] += 1
+            if moment == "training" and calls["kd_train"] == 2 and seen[0] == 2:
+                die()
+            return sample()
+
+        return real_kd(student, teacher, sample_then_die, *a, **k)
+
+    def atomic_write(path, write, *a, **k):
+        if moment == "write" and os.path.basename(path) == "ckpt-00001-0002.pt":
+            def half(f):
+                write(f)
+                f.flush()
+                die()
+            return real_atomic(path, half, *a, **k)
+        return real_atomic(path, write, *a, **k)
 
     def write_then_die(out, state, keep):
-        path = real(out, state, keep)
-        if (state["epoch"], state["round"]) == (1, 2):
-            os.kill(os.getpid(), signal.SIGKILL)  # right after a mid-epoch checkpoint is on disk
+        path = real_write(out, state, keep)
+        if moment == "after" and (state["epoch"], state["round"]) == (1, 2):
+            die()
         return path
 
-    dr.write_checkpoint = write_then_die
+    dr.build_synthesizer, _distill.kd_train, _distill.atomic_write, dr.write_checkpoint = (
+        build, kd_train, atomic_write, write_then_die)
     sys.exit(dr.main(sys.argv[1:]))
 """)
 
 
-def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_identical(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    flags = [*TINY_FLAGS, "--quiet", "--threads", "1"]
-    assert cli.main(["distill", *flags, "--out", str(tmp_path / "full")]) == 0
+    try:
+        assert cli.main(["distill", *TINY_FLAGS, "--quiet", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.mark.parametrize("moment, newest", [("synthesis", (1, 1)), ("training", (1, 1)), ("write", (1, 1)),
+                                            ("after", (1, 2))])
+def test_sigkill_inside_an_epoch_resumes_bit_identical(moment, newest, uninterrupted, tmp_path, capsys):
+    torch.set_num_threads(1)
     killed = tmp_path / "killed"
-    argv = [*flags, "--out", str(killed), "--ckpt-every", "1", "--keep-ckpts", "3"]
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *argv], capture_output=True, timeout=300, env=_env())
+    argv = [*TINY_FLAGS, "--quiet", "--threads", "1", "--out", str(killed), "--ckpt-every", "1", "--keep-ckpts", "3"]
+    proc = subprocess.run([sys.executable, "-c", _KILLER, moment, *argv], capture_output=True, timeout=300,
+                          env=_env())
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert [(e, r) for e, r, _ in dr.checkpoints(str(killed))] == [(1, 2), (1, 1), (1, 0)]
+    assert dr.checkpoints(str(killed))[0][:2] == newest
+    leftovers = [f for f in os.listdir(killed / dr.CKPT_DIR) if ".tmp-" in f]
+    assert bool(leftovers) == (moment == "write")  # the half-written file never counts as a checkpoint
     capsys.readouterr()
     assert cli.main(["distill", *argv]) == 0
-    assert "after epoch 1/3 and 2 synthesis rounds of epoch 2" in capsys.readouterr().out
-    a = torch.load(tmp_path / "full" / "student_last.pt", weights_only=True)
+    assert f"after epoch 1/3 and {newest[1]} synthesis rounds of epoch 2" in capsys.readouterr().out
+    a = torch.load(uninterrupted / "student_last.pt", weights_only=True)
     b = torch.load(killed / "student_last.pt", weights_only=True)
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
-    ra = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    ra = (uninterrupted / "metrics.csv").read_text().splitlines()
     rb = (killed / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in ra] == [r.split(",")[3:] for r in rb]  # KD loss and accuracy per epoch
     assert [(e, r) for e, r, _ in dr.checkpoints(str(killed))] == [(3, 0), (2, 2), (2, 1)]  # --keep-ckpts 3
+    assert not [f for f in os.listdir(killed / dr.CKPT_DIR) if ".tmp-" in f]  # cleared on resume
 
 
 def test_ckpt_every_is_checked():
