@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/large_alloc.h"
+#include "cpu/tuning.h"
 
 TORCH_LIBRARY(fastsynth, m) {
   // ---- bn_stat_loss (fastsynth/ops/bn_stat_loss.py) ----
@@ -75,7 +76,7 @@ TORCH_LIBRARY(fastsynth, m) {
 
   // ---- end fused teacher BatchNorm ----
 
-  // ---- residual join (fastsynth/fuse.py, add_relu) ----
+  // ---- residual join (fastsynth/cpu/add_relu.py; fastsynth.fuse.add_relu) ----
   // relu(a + b) for two maps of one shape and dtype, one pass (CPU; other devices run the two
   // ops, which compile=True fuses). Its backward is the ReLU's, threshold_backward(grad, out, 0).
   m.def("add_relu(Tensor a, Tensor b) -> Tensor");
@@ -94,7 +95,7 @@ TORCH_LIBRARY(fastsynth, m) {
   m.def("instance_mean_multi_backward(Tensor[] xs, Tensor grad) -> Tensor[]");
   // ---- end CMI synthesizer ----
 
-  // ---- frozen-weight 3x3 convolution (fastsynth/winograd.py) ----
+  // ---- frozen-weight 3x3 convolution (fastsynth/cpu/winograd.py) ----
   // conv2d(x, w, bias, stride 1, padding 1) by Winograd F(2x2, 3x3) with u = G w G^T laid out
   // (16, C, K), computed once per weight by the caller. input_grad: the same u gives the input
   // gradient, conv2d(x, w.transpose(0, 1).flip(-1, -2), padding=1). CPU, float32/float64; output
@@ -127,6 +128,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Which backends this build of fastsynth._C contains");
   m.def("empty_cache", [] { return fastsynth::large_block_cache().release(); },
         "Free the recycled large CPU output blocks (csrc/cpu/large_alloc.h); returns the bytes freed");
-  m.def("cached_bytes", [] { return fastsynth::large_block_cache().cached_bytes(); },
-        "Bytes held by the recycled large CPU output blocks");
+  m.def(
+      "set_cpu_tuning",
+      [](bool large_blocks, bool winograd_blas) {
+        fastsynth::large_blocks_enabled().store(large_blocks);
+        fastsynth::winograd_blas_enabled().store(winograd_blas);
+      },
+      "Switch the C++ side of the CPU tuning (csrc/cpu/tuning.h); set through fastsynth.cpu.config",
+      pybind11::arg("large_blocks"), pybind11::arg("winograd_blas"));
 }

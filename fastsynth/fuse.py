@@ -43,23 +43,21 @@ from __future__ import annotations
 
 import inspect
 import operator
+import sys
 import types
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ext
-from .layout import (conv2d_like_input, conv_input_layout, conv_output_layout, has_hooks, is_channels_last,
-                     resolve_min_hw, weight_like_input)
 from .ops.fused_bn import fused_bn
-from .winograd import _is_winograd_shape, frozen_conv3x3
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
            "fused_layers", "fused_eval_view", "FusedEvalView", "fusion_stats", "refresh_folds", "ConvBNFold",
-           "add_relu", "laid_out_conv", "conv_input_layout", "conv_output_layout"]
+           "add_relu"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -127,48 +125,19 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 # residual add + ReLU in one pass
 
 
-def _add_relu_cpp_ok(a: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and _ext.has_extension()
-
-
-class _AddReLU(torch.autograd.Function):
-    """``relu(a + b)`` for two tensors of one shape, dtype and device: on the CPU one pass forward
-    (``fastsynth::add_relu``, csrc/cpu/add_relu.cpp) instead of an add and a ReLU each reading
-    and writing the map; the backward is the ReLU's own, ``grad * (out > 0)``
-    (threshold_backward on the output), handed to both inputs. Elsewhere (GPU, or without the
-    extension) the forward is ``relu(a + b)``, which ``compile=True`` and CUDA graphs fuse."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        out = torch.ops.fastsynth.add_relu(a, b) if _add_relu_cpp_ok(a) else torch.relu(a + b)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(grad, out, 0)
-        return g, g
-
-
 def add_relu(a, b):
-    """``F.relu(a + b)``, one forward pass when ``a`` and ``b`` are tensors of the same shape,
-    dtype and device (the residual join of a ResNet block); anything else (broadcasting, mixed
-    dtypes, a Python number) runs as written. NaN propagates as in ``F.relu``."""
-    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and a.device == b.device and a.is_floating_point()
+    """``F.relu(a + b)``, one forward pass on the CPU when ``a`` and ``b`` are tensors of the same
+    shape, dtype and device (the residual join of a ResNet block; ``fastsynth.cpu.add_relu``);
+    on other devices ``relu(a + b)``, which ``compile=True`` and CUDA graphs fuse. Anything else
+    (broadcasting, mixed dtypes, a Python number) runs as written. NaN propagates as in
+    ``F.relu``."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device.type == "cpu"
+            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.is_floating_point()
             and a.layout == torch.strided and b.layout == torch.strided):
-        return _AddReLU.apply(a, b)
+        from .cpu.add_relu import add_relu as add_relu_cpu  # the CPU room, imported on first use
+
+        return add_relu_cpu(a, b)
     return F.relu(a + b)
-
-
-def _fake_add_relu(a, b):
-    fmt = torch.channels_last if is_channels_last(a) else torch.contiguous_format
-    return torch.empty_like(a, memory_format=fmt)
-
-
-if _ext.has_extension():
-    torch.library.register_fake("fastsynth::add_relu")(_fake_add_relu)
 
 
 _ADD_FUNCTIONS = (operator.add, torch.add)
@@ -206,6 +175,20 @@ def _fold_add_relus(graph: fx.Graph, modules: dict) -> int:
 # eval BatchNorm folded into the convolution before it (student view)
 
 
+def _stamp(t: torch.Tensor | None):
+    """What identifies a source tensor's current values: the tensor itself by a weak reference
+    (an ``id()`` is reused by the next tensor allocated at a freed one's address, and a strong
+    reference would keep replaced weights alive), its version counter (in-place updates) and its
+    storage (``t.data = ...``)."""
+    return None if t is None else (weakref.ref(t), t._version, t.data_ptr())
+
+
+def _stamp_matches(stamp, t: torch.Tensor | None) -> bool:
+    if stamp is None or t is None:
+        return stamp is None and t is None
+    return stamp[0]() is t and stamp[1] == t._version and stamp[2] == t.data_ptr()
+
+
 class ConvBNFold(nn.Module):
     """A convolution followed by an eval-mode BatchNorm as ONE convolution:
 
@@ -229,15 +212,22 @@ class ConvBNFold(nn.Module):
         self.register_buffer("bias", None, persistent=False)
         self.refresh()
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_key"] = None  # weak references do not pickle: a copy re-folds at its first use
+        return state
+
     def _sources(self):
         c, b = self.conv, self.bn
         return (c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var)
 
     def refresh(self) -> bool:
         """Re-fold if any source changed; returns whether it did."""
-        key = tuple(None if t is None else (id(t), t._version) for t in self._sources()) + (self.bn.eps,)
-        if key == self._key:
+        sources = self._sources()
+        if self._key is not None and self._key[-1] == self.bn.eps and all(
+                _stamp_matches(k, t) for k, t in zip(self._key, sources)):
             return False
+        key = tuple(_stamp(t) for t in sources) + (self.bn.eps,)
         conv, bn = self.conv, self.bn
         with torch.no_grad():
             rv = bn.running_var.to(torch.float64)
@@ -264,7 +254,7 @@ class ConvBNFold(nn.Module):
     def forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.refresh()
-        y = self.conv._conv_forward(input, weight_like_input(input, self.weight, self), self.bias)
+        y = self.conv._conv_forward(input, self.weight, self.bias)
         # in place: the convolution's backward needs its input and weight, not its output
         return torch.relu_(y) if relu else y
 
@@ -310,64 +300,35 @@ def _fold_conv_bns(graph: fx.Graph, modules: dict, root: dict, cache: dict | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# convolution input layout by map size (CPU)
-
-def laid_out_conv(x: torch.Tensor, conv: nn.Module, min_hw: int, relu: bool = False) -> torch.Tensor:
-    """One convolution of a fused graph (an ``nn.Conv2d`` without hooks, or a ``ConvBNFold``):
-    by Winograd F(2x2, 3x3) when it applies (``fastsynth.winograd``: CPU float32, frozen 3x3
-    stride-1 weights, enough channels; its output is channels_last), else the module's own
-    convolution with its input in ``conv_input_layout`` and its output in ``conv_output_layout``
-    (``min_hw`` 0: layouts untouched). ``relu`` (ConvBNFold only) applies a ReLU in place."""
-    if isinstance(conv, ConvBNFold):
-        if not torch.compiler.is_compiling():
-            conv.refresh()
-        y = frozen_conv3x3(x, conv.conv, conv.weight, conv.bias, conv)
-        if y is None:
-            return conv_output_layout(conv(conv_input_layout(x, min_hw), relu=relu), min_hw)
-        return torch.relu_(y) if relu else y
-    y = None if has_hooks(conv) else frozen_conv3x3(x, conv, conv.weight, conv.bias, conv)
-    if y is None:  # conv2d_like_input calls a hooked module as a module
-        y = conv_output_layout(conv2d_like_input(conv_input_layout(x, min_hw), conv), min_hw)
-    return y
+# which convolution runs: asked of the CPU room for CPU models only
 
 
-def _layout_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> tuple[int, int]:
-    """Route every Conv2d / ConvBNFold call of ``graph`` through ``laid_out_conv`` (Winograd where
-    it applies, CPU input/output layouts by map size otherwise). With layouts off (``min_hw`` 0)
-    only the convolutions the Winograd path can serve are routed. A Conv2d with hooks (or extra
-    arguments) keeps its call and gets the layouts around it. Returns (convolutions given
-    layouts, convolutions routed through ``laid_out_conv``)."""
-    n = routed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(module_of.get(node.target), (nn.Conv2d, ConvBNFold)):
-            continue
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        conv = module_of[node.target]
-        plain = type(conv) is ConvBNFold or (
-            type(conv) is nn.Conv2d and not (conv._forward_hooks or conv._forward_pre_hooks))
-        extra_args = len(node.args) != 1 or any(k != "relu" for k in node.kwargs)
-        geometry = conv.conv if type(conv) is ConvBNFold else conv
-        if plain and not extra_args and (min_hw > 0 or _is_winograd_shape(geometry)):
-            with graph.inserting_before(node):
-                mod = graph.get_attr(node.target)
-                call = graph.call_function(laid_out_conv, (node.args[0], mod, int(min_hw)),
-                                           {"relu": True} if node.kwargs.get("relu") else {})
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
-            n += min_hw > 0
-            routed += 1
-            continue
-        if min_hw <= 0:
-            continue
-        with graph.inserting_before(node):
-            lay = graph.call_function(conv_input_layout, (node.args[0], int(min_hw)))
-        node.args = (lay,) + tuple(node.args[1:])
-        with graph.inserting_after(node):
-            out = graph.call_function(conv_output_layout, (node, int(min_hw)))
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-        n += 1
-    return n, routed
+def _lives_on_cpu(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters (or, without any, its buffers) are on the CPU."""
+    t = next(model.parameters(), None)
+    if t is None:
+        t = next(model.buffers(), None)
+    return t is None or t.device.type == "cpu"
+
+
+def _cpu_min_hw(model: nn.Module, channels_last_min_hw) -> int | None:
+    """The layout threshold of a CPU model (``fastsynth.cpu.resolve_min_hw``: "auto" is read
+    now), or None for a model on another device, whose graphs never ask the CPU room."""
+    if not _lives_on_cpu(model):
+        return None
+    from . import cpu
+
+    return cpu.resolve_min_hw(channels_last_min_hw)
+
+
+def _route_convs(graph: fx.Graph, module_of: dict, min_hw: int | None) -> tuple[int, int]:
+    """(convolutions given layouts, convolutions routed): ``fastsynth.cpu.rewrite_convs`` on the
+    graph of a CPU model; nothing for a model built on another device (``min_hw`` None)."""
+    if min_hw is None:
+        return 0, 0
+    from . import cpu
+
+    return cpu.rewrite_convs(graph, module_of, min_hw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,12 +714,12 @@ class _FormDispatch:
         return out
 
 
-def _teacher_build(teacher: nn.Module, min_hw: int):
+def _teacher_build(teacher: nn.Module, min_hw: int | None):
     def build(graph: fx.Graph, label: str):
         modules = dict(teacher.named_modules())
         stats = {"bn_relu": _fold_bn_relus(graph, modules, modules),
                  "add_relu": _fold_add_relus(graph, modules)}
-        stats["conv_layouts"], stats["conv_routed"] = _layout_convs(graph, modules, min_hw)
+        stats["conv_layouts"], stats["conv_routed"] = _route_convs(graph, modules, min_hw)
         stats["fused_bn"] = sum(1 for n in graph.nodes if n.op == "call_module"
                                 and isinstance(modules.get(n.target), FusedBatchNorm2d))
         graph.lint()
@@ -767,14 +728,14 @@ def _teacher_build(teacher: nn.Module, min_hw: int):
     return build
 
 
-def _fuse_relus(teacher: nn.Module, channels_last_min_hw: int = 0) -> int:
+def _fuse_relus(teacher: nn.Module, min_hw: int | None = None) -> int:
     """Install the fused eval-mode forward on ``teacher``: per call form (``_FormDispatch``), the
-    traced graph with BN->ReLU pairs folded, residual add->ReLU pairs joined (``add_relu``) and
-    each convolution given its CPU input layout (``conv_input_layout``). Train mode runs the
-    class forward. Returns the number of BN ReLUs folded in the default form (0 when that form
+    traced graph with BN->ReLU pairs folded, residual add->ReLU pairs joined (``add_relu``) and,
+    for a CPU model (``min_hw`` not None), each convolution routed by ``fastsynth.cpu``
+    (``_route_convs``). Train mode runs the class forward. Returns the number of BN ReLUs folded in the default form (0 when that form
     is traced at its first call)."""
     cls_forward = type(teacher).forward
-    dispatch = _FormDispatch(teacher, _teacher_build(teacher, channels_last_min_hw),
+    dispatch = _FormDispatch(teacher, _teacher_build(teacher, min_hw),
                              eager=lambda *a, **k: cls_forward(teacher, *a, **k), who="fuse_teacher",
                              fallback="the model's own forward with its BatchNorm layers fused (statistics in "
                                       "the same pass), without ReLU folding, add+ReLU joins or convolution layouts")
@@ -809,10 +770,10 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
     ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
     solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``, per
     call form (module docstring: call forms; a form that cannot be traced warns once and keeps
-    BN-only fusion). ``channels_last_min_hw``: with ``fuse_relu``,
-    CPU convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
-    (``conv_input_layout``; "auto": ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW``; None or 0:
-    layouts as the model makes them).
+    BN-only fusion). ``channels_last_min_hw``: with ``fuse_relu``, for a teacher on the CPU,
+    convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
+    (``fastsynth.cpu.conv_input_layout``; "auto": ``fastsynth.cpu.config.channels_last_min_hw``;
+    None or 0: layouts as the model makes them; ignored on other devices).
     Returns ``teacher`` (a new module only when ``teacher`` itself is a bare BatchNorm2d).
     """
     if not isinstance(teacher, nn.Module):
@@ -829,7 +790,7 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
                     replaced[id(child)] = FusedBatchNorm2d.from_batchnorm(child, backend)
                 setattr(parent, name, replaced[id(child)])
     if fuse_relu and replaced:
-        _fuse_relus(teacher, resolve_min_hw(channels_last_min_hw))
+        _fuse_relus(teacher, _cpu_min_hw(teacher, channels_last_min_hw))
     return teacher
 
 
@@ -850,9 +811,9 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         teacher.__dict__.pop("_fs_add_relus", None)
         teacher.__dict__.pop("_fs_conv_layouts", None)
         teacher.__dict__.pop("_fs_conv_routed", None)
-    for m in teacher.modules():  # cached per-convolution copies of the weights (layouts, Winograd)
-        m.__dict__.pop("_fs_winograd", None)
-        m.__dict__.pop("_fs_weight_channels_last", None)
+    cpu = sys.modules.get("fastsynth.cpu")  # never imported: it cached nothing
+    if cpu is not None:
+        cpu.forget(teacher)  # its per-convolution copies of the weights (layouts, Winograd)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:
@@ -910,10 +871,10 @@ class FusedEvalView(nn.Module):
     call form (``_FormDispatch``), e.g. ``view(x)`` and ``view(x, return_features=True)``.
     ``parts`` holds every module the graphs run (the model's own modules, the ``ConvBNFold``
     folds and the statistics-free ``FusedBatchNorm2d`` copies), so ``view.modules()`` reaches
-    them (``refresh_folds``, ``fastsynth.winograd.prepare_winograd``). ``graph`` is the graph of
+    them (``refresh_folds``, ``fastsynth.cpu.prepare_winograd``). ``graph`` is the graph of
     ``view(x)`` (None until traced when it is traced at the first call)."""
 
-    def __init__(self, model: nn.Module, backend, fold_conv_bn: bool, min_hw: int):
+    def __init__(self, model: nn.Module, backend, fold_conv_bn: bool, min_hw: int | None):
         super().__init__()
         self.parts = nn.Module()
         self.__dict__["_fs_model"] = model
@@ -921,7 +882,7 @@ class FusedEvalView(nn.Module):
         self.__dict__["_fs_fused"] = {}   # id(bn) -> FusedBatchNorm2d copy
         self.__dict__["_fs_backend"] = backend
         self.__dict__["_fs_fold_conv_bn"] = fold_conv_bn
-        self.__dict__["_fs_min_hw"] = min_hw
+        self.__dict__["_fs_min_hw"] = min_hw  # None: not a CPU model, convolutions run as traced
         self.__dict__["_fs_dispatch"] = _FormDispatch(
             model, self._build, eager=model.forward, who="fused_eval_view",
             fallback="the model's own forward, unfused (no conv+BN folding, ReLU folding or add+ReLU joins)")
@@ -962,7 +923,7 @@ class FusedEvalView(nn.Module):
                 root[node.target] = _attr(model, node.target)
         stats = {"conv_bn_fold": folds, "fused_bn": n_fused,
                  "bn_relu": _fold_bn_relus(graph, root, modules), "add_relu": _fold_add_relus(graph, modules)}
-        stats["conv_layouts"], stats["conv_routed"] = _layout_convs(graph, root, self._fs_min_hw)
+        stats["conv_layouts"], stats["conv_routed"] = _route_convs(graph, root, self._fs_min_hw)
         graph.lint()
         gm = fx.GraphModule(root, graph)
         gm.__dict__["training"] = False
@@ -991,9 +952,10 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
       (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops;
     - a ReLU that directly and solely consumes either is folded into it;
     - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward;
-    - ``channels_last_min_hw``: CPU convolution inputs of at least this many pixels run
-      channels_last, smaller ones NCHW (``conv_input_layout``; "auto":
-      ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW``; None or 0: as the model makes them).
+    - on the CPU, each convolution runs as ``fastsynth.cpu`` routes it (Winograd for frozen 3x3
+      weights with enough channels; ``channels_last_min_hw``: inputs of at least this many
+      pixels channels_last, smaller ones NCHW; "auto": ``fastsynth.cpu.config.channels_last_min_hw``;
+      None or 0: as the model makes them; ignored on other devices).
 
     Every call form gets these rewrites (module docstring: call forms): ``view(x)`` and
     ``view(x, return_features=True)`` on an upstream classifier are two traced graphs.
@@ -1013,7 +975,7 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not any(type(m) is nn.BatchNorm2d for m in model.modules()):
         return None
-    view = FusedEvalView(model, backend, fold_conv_bn, resolve_min_hw(channels_last_min_hw))
+    view = FusedEvalView(model, backend, fold_conv_bn, _cpu_min_hw(model, channels_last_min_hw))
     dispatch = view._fs_dispatch
     dispatch.prime()
     entry = dispatch.forms.get(dispatch._default)

@@ -1,111 +1,35 @@
-"""Memory layout of convolution inputs on the CPU (used by the fused teacher graph, the student's
-eval view and the generators' convolution stacks). Values are unchanged; only the order of the
-elements in memory (and so the speed of oneDNN's kernels) changes. Gradients follow the layout of
-their tensors, and autograd converts them back where a conversion was made."""
+"""Former home of the CPU convolution layout rule, now ``fastsynth.cpu.layout``: these names
+forward there, importing ``fastsynth.cpu`` only when one is used. ``CPU_CHANNELS_LAST_MIN_HW``
+reads and sets ``fastsynth.cpu.config.channels_last_min_hw``."""
 from __future__ import annotations
 
-import torch
-from torch.nn.modules import module as _module
-
-__all__ = ["CPU_CHANNELS_LAST_MIN_HW", "conv_input_layout", "conv_output_layout", "resolve_min_hw",
-           "weight_like_input", "is_channels_last", "derived_from_frozen"]
-
-# On the CPU PyTorch runs fp32 convolutions through oneDNN. Given NCHW maps it reorders every
-# input to a blocked layout and every output back (and the same for gradients in the backward);
-# given channels_last maps its NHWC kernels read and write them directly. Measured on the 2-core
-# machine (docs/PERFORMANCE.md, "Fifth pass"), forward + input-gradient time, channels_last over
-# NCHW: 0.70-0.77 at 64 ch x 32 x 32, 0.31-0.42 for the 1x1 stride-2 shortcut from 32 x 32,
-# 0.80-0.95 at 16 x 16, but 1.05-1.08 at 8 x 8 and 1.4 at 4 x 4. Hence: convolution inputs of at
-# least this many pixels (H*W) go in channels_last, smaller ones in NCHW, and a convolution output
-# below that size (from a stride-2 convolution on a channels_last input) goes back to NCHW: one
-# conversion per change of size class, forward and backward.
-CPU_CHANNELS_LAST_MIN_HW = 256
+import sys
+import types
 
 
-def resolve_min_hw(value) -> int:
-    """``channels_last_min_hw`` as given to fastsynth's modules: ``"auto"`` reads
-    ``CPU_CHANNELS_LAST_MIN_HW`` now (so setting ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW = 0``
-    before building a synthesizer turns the rule off everywhere), None or 0 is off, an int is the
-    threshold in pixels."""
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"channels_last_min_hw must be 'auto', None or an int, got {value!r}")
-        value = CPU_CHANNELS_LAST_MIN_HW
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"channels_last_min_hw must be 'auto', None or an int >= 0, got {value!r}")
-    return value
+def __getattr__(name: str):
+    if name.startswith("__"):  # the import system probes __path__ and such: not forwarded
+        raise AttributeError(name)
+    from .cpu import _config, layout
+
+    for where in (layout, _config):
+        if hasattr(where, name):
+            return getattr(where, name)
+    raise AttributeError(f"module 'fastsynth.layout' has no attribute {name!r}")
 
 
-def conv_input_layout(x, min_hw: int):
-    """``x`` in the layout its convolution runs fastest in on the CPU: channels_last when the map
-    has at least ``min_hw`` pixels, NCHW otherwise (a no-op when already so). Other devices,
-    non-4-D inputs and ``min_hw <= 0``: ``x`` unchanged."""
-    if min_hw > 0 and isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu":
-        if x.shape[-1] * x.shape[-2] >= min_hw:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
-    return x
+class _Module(types.ModuleType):
+    @property
+    def CPU_CHANNELS_LAST_MIN_HW(self) -> int:  # noqa: N802 (the old constant's name)
+        from .cpu import config
+
+        return config.channels_last_min_hw
+
+    @CPU_CHANNELS_LAST_MIN_HW.setter
+    def CPU_CHANNELS_LAST_MIN_HW(self, value: int) -> None:  # noqa: N802
+        from .cpu import config
+
+        config.channels_last_min_hw = value
 
 
-def conv_output_layout(y, min_hw: int):
-    """A convolution's output below ``min_hw`` pixels back in NCHW (a channels_last input gives a
-    channels_last output): the layout the next convolution wants, and the one every other
-    consumer (pooling, flatten, a residual add with an NCHW shortcut) handles best."""
-    if min_hw > 0 and isinstance(y, torch.Tensor) and y.dim() == 4 and y.device.type == "cpu" \
-            and y.shape[-1] * y.shape[-2] < min_hw:
-        return y.contiguous()
-    return y
-
-
-def is_channels_last(t: torch.Tensor) -> bool:
-    """A 4-D tensor dense in channels_last and not also dense in NCHW (the layout the kernels'
-    channels_last paths take)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Tensor:
-    """``weight`` in ``x``'s memory format for a CPU convolution. Given a channels_last input and
-    an NCHW weight, PyTorch converts the weight inside every convolution call, forward and
-    backward (a transposing copy; ~4% of a ResNet synthesis step). A weight that needs no
-    gradient (a frozen teacher or student, a folded BatchNorm) is converted once and kept on
-    ``owner`` until it changes (same tensor, same version counter); a trained weight is
-    converted in the graph, where its gradient flows back through the conversion."""
-    if x.device.type != "cpu" or not is_channels_last(x) or weight.dim() != 4 or is_channels_last(weight):
-        return weight
-    if weight.requires_grad or torch.compiler.is_compiling():
-        return weight.contiguous(memory_format=torch.channels_last)
-    return derived_from_frozen(owner, "_fs_weight_channels_last", weight,
-                               lambda w: w.detach().contiguous(memory_format=torch.channels_last))
-
-
-def derived_from_frozen(owner, name: str, weight: torch.Tensor, make, in_place: bool = False) -> torch.Tensor:
-    """``make(weight)``, kept in ``owner.__dict__[name]`` while ``weight`` is the same tensor at the
-    same version (frozen weights: made once, not every step). A stale value is replaced; with
-    ``in_place`` one of the same shape, dtype and strides is overwritten instead, so a compiled
-    graph holding it reads the new values."""
-    key = (id(weight), weight._version, weight.dtype, tuple(weight.shape))
-    cached = owner.__dict__.get(name)
-    if cached is None or cached[0] != key:
-        value = make(weight)
-        old = None if cached is None else cached[1]
-        if in_place and old is not None and old.shape == value.shape and old.dtype == value.dtype and old.stride() == value.stride():
-            value = old.copy_(value)
-        cached = owner.__dict__[name] = (key, value)
-    return cached[1]
-
-
-def has_hooks(module) -> bool:
-    """Whether calling ``module`` would run hooks (its own or global ones, registered at any time)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks)
-
-
-def conv2d_like_input(x: torch.Tensor, conv) -> torch.Tensor:
-    """``conv(x)`` for an ``nn.Conv2d``, with its weight in ``x``'s memory format. A module that
-    carries hooks (registered at any time) is called as a module, so they fire."""
-    if has_hooks(conv):
-        return conv(x)
-    return conv._conv_forward(x, weight_like_input(x, conv.weight, conv), conv.bias)
+sys.modules[__name__].__class__ = _Module

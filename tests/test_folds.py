@@ -1,5 +1,6 @@
 """Graph-level folds of fastsynth.fuse used by the synthesis step: the residual ``add_relu``, the
-student's conv+BatchNorm folding (``ConvBNFold``) and their rewriting of traced graphs. Each is
+student's conv+BatchNorm folding (``ConvBNFold``) and their rewriting of traced graphs, with the
+CPU room's convolution routing and layouts (fastsynth.cpu). Each is
 checked against the unfolded float64 computation, forward and input/parameter gradients, with a
 grad_output that is not all ones."""
 from __future__ import annotations
@@ -11,7 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fastsynth.cpu
 from fastsynth import _ext, fuse
+from fastsynth.cpu import convs
+from fastsynth.cpu.layout import conv2d_like_input, conv_input_layout, conv_output_layout, weight_like_input
 from fastsynth.bench.harness import AtenOpCounter
 from fastsynth.models import resnet18
 from fastsynth.synthesis.core import frozen
@@ -283,8 +287,6 @@ def test_conv_bn_fold_student_view_in_compiled_step_reads_refreshed_weights():
 
 # ---------------------------------------------------------------- convolution input layouts (CPU)
 def test_conv_layout_functions():
-    from fastsynth.layout import conv_input_layout, conv_output_layout
-
     big, small = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     a = conv_input_layout(big, 256)
     assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
@@ -347,34 +349,31 @@ def test_teacher_graph_lays_out_convolution_inputs_by_size():
 def test_student_view_lays_out_convolution_inputs_by_size():
     model = _randomise_bn(resnet18()).double().eval()
     view = fuse.fused_eval_view(model)
-    layouts = [n for n in view.graph.nodes if n.target is fuse.laid_out_conv and n.args[2] > 0]
+    layouts = [n for n in view.graph.nodes if n.target is convs.conv and n.args[2] > 0]
     assert len(layouts) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
     off = fuse.fused_eval_view(model, channels_last_min_hw=0)
-    assert not any(n.target is fuse.conv_input_layout for n in off.graph.nodes)
-    assert all(n.args[2] == 0 for n in off.graph.nodes if n.target is fuse.laid_out_conv)
+    assert not any(n.target is conv_input_layout for n in off.graph.nodes)
+    assert all(n.args[2] == 0 for n in off.graph.nodes if n.target is convs.conv)
 
 
 def test_layout_threshold_resolution_and_global_switch(monkeypatch):
-    from fastsynth import layout
-
-    assert layout.resolve_min_hw("auto") == layout.CPU_CHANNELS_LAST_MIN_HW
-    assert layout.resolve_min_hw(None) == 0 and layout.resolve_min_hw(64) == 64
+    cpu = fastsynth.cpu
+    assert cpu.resolve_min_hw("auto") == cpu.config.channels_last_min_hw
+    assert cpu.resolve_min_hw(None) == 0 and cpu.resolve_min_hw(64) == 64
     for bad in ("on", -1, 2.5, True):
         with pytest.raises(ValueError, match="channels_last_min_hw"):
-            layout.resolve_min_hw(bad)
-    monkeypatch.setattr(layout, "CPU_CHANNELS_LAST_MIN_HW", 0)
+            cpu.resolve_min_hw(bad)
+    monkeypatch.setattr(cpu.config, "channels_last_min_hw", 0)
     model = _randomise_bn(resnet18()).eval()
     assert fuse.fuse_teacher(copy.deepcopy(model)).__dict__["_fs_conv_layouts"] == 0
     view = fuse.fused_eval_view(model)
-    assert not any(n.target is fuse.conv_input_layout for n in view.graph.nodes)
-    assert all(n.args[2] == 0 for n in view.graph.nodes if n.target is fuse.laid_out_conv)
+    assert not any(n.target is conv_input_layout for n in view.graph.nodes)
+    assert all(n.args[2] == 0 for n in view.graph.nodes if n.target is convs.conv)
 
 
 def test_weight_follows_a_channels_last_input_cached_while_frozen():
-    from fastsynth.layout import conv2d_like_input, weight_like_input
-
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert weight_like_input(x.contiguous(), conv.weight, conv) is conv.weight  # NCHW input: as is
@@ -409,3 +408,147 @@ def test_phase_kernels_channels_last_same_values():
     k, kc = _phase_kernels(w), _phase_kernels(w, channels_last=True)
     torch.testing.assert_close(kc, k, rtol=0, atol=0)
     assert all(kc[i].is_contiguous(memory_format=torch.channels_last) for i in range(4))
+
+
+# ---------------------------------------------------------------- caches keyed on the tensor itself
+def test_conv_bn_fold_refolds_for_a_new_weight_at_a_freed_address():
+    """A fold remembers its sources by weak reference and version, not by id(): a conv weight
+    freed and a new one allocated at the same address and version is re-folded."""
+    import gc
+    import weakref
+
+    from test_winograd import _same_address_weight
+
+    model = _randomise_bn(ConvBN(False, True)).double().eval().requires_grad_(False)
+    view = fuse.fused_eval_view(model)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    old = weakref.ref(model.conv.weight)
+    old_id, old_version = id(model.conv.weight), model.conv.weight._version
+    del model.conv.weight
+    gc.collect()
+    assert old() is None  # the fold did not keep the replaced weight alive
+    new = _same_address_weight(old_id, old_version, (6, 4, 3, 3), torch.float64)
+    if new is None:
+        pytest.skip("this interpreter did not reuse the freed address")
+    model.conv.weight = new
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+    # and an in-place update of the new weight
+    with torch.no_grad():
+        model.conv.weight.mul_(-1.5)
+    torch.testing.assert_close(view(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_bn_fold_copies_and_pickles():
+    import pickle
+
+    model = _randomise_bn(ConvBN(True, True)).double().eval()
+    view = fuse.fused_eval_view(model)
+    fold = next(m for m in view.modules() if isinstance(m, fuse.ConvBNFold))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for copied in (copy.deepcopy(fold), pickle.loads(pickle.dumps(fold))):
+        # the copy refers to copied sources: it re-folds from them at its first forward
+        with torch.no_grad():
+            copied.conv.weight.mul_(2.0)
+        want = F.batch_norm(F.conv2d(x, copied.conv.weight, copied.conv.bias, padding=1),
+                            copied.bn.running_mean, copied.bn.running_var, copied.bn.weight, copied.bn.bias,
+                            False, 0.0, copied.bn.eps)
+        torch.testing.assert_close(copied(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_weight_not_reused_for_a_new_weight_at_a_freed_address():
+    import gc
+
+    from test_winograd import _same_address_weight
+
+    conv = nn.Conv2d(4, 6, 3, padding=1).double().requires_grad_(False)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight_like_input(x, conv.weight, conv)
+    old_id, old_version = id(conv.weight), conv.weight._version
+    del conv.weight
+    gc.collect()
+    new = _same_address_weight(old_id, old_version, (6, 4, 3, 3), torch.float64)
+    if new is None:
+        pytest.skip("this interpreter did not reuse the freed address")
+    conv.weight = new
+    torch.testing.assert_close(weight_like_input(x, conv.weight, conv), new, rtol=0, atol=0)
+    torch.testing.assert_close(conv2d_like_input(x, conv), F.conv2d(x.contiguous(), new, conv.bias, padding=1),
+                               rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the CPU room stays optional
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_gpu_path_does_not_import_the_cpu_room():
+    """Importing fuse, nn and the synthesizers does not import fastsynth.cpu, nor does fusing,
+    viewing and running a model that is not on the CPU (the meta device stands in for a GPU)."""
+    code = (
+        "import sys, torch\n"
+        "import fastsynth, fastsynth.fuse as fuse, fastsynth.nn, fastsynth.synthesis, fastsynth.winograd\n"
+        "assert 'fastsynth.cpu' not in sys.modules, 'import'\n"
+        "from fastsynth.models import resnet18\n"
+        "m = resnet18().to('meta').eval()\n"
+        "view = fuse.fused_eval_view(m)\n"
+        "y = view(torch.empty(2, 3, 32, 32, device='meta'))\n"
+        "t = fuse.fuse_teacher(resnet18().to('meta').eval())\n"
+        "t(torch.empty(2, 3, 32, 32, device='meta'))\n"
+        "a = torch.empty(2, 3, 4, 4, device='meta')\n"
+        "fuse.add_relu(a, a)\n"
+        "g = fastsynth.nn.Generator(nz=8, ngf=8, img_size=32, nc=3).to('meta')\n"
+        "g(torch.empty(2, 8, device='meta'))\n"
+        "assert 'fastsynth.cpu' not in sys.modules, 'use'\n"
+        "assert fuse.fusion_stats(view)['x']['conv_routed'] == 0\n"
+        "print('ok')\n")
+    assert _run(code) == "ok"
+
+
+def test_cpu_room_imports_first_without_a_circle():
+    assert _run("import fastsynth.cpu\nimport fastsynth.fuse\nprint(fastsynth.cpu.config.winograd_min_channels)") \
+        == str(fastsynth.cpu.CPUConfig().winograd_min_channels)
+
+
+def test_cpu_config_checks_and_restores(monkeypatch):
+    cfg = fastsynth.cpu.config
+    for name, bad in (("channels_last_min_hw", -1), ("winograd_min_channels", 2.5), ("upsample_fuse_min_macs", True),
+                      ("large_blocks", 1), ("winograd_blas", "no")):
+        with pytest.raises(ValueError, match=name):
+            setattr(cfg, name, bad)
+    with pytest.raises(AttributeError, match="no field 'min_hw'"):
+        cfg.min_hw = 3
+    before = dataclasses_astuple(cfg)
+    with pytest.raises(KeyError):
+        with fastsynth.cpu.configured(channels_last_min_hw=0, winograd_min_channels=0):
+            assert cfg.channels_last_min_hw == 0 and cfg.winograd_min_channels == 0
+            raise KeyError("restored on the way out")
+    assert dataclasses_astuple(cfg) == before
+    # the former module constants read and set the config
+    from fastsynth import layout as old_layout
+    from fastsynth import winograd as old_winograd
+
+    monkeypatch.setattr(old_layout, "CPU_CHANNELS_LAST_MIN_HW", 64)
+    monkeypatch.setattr(old_winograd, "CPU_WINOGRAD_MIN_CHANNELS", 32)
+    assert (cfg.channels_last_min_hw, cfg.winograd_min_channels) == (64, 32)
+
+
+def dataclasses_astuple(cfg):
+    import dataclasses
+
+    return dataclasses.astuple(cfg)
+
+
+def test_large_blocks_switch_gives_the_same_values():
+    if not _ext.has_extension():
+        pytest.skip("needs fastsynth._C")
+    x = torch.randn(64, 64, 32, 32)  # 16 MB: above the recycled-block size
+    y = torch.randn_like(x)
+    want = F.relu(x + y)
+    for on in (False, True):
+        with fastsynth.cpu.configured(large_blocks=on):
+            torch.testing.assert_close(fuse.add_relu(x, y), want, rtol=0, atol=0)

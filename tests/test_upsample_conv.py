@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fastsynth.cpu
 from fastsynth.nn import DeepGenerator, Generator, NLGenerator, UpsampleConvSequential, upsample2x_conv3x3
 
 
@@ -132,7 +133,7 @@ def test_sequential_fuses_only_the_eligible_pairs(monkeypatch):
 
     real = uc.upsample2x_conv3x3
     monkeypatch.setattr(uc, "upsample2x_conv3x3", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(uc, "FUSE_MIN_MACS", 0)  # default mode, every size
+    monkeypatch.setattr(fastsynth.cpu.config, "upsample_fuse_min_macs", 0)  # default mode, every size
     seq = UpsampleConvSequential(
         nn.Upsample(scale_factor=2), nn.Conv2d(3, 3, 3, padding=1),                  # fused
         nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(3, 3, 3, padding=1),  # not nearest
@@ -156,7 +157,7 @@ def test_sequential_default_fuses_only_large_cpu_convolutions(monkeypatch):
     small = torch.randn(1, 4, 4, 4)
     seq(small)
     assert calls == []  # 2 K multiply-adds: upsample + conv as upstream
-    monkeypatch.setattr(uc, "FUSE_MIN_MACS", 4 * 4 * 4 * 16 * 9)
+    monkeypatch.setattr(fastsynth.cpu.config, "upsample_fuse_min_macs", 4 * 4 * 4 * 16 * 9)
     seq(small)
     assert calls == [1]
 

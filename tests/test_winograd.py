@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolution for frozen weights (fastsynth/winograd.py,
+"""Winograd F(2x2, 3x3) convolution for frozen weights (fastsynth/cpu/winograd.py,
 csrc/cpu/winograd_conv.cpp): the op against float64 convolutions (its float64 build is exact to
 rounding; float32 within a stated bound), its input gradient, its errors, and its use by the fused
 teacher graph and the student's eval view."""
@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastsynth import _ext, fuse, winograd
+from fastsynth import _ext, fuse
+from fastsynth.cpu import config, convs, winograd
 
 pytestmark = pytest.mark.skipif(not _ext.has_extension(), reason="needs fastsynth._C")
 
@@ -174,12 +175,12 @@ def _randomised(c):
 
 @pytest.mark.parametrize("which", ["teacher", "student_view"])
 def test_fused_graphs_take_the_path_and_match(which, monkeypatch):
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(config, "winograd_min_channels", 16)
     ref = _randomised(16)
     model = fuse.fuse_teacher(copy.deepcopy(ref)) if which == "teacher" else fuse.fused_eval_view(ref)
     calls = []
     real = winograd.winograd_conv3x3
-    monkeypatch.setattr(fuse, "frozen_conv3x3", lambda *a: calls.append(1) or winograd.frozen_conv3x3(*a))
+    monkeypatch.setattr(convs, "frozen_conv3x3", lambda *a: calls.append(1) or winograd.frozen_conv3x3(*a))
     monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a: calls.append(2) or real(*a))
     x = torch.randn(3, 16, 9, 9, requires_grad=True)
     x2 = x.detach().double().requires_grad_()
@@ -197,7 +198,7 @@ def test_fused_graphs_take_the_path_and_match(which, monkeypatch):
         assert not any("_fs_winograd" in m.__dict__ for m in model.modules())
         model = fuse.fuse_teacher(model)
     # switched off: the same numbers through oneDNN
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(config, "winograd_min_channels", 0)
     calls.clear()
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
     assert 2 not in calls
@@ -208,7 +209,7 @@ def test_not_taken_for_trained_weights_float64_or_autocast():
     x = torch.randn(2, 16, 8, 8)
     assert not winograd.winograd_applies(x, conv, conv.weight)  # needs a gradient
     conv.requires_grad_(False)
-    assert winograd.winograd_applies(x, conv, conv.weight) == (16 >= winograd.CPU_WINOGRAD_MIN_CHANNELS > 0)
+    assert winograd.winograd_applies(x, conv, conv.weight) == (16 >= config.winograd_min_channels > 0)
     big = nn.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
     xb = torch.randn(1, 128, 4, 4)
     assert winograd.winograd_applies(xb, big, big.weight)
@@ -244,7 +245,7 @@ def test_compiled_forward_takes_the_prepared_path(monkeypatch):
     """Inside torch.compile the path needs the weights transformed beforehand (prepare_winograd,
     which the synthesizers call each round); then the compiled graph calls it and its results and
     gradients match oneDNN's."""
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(config, "winograd_min_channels", 16)
     model = fuse.fuse_teacher(copy.deepcopy(_randomised(16)))
     x = torch.randn(3, 16, 9, 9, requires_grad=True)
     # not prepared: all three convolutions stay oneDNN's in the graph
@@ -255,40 +256,77 @@ def test_compiled_forward_takes_the_prepared_path(monkeypatch):
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     y = compiled(x)
     (gx,) = torch.autograd.grad(y.square().sum(), x)
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(config, "winograd_min_channels", 0)
     y0 = model(x)
     (g0,) = torch.autograd.grad(y0.square().sum(), x)
     torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, g0, rtol=1e-5, atol=1e-6)
     # a weight changed in place is re-transformed in place by the next prepare: the compiled
     # graph (no recompilation) reads the new values
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(config, "winograd_min_channels", 16)
     with torch.no_grad():
         model.conv1.weight.mul_(0.5)
     winograd.prepare_winograd(model)
     y1 = compiled(x)
-    monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(config, "winograd_min_channels", 0)
     torch.testing.assert_close(y1, model(x), rtol=1e-5, atol=1e-6)
     assert (y1 - y).abs().max() > 1e-3
 
 
 def test_portable_gemm_path_matches():
-    """Where PyTorch exports no usable Fortran sgemm_/dgemm_ the GEMMs run through at::mm: the same
-    results (run in a fresh process with that path forced)."""
-    import os
-    import subprocess
-    import sys
+    """Where PyTorch exports no usable Fortran sgemm_/dgemm_ the GEMMs run through at::mm
+    (``config.winograd_blas = False`` takes that path here): the same results."""
+    import fastsynth.cpu
 
-    code = (
-        "import torch, torch.nn.functional as F\n"
-        "from fastsynth import winograd\n"
-        "for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):\n"
-        "    for n, c, h, w, k in ((2, 17, 9, 7, 5), (64, 128, 4, 4, 128), (1, 64, 112, 112, 64)):\n"
-        "        x = torch.randn(n, c, h, w, dtype=dt); wt = torch.randn(k, c, 3, 3, dtype=dt) / (9 * c) ** 0.5\n"
-        "        b = torch.randn(k, dtype=dt)\n"
-        "        y = torch.ops.fastsynth.winograd_conv3x3(x, winograd.winograd_weight(wt), b)\n"
-        "        torch.testing.assert_close(y, F.conv2d(x, wt, b, padding=1), rtol=tol, atol=tol)\n"
-        "print('ok')\n")
-    env = dict(os.environ, FASTSYNTH_WINOGRAD_ATEN_MM="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    for blas in (False, True):
+        with fastsynth.cpu.configured(winograd_blas=blas):
+            for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+                for n, c, h, w, k in ((2, 17, 9, 7, 5), (64, 128, 4, 4, 128), (1, 64, 112, 112, 64)):
+                    x = torch.randn(n, c, h, w, dtype=dt)
+                    wt = torch.randn(k, c, 3, 3, dtype=dt) / (9 * c) ** 0.5
+                    b = torch.randn(k, dtype=dt)
+                    y = torch.ops.fastsynth.winograd_conv3x3(x, winograd.winograd_weight(wt), b)
+                    torch.testing.assert_close(y, F.conv2d(x, wt, b, padding=1), rtol=tol, atol=tol)
+    assert config.winograd_blas is True
+
+
+def _same_address_weight(old_id: int, old_version: int, shape, dtype):
+    """A new frozen ``nn.Parameter`` of random values whose id() is ``old_id`` (the address of a
+    freed one) and whose version counter reads ``old_version``, or None when no such address
+    came back. CPython reuses freed object memory of one size class, but first fills the other
+    pools of that class: empty Parameters are made (and kept) until one lands there, and only it
+    gets the values."""
+    keep = []
+    for _ in range(200_000):
+        t = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        if id(t) == old_id:
+            t.data = torch.randn(shape, dtype=dtype)
+            with torch.no_grad():
+                while t._version < old_version:
+                    t.add_(0)  # in place: only the version counter moves
+            return t if t._version == old_version else None
+        keep.append(t)
+    return None
+
+
+def test_transformed_weights_not_reused_for_a_new_weight_at_a_freed_address():
+    """The cached transform is keyed on the weight tensor (a weak reference) and its version,
+    not on id(): a weight freed and another allocated at the same address, at the same version,
+    gets its own transform; the cache does not keep a replaced weight alive."""
+    import gc
+    import weakref
+
+    conv = nn.Conv2d(6, 5, 3, padding=1).double().requires_grad_(False)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    winograd.winograd_conv3x3(x, conv.weight, conv.bias, owner=conv)
+    old = weakref.ref(conv.weight)
+    old_id, old_version = id(conv.weight), conv.weight._version
+    del conv.weight  # the Parameter is freed: nothing else holds it (not the cache)
+    gc.collect()
+    assert old() is None
+    new = _same_address_weight(old_id, old_version, (5, 6, 3, 3), torch.float64)
+    if new is None:
+        pytest.skip("this interpreter did not reuse the freed address")
+    conv.weight = new
+    y = winograd.winograd_conv3x3(x, conv.weight, conv.bias, owner=conv)
+    torch.testing.assert_close(y, F.conv2d(x, new, conv.bias, padding=1), rtol=1e-12, atol=1e-12)

@@ -8,7 +8,8 @@
 // pass. A synthesis step allocates the same shapes every step and frees them before the next,
 // so blocks of kMinCachedBytes or more are kept when their tensor dies and handed out again for
 // the next request of the same size; at most kMaxCachedBytes stay cached (fastsynth.empty_cache()
-// releases them). New blocks are 2 MB aligned and advised as huge pages (Linux), which makes
+// releases them; fastsynth.cpu.config.large_blocks = False hands out torch's own buffers
+// instead). New blocks are 2 MB aligned and advised as huge pages (Linux), which makes
 // their first touch cheaper as well. The buffers are ordinary tensors with their own deleter.
 #pragma once
 
@@ -18,6 +19,8 @@
 #include <mutex>
 #include <utility>
 #include <vector>
+
+#include "cpu/tuning.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -81,11 +84,6 @@ class LargeBlockCache {
     return n;
   }
 
-  size_t cached_bytes() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return cached_;
-  }
-
  private:
   std::mutex mutex_;
   std::vector<std::pair<void*, size_t>> free_;
@@ -101,7 +99,7 @@ inline LargeBlockCache& large_block_cache() {
 inline at::Tensor empty_strided_large(at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
 #if defined(__linux__)
   const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (options.device().is_cpu() && nbytes >= kMinCachedBytes) {
+  if (options.device().is_cpu() && nbytes >= kMinCachedBytes && large_blocks_enabled().load(std::memory_order_relaxed)) {
     void* p = large_block_cache().take(nbytes);
     if (p != nullptr)
       return at::from_blob(p, sizes, strides, [nbytes](void* q) { large_block_cache().give_back(q, nbytes); }, options);

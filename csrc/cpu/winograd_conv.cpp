@@ -30,11 +30,12 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cstdlib>
+#include <atomic>
 #include <memory>
 #include <vector>
 
 #include "cpu/large_alloc.h"
+#include "cpu/tuning.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FS_WINO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -56,47 +57,44 @@ constexpr int64_t kWholeBytes = 20 << 20;  // V and M of all tiles together, whe
 // Column-major GEMM C (m x n) = A (m x k) @ B (k x n), no transposes, from the BLAS that PyTorch
 // links (its Fortran sgemm_/dgemm_, looked up at run time). ATen's own C++ gemm wrappers are not
 // exported to extensions, and at::mm on blob tensors costs microseconds per call. A PyTorch
-// without such a symbol runs the same product through at::mm.
+// without such a symbol (or fastsynth.cpu.config.winograd_blas = False) runs the same product
+// through at::mm.
 template <typename scalar_t>
 using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*,
                              const scalar_t*, const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*,
                              const int*);
 
 template <typename scalar_t>
-FortranGemm<scalar_t> fortran_gemm() {
-  static const FortranGemm<scalar_t> fn = []() -> FortranGemm<scalar_t> {
-    if (const char* off = std::getenv("FASTSYNTH_WINOGRAD_ATEN_MM"); off != nullptr && off[0] == '1') {
-      return nullptr;  // the portable path, on request (tests run it this way)
-    }
-    // the library that holds ATen's CPU kernels (it is loaded privately, so RTLD_DEFAULT misses it)
-    Dl_info info{};
-    if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm_out::call), &info) || info.dli_fname == nullptr) return nullptr;
-    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    if (lib == nullptr) return nullptr;
-    const auto found =
-        reinterpret_cast<FortranGemm<scalar_t>>(dlsym(lib, std::is_same_v<scalar_t, float> ? "sgemm_" : "dgemm_"));
-    if (found == nullptr) return nullptr;
-    // A BLAS built with 64-bit integers exports the same name; it would misread these int32
-    // arguments. Check one small product before trusting it (2x2 @ 2x3, column-major).
-    const scalar_t a[4] = {1, 2, 3, 4}, b[6] = {5, 6, 7, 8, 9, 10};
-    scalar_t c[6] = {-1, -1, -1, -1, -1, -1};
-    const int m = 2, n = 3, k = 2, lda = 2, ldb = 2, ldc = 2;
-    const scalar_t one = 1, zero = 0;
-    found("N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc);
-    const scalar_t want[6] = {23, 34, 31, 46, 39, 58};
-    for (int i = 0; i < 6; ++i) {
-      if (c[i] != want[i]) return nullptr;
-    }
-    return found;
-  }();
-  return fn;
+FortranGemm<scalar_t> find_fortran_gemm() {
+  // the library that holds ATen's CPU kernels (it is loaded privately, so RTLD_DEFAULT misses it)
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&at::_ops::mm_out::call), &info) || info.dli_fname == nullptr) return nullptr;
+  void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) return nullptr;
+  const auto found =
+      reinterpret_cast<FortranGemm<scalar_t>>(dlsym(lib, std::is_same_v<scalar_t, float> ? "sgemm_" : "dgemm_"));
+  if (found == nullptr) return nullptr;
+  // A BLAS built with 64-bit integers exports the same name; it would misread these int32
+  // arguments. Check one small product before trusting it (2x2 @ 2x3, column-major).
+  const scalar_t a[4] = {1, 2, 3, 4}, b[6] = {5, 6, 7, 8, 9, 10};
+  scalar_t c[6] = {-1, -1, -1, -1, -1, -1};
+  const int m = 2, n = 3, k = 2, lda = 2, ldb = 2, ldc = 2;
+  const scalar_t one = 1, zero = 0;
+  found("N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc);
+  const scalar_t want[6] = {23, 34, 31, 46, 39, 58};
+  for (int i = 0; i < 6; ++i) {
+    if (c[i] != want[i]) return nullptr;
+  }
+  return found;
 }
 
-}  // namespace
-
-bool winograd_has_blas() { return fortran_gemm<float>() != nullptr; }
-
-namespace {
+// The BLAS's GEMM, or null: none found, or switched off (fastsynth.cpu.config.winograd_blas,
+// which runs the portable at::mm path; tests compare the two).
+template <typename scalar_t>
+FortranGemm<scalar_t> fortran_gemm() {
+  static const FortranGemm<scalar_t> fn = find_fortran_gemm<scalar_t>();
+  return winograd_blas_enabled().load(std::memory_order_relaxed) ? fn : nullptr;
+}
 
 template <typename scalar_t>
 void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,

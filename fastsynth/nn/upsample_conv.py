@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layout import conv_input_layout, conv_output_layout, is_channels_last, resolve_min_hw
-
 __all__ = ["upsample2x_conv3x3", "UpsampleConvSequential"]
 
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -81,7 +79,10 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"upsample2x_conv3x3: x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if weight.dim() != 4 or weight.shape[2:] != (3, 3) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"upsample2x_conv3x3: weight must be [O, {x.shape[1]}, 3, 3], got shape {tuple(weight.shape)}")
-    cl = is_channels_last(x) and x.device.type == "cpu"
+    # a channels_last CPU input (the layout fastsynth.cpu gives large maps): kernels and output
+    # in channels_last as well, so no convolution converts its operands
+    cl = x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
     kernels = _phase_kernels(weight, channels_last=cl)
     outs = []
     for k, (p, q) in zip(kernels, _PHASES):
@@ -135,30 +136,18 @@ def _is_plain_conv3x3(m: nn.Module) -> bool:
             and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
 
 
-# Multiply-adds of the upstream convolution (on the upsampled map) from which the fused form is
-# used by default. It dispatches ~20 small ops more than upsample + conv (forward and backward
-# alike), which cost more than the saved FLOPs on small maps: measured on this CPU (2 threads,
-# forward + backward) 0.81x at 38 M MACs, 1.43x at 75 M, 1.21-1.39x at 151-604 M, 1.35-1.91x
-# from 2.4 G up. The threshold leaves a margin above the crossover.
-FUSE_MIN_MACS = 2**27
-
-
-def _worth_fusing(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    n, c, h, w = x.shape
-    return x.device.type == "cpu" and n * c * conv.out_channels * 4 * h * w * 9 >= FUSE_MIN_MACS
-
-
 class UpsampleConvSequential(nn.Sequential):
     """``nn.Sequential`` that runs each ``nn.Upsample(scale_factor=2)`` (nearest) directly followed
     by a 3x3, stride-1, padding-1 ``nn.Conv2d`` as one ``upsample2x_conv3x3``.
 
     Same modules, indices and state_dict keys as the plain ``nn.Sequential`` it replaces.
     ``fuse``: None (default) fuses on CPU tensors where the convolution has at least
-    ``FUSE_MIN_MACS`` multiply-adds (measured faster there; on a GPU it is unmeasured); True
-    always; False never (the upstream computation). ``channels_last_min_hw``: on the CPU, the
-    input of a convolution (fused or plain) with at least this many pixels runs channels_last,
-    smaller ones NCHW (fastsynth.layout; "auto": ``fastsynth.layout.CPU_CHANNELS_LAST_MIN_HW`` at
-    each forward; None or 0: layouts as they come).
+    ``fastsynth.cpu.config.upsample_fuse_min_macs`` multiply-adds (measured faster there; on a
+    GPU it is unmeasured); True always; False never (the upstream computation).
+    ``channels_last_min_hw``: on the CPU, the input of a convolution (fused or plain) with at
+    least this many pixels runs channels_last, smaller ones NCHW (``fastsynth.cpu``; "auto":
+    ``fastsynth.cpu.config.channels_last_min_hw`` at each forward; None or 0: layouts as they
+    come). On other devices neither reaches ``fastsynth.cpu``.
     """
 
     def __init__(self, *modules: nn.Module, fuse: bool | None = None,
@@ -169,19 +158,26 @@ class UpsampleConvSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods = list(self._modules.values())
-        min_hw = resolve_min_hw(getattr(self, "channels_last_min_hw", "auto"))
+        cpu = None
+        if x.device.type == "cpu":
+            from .. import cpu  # the CPU tuning: layouts by map size, where fusing pays
+
+            min_hw = cpu.resolve_min_hw(getattr(self, "channels_last_min_hw", "auto"))
         i = 0
         while i < len(mods):
             m = mods[i]
             if (self.fuse is not False and i + 1 < len(mods) and x.dim() == 4 and _is_nearest_2x(m)
-                    and _is_plain_conv3x3(mods[i + 1]) and (self.fuse or _worth_fusing(x, mods[i + 1]))):
+                    and _is_plain_conv3x3(mods[i + 1])
+                    and (self.fuse or (cpu is not None and cpu.upsample_worth_fusing(x, mods[i + 1])))):
                 conv = mods[i + 1]
                 # the phase convolutions run at the input's size: its layout is chosen for that
                 # size, and a channels_last input gives a channels_last output
-                x = upsample2x_conv3x3(conv_input_layout(x, min_hw), conv.weight, conv.bias)
+                if cpu is not None:
+                    x = cpu.conv_input_layout(x, min_hw)
+                x = upsample2x_conv3x3(x, conv.weight, conv.bias)
                 i += 2
-            elif type(m) is nn.Conv2d:
-                x = conv_output_layout(m(conv_input_layout(x, min_hw)), min_hw)
+            elif type(m) is nn.Conv2d and cpu is not None:
+                x = cpu.conv_output_layout(m(cpu.conv_input_layout(x, min_hw)), min_hw)
                 i += 1
             else:
                 x = m(x)
