@@ -273,9 +273,13 @@ def build_synthesizer(cfg: dict, teacher: nn.Module, student: nn.Module, data: E
 
     c, h, w = data.shape
     aug = {k: cfg[k] for k in ("aug_padding", "aug_flip") if cfg[k] is not None}
+    # the pool's storage does not change what is computed (a resume may change it)
+    pool = dict(pool_device=None if cfg["pool_device"] == "auto" else cfg["pool_device"],
+                pool_dir=cfg["pool_dir"] or (os.path.join(out, "pool") if cfg["pool_device"] == "disk" else None))
     common = dict(num_classes=data.num_classes, img_size=(c, h, w), synthesis_batch_size=cfg["synthesis_batch_size"],
                   sample_batch_size=cfg["batch_size"], adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"],
-                  normalizer=data.normalizer, device=device, use_fp16=cfg["use_fp16"], **aug)
+                  normalizer=data.normalizer, device=device, use_fp16=cfg["use_fp16"], bn_stats=cfg["bn_stats"],
+                  **pool, **aug)
     method = cfg["method"]
     if method == "nayer":
         le = label_embedding(cfg, data, out)
@@ -304,7 +308,7 @@ def build_synthesizer(cfg: dict, teacher: nn.Module, student: nn.Module, data: E
             lr_g=cfg["lr_g"], synthesis_batch_size=cfg["synthesis_batch_size"], sample_batch_size=cfg["batch_size"],
             adv=cfg["adv"], bn=cfg["bn"], oh=cfg["oh"], act=cfg["act"], balance=cfg["balance"],
             criterion=nn.L1Loss() if cfg["kd_loss"] == "l1" else KLDiv(), normalizer=data.normalizer, device=device,
-            use_fp16=cfg["use_fp16"])
+            use_fp16=cfg["use_fp16"], bn_stats=cfg["bn_stats"])
         return _GeneratorSamples(synth)
     raise ConfigError(f"--method: unknown method {method!r}; known: {', '.join(rc.methods())}")
 

@@ -80,6 +80,11 @@ SETTINGS = [
     ("aug_padding", int, None, "crop padding of the synthesis augmentation (default: the synthesizer's)"),
     ("aug_flip", bool, None, "horizontal flips in the synthesis augmentation (default: the synthesizer's)"),
     ("use_fp16", bool, False, "fp16 autocast in synthesis on a GPU"),
+    ("bn_stats", str, "global", "BN-statistics loss on several processes: global (over the global synthesis batch) "
+                                "| per_rank (each process's own batch)"),
+    ("pool_device", str, "auto", "where the image pool lives: auto (from its expected size and free memory) | device | "
+                                 "cuda | cpu | disk"),
+    ("pool_dir", str, None, "folder of a disk pool (default OUT/pool; one subfolder per process)"),
     ("le_pickle", str, None, "NAYER label embeddings: an upstream *_le.pickle or a fastsynth .pt"),
     ("lte_encoder", str, "auto", "text encoder for the label embeddings: auto | minilm | clip"),
     # run
@@ -138,7 +143,7 @@ for _m in GENERATIVE:
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder:PATH")
 
 # settings that do not change what the run computes (a resume may change them)
-RUN_ONLY = {"device", "eval_every", "keep_ckpts", "data_root", "ckpt_every"}
+RUN_ONLY = {"device", "eval_every", "keep_ckpts", "data_root", "ckpt_every", "pool_device", "pool_dir"}
 
 
 def architectures() -> dict:
@@ -399,6 +404,10 @@ def _check(cfg: dict) -> None:
             raise ConfigError(f"{_flag(name)}: expected positive comma-separated numbers, got {cfg[name]!r}")
     if cfg["kd_loss"] not in ("kl", "l1"):
         raise ConfigError(f"--kd-loss: expected kl or l1, got {cfg['kd_loss']!r}")
+    if cfg["bn_stats"] not in ("global", "per_rank"):
+        raise ConfigError(f"--bn-stats: expected global or per_rank, got {cfg['bn_stats']!r}")
+    if cfg["pool_device"] not in ("auto", "device", "cuda", "cpu", "disk"):
+        raise ConfigError(f"--pool-device: expected auto, device, cuda, cpu or disk, got {cfg['pool_device']!r}")
     if cfg["lte_encoder"] not in ("auto", "minilm", "clip"):
         raise ConfigError(f"--lte-encoder: expected auto, minilm or clip, got {cfg['lte_encoder']!r}")
 

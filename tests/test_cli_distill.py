@@ -356,3 +356,41 @@ def test_resume_with_a_real_synthesizer_is_bit_identical(method, tmp_path, monke
     a = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[3:] for r in a] == [r.split(",")[3:] for r in b]
+
+
+def test_disk_pool_run_resumes_bit_identical_to_a_device_pool_run(tmp_path, monkeypatch):
+    """--pool-device disk keeps the pool in OUT/pool; where the pool lives changes nothing that
+    is computed, and the run interrupted at its third checkpoint resumes from the second."""
+    settings = dict(method="nayer", epochs=4, warmup=1, kd_steps=3, ep_steps=3, g_steps=2, batch_size=16,
+                    synthesis_batch_size=20, gwp_loops=1)
+    full = dr.run(rc.resolve({**settings, "out": str(tmp_path / "a")}), quiet=True)
+    cfg = rc.resolve({**settings, "out": str(tmp_path / "b"), "pool_device": "disk"})
+    real_write = dr.write_checkpoint
+
+    def killed_at_three(out, state, keep):
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+        return real_write(out, state, keep)
+
+    monkeypatch.setattr(dr, "write_checkpoint", killed_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        dr.run(cfg, quiet=True)
+    monkeypatch.setattr(dr, "write_checkpoint", real_write)
+    import gc
+
+    gc.collect()  # the interrupted run's pool holds its folder until collected (a killed process holds nothing)
+    resumed = dr.run(cfg, quiet=True)
+    assert resumed["start_epoch"] == 2 and (tmp_path / "b" / "pool" / "index.jsonl").is_file()
+    for k, v in full["student"].state_dict().items():
+        assert torch.equal(v, resumed["student"].state_dict()[k]), k
+    assert torch.equal(full["synthesizer"].data_pool.images(), resumed["synthesizer"].data_pool.images())
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--bn-stats", "mean"], "--bn-stats: expected global or per_rank"),
+    (["--pool-device", "gpu"], "--pool-device: expected auto, device, cuda, cpu or disk"),
+])
+def test_bad_distributed_and_pool_settings_name_the_flag(argv, match):
+    with pytest.raises(rc.ConfigError, match=match):
+        rc.resolve(parse(argv))
+    assert {"pool_device", "pool_dir"} & set(rc.identity(rc.resolve({}))) == set()  # a resume may move the pool
