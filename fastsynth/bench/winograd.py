@@ -6,7 +6,7 @@ grad like a generator output, one backward with a random output gradient):
   eager_nchw           F.conv2d on NCHW maps (oneDNN; the eager reference)
   eager_channels_last  F.conv2d on channels_last maps and weights (oneDNN's NHWC kernels)
   eager_compile        torch.compile of the eager_nchw step (the convolution stays oneDNN's)
-  fastsynth_winograd   fastsynth.winograd.winograd_conv3x3 (Winograd F(2x2, 3x3))
+  fastsynth_winograd   fastsynth.cpu.winograd.winograd_conv3x3 (Winograd F(2x2, 3x3))
 Reported: median ms, speedups over the eager and the compiled step, bytes moved (input, output,
 their gradients and the weight; the floor for a memory-bound kernel, which these are not), and
 the FLOPs each method executes (direct: 2 * 9 * C * K per output pixel and direction; Winograd's
@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from .. import winograd
+from ..cpu import winograd
 from .harness import interleaved_median_times, machine_info, print_table, write_csv
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4)]  # (channels, map side): ResNet stages at 32x32 input
