@@ -419,9 +419,16 @@ def identity(cfg: dict) -> dict:
 
 
 def config_diff(saved: dict, now: dict) -> list:
-    """``[(name, saved value, current value)]`` for every setting that differs."""
+    """``[(name, saved value, current value)]`` for every setting that differs. A setting newer
+    than the saved run (absent from it) counts at its global default, the value it then had."""
     keys = sorted(set(saved) | set(now))
-    return [(k, saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in keys if saved.get(k) != now.get(k)]
+    diff = []
+    for k in keys:
+        a = saved.get(k, GLOBAL_DEFAULTS.get(k, "<absent>"))
+        b = now.get(k, "<absent>")
+        if a != b:
+            diff.append((k, a, b))
+    return diff
 
 
 def _yaml_scalar(v) -> str:
