@@ -328,7 +328,8 @@ _MILLION = textwrap.dedent("""
     for lo in range(0, N, B):
         x = torch.zeros(B, 3, 32, 32, dtype=torch.uint8)
         i = ids[lo:lo + B]  # each image carries its number in its first three bytes
-        x[:, 0, 0, 0], x[:, 0, 0, 1], x[:, 0, 0, 2] = (i & 255).to(torch.uint8), ((i >> 8) & 255).to(torch.uint8), (i >> 16).to(torch.uint8)
+        for b in range(3):
+            x[:, 0, 0, b] = ((i >> (8 * b)) & 255).to(torch.uint8)
         x[:, 1:] = (i % 251).to(torch.uint8).view(B, 1, 1, 1)
         p.add(x)
         del x

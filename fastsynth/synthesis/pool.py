@@ -252,7 +252,8 @@ class DataPool:
         self.eviction = eviction
         self.device = torch.device(device)
         if storage == "cuda" and self.device.type != "cuda":
-            raise ValueError(f"DataPool: storage='cuda' keeps the pool on a GPU, but the pool's device is {self.device}")
+            raise ValueError(f"DataPool: storage='cuda' keeps the pool on a GPU, but the pool's device is "
+                             f"{self.device}")
         if storage == "disk" and directory is None:
             raise ValueError("DataPool: storage='disk' needs directory= (where the shard files and the index go)")
         self.directory = None if directory is None else os.fspath(directory)

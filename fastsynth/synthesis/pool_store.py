@@ -231,7 +231,8 @@ class DiskStore:
             return
         header = json.loads(lines[0])
         if header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"DataPool: {path} has format version {header.get('version')!r}, expected {FORMAT_VERSION}")
+            raise ValueError(f"DataPool: {path} has format version {header.get('version')!r}, "
+                             f"expected {FORMAT_VERSION}")
         for key in ("capacity", "eviction"):
             if header[key] != getattr(self, key):
                 raise ValueError(f"DataPool: the pool in {self.directory!r} was written with {key}={header[key]!r}, "
