@@ -481,3 +481,50 @@ def test_automatic_device_pool_moves_off_the_gpu_when_it_outgrows_it(tmp_path, c
     assert len(lines) == 1 and "moved off the GPU" in lines[0] and f"storage={target!r}" in lines[0], lines
     _same(ref, p)
     p.close()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("capacity,eviction", [(None, "fifo"), (10, "fifo")])
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_cuda_host_storage_matches_device(storage, capacity, eviction, tmp_path):
+    """On a GPU: the batches travel to the host asynchronously and the samples come back to the
+    device; same images and same samples (device generators) as a device pool."""
+    ref = DataPool(capacity=capacity, eviction=eviction, device="cuda", storage="device")
+    p = DataPool(capacity=capacity, eviction=eviction, device="cuda", storage=storage,
+                 directory=str(tmp_path / "pool") if storage == "disk" else None)
+    p.set_init(torch.full((2, 3, 5, 3), 9, dtype=torch.uint8))
+    ref.set_init(torch.full((2, 3, 5, 3), 9, dtype=torch.uint8))
+    for x, valid in _batches():
+        for q in (ref, p):
+            q.add(x.cuda(), valid=None if valid is None else valid.cuda())
+    assert len(ref) == len(p) and ref.dropped == p.dropped and torch.equal(ref.images().cpu(), p.images().cpu())
+    for k in range(4):
+        ga = torch.Generator(device="cuda").manual_seed(k)
+        gb = torch.Generator(device="cuda").manual_seed(k)
+        a, b = ref.sample(7, generator=ga), p.sample(7, generator=gb)
+        assert b.device.type == "cuda" and torch.equal(a, b)
+    ref.close()
+    p.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_cuda_gpu_memory_independent_of_pool_size(storage, tmp_path):
+    """200 MB of images added to a host or disk pool on a GPU: the GPU memory allocated after
+    the adds and a sample is that of a batch, not of the pool."""
+    p = DataPool(device="cuda", storage=storage, directory=str(tmp_path / "pool") if storage == "disk" else None)
+    x = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    p.add(x)
+    p.sample(256)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for _ in range(16):
+        p.add(x)
+    p.sample(256)
+    torch.cuda.synchronize()
+    assert len(p) == 17 * 4096
+    assert torch.cuda.memory_allocated() - base < 2 << 20  # the permutation (8 bytes per image) only
+    p.close()
