@@ -188,6 +188,19 @@ def test_torchrun_two_processes_digits(tmp_path):
     student.load_state_dict(torch.load(out / "student_last.pt", weights_only=True))
 
 
+def test_torchrun_refuses_a_single_process_checkpoint(tmp_path):
+    """The other direction of the world-size check, through torchrun: both ranks refuse, exit 2."""
+    out = tmp_path / "one"
+    flags = [*TINY_FLAGS, "--epochs", "2", "--quiet", "--threads", "1", "--out", str(out)]
+    assert cli.main(["distill", *flags]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastsynth", "distill", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode != 0
+    assert "ckpt-00002.pt was written by 1 process(es), this run has 2 (torchrun --nproc_per_node)" in proc.stderr
+    assert "fastsynth distill (rank 1): --out" in proc.stderr
+
+
 # ----------------------------------------------------------------------------- --ckpt-every, SIGKILL
 # The run in a subprocess SIGKILLs itself at a chosen moment of epoch 2 (rounds 4 to 6 of 9; a
 # checkpoint after every round): inside a synthesis round (the fifth round's images made, nothing
