@@ -678,6 +678,7 @@ def run(cfg: dict, *, resume: str = "auto", quiet: bool = False, log=print, prog
     if resume == "never":
         if lead:
             remove_checkpoints(out)
+            remove_partial_writes(out)
         _barrier(world)
     else:
         if lead:
