@@ -252,7 +252,9 @@ def build_parser(prog: str = "fastsynth distill") -> argparse.ArgumentParser:
         prog=prog, description="Data-free knowledge distillation, one whole run: synthesis, student training, "
         "evaluation, checkpoints. Defaults per method are those of the upstream scripts; --dataset digits "
         "(the default) is the built-in demo with the shipped teacher. The run prints the resolved settings "
-        "and saves them as OUT/config.yaml.",
+        "and saves them as OUT/config.yaml. On several processes: torchrun --standalone --nproc_per_node N -m "
+        "fastsynth distill ... (one process per GPU, gloo on CPUs; the batch sizes are global, split over the "
+        "processes; see docs/DISTILL.md).",
         argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags override it)")
     p.add_argument("--out", metavar="DIR", help="output folder (default fastsynth-distill)")
