@@ -566,3 +566,89 @@ def test_cuda_graph_replays_draw_fresh_augmentation():
     a = m.synthesize()[0]["synthetic"]
     b = m.synthesize()[0]["synthetic"]
     assert not torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample(): the train transform, RandomResizedCrop included, for every pool-based synthesizer
+
+
+class RandomResizedCrop:
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+
+class RandomCrop:
+    def __init__(self, size, padding=None):
+        self.size, self.padding = size, padding
+
+
+class RandomHorizontalFlip:
+    pass
+
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+
+class ColorJitter:
+    pass
+
+
+class Compose:
+    def __init__(self, ts):
+        self.transforms = ts
+
+
+def _pool_synthesizers(transform):
+    t, s = pair()
+    norm = Normalizer(*NORM)
+    kw = dict(sample_batch_size=5, normalizer=norm, transform=transform, seed=7)
+    return [
+        FastMetaSynthesizer(t, s, fast_gen(), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4, **kw),
+        FastSynthesizer(t, s, fast_gen(), 8, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4, **kw),
+        NAYER(t, s, nl_gen(13), 10, (3, IMG, IMG), g_steps=1, synthesis_batch_size=13, **kw),
+        DeepInvSyntheiszer(t, s, 10, (3, IMG, IMG), iterations=1, synthesis_batch_size=4, **kw),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_sample_applies_random_resized_crop_of_the_transform(index, monkeypatch):
+    """The ImageNet-style train transform: sample() resamples every pool image from its own box
+    (RandomResizedCrop's size/scale/ratio), flips and normalises it, batched on the device."""
+    from fastsynth.synthesis.resized_crop import ResizedCropAugment
+
+    tf = Compose([RandomResizedCrop(6, scale=(0.3, 0.9), ratio=(0.5, 2.0)), RandomHorizontalFlip(),
+                  Normalize(*NORM)])
+    synth = _pool_synthesizers(tf)[index]
+    aug = synth.sample_aug
+    assert isinstance(aug, ResizedCropAugment), type(synth).__name__
+    assert (aug.size, aug.scale, aug.ratio, aug.flip) == ((6, 6), (0.3, 0.9), (0.5, 2.0), True)
+    pool_x = torch.rand(5, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(synth.data_pool, "sample", lambda n, generator=None: pool_x[:n])
+    state = synth._rng.get_state()
+    got = synth.sample()
+    assert got.shape == (5, 3, 6, 6)
+    # the same boxes drawn by hand: a box per image, then flip and Normalize
+    g = torch.Generator().set_state(state)
+    from fastsynth.synthesis.resized_crop import resized_crop_apply, resized_crop_theta
+
+    theta = resized_crop_theta(torch.rand(5, 33, generator=g), (IMG, IMG), (0.3, 0.9), (0.5, 2.0), flip=True)
+    want = Normalizer(*NORM)(resized_crop_apply(pool_x, theta, (6, 6)))
+    torch.testing.assert_close(got, want)
+    # not the identity: the images were resampled
+    assert not torch.allclose(got, Normalizer(*NORM)(pool_x[:, :, 1:7, 1:7]))
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_sample_applies_padded_crop_of_the_transform_and_warns_about_others(index):
+    tf = Compose([RandomCrop(IMG, padding=2), ColorJitter(), Normalize(*NORM)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from fastsynth.synthesis import augment as aug_mod
+
+        aug_mod._WARNED_STEPS.discard(("ColorJitter",))
+        synth = _pool_synthesizers(tf)[index]
+    aug = synth.sample_aug
+    assert type(aug).__name__ == "Augment" and (aug.padding, aug.flip) == (2, False)
+    assert any("ColorJitter" in str(w.message) for w in caught)

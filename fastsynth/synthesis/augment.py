@@ -18,6 +18,8 @@ tracing). The same numbers in eager and compiled steps; called without codes the
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -170,3 +172,66 @@ class Augment:
         if self.normalizer is not None:
             x = self.normalizer(x)
         return x
+
+
+_WARNED_STEPS: set = set()
+# transform steps that need no work on a batch of [0, 1] float images
+_NO_OP_STEPS = ("ToTensor", "ToPILImage", "PILToTensor", "ConvertImageDtype")
+
+
+def parse_transform(transform):
+    """The steps of a torchvision-style train transform (a Compose or one transform, read by
+    class name: torchvision is not needed) that ``sample()`` applies to pool images, batched on
+    the device. Returns None for None, else a dict with
+
+    - ``padding``: RandomCrop's padding (0 without one),
+    - ``flip``: whether there is a RandomHorizontalFlip,
+    - ``mean`` / ``std``: Normalize's (None without one),
+    - ``resized_crop``: None, or RandomResizedCrop's ``(size, scale, ratio)`` (the ImageNet
+      train transform); it replaces the padded crop.
+
+    Other steps are left out (one warning, naming them)."""
+    if transform is None:
+        return None
+    out = {"padding": 0, "flip": False, "mean": None, "std": None, "resized_crop": None}
+    unknown = []
+    for t in getattr(transform, "transforms", [transform]):
+        name = type(t).__name__
+        if name == "RandomCrop":
+            pad = getattr(t, "padding", 0) or 0
+            out["padding"] = int(pad if isinstance(pad, int) else pad[0])
+        elif name == "RandomResizedCrop":
+            out["resized_crop"] = (getattr(t, "size", None), getattr(t, "scale", (0.08, 1.0)),
+                                   getattr(t, "ratio", (3.0 / 4.0, 4.0 / 3.0)))
+        elif name == "RandomHorizontalFlip":
+            out["flip"] = True
+        elif name == "Normalize":
+            out["mean"], out["std"] = t.mean, t.std
+        elif name not in _NO_OP_STEPS:
+            unknown.append(name)
+    if unknown and tuple(unknown) not in _WARNED_STEPS:  # once per kind of transform
+        _WARNED_STEPS.add(tuple(unknown))
+        warnings.warn(f"fastsynth: transform steps {unknown} are not applied by sample(); it applies only "
+                      f"RandomCrop/RandomResizedCrop/RandomHorizontalFlip/Normalize/ToTensor (batched on the device)",
+                      RuntimeWarning, stacklevel=3)
+    return out
+
+
+def sample_augment(transform, normalizer=None, padding: int = 4, flip: bool = True, size=None,
+                   enabled: bool = True) -> Augment:
+    """What ``sample()`` applies to pool images: the parsed ``transform`` (``parse_transform``;
+    a RandomResizedCrop gives a ``ResizedCropAugment``), or without a transform the synthesis
+    augmentation's settings (``padding``, ``flip``, ``normalizer``) at ``size``."""
+    parsed = parse_transform(transform)
+    if parsed is None:
+        return Augment(normalizer, padding=padding, flip=flip, size=size, enabled=enabled)
+    from .base import Normalizer
+
+    norm = Normalizer(parsed["mean"], parsed["std"]) if parsed["mean"] is not None else None
+    if parsed["resized_crop"] is not None:
+        from .resized_crop import ResizedCropAugment  # resized_crop imports this module
+
+        rsize, scale, ratio = parsed["resized_crop"]
+        return ResizedCropAugment(norm, size=rsize if rsize is not None else size, scale=scale, ratio=ratio,
+                                  flip=parsed["flip"], enabled=enabled)
+    return Augment(norm, padding=parsed["padding"], flip=parsed["flip"], size=size, enabled=enabled)

@@ -30,7 +30,7 @@ from .. import fuse as _fuse
 from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
 from ..ops.logit_losses import synthesis_logit_loss
 from ..winograd import prepare_winograd
-from .augment import Augment
+from .augment import Augment, parse_transform, sample_augment  # noqa: F401 (parse_transform: public name)
 from .base import BaseSynthesis
 from .pool import DataPool, save_options
 
@@ -248,32 +248,6 @@ class BNCapture:
         if self.fuse is not None:
             self.fuse.unfuse_teacher(self.teacher)
             self.fuse = None
-
-
-def parse_transform(transform):
-    """Read crop padding / flip / normalisation from a torchvision-style Compose (by class name,
-    torchvision is not needed). Returns (padding, flip, mean, std) or None when unknown."""
-    if transform is None:
-        return None
-    ts = getattr(transform, "transforms", [transform])
-    padding, flip, mean, std, known = 0, False, None, None, True
-    for t in ts:
-        name = type(t).__name__
-        if name == "RandomCrop":
-            pad = getattr(t, "padding", 0) or 0
-            padding = int(pad if isinstance(pad, int) else pad[0])
-        elif name == "RandomHorizontalFlip":
-            flip = True
-        elif name == "Normalize":
-            mean, std = t.mean, t.std
-        elif name in ("ToTensor", "ToPILImage", "PILToTensor", "ConvertImageDtype"):
-            pass
-        else:
-            known = False
-    if not known:
-        warn_once("transform", "fastsynth: transform contains steps other than RandomCrop/RandomHorizontalFlip/"
-                               "Normalize/ToTensor; sample() applies only those (batched on the device)")
-    return padding, flip, mean, std
 
 
 def assign_grads(params, grads) -> list:
@@ -584,16 +558,10 @@ class SynthCore(BaseSynthesis):
                                   storage=pool_device, directory=pool_dir)
         hw = tuple(img_size[-2:]) if img_size is not None else None
         self.aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
-        # sample(): the upstream harness applies the dataset's train transform to pool images
-        parsed = parse_transform(transform)
-        if parsed is None:
-            self.sample_aug = Augment(normalizer, padding=aug_padding, flip=aug_flip, size=hw, enabled=augment)
-        else:
-            pad, flip, mean, std = parsed
-            from .base import Normalizer
-
-            norm = Normalizer(mean, std) if mean is not None else None
-            self.sample_aug = Augment(norm, padding=pad, flip=flip, size=hw, enabled=augment)
+        # sample(): the upstream harness applies the dataset's train transform to pool images;
+        # here its crop (padded or RandomResizedCrop), flip and Normalize run batched on the device
+        self.sample_aug = sample_augment(transform, normalizer, padding=aug_padding, flip=aug_flip, size=hw,
+                                         enabled=augment)
         self.capture = BNCapture(self.teacher, mmt_rate=bn_mmt, fuse=fuse_teacher, weights=bn_weights)
         self._global_stats = self._dist and bn_stats == "global"
         if self._global_stats:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..distributed import unwrap
 from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .fast_meta import _copy_pairs, _drop_batch_counters, _module_tensors
-from .resized_crop import ResizedCropAugment, resized_crop_from_transform
+from .resized_crop import ResizedCropAugment
 from .validate import check_int, check_synthesizer_args, meta_output
 
 # upstream's in-synthesis augmentation: kornia RandomResizedCrop(size=img_size, scale=[0.75, 1.0])
@@ -163,11 +163,8 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         self.reset_l0 = reset_l0
         self.reset_bn = reset_bn
         self.z_meta_grad = z_meta_grad
-        # a RandomResizedCrop transform (the ImageNet train transform) is applied by sample() as a
-        # batched resized crop; the shared parser (padded crop/flip/Normalize) is not given it
-        rrc = resized_crop_from_transform(transform, enabled=augment)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
-                         transform=None if rrc is not None else transform, autocast=autocast,
+                         transform=transform, autocast=autocast,
                          use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
@@ -176,9 +173,6 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         hw = tuple(img_size[-2:])
         self.aug = ResizedCropAugment(normalizer, size=hw, scale=aug_scale, ratio=aug_ratio, flip=bool(aug_flip),
                                       enabled=augment)
-        if rrc is not None:
-            self.transform = transform
-            self.sample_aug = rrc
         # the meta-generator is learned jointly: rank 0's weights everywhere, meta gradients
         # averaged (the meta latent z stays per rank)
         self.generator = self._share_generator(generator.to(self.device)).train()

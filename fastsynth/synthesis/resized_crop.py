@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .augment import Augment
+from .augment import Augment, parse_transform, sample_augment
 
 CODES_TAG = "resized_crop"  # the second element of the codes pair (Augment's (tensor, n) form)
 
@@ -169,25 +169,9 @@ class ResizedCropAugment(Augment):
 
 def resized_crop_from_transform(transform, enabled: bool = True):
     """A ``ResizedCropAugment`` for a torchvision-style Compose that holds a ``RandomResizedCrop``
-    (read by class name; torchvision is not needed): its size/scale/ratio, a
-    ``RandomHorizontalFlip`` and ``Normalize`` when present. None when there is no
-    RandomResizedCrop (the caller's parser handles the rest)."""
-    if transform is None:
+    (``augment.parse_transform``: its size/scale/ratio, a ``RandomHorizontalFlip`` and
+    ``Normalize`` when present). None when there is no RandomResizedCrop."""
+    parsed = parse_transform(transform)
+    if parsed is None or parsed["resized_crop"] is None:
         return None
-    ts = getattr(transform, "transforms", [transform])
-    rrc, flip, mean, std = None, False, None, None
-    for t in ts:
-        name = type(t).__name__
-        if name == "RandomResizedCrop":
-            rrc = t
-        elif name == "RandomHorizontalFlip":
-            flip = True
-        elif name == "Normalize":
-            mean, std = t.mean, t.std
-    if rrc is None:
-        return None
-    from .base import Normalizer
-
-    norm = Normalizer(mean, std) if mean is not None else None
-    return ResizedCropAugment(norm, size=getattr(rrc, "size", None), scale=getattr(rrc, "scale", (0.08, 1.0)),
-                              ratio=getattr(rrc, "ratio", (3.0 / 4.0, 4.0 / 3.0)), flip=flip, enabled=enabled)
+    return sample_augment(transform, enabled=enabled)
