@@ -51,11 +51,4 @@ FS_HD I num_chunks(I total, I max_chunk) {
   return n > I(0) ? n : I(1);
 }
 
-// Welford state of a block of `n` values whose sum is `sum` and whose squared deviations from
-// the block mean sum to `m2` (the two-pass result of a block held in cache or registers).
-template <typename acc_t>
-FS_HD Welford<acc_t> welford_block(acc_t sum, acc_t m2, acc_t n) {
-  return Welford<acc_t>(n > acc_t(0) ? sum / n : acc_t(0), m2, n);
-}
-
 }  // namespace fastsynth

@@ -41,11 +41,4 @@ FS_HD Welford<acc_t> welford_merge(const Welford<acc_t>& a, const Welford<acc_t>
   return Welford<acc_t>(a.mean + delta * nb_over_n, a.m2 + b.m2 + delta * delta * a.n * nb_over_n, n);
 }
 
-// Statistics of a block of values already summed in one sweep: a two-pass (mean, then
-// centred sum of squares) block result expressed as a Welford state, ready to merge.
-template <typename acc_t>
-FS_HD Welford<acc_t> welford_from_block(acc_t block_mean, acc_t block_m2, acc_t block_n) {
-  return Welford<acc_t>(block_mean, block_m2, block_n);
-}
-
 }  // namespace fastsynth

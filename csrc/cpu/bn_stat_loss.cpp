@@ -25,9 +25,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "binding/bn_stat_loss.h"
 #include "common/bn_stat_loss_math.h"
 #include "common/welford.h"
 #include "cpu/large_alloc.h"
+#include "cpu/simd.h"
 
 namespace fastsynth {
 namespace bn_cpu {
@@ -65,84 +67,24 @@ struct WorkItem {
   int64_t chunk;
 };
 
+// The loops header compiled twice (explicit ISA code, cpu/simd.h): for AVX2 + FMA + F16C and for
+// the baseline; use_avx2() picks one per call.
 namespace avx2 {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define FASTSYNTH_BN_AVX2 1
-#endif
+FS_AVX2_REGION_BEGIN
 #include "cpu/bn_stat_loss_loops.h"
-#ifdef FASTSYNTH_BN_AVX2
-#pragma GCC pop_options
-#endif
+FS_AVX2_REGION_END
 }  // namespace avx2
 
 namespace baseline {
 #include "cpu/bn_stat_loss_loops.h"
 }  // namespace baseline
 
-static bool use_avx2() {
-#ifdef FASTSYNTH_BN_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
+static bool use_avx2() { return simd::cpu_has_avx2(); }
 
-static void check_inputs(const std::vector<at::Tensor>& xs, const char* op) {
-  TORCH_CHECK(!xs.empty(), op, ": need at least one feature map");
-  const auto dtype = xs[0].scalar_type();
-  for (size_t l = 0; l < xs.size(); ++l) {
-    const auto& x = xs[l];
-    TORCH_CHECK(x.device().is_cpu(), op, ": xs[", l, "] must be a CPU tensor");
-    TORCH_CHECK(x.scalar_type() == dtype, op, ": all feature maps must share one dtype");
-    TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": xs[", l, "] must be floating");
-    TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op, ": xs[", l, "] must be 2-, 3- or 4-D (N, C, ...), got ", x.sizes());
-    TORCH_CHECK(x.numel() > 0, op, ": xs[", l, "] must not be empty");
-    TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": too many channels");
-  }
-}
-
-// Describe x (and optionally its gradient g) as N x C x (P x Q) with element strides.
+// The shared description (csrc/binding/bn_stat_loss.h) plus the CPU-only samples-path choice.
 static LayerDesc describe(const at::Tensor& x, const at::Tensor* g) {
   LayerDesc L;
-  L.x = x.data_ptr();
-  L.N = x.size(0);
-  L.C = x.size(1);
-  int64_t H = 1, W = 1, sh = 0, sw = 0, gh = 0, gw = 0;
-  if (x.dim() == 3) { W = x.size(2); sw = x.stride(2); }
-  if (x.dim() == 4) { H = x.size(2); W = x.size(3); sh = x.stride(2); sw = x.stride(3); }
-  L.xs_n = x.stride(0);
-  L.xs_c = x.stride(1);
-  if (g) {
-    L.g = g->data_ptr();
-    L.gs_n = g->stride(0);
-    L.gs_c = g->stride(1);
-    if (x.dim() == 3) gw = g->stride(2);
-    if (x.dim() == 4) { gh = g->stride(2); gw = g->stride(3); }
-  }
-  // merge H and W into one run when both tensors allow it (size-1 dims merge trivially)
-  const bool x_flat = H == 1 || W == 1 || sh == W * sw;
-  const bool g_flat = !g || H == 1 || W == 1 || gh == W * gw;
-  if (x_flat && g_flat) {
-    L.P = 1;
-    L.Q = H * W;
-    L.xs_q = W == 1 ? sh : sw;
-    L.gs_q = W == 1 ? gh : gw;
-    L.xs_p = L.gs_p = 0;
-  } else {
-    L.P = H; L.Q = W;
-    L.xs_p = sh; L.xs_q = sw;
-    L.gs_p = gh; L.gs_q = gw;
-  }
-  L.M = L.N * L.P * L.Q;
-  L.channel_inner = L.C > 1 && L.xs_c == 1 && (!g || L.gs_c == 1);
-  if (L.channel_inner && L.P * L.Q == 1) {
-    // (N, C) maps: rows are the batch
-    L.Q = L.N; L.N = 1;
-    L.xs_q = L.xs_n; L.gs_q = L.gs_n;
-  }
+  bn_binding::describe(L, x, g);
   // small dense NCHW planes (and a batch to split over threads): stream whole samples (x and g hold each sample's C planes
   // back to back) instead of one short run per sample and channel
   L.sample_major = !L.channel_inner && L.N >= 4 && L.P == 1 && L.Q > 1 && L.Q < kSmallPlane && L.C > 1 &&
@@ -212,7 +154,7 @@ static at::ScalarType stat_dtype(at::ScalarType t) {
 
 std::tuple<at::Tensor, at::Tensor> bn_batch_stats_multi_cpu(at::TensorList xs_in) {
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
-  check_inputs(xs, "bn_batch_stats_multi");
+  bn_binding::check_inputs(xs, "bn_batch_stats_multi", c10::DeviceType::CPU);
   std::vector<LayerDesc> layers;
   int64_t total_channels = 0;
   for (const auto& x : xs) { layers.push_back(describe(x, nullptr)); total_channels += x.size(1); }
@@ -230,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> bn_batch_stats_multi_cpu(at::TensorList xs_in
 std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, const at::Tensor& means,
                                                           const at::Tensor& g_means, const at::Tensor& g_vars) {
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
-  check_inputs(xs, "bn_batch_stats_multi_backward");
+  bn_binding::check_inputs(xs, "bn_batch_stats_multi_backward", c10::DeviceType::CPU);
   int64_t total_channels = 0;
   for (const auto& x : xs) total_channels += x.size(1);
   const auto sdt = stat_dtype(xs[0].scalar_type());

@@ -11,8 +11,8 @@
 // second exp per element for the rescaling when vectorised, which is the dominant cost here.
 // The CUDA and Triton kernels, which read from memory once per sweep, use the online form.
 //
-// Float rows run in functions cloned for AVX-512, AVX2 and baseline x86-64 (GCC target_clones,
-// picked at load time) so the exp/log polynomials of logit_loss_math.h vectorise.
+// Float rows run in functions cloned for AVX-512, AVX2 and baseline x86-64 (FS_SIMD_CLONES of
+// cpu/simd.h: GCC target_clones, picked at load time) so the exp/log polynomials of logit_loss_math.h vectorise.
 // fp16/bf16 rows are converted to fp32 scratch first (fp32 math); fp64 rows use fp64 math.
 //
 // Batch sums are taken over per-row partial results in row order, in double, after the parallel
@@ -34,20 +34,11 @@
 
 #include "common/logit_loss_math.h"
 #include "cpu/large_alloc.h"
+#include "cpu/simd.h"
 
 namespace fastsynth {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FS_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define FS_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define FS_ALWAYS_INLINE inline
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels on contiguous acc_t rows

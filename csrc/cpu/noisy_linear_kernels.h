@@ -13,19 +13,11 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/simd.h"
+
 namespace fastsynth {
 namespace noisy_linear_kernels {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FS_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define FS_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define FS_ALWAYS_INLINE inline
-#endif
 
 constexpr int64_t kVecBytes = 32;
 

@@ -29,8 +29,9 @@
 #include <cstring>
 #include <vector>
 
+#include "binding/reinit.h"
 #include "common/philox.h"
-#include "cpu/reinit.h"
+#include "cpu/simd.h"
 
 namespace fastsynth {
 namespace {
@@ -55,12 +56,12 @@ void philox_lanes_generic(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef FS_X86_GCC
 #define FS_HAVE_X86_PHILOX 1
 // 0xB1 swaps the two 32-bit words of each 64-bit lane. Masked swaps merge the halves of the
 // even- and odd-lane products in one instruction each (shuffles run on a different port than the
 // multiplies, the 512-bit shifts do not).
-__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+FS_TARGET_AVX512F inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
   const auto swap = static_cast<_MM_PERM_ENUM>(0xB1);
   const __m512i even = _mm512_mul_epu32(a, m);                              // 64-bit products of lanes 0, 2, ...
   const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, swap), m);  // lanes 1, 3, ...
@@ -70,7 +71,7 @@ __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, _
 
 // Four independent 16-lane counters per iteration: one Philox round is a chain of multiply,
 // shift/blend and xor (about 8 cycles of latency), so a single vector leaves the multiplier idle.
-__attribute__((target("avx512f"))) void philox_lanes_avx512(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
+FS_TARGET_AVX512F void philox_lanes_avx512(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
                                                              uint32_t* x2, uint32_t* x3) {
   constexpr int kWays = 4;
   static_assert(kGroups % (16 * kWays) == 0, "kGroups must be a multiple of 64");
@@ -112,14 +113,14 @@ __attribute__((target("avx512f"))) void philox_lanes_avx512(int64_t g0, uint64_t
   }
 }
 
-__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+FS_TARGET_AVX2 inline void mulhilo8(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
   *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-__attribute__((target("avx2"))) void philox_lanes_avx2(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
+FS_TARGET_AVX2 void philox_lanes_avx2(int64_t g0, uint64_t seed, uint32_t* x0, uint32_t* x1,
                                                         uint32_t* x2, uint32_t* x3) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(ph::kM0)), m1 = _mm256_set1_epi32(static_cast<int>(ph::kM1));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -156,9 +157,8 @@ using PhiloxLanesFn = void (*)(int64_t, uint64_t, uint32_t*, uint32_t*, uint32_t
 
 PhiloxLanesFn pick_philox_lanes() {
 #ifdef FS_HAVE_X86_PHILOX
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return philox_lanes_avx512;
-  if (__builtin_cpu_supports("avx2")) return philox_lanes_avx2;
+  if (simd::cpu_has_avx512f()) return philox_lanes_avx512;
+  if (simd::cpu_has_avx2()) return philox_lanes_avx2;
 #endif
   return philox_lanes_generic;
 }
@@ -166,9 +166,8 @@ PhiloxLanesFn pick_philox_lanes() {
 // Box-Muller / uniform conversion of the lanes of one block: kBlock normals into `normal` when
 // want_normal, kBlock uniforms into `uniform` when want_uniform. Branch-free loops, vectorised
 // per ISA by the clones.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+// No FMA-capable clone (FS_SIMD_CLONES_NO_FMA): the transforms stay bit-identical to the CUDA kernel.
+FS_SIMD_CLONES_NO_FMA
 void transform_block(const uint32_t* x0, const uint32_t* x1, const uint32_t* x2, const uint32_t* x3,
                      bool want_normal, bool want_uniform, float* normal, float* uniform) {
   if (want_normal) {
@@ -241,9 +240,9 @@ void store_f64(double* dst, const float* draw, int64_t count, int dist, double l
 // caches hold, and a plain store first reads each line in (read-for-ownership), doubling the
 // memory traffic. Same arithmetic as store_f32 (mul then add, two roundings; uniform values that
 // reach b step down), so every path gives the same bits.
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef FS_X86_GCC
 #define FS_HAVE_AVX512_STORE 1
-__attribute__((target("avx512f"))) inline __m512 value16_f32(__m512 draw, int dist, __m512 lo, __m512 scale,
+FS_TARGET_AVX512F inline __m512 value16_f32(__m512 draw, int dist, __m512 lo, __m512 scale,
                                                              __m512 hi_ceil) {
   if (dist == ph::kConstant) return lo;
   const __m512 v = _mm512_add_ps(lo, _mm512_mul_ps(scale, draw));
@@ -261,7 +260,7 @@ __attribute__((target("avx512f"))) inline __m512 value16_f32(__m512 draw, int di
   return _mm512_castsi512_ps(_mm512_mask_mov_epi32(bits, up, stepped));
 }
 
-__attribute__((target("avx512f"))) void store_f32_avx512(float* dst, const float* draw, int64_t count, int dist,
+FS_TARGET_AVX512F void store_f32_avx512(float* dst, const float* draw, int64_t count, int dist,
                                                           double lo, double hi, bool stream) {
   const float lo_f = static_cast<float>(lo);
   const float scale_f = static_cast<float>(dist == ph::kNormal ? hi : hi - lo);
@@ -371,61 +370,6 @@ void reinit_cpu(at::TensorList tensors, const at::Tensor& seed, std::vector<std:
 }
 
 }  // namespace
-
-std::vector<ReinitEntry> reinit_entries(at::TensorList tensors, const at::Tensor& seed,
-                                        const std::vector<std::string>& dist, c10::ArrayRef<double> a,
-                                        c10::ArrayRef<double> b) {
-  const size_t n = tensors.size();
-  TORCH_CHECK(n > 0, "fastsynth::reinit_: tensors must be a non-empty list");
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "fastsynth::reinit_: seed must be a one-element int64 tensor");
-  TORCH_CHECK((dist.size() == 1 || dist.size() == n) && (a.size() == 1 || a.size() == n) &&
-                  (b.size() == 1 || b.size() == n),
-              "fastsynth::reinit_: dist, a and b must have one entry or one per tensor");
-  std::vector<ReinitEntry> entries;
-  entries.reserve(n);
-  int64_t offset = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& t = tensors[i];
-    const std::string& name = dist.size() == 1 ? dist[0] : dist[i];
-    const double ai = a.size() == 1 ? a[0] : a[i], bi = b.size() == 1 ? b[0] : b[i];
-    const auto st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                "fastsynth::reinit_: tensors must be float32/float64/float16/bfloat16");
-    TORCH_CHECK(t.device() == seed.device(), "fastsynth::reinit_: tensors and seed must share one device");
-    TORCH_CHECK(t.is_contiguous(), "fastsynth::reinit_: tensors must be contiguous");
-    ReinitEntry e;
-    e.ptr = t.numel() > 0 ? t.data_ptr() : nullptr;
-    e.dtype = st;
-    e.begin = offset;
-    offset += t.numel();
-    e.end = offset;
-    e.lo = ai;
-    e.hi = bi;
-    if (name == "normal") {
-      e.dist = ph::kNormal;
-      TORCH_CHECK(bi > 0, "fastsynth::reinit_: normal needs std b > 0");
-    } else if (name == "uniform") {
-      e.dist = ph::kUniform;
-      TORCH_CHECK(ai < bi, "fastsynth::reinit_: uniform needs a < b");
-    } else if (name == "kaiming_uniform") {
-      e.dist = ph::kUniform;
-      TORCH_CHECK(t.dim() >= 2, "fastsynth::reinit_: kaiming_uniform needs tensors of 2 or more dimensions");
-      int64_t fan_in = t.size(1);
-      for (int64_t d = 2; d < t.dim(); ++d) fan_in *= t.size(d);
-      TORCH_CHECK(fan_in > 0, "fastsynth::reinit_: kaiming_uniform needs a non-zero fan-in");
-      const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));  // kaiming_uniform_(a=sqrt(5))
-      e.lo = -bound;
-      e.hi = bound;
-    } else if (name == "constant") {
-      e.dist = ph::kConstant;
-    } else {
-      TORCH_CHECK(false, "fastsynth::reinit_: dist must be normal, uniform, kaiming_uniform or constant, got ", name);
-    }
-    entries.push_back(e);
-  }
-  return entries;
-}
 
 TORCH_LIBRARY_IMPL(fastsynth, CPU, m) { m.impl("reinit_", &reinit_cpu); }
 

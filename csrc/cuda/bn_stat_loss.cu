@@ -46,10 +46,72 @@ __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> w) {
   return w;
 }
 
-// Index m of a channel's N*P*Q values -> element offset, for tensor strides (sn, sp, sq).
-__device__ __forceinline__ int64_t offset_of(int64_t m, int64_t PQ, int64_t Q, int64_t sn, int64_t sp, int64_t sq) {
-  const int64_t n = m / PQ, r = m - n * PQ, p = r / Q, q = r - p * Q;
-  return n * sn + p * sp + q * sq;
+// A thread's walk over a channel's N*P*Q values m = (n*P + p)*Q + q, from m0 in steps of
+// `step`: (p, q) and the element offsets of NT tensors advance by carrying, so the loop has no
+// division. The start and the step are split once per thread with 32-bit divisions (a 64-bit
+// division is a called subroutine on the GPU): M < 2^31, checked on the host
+// (bn_stat_loss_binding.cpp). The step is below P*Q or not, the carries handle both: dq < Q and
+// dp < P, so each advance carries at most once from q into p and once from p into n.
+template <int NT>
+struct Walk {
+  int32_t p, q;
+  int64_t off[NT];
+};
+
+template <int NT>
+struct WalkStep {
+  int32_t dp, dq;
+  int64_t step[NT];     // offset change of a step without carries
+  int64_t carry_q[NT];  // q wraps: q -= Q, p += 1
+  int64_t carry_p[NT];  // p wraps: p -= P, n += 1
+};
+
+// m = (n*P + p)*Q + q with 32-bit divisions (m < 2^31, P*Q < 2^31).
+__device__ __forceinline__ void split_index(int64_t m, const BnLayer& L, uint32_t* n, uint32_t* p, uint32_t* q) {
+  const uint32_t mm = uint32_t(m), PQ = uint32_t(L.P * L.Q), Q = uint32_t(L.Q);
+  *n = mm / PQ;
+  const uint32_t r = mm - *n * PQ;
+  *p = r / Q;
+  *q = r - *p * Q;
+}
+
+// Walk over x (NT = 1) or x and g (NT = 2).
+template <int NT>
+__device__ __forceinline__ void walk_init(const BnLayer& L, int64_t m0, int32_t step, Walk<NT>& w, WalkStep<NT>& s) {
+  const int64_t sn[2] = {L.xs_n, L.gs_n}, sp[2] = {L.xs_p, L.gs_p}, sq[2] = {L.xs_q, L.gs_q};
+  uint32_t n, p, q, dn, dp, dq;
+  split_index(m0, L, &n, &p, &q);
+  split_index(step, L, &dn, &dp, &dq);
+  w.p = int32_t(p);
+  w.q = int32_t(q);
+  s.dp = int32_t(dp);
+  s.dq = int32_t(dq);
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    w.off[t] = int64_t(n) * sn[t] + int64_t(p) * sp[t] + int64_t(q) * sq[t];
+    s.step[t] = int64_t(dn) * sn[t] + int64_t(dp) * sp[t] + int64_t(dq) * sq[t];
+    s.carry_q[t] = sp[t] - L.Q * sq[t];
+    s.carry_p[t] = sn[t] - L.P * sp[t];
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void walk_advance(const BnLayer& L, Walk<NT>& w, const WalkStep<NT>& s) {
+  w.q += s.dq;
+  w.p += s.dp;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) w.off[t] += s.step[t];
+  if (w.q >= L.Q) {
+    w.q -= int32_t(L.Q);
+    ++w.p;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) w.off[t] += s.carry_q[t];
+  }
+  if (w.p >= L.P) {
+    w.p -= int32_t(L.P);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) w.off[t] += s.carry_p[t];
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -62,7 +124,7 @@ __device__ void stats_plane(const BnLayer& L, const BnItem& it, Welford<acc_t>& 
     // NCHW-like: the chunk is a union of contiguous runs (one per sample); vectorise the aligned middle
     int64_t m = m0;
     while (m < m1) {
-      const int64_t n = m / PQ, q0 = m - n * PQ, len = imin64(PQ - q0, m1 - m);
+      const int64_t n = uint32_t(m) / uint32_t(PQ), q0 = m - n * PQ, len = imin64(PQ - q0, m1 - m);  // M < 2^31
       const scalar_t* run = x + n * L.xs_n + q0;
       const int64_t head = imin64(len, (V - (reinterpret_cast<uintptr_t>(run) / sizeof(scalar_t)) % V) % V);
       for (int64_t i = threadIdx.x; i < head; i += blockDim.x) w.update(to_acc(run[i]));
@@ -76,9 +138,14 @@ __device__ void stats_plane(const BnLayer& L, const BnItem& it, Welford<acc_t>& 
       for (int64_t i = head + nvec * V + threadIdx.x; i < len; i += blockDim.x) w.update(to_acc(run[i]));
       m += len;
     }
-  } else {
-    for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x)
-      w.update(to_acc(x[offset_of(m, PQ, L.Q, L.xs_n, L.xs_p, L.xs_q)]));
+  } else if (m0 + threadIdx.x < m1) {
+    Walk<1> wk;
+    WalkStep<1> st;
+    walk_init<1>(L, m0 + threadIdx.x, int32_t(blockDim.x), wk, st);
+    for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
+      w.update(to_acc(x[wk.off[0]]));
+      walk_advance<1>(L, wk, st);
+    }
   }
 }
 
@@ -109,11 +176,15 @@ __global__ void FS_BN_STATS_BOUNDS bn_stats_kernel(const BnLayer* __restrict__ l
     // rows path: lane = channel within the block of 32, wid = row lane
     const int64_t c = it.c0 + lane;
     const int64_t m0 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk), m1 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk + 1);
-    if (c < L.C) {
+    if (c < L.C && m0 + wid < m1) {
       const scalar_t* x = static_cast<const scalar_t*>(L.x) + c;
-      const int64_t PQ = L.P * L.Q;
-      for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32)
-        w.update(to_acc(x[offset_of(m, PQ, L.Q, L.xs_n, L.xs_p, L.xs_q)]));
+      Walk<1> wk;
+      WalkStep<1> st;
+      walk_init<1>(L, m0 + wid, kBnThreads / 32, wk, st);
+      for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32) {
+        w.update(to_acc(x[wk.off[0]]));
+        walk_advance<1>(L, wk, st);
+      }
     }
     sh_mean[tid] = w.mean; sh_m2[tid] = w.m2; sh_n[tid] = w.n;
     __syncthreads();
@@ -183,7 +254,7 @@ __global__ void __launch_bounds__(kBnThreads) bn_backward_kernel(const BnLayer* 
     if (L.P == 1 && L.xs_q == 1 && L.gs_q == 1) {
       int64_t m = m0;
       while (m < m1) {
-        const int64_t n = m / PQ, q0 = m - n * PQ, len = imin64(PQ - q0, m1 - m);
+        const int64_t n = uint32_t(m) / uint32_t(PQ), q0 = m - n * PQ, len = imin64(PQ - q0, m1 - m);  // M < 2^31
         const scalar_t* xr = x + n * L.xs_n + q0;
         scalar_t* gr = g + n * L.gs_n + q0;
         const uintptr_t xa = reinterpret_cast<uintptr_t>(xr) / sizeof(scalar_t) % V;
@@ -203,9 +274,14 @@ __global__ void __launch_bounds__(kBnThreads) bn_backward_kernel(const BnLayer* 
         for (int64_t i = head + nvec * V + threadIdx.x; i < len; i += blockDim.x) gr[i] = grad_of<scalar_t, acc_t>(xr[i], cf);
         m += len;
       }
-    } else {
-      for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x)
-        g[offset_of(m, PQ, L.Q, L.gs_n, L.gs_p, L.gs_q)] = grad_of<scalar_t, acc_t>(x[offset_of(m, PQ, L.Q, L.xs_n, L.xs_p, L.xs_q)], cf);
+    } else if (m0 + threadIdx.x < m1) {
+      Walk<2> wk;
+      WalkStep<2> st;
+      walk_init<2>(L, m0 + threadIdx.x, int32_t(blockDim.x), wk, st);
+      for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
+        g[wk.off[1]] = grad_of<scalar_t, acc_t>(x[wk.off[0]], cf);
+        walk_advance<2>(L, wk, st);
+      }
     }
   } else {
     const int64_t c = it.c0 + lane;
@@ -214,8 +290,14 @@ __global__ void __launch_bounds__(kBnThreads) bn_backward_kernel(const BnLayer* 
     const BnGradCoeffs<acc_t> cf = bn_grad_coeffs<acc_t>(mean[gc], g_mean[gc], g_var[gc], count);
     const scalar_t* x = static_cast<const scalar_t*>(L.x) + c;
     scalar_t* g = static_cast<scalar_t*>(L.g) + c;
-    for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32)
-      g[offset_of(m, PQ, L.Q, L.gs_n, L.gs_p, L.gs_q)] = grad_of<scalar_t, acc_t>(x[offset_of(m, PQ, L.Q, L.xs_n, L.xs_p, L.xs_q)], cf);
+    if (m0 + wid >= m1) return;
+    Walk<2> wk;
+    WalkStep<2> st;
+    walk_init<2>(L, m0 + wid, kBnThreads / 32, wk, st);
+    for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32) {
+      g[wk.off[1]] = grad_of<scalar_t, acc_t>(x[wk.off[0]], cf);
+      walk_advance<2>(L, wk, st);
+    }
   }
 }
 

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "binding/bn_stat_loss.h"
 #include "cuda/bn_stat_loss.cuh"
 
 namespace fastsynth {
@@ -40,50 +41,12 @@ BnDtype dtype_of(at::ScalarType t) {
 at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_inputs(const std::vector<at::Tensor>& xs, const char* op) {
-  TORCH_CHECK(!xs.empty(), op, ": need at least one feature map");
-  for (size_t l = 0; l < xs.size(); ++l) {
-    const auto& x = xs[l];
-    TORCH_CHECK(x.is_cuda() && x.device() == xs[0].device(), op, ": xs[", l, "] must be on ", xs[0].device());
-    TORCH_CHECK(x.scalar_type() == xs[0].scalar_type(), op, ": all feature maps must share one dtype");
-    TORCH_CHECK(x.dim() >= 2 && x.dim() <= 4, op, ": xs[", l, "] must be 2-, 3- or 4-D (N, C, ...), got ", x.sizes());
-    TORCH_CHECK(x.numel() > 0, op, ": xs[", l, "] must not be empty");
-    TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": too many channels");
-  }
-  (void)dtype_of(xs[0].scalar_type());
+  bn_binding::check_inputs(xs, op, c10::DeviceType::CUDA);
 }
 
-// Same description as the CPU kernels (csrc/cpu/bn_stat_loss.cpp, describe()).
 BnLayer describe(const at::Tensor& x, const at::Tensor* g) {
   BnLayer L{};
-  L.x = x.data_ptr();
-  L.N = x.size(0);
-  L.C = x.size(1);
-  int64_t H = 1, W = 1, sh = 0, sw = 0, gh = 0, gw = 0;
-  if (x.dim() == 3) { W = x.size(2); sw = x.stride(2); }
-  if (x.dim() == 4) { H = x.size(2); W = x.size(3); sh = x.stride(2); sw = x.stride(3); }
-  L.xs_n = x.stride(0);
-  L.xs_c = x.stride(1);
-  if (g) {
-    L.g = g->data_ptr();
-    L.gs_n = g->stride(0);
-    L.gs_c = g->stride(1);
-    if (x.dim() == 3) gw = g->stride(2);
-    if (x.dim() == 4) { gh = g->stride(2); gw = g->stride(3); }
-  }
-  const bool x_flat = H == 1 || W == 1 || sh == W * sw;
-  const bool g_flat = !g || H == 1 || W == 1 || gh == W * gw;
-  if (x_flat && g_flat) {
-    L.P = 1; L.Q = H * W;
-    L.xs_q = W == 1 ? sh : sw; L.gs_q = W == 1 ? gh : gw;
-  } else {
-    L.P = H; L.Q = W;
-    L.xs_p = sh; L.xs_q = sw; L.gs_p = gh; L.gs_q = gw;
-  }
-  L.M = L.N * L.P * L.Q;
-  L.channel_inner = (L.C > 1 && L.xs_c == 1 && (!g || L.gs_c == 1)) ? 1 : 0;
-  if (L.channel_inner && L.P * L.Q == 1) {  // (N, C) maps: rows are the batch
-    L.Q = L.N; L.N = 1; L.xs_q = L.xs_n; L.gs_q = L.gs_n;
-  }
+  bn_binding::describe(L, x, g);
   return L;
 }
 
@@ -142,6 +105,9 @@ BnTables tables_for(const std::vector<at::Tensor>& xs, const std::vector<at::Ten
   std::vector<BnLayer> layers;
   for (size_t l = 0; l < xs.size(); ++l) {
     BnLayer L = describe(xs[l], grads ? &(*grads)[l] : nullptr);
+    // the kernels split value indices with 32-bit divisions (a 64-bit one is a called subroutine)
+    TORCH_CHECK(L.M < (int64_t(1) << 31), "bn_batch_stats (cuda): xs[", l, "] of shape ", xs[l].sizes(), " has ", L.M,
+                " values per channel; at most 2^31 - 1 are supported");
     L.x = nullptr;  // per call: bn_set_pointers
     L.g = nullptr;
     layers.push_back(L);

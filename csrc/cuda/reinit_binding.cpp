@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "common/philox.h"
-#include "cpu/reinit.h"
+#include "binding/reinit.h"
 #include "cuda/reinit.cuh"
 
 namespace fastsynth {
