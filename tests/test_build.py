@@ -144,3 +144,22 @@ def test_ops_all_lists_every_public_op_and_each_module_its_reference():
                           ("contrastive_loss", "contrastive_ce_reference")):
         mod = importlib.import_module(f"fastsynth.ops.{mod_name}")
         assert ref in mod.__all__ and callable(getattr(mod, ref)), (mod_name, ref)
+
+
+def test_cuda_sources_include_nothing_from_csrc_cpu_and_isa_checks_live_in_simd_h():
+    """docs/DEVELOPING.md: glue both bindings share sits in csrc/binding/; CPU ISA macros and CPUID
+    checks are defined once, in csrc/cpu/simd.h."""
+    import glob
+    import os
+    import re
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    for path in glob.glob(os.path.join(csrc, "cuda", "*")):
+        assert not re.search(r'#include\s+"cpu/', open(path).read()), f"{path} includes a csrc/cpu header"
+    simd = os.path.join(csrc, "cpu", "simd.h")
+    for path in glob.glob(os.path.join(csrc, "**", "*.*"), recursive=True):
+        if path == simd or not path.endswith((".cpp", ".h", ".cu", ".cuh")):
+            continue
+        src = open(path).read()
+        for pattern in (r"__builtin_cpu_supports", r"#define\s+FS_SIMD_CLONES", r"#define\s+FS_ALWAYS_INLINE"):
+            assert not re.search(pattern, src), f"{path}: {pattern} belongs in csrc/cpu/simd.h"
