@@ -591,6 +591,7 @@ class SynthCore(BaseSynthesis):
             warn_once("compile_dist", "fastsynth: compile=True with bn_stats='global' under torch.distributed runs "
                                       "the inner steps eagerly (the statistics gather is not traced)")
             self.compile = False
+        self._graph_mode = self.cuda_graph  # the inner steps are captured (_run_steps)
         self._compiled: dict = {}
         self._graphs: dict = {}
         self._graph_values: dict = {}  # key -> the settings its graph was captured with
@@ -687,24 +688,41 @@ class SynthCore(BaseSynthesis):
         with nvtx_range("augment", self._nvtx):
             return self.aug.draw(batch, self.img_size[-2:], self.device, self._rng)
 
-    def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool, aug_codes=None):
-        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (spec section 2);
-        ``aug_codes``: the augmentation's random codes (``_draw_aug``)."""
+    def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool, aug_codes=None, *,
+                  parts: bool = False, report_bn: bool = False):
+        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (docs/dfkd-spec.md);
+        ``aug_codes``: the augmentation's random codes (``_draw_aug``).
+
+        ``parts=True`` returns ``(loss, bn term, CE)`` instead of the loss, for the synthesizers
+        that report or track the terms (NAYER's best one-hot loss, FastMeta-ImageNet's returned
+        losses). The bn term is None unless ``report_bn``; then it is ``bn * L_BN`` detached, or
+        when bn == 0 the unweighted L_BN, detached (computed for reporting only, as upstream
+        computes it in every forward). CE is the unweighted cross-entropy (detached when the
+        fused adversarial loss computed it, else the tensor the loss uses)."""
         with nvtx_range("augment", self._nvtx):
             x_aug = self.aug(x, generator=self._rng, codes=aug_codes)
         with nvtx_range("teacher", self._nvtx):
             t_out = self.teacher(x_aug)
         with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
+            if self.bn != 0:
+                loss_bn = self.capture.loss(scale=self.bn)  # bn * L_BN
+            elif report_bn:
+                loss_bn = self.capture.loss().detach()
+            else:
+                loss_bn = None
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self._student_fwd(x_aug)
-                loss = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)[0]
+                loss, terms = self._logit_loss(t_out, s_out, targets, self.oh, self.adv)
+                loss_oh = terms["oh"]  # detached
             else:
-                loss = self.oh * F.cross_entropy(t_out, targets)
-            if loss_bn is not None:
+                loss_oh = F.cross_entropy(t_out, targets)
+                loss = self.oh * loss_oh
+            if self.bn != 0:
                 loss = loss + loss_bn
-        return loss
+                if report_bn:
+                    loss_bn = loss_bn.detach()
+        return (loss, loss_bn if report_bn else None, loss_oh) if parts else loss
 
     def _log(self, loss):
         if self.log_losses:
@@ -761,6 +779,75 @@ class SynthCore(BaseSynthesis):
             c = torch.compile(fn, **opts)
             self._compiled[key] = c
         return c
+
+    # ---------------------------------------------------------------- the inner-step driver
+    def _maybe_compiled(self, key, fn):
+        """``fn`` compiled once per ``key`` when ``compile`` is on, else ``fn`` itself."""
+        return self._compiled_fn(key, fn) if self.compile else fn
+
+    @staticmethod
+    def _first(it: int | None) -> bool | None:
+        """``_track_best``'s ``first`` for the step ``it`` of ``_run_steps`` (None: captured)."""
+        return None if it is None else it == 0
+
+    def _step_tensors(self) -> list:
+        """Per synthesizer: the persistent tensors one inner step writes, besides its optimizer's
+        state and the BN-statistics buffers (the driver adds those): module parameters and
+        buffers, z, best-image tracking, static outputs. A captured step's warm-up restores them
+        (``CudaGraphStep``); None entries are skipped."""
+        return []
+
+    def _run_steps(self, n: int, step: Callable, key=None, optimizer: torch.optim.Optimizer | None = None,
+                   after: Callable | None = None, stats: bool = True):
+        """The inner-step driver of every synthesizer: runs ``n`` steps of ``step``.
+
+        Eager (``cuda_graph`` off or not possible): ``step(it)`` for it = 0 .. n-1;
+        ``after(it, out)`` gets each step's return value; returns the last one. ``key`` and
+        ``optimizer`` are needed only for captured steps.
+
+        Captured (``cuda_graph``): ``step(None)`` must read and write persistent tensors only
+        (``_step_tensors``, ``optimizer``'s state). It is captured once per ``key`` and the
+        settings it bakes in (``_graph_for``), after a warm-up that is undone, and replayed ``n``
+        times; ``after(it, None)`` runs after each replay; returns None. With ``stats`` each step
+        also copies the BN statistics of its forward into static buffers, handed to the capture
+        after the last replay (``update_mmt`` reads them as after an eager step)."""
+        if not self._graph_mode:
+            out = None
+            for it in range(n):
+                out = step(it)
+                if after is not None:
+                    after(it, out)
+            return out
+        if optimizer is None:
+            raise ValueError(f"{type(self).__name__}._run_steps: a captured step needs its optimizer")
+        if stats and getattr(self, "_last_stats", None) is None:
+            self._last_stats = self.capture.stat_buffers()
+
+        def captured():
+            step(None)
+            if stats:
+                with torch.no_grad():
+                    torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
+
+        def mutable():
+            ts = [t for t in self._step_tensors() if t is not None]
+            if stats:
+                ts += self._last_stats
+            # last: the optimizer state a warm-up creates is zeroed like a fresh one's
+            for st in optimizer.state.values():
+                ts += [v for v in st.values() if torch.is_tensor(v)]
+            return ts
+
+        g = self._graph_for(key, lambda: CudaGraphStep(captured, mutable, rng=self._rng, device=self.device,
+                                                       before_capture=self._pool_idle))
+        for it in range(n):
+            g()
+            if after is not None:
+                after(it, None)
+        if stats:
+            k = len(self._last_stats) // 2
+            self.capture.last_means, self.capture.last_vars = self._last_stats[:k], self._last_stats[k:]
+        return None
 
     # ---------------------------------------------------------------- pool / sample
     def sample(self):

@@ -193,40 +193,41 @@ class DeepInvSyntheiszer(SynthCore):
             targets = targets.sort()[0]
         targets = targets.to(self.device)
         adv_on = self.adv > 0
-        optimizer = make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)
+        opt = [make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)]
         best_cost = torch.full((), float("inf"), device=self.device)
         best_x = inputs.detach().clone()
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on), self._forward)
+        fwd = self._maybe_compiled(("fwd", adv_on), self._forward)
         H, W = self.img_size[-2:]
+
+        def step(it):
+            lowres = it < self.lowres_iterations
+            if it == self.lowres_iterations and it > 0:
+                # full resolution after the warm-up: fresh Adam state (NVlabs builds a new
+                # optimizer per resolution), best tracking restarts below (first=True)
+                opt[0] = make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)
+            # the jitter's random code is drawn outside the compiled forward
+            aug_codes = jitter_codes((H // 2, W // 2) if lowres else (H, W), self.device, self._rng) \
+                if self._augment_on else None
+            with self._autocast_ctx():
+                loss = fwd(inputs, targets, adv_on, aug_codes, lowres)
+            with torch.no_grad():
+                self._log(loss)
+                self._track_best(loss, inputs, best_cost, best_x, first=(it == 0 or it == self.lowres_iterations))
+            with nvtx_range("backward", self._nvtx):
+                self._backward(loss, opt[0])
+            with nvtx_range("step", self._nvtx):
+                opt[0].step()
+            if self._lo is not None:
+                with torch.no_grad():
+                    torch.maximum(inputs, self._lo, out=inputs)
+                    torch.minimum(inputs, self._hi, out=inputs)
+
         with self._synthesis_mode():
             if adv_on and self.s_capture is not None:
                 self.s_capture.activate()
             try:
-                for it in range(self.iterations):
-                    lowres = it < self.lowres_iterations
-                    if it == self.lowres_iterations and it > 0:
-                        # full resolution after the warm-up: fresh Adam state (NVlabs builds a new
-                        # optimizer per resolution), best tracking restarts below (first=True)
-                        optimizer = make_adam([inputs], self.lr_g, (0.5, 0.99), self.device)
-                    # the jitter's random code is drawn outside the compiled forward
-                    aug_codes = jitter_codes((H // 2, W // 2) if lowres else (H, W), self.device, self._rng) \
-                        if self._augment_on else None
-                    with self._autocast_ctx():
-                        loss = fwd(inputs, targets, adv_on, aug_codes, lowres)
-                    with torch.no_grad():
-                        self._log(loss)
-                        self._track_best(loss, inputs, best_cost, best_x,
-                                         first=(it == 0 or it == self.lowres_iterations))
-                    with nvtx_range("backward", self._nvtx):
-                        self._backward(loss, optimizer)
-                    with nvtx_range("step", self._nvtx):
-                        optimizer.step()
-                    if self._lo is not None:
-                        with torch.no_grad():
-                            torch.maximum(inputs, self._lo, out=inputs)
-                            torch.minimum(inputs, self._hi, out=inputs)
+                # eager steps (cuda_graph is off: the images are re-bound every call)
+                self._run_steps(self.iterations, step)
             finally:
                 if self.s_capture is not None:
                     self.s_capture.deactivate()

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..distributed import unwrap
-from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
 REPTILE_SCALE = 67.0  # constant of the reference implementation
@@ -129,7 +129,6 @@ class FastMetaSynthesizer(SynthCore):
                          pool_device=pool_device, pool_dir=pool_dir)
         # the generator is learned jointly: rank 0's weights everywhere, gradients averaged
         self.generator = self._share_generator(generator.to(self.device)).train()
-        self._graph_mode = self.cuda_graph
         # persistent inner state: the module optimised in the inner loop, z, the inner optimiser
         if self._meta:
             self._fast = copy.deepcopy(self.generator).train()
@@ -158,9 +157,7 @@ class FastMetaSynthesizer(SynthCore):
         return loss, x
 
     def _step(self, adv_on: bool, meta_accumulate: bool, first: bool | None = False):
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
+        fwd = self._maybe_compiled(("fwd", adv_on, self.capture.mmt_active), self._forward)
         aug_codes = self._draw_aug(self._z.shape[0])
         with self._autocast_ctx():
             loss, x = fwd(adv_on, aug_codes)
@@ -181,39 +178,19 @@ class FastMetaSynthesizer(SynthCore):
                 fast_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(fast, grads)]
                 torch._foreach_add_(self._meta_grads, fast_grads)
             self._optimizer.step()
-        if self._graph_mode:
-            with torch.no_grad():
-                torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
 
-    def _mutable(self):
-        ts = _module_tensors(self._fast) + [self._z, self._best_cost]
-        if self._best_x is not None:
-            ts.append(self._best_x)
-        if self._meta:
+    def _step_tensors(self):
+        ts = _module_tensors(self._fast) + [self._z, self._best_cost, self._best_x]
+        if self._meta and self.ismaml:
             ts += self._meta_grads
-        ts += getattr(self, "_last_stats", [])
-        for st in self._optimizer.state.values():
-            ts += [v for v in st.values() if torch.is_tensor(v)]
         return ts
 
     def _run_inner(self, adv_on: bool):
         meta = self._meta and self.ismaml
-        if not self._graph_mode:
-            for it in range(self.iterations):
-                self._step(adv_on, meta, first=(it == 0))
-            return
-        key = (adv_on, self.capture.mmt_active, meta)
-        if self._best_x is None:
+        if self._graph_mode and self._best_x is None:
             self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-        if not hasattr(self, "_last_stats"):
-            self._last_stats = self.capture.stat_buffers()
-        g = self._graph_for(key, lambda: CudaGraphStep(lambda: self._step(adv_on, meta, first=None), self._mutable,
-                                                       rng=self._rng, device=self.device,
-                                                       before_capture=self._pool_idle))
-        for it in range(self.iterations):
-            g()
-        n = len(self._last_stats) // 2
-        self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
+        self._run_steps(self.iterations, lambda it: self._step(adv_on, meta, self._first(it)),
+                        (adv_on, self.capture.mmt_active, meta), self._optimizer)
 
     # ------------------------------------------------------------------ synthesize
     def _begin_round(self, targets=None):

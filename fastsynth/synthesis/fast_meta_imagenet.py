@@ -25,10 +25,9 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..distributed import unwrap
-from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .fast_meta import _copy_pairs, _drop_batch_counters, _module_tensors
 from .resized_crop import ResizedCropAugment
 from .validate import check_int, check_synthesizer_args, meta_output
@@ -176,7 +175,6 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         # the meta-generator is learned jointly: rank 0's weights everywhere, meta gradients
         # averaged (the meta latent z stays per rank)
         self.generator = self._share_generator(generator.to(self.device)).train()
-        self._graph_mode = self.cuda_graph
         zshape = (synthesis_batch_size, nz, hw[0] // 16, hw[1] // 16)
         # the meta-learned latent (upstream's self.z) and its meta optimizer
         self.z = self._randn(*zshape).requires_grad_()
@@ -204,33 +202,16 @@ class FastMetaSynthesizerForImageNet(SynthCore):
     def _forward(self, adv_on: bool, aug_codes=None):
         """x = fast(z) -> augment -> teacher; returns (loss, bn term, CE, x). The bn term is
         ``bn * L_BN`` when bn != 0 (the coefficient folded into the fused loss), else L_BN
-        detached (reported only, as upstream computes it in every forward)."""
+        (reported only, as upstream computes it in every forward); both terms detached."""
         with nvtx_range("generator", self._nvtx):
             x = self._fast(self._z)
-        with nvtx_range("augment", self._nvtx):
-            x_aug = self.aug(x, codes=aug_codes)
-        with nvtx_range("teacher", self._nvtx):
-            t_out = self.teacher(x_aug)
-        with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else self.capture.loss().detach()
-            if adv_on:
-                with nvtx_range("student", self._nvtx):
-                    s_out = self._student_fwd(x_aug)
-                loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
-                loss_oh = parts["oh"]
-            else:
-                loss_oh = F.cross_entropy(t_out, self._targets)
-                loss = self.oh * loss_oh
-                loss_oh = loss_oh.detach()
-            if self.bn != 0:
-                loss = loss + loss_bn
-                loss_bn = loss_bn.detach()
+        loss, loss_bn, loss_oh = self.objective(x, self._targets, adv_on, aug_codes, parts=True, report_bn=True)
+        if not adv_on:
+            loss_oh = loss_oh.detach()  # the fused adversarial loss returns it detached already
         return loss, loss_bn, loss_oh, x
 
-    def _step(self, adv_on: bool, graph: bool = False):
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active), self._forward)
+    def _step(self, graph: bool, adv_on: bool):
+        fwd = self._maybe_compiled(("fwd", adv_on, self.capture.mmt_active), self._forward)
         aug_codes = self._draw_aug(self._z.shape[0])
         with self._autocast_ctx():
             loss, loss_bn, loss_oh, x = fwd(adv_on, aug_codes)
@@ -248,7 +229,6 @@ class FastMetaSynthesizerForImageNet(SynthCore):
                 self._last_vals.copy_(vals)
                 if self._last_grads is not None:
                     torch._foreach_copy_(self._last_grads, self._dense(grads))
-                torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
             return None
         return x, vals, grads
 
@@ -257,44 +237,30 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         params = [p for g in self._optimizer.param_groups for p in g["params"]]
         return [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
 
-    def _mutable(self):
-        ts = _module_tensors(self._fast) + [self._z, self._last_x, self._last_vals]
-        ts += self._last_stats
-        if self._last_grads is not None:
-            ts += self._last_grads
-        for st in self._optimizer.state.values():
-            ts += [v for v in st.values() if torch.is_tensor(v)]
-        return ts
+    def _step_tensors(self):
+        return _module_tensors(self._fast) + [self._z, self._last_x, self._last_vals] + (self._last_grads or [])
 
     def _run_inner(self, adv_on: bool):
         """Returns (meta images, last images, [loss, bn term, CE] of the last step, last grads)."""
-        if not self._graph_mode:
-            meta_x = None
-            for it in range(self.iterations):
-                x, vals, grads = self._step(adv_on)
-                if it == 0:
-                    meta_x = x
-            return meta_x, x, vals, self._dense(grads)
-        if self._last_x is None:
+        want_grads = bool(self.ismaml)
+        if self._graph_mode and self._last_x is None:
             self._last_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
             self._last_vals = torch.zeros(3, device=self.device)
-            self._last_stats = self.capture.stat_buffers()
-        want_grads = bool(self.ismaml)
-        if want_grads and self._last_grads is None:
+        if self._graph_mode and want_grads and self._last_grads is None:
             params = [p for g in self._optimizer.param_groups for p in g["params"]]
             self._last_grads = [torch.zeros_like(p) for p in params]
-        key = (adv_on, self.capture.mmt_active, want_grads)
-        g = self._graph_for(key, lambda: CudaGraphStep(lambda: self._step(adv_on, graph=True), self._mutable,
-                                                       rng=self._rng, device=self.device,
-                                                       before_capture=self._pool_idle))
-        meta_x = None
-        for it in range(self.iterations):
-            g()
+        meta = []
+
+        def after(it, out):  # the first step's images are the round's "meta" images
             if it == 0:
-                meta_x = self._last_x.clone()
-        n = len(self._last_stats) // 2
-        self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
-        return meta_x, self._last_x.clone(), self._last_vals.clone(), self._last_grads
+                meta.append(out[0] if out is not None else self._last_x.clone())
+
+        out = self._run_steps(self.iterations, lambda it: self._step(it is None, adv_on),
+                              (adv_on, self.capture.mmt_active, want_grads), self._optimizer, after=after)
+        if out is not None:
+            x, vals, grads = out
+            return meta[0], x, vals, self._dense(grads)
+        return meta[0], self._last_x.clone(), self._last_vals.clone(), self._last_grads
 
     # ------------------------------------------------------------------ synthesize
     def _begin_round(self, targets=None):

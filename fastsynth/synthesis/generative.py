@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import unwrap
-from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range
+from .core import SynthCore, make_adam, now, nvtx_range
 
 __all__ = ["GenerativeSynthesizer", "GENERATIVE_METHODS"]
 
@@ -148,7 +148,6 @@ class GenerativeSynthesizer(SynthCore):
         self.generator = self._share_generator(generator.to(self.device))
         _check_generator(self.generator, nz, self.img_size)
         self.generator.train()
-        self._graph_mode = self.cuda_graph
         self.optimizer = make_adam(self.generator.parameters(), self.lr_g, (0.5, 0.999), self.device,
                                    capturable=self._graph_mode)
         # act: the teacher's penultimate features = the input of its last Linear layer
@@ -201,12 +200,10 @@ class GenerativeSynthesizer(SynthCore):
                 loss = loss + t
         return loss.reshape(()), x
 
-    def _step(self, adv_on: bool, z: torch.Tensor | None = None):
-        if z is None:
-            z = self._randn(self.synthesis_batch_size, self.nz)
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on), self._forward)
+    def _step(self, adv_on: bool, graph: bool):
+        # z is drawn inside the step: every replay of a captured step draws fresh numbers
+        z = self._randn(self.synthesis_batch_size, self.nz)
+        fwd = self._maybe_compiled(("fwd", adv_on), self._forward)
         with self._autocast_ctx():
             loss, x = fwd(z, adv_on)
         self._log(loss)
@@ -215,7 +212,7 @@ class GenerativeSynthesizer(SynthCore):
         self._average_grads(self.generator.parameters())
         with nvtx_range("step", self._nvtx):
             self.optimizer.step()
-        if self._graph_mode:
+        if graph:
             with torch.no_grad():
                 self._x.copy_(x)
         else:
@@ -227,15 +224,8 @@ class GenerativeSynthesizer(SynthCore):
     def _graph_optimizer(self):
         return self.optimizer
 
-    def _graph_step(self, adv_on: bool):
-        # z is drawn inside the captured step: every replay draws fresh numbers
-        self._step(adv_on, z=None)
-
-    def _mutable(self):
-        ts = list(self.generator.parameters()) + list(self.generator.buffers()) + [self._x]
-        for st in self.optimizer.state.values():
-            ts += [v for v in st.values() if torch.is_tensor(v)]
-        return ts
+    def _step_tensors(self):
+        return list(self.generator.parameters()) + list(self.generator.buffers()) + [self._x]
 
     # ------------------------------------------------------------------ API
     def synthesize(self):
@@ -249,19 +239,11 @@ class GenerativeSynthesizer(SynthCore):
             if self._feature_layer is not None:
                 hook = self._feature_layer.register_forward_pre_hook(self._feature_hook)
             try:
-                if self._graph_mode:
-                    key = ("step", adv_on)
-                    if self._x is None:
-                        self._x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-                    # captured again when a coefficient or the optimizer's settings changed
-                    g = self._graph_for(key, lambda: CudaGraphStep(
-                        lambda: self._graph_step(adv_on), self._mutable, rng=self._rng, device=self.device,
-                        before_capture=self._pool_idle))
-                    for _ in range(self.iterations):
-                        g()
-                else:
-                    for _ in range(self.iterations):
-                        self._step(adv_on)
+                if self._graph_mode and self._x is None:
+                    self._x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
+                # no BN-statistics buffers: this loop has no BN momentum (bn_mmt) to feed
+                self._run_steps(self.iterations, lambda it: self._step(adv_on, it is None), ("step", adv_on),
+                                self.optimizer, stats=False)
             finally:
                 if hook is not None:
                     hook.remove()

@@ -23,11 +23,10 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..distributed import unwrap
 from ..nn.generators import NoisyLayers
-from .core import CudaGraphStep, SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
 
@@ -139,32 +138,11 @@ class NAYER(SynthCore):
     def _forward(self, adv_on: bool, aug_codes=None):
         with nvtx_range("generator", self._nvtx):
             x = self.generator(targets=self._targets)
-        loss, loss_oh = self._objective_nayer(x, adv_on, aug_codes)
+        loss, _, loss_oh = self.objective(x, self._targets, adv_on, aug_codes, parts=True)
         return loss, loss_oh, x
 
-    def _objective_nayer(self, x, adv_on, aug_codes=None):
-        with nvtx_range("augment", self._nvtx):
-            x_aug = self.aug(x, generator=self._rng, codes=aug_codes)
-        with nvtx_range("teacher", self._nvtx):
-            t_out = self.teacher(x_aug)
-        with nvtx_range("losses", self._nvtx):
-            loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None  # bn * L_BN
-            if adv_on:
-                with nvtx_range("student", self._nvtx):
-                    s_out = self._student_fwd(x_aug)
-                loss, parts = self._logit_loss(t_out, s_out, self._targets, self.oh, self.adv)
-                loss_oh = parts["oh"]  # detached; used only for best_oh
-            else:
-                loss_oh = F.cross_entropy(t_out, self._targets)
-                loss = self.oh * loss_oh
-            if loss_bn is not None:
-                loss = loss + loss_bn
-        return loss, loss_oh
-
     def _step(self, adv_on: bool, first: bool | None = False):
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
+        fwd = self._maybe_compiled(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
         aug_codes = self._draw_aug(self._targets.shape[0])
         with self._autocast_ctx():
             loss, loss_oh, x = fwd(adv_on, aug_codes)
@@ -180,17 +158,10 @@ class NAYER(SynthCore):
             self._average_grads(self._shared_params)
         with nvtx_range("step", self._nvtx):
             self._optimizer.step()
-        if self.cuda_graph:
-            with torch.no_grad():
-                torch._foreach_copy_(self._last_stats, self.capture.last_means + self.capture.last_vars)
 
-    def _mutable(self):
-        ts = list(self.generator.parameters()) + list(self.generator.buffers())
-        ts += [self._best_cost, self._best_oh] + ([self._best_x] if self._best_x is not None else [])
-        ts += getattr(self, "_last_stats", [])
-        for st in self._optimizer.state.values():
-            ts += [v for v in st.values() if torch.is_tensor(v)]
-        return ts
+    def _step_tensors(self):
+        return list(self.generator.parameters()) + list(self.generator.buffers()) + \
+            [self._best_cost, self._best_oh, self._best_x]
 
     def _share_nayer_generator(self, generator: nn.Module) -> nn.Module:
         """Under torch.distributed: rank 0's generator on every rank, except that each rank's
@@ -219,7 +190,7 @@ class NAYER(SynthCore):
     def _ensure_optimizer(self):
         if self._opt_owner is not self.generator:
             self._optimizer = make_adam(self.generator.parameters(), self.lr_g, (0.5, 0.999), self.device,
-                                        capturable=self.cuda_graph)
+                                        capturable=self._graph_mode)
             self._opt_owner = self.generator
             self._close_graphs()  # captured with the old generator's tensors
             self._compiled = {}
@@ -230,22 +201,10 @@ class NAYER(SynthCore):
             reset_optimizer_state_(self._optimizer)
 
     def _run_inner(self, adv_on: bool):
-        if not self.cuda_graph:
-            for i in range(self.g_steps):
-                self._step(adv_on, first=(i == 0))
-            return
-        key = (adv_on, self.capture.mmt_active)
-        if self._best_x is None:
+        if self._graph_mode and self._best_x is None:
             self._best_x = torch.zeros(self.synthesis_batch_size, *self.img_size, device=self.device)
-        if not hasattr(self, "_last_stats"):
-            self._last_stats = self.capture.stat_buffers()
-        g = self._graph_for(key, lambda: CudaGraphStep(lambda: self._step(adv_on, first=None), self._mutable,
-                                                       rng=self._rng, device=self.device,
-                                                       before_capture=self._pool_idle))
-        for _ in range(self.g_steps):
-            g()
-        n = len(self._last_stats) // 2
-        self.capture.last_means, self.capture.last_vars = self._last_stats[:n], self._last_stats[n:]
+        self._run_steps(self.g_steps, lambda it: self._step(adv_on, self._first(it)), (adv_on, self.capture.mmt_active),
+                        self._optimizer)
 
     # ------------------------------------------------------------------ synthesize
     def synthesize(self, targets=None):
