@@ -242,6 +242,68 @@ def resized_crop_flip(x, codes, scale=(0.25, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _input_taps(teacher: nn.Module, layers, img_size) -> list:
+    """For each feature layer, the module to hook for its input: a convolution inside the layer
+    that receives the very same tensor object as the layer itself, once per forward (a residual
+    stage's input goes straight to its first block's convolution and shortcut), else the layer.
+
+    Why: a hooked module stays a call in the fused teacher's traced forward, so hooking a stage
+    keeps every block inside it unfused (separate BatchNorm, ReLU and residual-add passes, forward
+    and backward); a hooked convolution is a call anyway, and the stages trace through. Among
+    several such convolutions the one the CPU Winograd path would not take is preferred (a hooked
+    convolution runs as a module call). Found with one probe forward of the unfused teacher; the
+    hooked input is the same tensor, so the means are the same numbers."""
+    p = next(teacher.parameters(), None)
+    dt = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    dev = p.device if p is not None else torch.device("cpu")
+    seen: dict = {}  # id(module) -> the input tensors of its calls
+    watched = {}
+    for m in layers:
+        watched[id(m)] = m
+        for c in m.modules():
+            if type(c) is nn.Conv2d:
+                watched[id(c)] = c
+
+    def record(mod, inputs):
+        seen.setdefault(id(mod), []).append(inputs[0] if inputs else None)
+
+    handles = [m.register_forward_pre_hook(record) for m in watched.values()]
+    was = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():  # a private RNG: the caller's random streams are left as they are
+            g = torch.Generator(device=dev).manual_seed(0)
+            teacher(torch.randn(1, *img_size, device=dev, dtype=dt, generator=g))
+    except Exception:
+        return list(layers)  # the later probe (_probe_dim) reports what fails, naming the layer
+    finally:
+        teacher.train(was)
+        for h in handles:
+            h.remove()
+    taps = []
+    for m in layers:
+        calls = seen.get(id(m), [])
+        tap = m
+        if len(calls) == 1 and torch.is_tensor(calls[0]):
+            convs = [c for c in m.modules() if type(c) is nn.Conv2d and c is not m
+                     and len(seen.get(id(c), [])) == 1 and seen[id(c)][0] is calls[0]]
+            convs.sort(key=lambda c: _winograd_geometry(c))  # stable: module order otherwise
+            if convs:
+                tap = convs[0]
+        taps.append(tap)
+    return taps
+
+
+def _winograd_geometry(conv: nn.Conv2d) -> bool:
+    """3x3, stride 1, padding 1: a geometry fastsynth's CPU Winograd path serves."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+class _FeaturesTaken(Exception):
+    """Raised by the last hook of the local view's forward: every hooked input is in."""
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -332,7 +394,9 @@ class CMISynthesizer(SynthCore):
         self.feature_reuse = feature_reuse
         # feature_layers: hooked before the teacher is fused, so that its traced forward keeps
         # them as calls (a module traced through would never run its hooks)
-        self.cmi_hooks = [InstanceMeanHook(m) for m in layers] if layers is not None else []
+        self.cmi_hooks = [InstanceMeanHook(m) for m in _input_taps(teacher, layers, img_size)] \
+            if layers is not None else []
+        self._round = {}  # z and the generator's Adam, re-used across calls (_round_state)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=0,
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
@@ -373,6 +437,9 @@ class CMISynthesizer(SynthCore):
         self.teacher.eval()
         for h in self.cmi_hooks:
             h.input = None
+        calls = {}
+        counters = [h.module.register_forward_pre_hook(lambda m, i: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
+                    for h in self.cmi_hooks]
         try:
             with torch.no_grad():
                 p = next(self.teacher.parameters(), None)
@@ -380,9 +447,17 @@ class CMISynthesizer(SynthCore):
                 self.teacher(torch.randn(1, *self.img_size, device=self.device, dtype=dt))
         finally:
             self.teacher.train(was)
+            for c in counters:
+                c.remove()
+        # the local view's forward may stop once every hooked input is in (its logits are
+        # discarded): only when each hooked module runs once per forward, so the input kept is
+        # the one a full forward would leave
+        self._stop_local = all(calls.get(id(h.module), 0) == 1 for h in self.cmi_hooks)
+        self._local_left = 0
+        self._local_hooks = [h.module.register_forward_pre_hook(self._count_local) for h in self.cmi_hooks]
         dim = 0
         for i, h in enumerate(self.cmi_hooks):
-            what = f"feature_layers[{i}] ({type(h.module).__name__})" if layers is not None \
+            what = f"feature_layers[{i}] ({type(layers[i]).__name__})" if layers is not None \
                 else f"BatchNorm layer {i}"
             if h.input is None:
                 raise ValueError(f"{owner}: {what} is not run by the teacher's forward (traced through without "
@@ -409,11 +484,20 @@ class CMISynthesizer(SynthCore):
             raise ValueError(f"{owner}: n_neg={self.n_neg} exceeds the memory bank's max_size={bank.max_size}")
 
     # ------------------------------------------------------------------ one step
-    def _means(self):
+    def _take_inputs(self) -> list:
         xs = [h.input for h in self.cmi_hooks]
         for h in self.cmi_hooks:
             h.input = None
-        return instance_mean_multi(xs)
+        return xs
+
+    def _count_local(self, module, inputs):
+        """Pre-hook after each InstanceMeanHook: in the local view's forward, stop it once the
+        last hooked input is in (nothing after it is read). Not while compiling: an exception is
+        no graph (the compiled step runs the whole forward)."""
+        if self._local_left > 0 and not torch.compiler.is_compiling():
+            self._local_left -= 1
+            if self._local_left == 0:
+                raise _FeaturesTaken
 
     def _views(self, x, codes):
         g_codes, l_codes = codes if codes is not None else (None, None)
@@ -428,10 +512,11 @@ class CMISynthesizer(SynthCore):
         return g, l_view
 
     def _forward(self, z, targets, adv_on: bool, cr_on: bool, codes):
-        """Generator, both teacher forwards, the inversion losses: (loss_inv, x, f_g, f_l or None).
-        What compile=True compiles: its shapes are fixed for the whole run (the bank part, whose
-        row count grows while the bank fills, is ``_contrastive``, kept out of it so that it
-        causes no recompilation)."""
+        """Generator, both teacher forwards, the inversion losses: (loss_inv, x, feat or None),
+        feat = [f_l, f_g] ([B, 2 * cmi_dim], the bank's row layout; None with cr == 0, where
+        nothing reads it). What compile=True compiles: its shapes are fixed for the whole run
+        (the bank part, whose row count grows while the bank fills, is ``_contrastive``, kept out
+        of it so that it causes no recompilation)."""
         with nvtx_range("generator", self._nvtx):
             x = self.generator(z)
         with nvtx_range("augment", self._nvtx):
@@ -440,7 +525,7 @@ class CMISynthesizer(SynthCore):
             t_out = self.teacher(g_view)
         with nvtx_range("losses", self._nvtx):
             loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None
-            g_feat = self._means()
+            g_inputs = self._take_inputs()
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self._student_fwd(g_view)
@@ -450,30 +535,32 @@ class CMISynthesizer(SynthCore):
             if loss_bn is not None:
                 loss = loss + loss_bn
         if not cr_on:
-            return loss, x, g_feat, None
+            return loss, x, None
         # the local view's forward needs no BatchNorm statistics
         stats_on = self.bn != 0
         if stats_on:
             self.capture.deactivate()
+        self._local_left = len(self.cmi_hooks) if self._stop_local else 0
         try:
             with nvtx_range("teacher_local", self._nvtx):
                 self.teacher(l_view)
+        except _FeaturesTaken:
+            pass
         finally:
+            self._local_left = 0
             if stats_on:
                 self.capture.activate()
-        return loss, x, g_feat, self._means()
+        # both views' means in one reduction, in the bank's [local, global] order
+        return loss, x, instance_mean_multi(self._take_inputs() + g_inputs)
 
-    def _contrastive(self, g_feat, l_feat, cached, n_split):
-        """cr * L_cr over the batch and the ``cached`` bank rows (None: the bank is empty)."""
+    def _contrastive(self, feat, cached, n_split):
+        """cr * L_cr over the batch's features ``feat`` ([f_l, f_g]) and the ``cached`` bank rows
+        (same layout; None: the bank is empty)."""
         with nvtx_range("contrastive", self._nvtx):
-            if cached is not None:
-                c_l, c_g = cached[:, :self.cmi_dim], cached[:, self.cmi_dim:]
-                q_in, k_in = torch.cat([l_feat, c_l.to(l_feat.dtype)]), torch.cat([g_feat, c_g.to(g_feat.dtype)])
-            else:
-                q_in, k_in = l_feat, g_feat
-            q = self.head(q_in)
+            rows = torch.cat([feat, cached.to(feat.dtype)]) if cached is not None else feat
+            q = self.head(rows[:, :self.cmi_dim])
             with torch.no_grad():  # upstream detaches the key side: no graph for it
-                k = self.head(k_in.detach())
+                k = self.head(rows[:, self.cmi_dim:])
             loss_cr = contrastive_ce(q, k.to(q.dtype), self.cr_T, n_split)
         return self.cr * loss_cr
 
@@ -499,12 +586,39 @@ class CMISynthesizer(SynthCore):
         b._ptr, b.n_updates = int(st["ptr"]), int(st["n_updates"])
 
     # ------------------------------------------------------------------ API
+    def _round_state(self, B: int):
+        """(z, Adam over the generator's parameters and z) of one synthesize() call.
+
+        Upstream builds z and a fresh Adam every call; here both are built once and re-used: z is
+        redrawn in place (the same numbers as a new ``torch.randn``) and the Adam state is zeroed
+        in one op, which is exactly a fresh Adam (step 0, zero moments), without allocating and
+        zero-filling 3 tensors per parameter every call. One parameter group (upstream: two with
+        the same settings) is one fused update instead of two. Rebuilt when the generator's
+        parameters or the batch size change. Not part of state_dict (nothing carries over)."""
+        params = list(self.generator.parameters())
+        key = (B, tuple(id(p) for p in params))
+        r = self._round
+        if r.get("key") != key:
+            z = torch.empty(B, self.nz, device=self.device).requires_grad_()
+            r.clear()
+            r.update(key=key, z=z, params=params + [z], moments=None,
+                     opt=make_adam([{"params": params + [z]}], self.lr_g, (0.5, 0.999), self.device))
+        opt = r["opt"]
+        opt.param_groups[0]["lr"] = self.lr_g
+        if r["moments"] is None and opt.state:
+            r["moments"] = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        with torch.no_grad():
+            r["z"].normal_(generator=self._rng)
+            if r["moments"]:
+                torch._foreach_zero_(r["moments"])
+        return r["z"], opt, r["params"]
+
     def synthesize(self, targets=None):
         start = now()
         owner = type(self).__name__
         self._check_bank_head(owner)
         B = self.synthesis_batch_size
-        z = self._randn(B, self.nz).requires_grad_()
+        z, optimizer, params = self._round_state(B)
         if targets is None:
             targets = self._randint(self.num_classes, (B,))
             targets = targets.sort()[0]
@@ -512,14 +626,10 @@ class CMISynthesizer(SynthCore):
         if not self.feature_reuse:
             reset_model(self.generator, generator=self._rng)
         self.generator.train()
-        optimizer = make_adam([{"params": list(self.generator.parameters())}, {"params": [z]}], self.lr_g,
-                              (0.5, 0.999), self.device)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         head_params = [p for g in self.optimizer_head.param_groups for p in g["params"]]
         adv_on = self.adv > 0
         cr_on = self.cr != 0
-        best_cost = torch.full((), float("inf"), device=self.device)
-        best_x = best_feat = None
+        best_cost = best_x = best_feat = None
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, cr_on), self._forward)
@@ -535,24 +645,24 @@ class CMISynthesizer(SynthCore):
                         cached = None
                 codes = self._draw_codes(B)
                 with self._autocast_ctx():
-                    loss, x, g_feat, l_feat = fwd(z, targets, adv_on, cr_on, codes)
+                    loss, x, feat = fwd(z, targets, adv_on, cr_on, codes)
                     if cr_on:
-                        loss = loss + self._contrastive(g_feat, l_feat, cached, n_split)
-                        feat = torch.cat([l_feat, g_feat], dim=1)
-                    else:
-                        feat = g_feat
+                        loss = loss + self._contrastive(feat, cached, n_split)
                 with torch.no_grad():
+                    # best images (and their features) on the device, no .item(); new tensors
+                    # rather than in-place writes: nothing else holds these
                     self._log(loss)
-                    ld = loss.detach().reshape(()).float()
+                    ld = loss.detach()
+                    ld = (ld if ld.dim() == 0 else ld.reshape(())).float()
                     if it == 0:
-                        best_cost.copy_(ld)
-                        best_x = x.detach().float().clone()
-                        best_feat = feat.detach().float().clone()
+                        best_cost, best_x = ld, x.detach().float()
+                        best_feat = feat.detach().float() if cr_on else None
                     else:
                         better = ld < best_cost
-                        torch.where(better, ld, best_cost, out=best_cost)
-                        torch.where(better, x.detach().float(), best_x, out=best_x)
-                        torch.where(better, feat.detach().float(), best_feat, out=best_feat)
+                        best_cost = torch.where(better, ld, best_cost)
+                        best_x = torch.where(better, x.float(), best_x)
+                        if cr_on:
+                            best_feat = torch.where(better, feat.float(), best_feat)
                 with nvtx_range("backward", self._nvtx):
                     wrt = params + (head_params if cr_on else [])
                     assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
@@ -579,7 +689,9 @@ class CMISynthesizer(SynthCore):
         """Remove the instance-mean hooks from the teacher."""
         for h in self.cmi_hooks:
             h.remove()
-        self.cmi_hooks = []
+        for h in getattr(self, "_local_hooks", ()):
+            h.remove()
+        self.cmi_hooks, self._local_hooks = [], []
 
     def close(self):
         self.remove_hooks()
