@@ -203,15 +203,18 @@ class InstanceMeanHook:
 def reset_model(model, generator=None):
     """Upstream's re-initialisation: Conv/ConvTranspose/Linear weights N(0, 0.02), biases 0,
     BatchNorm2d weights N(1, 0.02), biases 0 (in module order; ``generator``: the RNG)."""
+    zeros = []  # every bias, zeroed in one op (the draws stay in upstream's order)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.ConvTranspose2d, nn.Linear, nn.Conv2d)):
                 m.weight.normal_(0.0, 0.02, generator=generator)
                 if m.bias is not None:
-                    m.bias.zero_()
+                    zeros.append(m.bias)
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.normal_(1.0, 0.02, generator=generator)
-                m.bias.zero_()
+                zeros.append(m.bias)
+        if zeros:
+            torch._foreach_zero_(zeros)
 
 
 def resized_crop_codes(batch: int, device, generator=None):
@@ -512,9 +515,9 @@ class CMISynthesizer(SynthCore):
         return g, l_view
 
     def _forward(self, z, targets, adv_on: bool, cr_on: bool, codes):
-        """Generator, both teacher forwards, the inversion losses: (loss_inv, x, feat or None),
-        feat = [f_l, f_g] ([B, 2 * cmi_dim], the bank's row layout; None with cr == 0, where
-        nothing reads it). What compile=True compiles: its shapes are fixed for the whole run
+        """Generator, both teacher forwards, the inversion losses: (loss_inv, x, f_l, f_g), the
+        features None with cr == 0 (nothing reads them). f_g is computed without a graph: it
+        only feeds the detached key side and the bank. What compile=True compiles: its shapes are fixed for the whole run
         (the bank part, whose row count grows while the bank fills, is ``_contrastive``, kept out
         of it so that it causes no recompilation)."""
         with nvtx_range("generator", self._nvtx):
@@ -525,7 +528,9 @@ class CMISynthesizer(SynthCore):
             t_out = self.teacher(g_view)
         with nvtx_range("losses", self._nvtx):
             loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None
-            g_inputs = self._take_inputs()
+            if cr_on:
+                with torch.no_grad():
+                    g_feat = instance_mean_multi(self._take_inputs())
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self._student_fwd(g_view)
@@ -535,7 +540,7 @@ class CMISynthesizer(SynthCore):
             if loss_bn is not None:
                 loss = loss + loss_bn
         if not cr_on:
-            return loss, x, None
+            return loss, x, None, None
         # the local view's forward needs no BatchNorm statistics
         stats_on = self.bn != 0
         if stats_on:
@@ -550,17 +555,17 @@ class CMISynthesizer(SynthCore):
             self._local_left = 0
             if stats_on:
                 self.capture.activate()
-        # both views' means in one reduction, in the bank's [local, global] order
-        return loss, x, instance_mean_multi(self._take_inputs() + g_inputs)
+        return loss, x, instance_mean_multi(self._take_inputs()), g_feat
 
-    def _contrastive(self, feat, cached, n_split):
-        """cr * L_cr over the batch's features ``feat`` ([f_l, f_g]) and the ``cached`` bank rows
-        (same layout; None: the bank is empty)."""
+    def _contrastive(self, l_feat, g_feat, cached, n_split):
+        """cr * L_cr over the batch's features and the ``cached`` bank rows ([f_l, f_g]; None:
+        the bank is empty)."""
+        d = self.cmi_dim
         with nvtx_range("contrastive", self._nvtx):
-            rows = torch.cat([feat, cached.to(feat.dtype)]) if cached is not None else feat
-            q = self.head(rows[:, :self.cmi_dim])
+            q_in = torch.cat([l_feat, cached[:, :d].to(l_feat.dtype)]) if cached is not None else l_feat
+            q = self.head(q_in)
             with torch.no_grad():  # upstream detaches the key side: no graph for it
-                k = self.head(rows[:, self.cmi_dim:])
+                k = self.head(torch.cat([g_feat, cached[:, d:].to(g_feat.dtype)]) if cached is not None else g_feat)
             loss_cr = contrastive_ce(q, k.to(q.dtype), self.cr_T, n_split)
         return self.cr * loss_cr
 
@@ -629,7 +634,7 @@ class CMISynthesizer(SynthCore):
         head_params = [p for g in self.optimizer_head.param_groups for p in g["params"]]
         adv_on = self.adv > 0
         cr_on = self.cr != 0
-        best_cost = best_x = best_feat = None
+        best_cost = best_x = best_l = best_g = None
         fwd = self._forward
         if self.compile:
             fwd = self._compiled_fn(("fwd", adv_on, cr_on), self._forward)
@@ -645,9 +650,9 @@ class CMISynthesizer(SynthCore):
                         cached = None
                 codes = self._draw_codes(B)
                 with self._autocast_ctx():
-                    loss, x, feat = fwd(z, targets, adv_on, cr_on, codes)
+                    loss, x, l_feat, g_feat = fwd(z, targets, adv_on, cr_on, codes)
                     if cr_on:
-                        loss = loss + self._contrastive(feat, cached, n_split)
+                        loss = loss + self._contrastive(l_feat, g_feat, cached, n_split)
                 with torch.no_grad():
                     # best images (and their features) on the device, no .item(); new tensors
                     # rather than in-place writes: nothing else holds these
@@ -656,13 +661,15 @@ class CMISynthesizer(SynthCore):
                     ld = (ld if ld.dim() == 0 else ld.reshape(())).float()
                     if it == 0:
                         best_cost, best_x = ld, x.detach().float()
-                        best_feat = feat.detach().float() if cr_on else None
+                        if cr_on:
+                            best_l, best_g = l_feat.detach().float(), g_feat.float()
                     else:
                         better = ld < best_cost
                         best_cost = torch.where(better, ld, best_cost)
                         best_x = torch.where(better, x.float(), best_x)
                         if cr_on:
-                            best_feat = torch.where(better, feat.float(), best_feat)
+                            best_l = torch.where(better, l_feat.float(), best_l)
+                            best_g = torch.where(better, g_feat.float(), best_g)
                 with nvtx_range("backward", self._nvtx):
                     wrt = params + (head_params if cr_on else [])
                     assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
@@ -682,7 +689,7 @@ class CMISynthesizer(SynthCore):
         end = now()
         self._add_to_pool([(best_x, best_cost)])
         if cr_on:
-            self.mem_bank.add(best_feat)
+            self.mem_bank.add(torch.cat([best_l, best_g], dim=1))  # the bank's [local, global] rows
         return {"synthetic": best_x}, end - start
 
     def remove_hooks(self):
