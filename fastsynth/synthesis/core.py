@@ -1,8 +1,9 @@
-"""Machinery shared by the synthesizers: BatchNorm-input capture, the generator objective,
-on-device best-image tracking, frozen teacher/student, autocast, NVTX, the data pool, and the
-compiled / CUDA-graph inner steps.
+"""What every synthesizer runs on: BatchNorm-input capture, the one objective, on-device
+best-image tracking, the resumable state, and the inner-step driver (``SynthCore._run_steps``:
+eager, compiled or captured CUDA-graph steps). Small helpers that are not part of this
+machinery live in ``util``; transform parsing and augmentation in ``augment``.
 
-What the upstream loops waste and this module avoids (spec section 6):
+What the upstream loops waste and this module avoids:
 - teacher and student parameters are switched to ``requires_grad=False`` for the duration of a
   synthesize() call (restored afterwards), so the synthesis backward computes no weight grads;
 - the BN-statistics loss is computed only in synthesis forwards: the capture hooks exist only
@@ -14,10 +15,8 @@ What the upstream loops waste and this module avoids (spec section 6):
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
-import time
 import warnings
 from typing import Callable
 
@@ -33,70 +32,14 @@ from ..winograd import prepare_winograd
 from .augment import Augment, parse_transform, sample_augment  # noqa: F401 (parse_transform: public name)
 from .base import BaseSynthesis
 from .pool import DataPool, save_options
-
-_WARNED: set = set()
+# helpers the synthesizers (and tests) have imported from here; they live in util
+from .util import (_WARNED, _clone_state, _nonpersistent_buffers, _plain, frozen, make_adam,  # noqa: F401
+                   now, nvtx_range, reset_optimizer_state_, warn_once)
 
 
 def global_stats_hook(means, variances, sizes, counts):
     """``BNCapture.stats_hook`` of ``bn_stats='global'``: statistics over every rank's batch."""
     return _dist.global_bn_stats(means, variances, counts, sizes)
-
-
-def warn_once(key: str, msg: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str, enabled: bool):
-    """An NVTX range for Nsight Systems on a GPU; nothing on the CPU."""
-    if enabled:
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module):
-    """Parameters of ``modules`` do not require grad inside the block (restored after)."""
-    saved = []
-    for m in modules:
-        if m is None:
-            continue
-        for p in m.parameters():
-            saved.append((p, p.requires_grad))
-            p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, rg in saved:
-            p.requires_grad_(rg)
-
-
-def make_adam(params, lr, betas, device, capturable=False):
-    """Adam with the fused kernel where torch has one for these tensors (one op per step)."""
-    params = list(params)
-    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    fused_ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
-    kw = {"fused": True} if fused_ok else {}
-    if capturable:
-        kw["capturable"] = True
-    return torch.optim.Adam(params, lr=lr, betas=betas, **kw)
-
-
-def reset_optimizer_state_(opt: torch.optim.Optimizer) -> None:
-    """Make ``opt`` behave like a freshly built optimizer, in place (tensors keep their
-    addresses, so a captured CUDA graph stays valid)."""
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                v.zero_()
 
 
 _UNIT_SEEDS: dict = {}
@@ -262,43 +205,7 @@ def assign_grads(params, grads) -> list:
     return out
 
 
-def _plain(v) -> bool:
-    """A value ``torch.load(weights_only=True)`` reads back and ``==`` compares: None, bool,
-    int, float, str, or a list/tuple of them."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
-
-
-def _clone_state(obj):
-    """A deep copy of a state (dicts, lists, tuples, tensors, plain values) whose tensors are
-    detached clones: the state keeps its values while the synthesizer runs on."""
-    if torch.is_tensor(obj):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        out = type(obj)((k, _clone_state(v)) for k, v in obj.items())
-        meta = getattr(obj, "_metadata", None)
-        if meta is not None:  # a module's state_dict: BatchNorm reads its version from it on load
-            out._metadata = copy.deepcopy(meta)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_state(v) for v in obj)
-    return obj
-
-
 STATE_FORMAT = "fastsynth-synth/1"
-
-
-def _nonpersistent_buffers(m: nn.Module) -> dict:
-    """The buffers a module's state_dict leaves out (``persistent=False``), by qualified name:
-    e.g. the seed tensor of NAYER's noisy layers, which advances at every re-initialisation."""
-    out = {}
-    for prefix, mod in m.named_modules():
-        for name in getattr(mod, "_non_persistent_buffers_set", ()):
-            buf = mod._buffers.get(name)
-            if buf is not None:
-                out[f"{prefix}.{name}" if prefix else name] = buf
-    return out
 
 
 class SynthCore(BaseSynthesis):
@@ -690,7 +597,8 @@ class SynthCore(BaseSynthesis):
 
     def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool, aug_codes=None, *,
                   parts: bool = False, report_bn: bool = False):
-        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (docs/dfkd-spec.md);
+        """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (the upstream loops' loss;
+        ``tests/reference_loops.py``);
         ``aug_codes``: the augmentation's random codes (``_draw_aug``).
 
         ``parts=True`` returns ``(loss, bn term, CE)`` instead of the loss, for the synthesizers
@@ -789,6 +697,33 @@ class SynthCore(BaseSynthesis):
     def _first(it: int | None) -> bool | None:
         """``_track_best``'s ``first`` for the step ``it`` of ``_run_steps`` (None: captured)."""
         return None if it is None else it == 0
+
+    def _tracked_step(self, fwd: Callable, adv_on: bool, first: bool | None, shared=None,
+                      on_grads: Callable | None = None):
+        """One inner step of the synthesizers that keep their best images (FastMeta/Fast, NAYER):
+        the augmentation codes are drawn, ``fwd(adv_on, codes)`` returns ``(loss, x, *extra)``
+        (run under autocast), the loss is logged and the pre-step images of the lowest loss kept
+        in ``_best_cost`` / ``_best_x`` (``first``: ``_track_best``'s), ``_optimizer``'s
+        gradients computed, the gradients of ``shared`` (what every rank learns jointly)
+        averaged across ranks, ``on_grads(grads)`` run (FastMeta's MAML sum) and the optimizer
+        stepped. Returns ``extra`` (read under no_grad by the caller)."""
+        aug_codes = self._draw_aug(self._targets.shape[0])
+        with self._autocast_ctx():
+            loss, x, *extra = fwd(adv_on, aug_codes)
+        if self._best_x is None:
+            self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            self._log(loss)
+            self._track_best(loss, x, self._best_cost, self._best_x, first)
+        with nvtx_range("backward", self._nvtx):
+            grads = self._backward(loss, self._optimizer)
+        if shared is not None:
+            self._average_grads(shared)
+        with nvtx_range("step", self._nvtx):
+            if on_grads is not None:
+                on_grads(grads)
+            self._optimizer.step()
+        return extra
 
     def _step_tensors(self) -> list:
         """Per synthesizer: the persistent tensors one inner step writes, besides its optimizer's
@@ -1028,11 +963,3 @@ class CudaGraphStep:
             self.graph.reset()
             self.graph = None
         self._warmed = False
-
-
-def deepcopy_module(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m)
-
-
-def now() -> float:
-    return time.time()

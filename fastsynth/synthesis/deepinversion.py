@@ -1,5 +1,5 @@
-"""DeepInversion synthesizer of the DataFree toolbox (``DeepInvSyntheiszer``, sic), spec
-sections 2 and 5.
+"""DeepInversion synthesizer of the DataFree toolbox (``DeepInvSyntheiszer``, sic); eager
+reference: ``tests/reference_loops.py``.
 
 One synthesize() call optimises the images themselves (normalised space), starting from
 N(0, I), with Adam(lr_g, betas (0.5, 0.99)) for ``iterations`` steps of
@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from ..ops.logit_losses import js_divergence
 from .augment import jitter_codes, jitter_flip
 from ..distributed import unwrap
-from .core import BNCapture, SynthCore, global_stats_hook, make_adam, now, nvtx_range, warn_once
+from .core import BNCapture, SynthCore, global_stats_hook
+from .util import make_adam, now, nvtx_range, warn_once
 from .validate import check_synthesizer_args
 
 

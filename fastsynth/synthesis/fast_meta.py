@@ -1,5 +1,5 @@
 """FastDFKD synthesizers: ``FastMetaSynthesizer`` (meta-learned generator) and
-``FastSynthesizer`` (the generator is updated directly), spec section 4.
+``FastSynthesizer`` (the generator is updated directly); eager reference: ``tests/reference_loops.py``.
 
 One synthesize() round:
 1. ``ep += 1``; at ``ep == 120 + warmup`` with ``reset_l0`` the generator's first Linear and
@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..distributed import unwrap
-from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
 REPTILE_SCALE = 67.0  # constant of the reference implementation
@@ -158,26 +159,17 @@ class FastMetaSynthesizer(SynthCore):
 
     def _step(self, adv_on: bool, meta_accumulate: bool, first: bool | None = False):
         fwd = self._maybe_compiled(("fwd", adv_on, self.capture.mmt_active), self._forward)
-        aug_codes = self._draw_aug(self._z.shape[0])
-        with self._autocast_ctx():
-            loss, x = fwd(adv_on, aug_codes)
-        if self._best_x is None:
-            self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            self._log(loss)
-            self._track_best(loss, x, self._best_cost, self._best_x, first)
-        with nvtx_range("backward", self._nvtx):
-            grads = self._backward(loss, self._optimizer)  # param group 0: the fast generator, then z
-        if not self._meta:
-            # FastSynthesizer updates the shared generator itself (z stays per rank)
-            self._average_grads(self._optimizer.param_groups[0]["params"])
-        with nvtx_range("step", self._nvtx):
-            if meta_accumulate:
-                # first-order MAML: the slow generator's grad is the sum of the inner grads (one op)
-                fast = self._optimizer.param_groups[0]["params"]
-                fast_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(fast, grads)]
-                torch._foreach_add_(self._meta_grads, fast_grads)
-            self._optimizer.step()
+        # FastSynthesizer updates the shared generator itself (param group 0; z stays per rank)
+        shared = None if self._meta else self._optimizer.param_groups[0]["params"]
+        self._tracked_step(fwd, adv_on, first, shared=shared,
+                           on_grads=self._accumulate_meta_grads if meta_accumulate else None)
+
+    def _accumulate_meta_grads(self, grads):
+        """First-order MAML: the slow generator's grad is the sum of the inner grads (one op);
+        ``grads``: param group 0 (the fast generator), then z."""
+        fast = self._optimizer.param_groups[0]["params"]
+        fast_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(fast, grads)]
+        torch._foreach_add_(self._meta_grads, fast_grads)
 
     def _step_tensors(self):
         ts = _module_tensors(self._fast) + [self._z, self._best_cost, self._best_x]

@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 
 from ..distributed import unwrap
-from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore
 from .fast_meta import _copy_pairs, _drop_batch_counters, _module_tensors
 from .resized_crop import ResizedCropAugment
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_int, check_synthesizer_args, meta_output
 
 # upstream's in-synthesis augmentation: kornia RandomResizedCrop(size=img_size, scale=[0.75, 1.0])

@@ -55,7 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import unwrap
-from .core import SynthCore, make_adam, now, nvtx_range
+from .core import SynthCore
+from .util import make_adam, now, nvtx_range
 
 __all__ = ["GenerativeSynthesizer", "GENERATIVE_METHODS"]
 

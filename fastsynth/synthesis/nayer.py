@@ -1,4 +1,4 @@
-"""NAYER synthesizer (tmtuan1307/nayer), spec section 4.
+"""NAYER synthesizer (tmtuan1307/nayer); eager reference: ``tests/reference_loops.py``.
 
 One synthesize() call:
 - the generator is rebuilt with its default initialisation (``generator.reinit()``) when
@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ..distributed import unwrap
 from ..nn.generators import NoisyLayers
-from .core import SynthCore, make_adam, now, nvtx_range, reset_optimizer_state_
+from .core import SynthCore
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_
 from .validate import check_synthesizer_args
 
 
@@ -139,25 +140,13 @@ class NAYER(SynthCore):
         with nvtx_range("generator", self._nvtx):
             x = self.generator(targets=self._targets)
         loss, _, loss_oh = self.objective(x, self._targets, adv_on, aug_codes, parts=True)
-        return loss, loss_oh, x
+        return loss, x, loss_oh
 
     def _step(self, adv_on: bool, first: bool | None = False):
         fwd = self._maybe_compiled(("fwd", adv_on, self.capture.mmt_active, id(self.generator)), self._forward)
-        aug_codes = self._draw_aug(self._targets.shape[0])
-        with self._autocast_ctx():
-            loss, loss_oh, x = fwd(adv_on, aug_codes)
-        if self._best_x is None:
-            self._best_x = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
+        loss_oh, = self._tracked_step(fwd, adv_on, first, shared=self._shared_params if self._dist else None)
         with torch.no_grad():
-            self._log(loss)
-            self._track_best(loss, x, self._best_cost, self._best_x, first)
             torch.minimum(self._best_oh, loss_oh, out=self._best_oh)
-        with nvtx_range("backward", self._nvtx):
-            self._backward(loss, self._optimizer)
-        if self._dist:
-            self._average_grads(self._shared_params)
-        with nvtx_range("step", self._nvtx):
-            self._optimizer.step()
 
     def _step_tensors(self):
         return list(self.generator.parameters()) + list(self.generator.buffers()) + \
