@@ -635,3 +635,60 @@ def test_backward_gives_gradients_their_parameters_strides():
     (p_ref * w_cl).sum().backward()
     ref_opt.step()
     torch.testing.assert_close(p_fast.detach(), p_ref.detach(), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------ one inner-step driver
+def _make_imagenet():
+    from test_fast_meta_imagenet import NZ, gen as imagenet_gen
+    from test_fast_meta_imagenet import IMG as IIMG
+    from test_synthesis import tiny_net
+
+    from fastsynth.synthesis.fast_meta_imagenet import FastMetaSynthesizerForImageNet
+
+    t, s = tiny_net(6, seed=1), tiny_net(4, seed=2)
+    return FastMetaSynthesizerForImageNet(t, s, imagenet_gen(), NZ, 10, (3, IIMG, IIMG), iterations=3,
+                                          synthesis_batch_size=4, normalizer=Normalizer(*NORM), seed=1)
+
+
+DRIVEN = {"fast_meta": lambda: make(FastMetaSynthesizer, seed=1), "fast": lambda: make(FastSynthesizer, seed=1),
+          "nayer": lambda: make(NAYER, seed=1), "deepinv": lambda: make(DeepInvSyntheiszer, seed=1),
+          "generative": lambda: make_generative(), "fast_meta_imagenet": _make_imagenet}
+
+
+@pytest.mark.parametrize("name", sorted(DRIVEN))
+@pytest.mark.parametrize("graph", [False, True])
+def test_every_inner_loop_runs_through_the_one_driver(name, graph, monkeypatch):
+    """Every synthesizer's inner steps go through SynthCore._run_steps (eager, or on the graph
+    code path, which CudaGraphStep runs eagerly on the CPU): as many steps as asked, and a
+    captured step only where the synthesizer captures one (DeepInversion never does)."""
+    from fastsynth.synthesis.core import SynthCore
+
+    calls = []
+    real = SynthCore._run_steps
+
+    def counting(self, n, step, *args, **kw):
+        ran = []
+        calls.append((n, ran))
+        return real(self, n, lambda it: (ran.append(it), step(it))[1], *args, **kw)
+
+    monkeypatch.setattr(SynthCore, "_run_steps", counting)
+    m = DRIVEN[name]()
+    captures = graph and name != "deepinv"
+    if captures:
+        m._graph_mode = True
+    m.synthesize()
+    assert calls, f"{name}: synthesize() did not use SynthCore._run_steps"
+    for n, ran in calls:
+        # a first capture also runs CudaGraphStep's warm-up steps (undone afterwards)
+        warm = CudaGraphStep(lambda: None, list, device="cpu").warmup if captures else 0
+        assert n > 0 and ran == ([None] * (n + warm) if captures else list(range(n)))
+    assert bool(m._graphs) == captures
+    if captures:
+        assert all(isinstance(g, CudaGraphStep) for g in m._graphs.values())
+
+
+def test_driver_needs_the_optimizer_of_a_captured_step():
+    m = make(FastSynthesizer, seed=1)
+    m._graph_mode = True
+    with pytest.raises(ValueError, match="optimizer"):
+        m._run_steps(1, lambda it: None, key="k")
