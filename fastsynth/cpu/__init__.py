@@ -24,10 +24,10 @@ from ._config import CPUConfig, config, configured, resolve_min_hw
 from .convs import conv, rewrite_convs
 from .layout import conv_input_layout, conv_output_layout
 from .winograd import prepare_winograd, winograd_conv3x3
-from .add_relu import add_relu
+from . import add_relu  # noqa: F401  (registers the op's fake kernel)
 
 __all__ = ["CPUConfig", "config", "configured", "resolve_min_hw", "conv", "rewrite_convs", "conv_input_layout",
-           "conv_output_layout", "prepare_winograd", "winograd_conv3x3", "add_relu", "upsample_worth_fusing",
+           "conv_output_layout", "prepare_winograd", "winograd_conv3x3", "upsample_worth_fusing",
            "forget"]
 
 
