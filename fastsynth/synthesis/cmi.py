@@ -27,8 +27,12 @@ harness reads a bare dict: ``fastsynth.patch`` adapts).
 
 Hooked inputs: ``feature_layers=None`` hooks every BatchNorm2d's input (as both upstreams; their
 comment says "all conv layers": the BN input is the convolution's output), else the inputs of
-the given modules (the scripts pass ResNet-34's ``layer1..layer4``). The hooks only keep a
-reference to the input; all means of one forward come from one ``instance_mean_multi`` call.
+the given modules (the scripts pass ResNet-34's ``layer1..layer4``). A given module's input is
+taken where the very same tensor enters a convolution inside it (a residual stage's first
+block), so the stage itself is traced through by the fused teacher and its blocks run fused
+(``_input_taps``; a hooked module stays a call, unfused inside). The hooks only keep a reference
+to the input; all means of one forward come from one ``instance_mean_multi`` call (the global
+view's without a graph: only the detached key side and the bank read them).
 
 What changes against upstream (results equal to float rounding):
 - L_BN from the fused teacher (statistics inside its BatchNorm passes, all layers in one loss
@@ -44,14 +48,20 @@ What changes against upstream (results equal to float rounding):
   that does not divide the bank wraps around it (upstream fails on the shape);
 - best-image tracking on the device (no ``.item()`` per step); the local-view augmentation is
   one batched ``grid_sample``; with ``cr == 0`` no local forward and no bank update (upstream:
-  a NameError in Fast-Datafree, the term computed and multiplied by 0 in zju-vipa/CMI).
+  a NameError in Fast-Datafree, the term computed and multiplied by 0 in zju-vipa/CMI);
+- the local view's forward stops once the last hooked input is in (its logits are discarded;
+  with ``layer1..layer4`` nothing of ``layer4`` onwards runs), when every hooked module runs once
+  per forward and the step is not being compiled;
+- z and the Adam over the generator and z are built once and re-used: z redrawn in place, the
+  Adam state zeroed in one op (exactly a fresh Adam), one parameter group (upstream: two with
+  the same settings).
 
 fastsynth keywords (keyword-only, after the upstream ones): ``augment`` (False: both views are
 the normalised images, as equivalence tests use), ``pool_capacity``/``pool_eviction``,
 ``save_images``/``save_format``, ``fuse_teacher``, ``seed`` (private RNG for z, the generator
 re-initialisation, the augmentation and the bank sampling), ``compile`` (torch.compile of the
-step's forward and loss), ``cuda_graph`` (accepted; the loop runs eagerly: z and the generator
-are re-initialised every call), ``num_workers`` (accepted and ignored).
+step's forward and loss), ``cuda_graph`` (accepted; the loop runs eagerly, see the warning in
+``__init__``), ``num_workers`` (accepted and ignored).
 """
 from __future__ import annotations
 
@@ -407,8 +417,13 @@ class CMISynthesizer(SynthCore):
                          compile=compile, cuda_graph=False, aug_padding=4, aug_flip=True, bn_stats=bn_stats,
                          pool_device=pool_device, pool_dir=pool_dir)
         if cuda_graph:
-            warn_once("cmi_cuda_graph", "fastsynth: CMISynthesizer does not capture CUDA graphs (z and the "
-                      "generator are re-initialised every call); cuda_graph=True runs the loop eagerly")
+            # z and the generator's Adam are static buffers already (_round_state); not yet
+            # captured: the contrastive rows (batch + bank rows) grow while the bank fills, the
+            # bank sampling and the generator's re-initialisation draw from the private RNG
+            # (a captured graph needs it registered) and the head's Adam is not capturable
+            warn_once("cmi_cuda_graph", "fastsynth: CMISynthesizer does not capture CUDA graphs yet (the "
+                      "contrastive term's bank rows grow while the bank fills); cuda_graph=True runs the loop "
+                      "eagerly")
         if layers is None:
             # every BatchNorm2d input, hooked on the fused layers (after fusion: the teacher's
             # forward is already traced, so its ReLU folding is kept)
