@@ -37,7 +37,7 @@ PY="$WORK/venv/bin/python"
 
 stamp "install the newest torch (unpinned) with its triton, and the build/test dependencies"
 # one resolver run, so that triton is the version this torch declares (torch 2.14 pins triton~=3.8)
-"$PY" -m pip install -q torch triton numpy pybind11 ninja pytest hypothesis scipy scikit-learn matplotlib \
+"$PY" -m pip install -q torch triton numpy pybind11 ninja pytest hypothesis pyyaml scipy scikit-learn matplotlib \
   "setuptools>=64" wheel
 "$PY" - <<'PYEOF'
 import torch, triton
