@@ -264,11 +264,11 @@ def test_backends_without_a_kernel_are_refused_not_rerouted(backend):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_backend_refuses_half_precision(dtype):
-    x, w, bias = _inputs(20, 2, 6, 5, dtype=dtype, requires_grad=(False, False, False))
-    with pytest.raises(TypeError, match=r"backend='cpu' needs float32 or float64 tensors"):
-        noisy_linear(x, w, bias, 10, backend="cpu")
+def test_cpu_backend_on_half_precision_is_the_batched_gemm():
+    from fastsynth.ops.noisy_linear import route
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert route("cpu", torch.device("cpu"), dtype, 10) == "batched_gemm"
 
 
 @pytest.mark.needs_cuda

@@ -23,8 +23,9 @@ Two implementations, chosen by ``route`` (the one place that decides):
 
 Routing (``backend``, then the tensors):
 
-  backend="cpu"        fused_cpu; a CPU float16/bfloat16 input is an error (the kernel has no
-                       fp32-accumulating path for them).
+  backend="cpu"        fused_cpu for float32/float64 at any nl; float16/bfloat16 CPU tensors take
+                       batched_gemm, which is then the CPU implementation (the fused kernel has no
+                       fp32-accumulating path for them; MKL's half GEMM has).
   backend="reference"  batched_gemm, any device and dtype.
   backend=None, CPU    fused_cpu for float32/float64 with nl <= FUSED_MAX_NL; batched_gemm above
                        (each weight element then serves enough rows for MKL's GEMM to be the
@@ -136,10 +137,7 @@ def route(backend: str | None, device: torch.device, dtype: torch.dtype, nl: int
     be = resolve_backend(backend, device, OP)  # validates "cpu"/"reference"; None on CPU: "cpu" or "reference"
     if be == "reference":
         return "batched_gemm"
-    if dtype not in _CPU_DTYPES:
-        if backend == "cpu":
-            raise TypeError(f"{OP}: backend='cpu' needs float32 or float64 tensors, got {dtype} "
-                            "(backend=None or 'reference' runs the batched GEMM for it)")
+    if dtype not in _CPU_DTYPES:  # the CPU implementation of half precision is the batched GEMM
         return "batched_gemm"
     return "fused_cpu" if backend == "cpu" or nl <= FUSED_MAX_NL else "batched_gemm"
 
@@ -155,7 +153,7 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nl: 
     ``x``: [B, in_features] with B <= K * nl (the last block may be partial; layers past the
     batch are unused and get zero gradients), ``weight``: [K, in_features, out_features],
     ``bias``: [K, out_features]. Returns [B, out_features]; B = 0 gives an empty output.
-    ``backend``: None (automatic), "cpu" (the fused CPU kernel, float32/float64) or "reference"
+    ``backend``: None (automatic), "cpu" (the fused CPU kernel for float32/float64) or "reference"
     (the batched GEMM, also what CUDA tensors run); "cuda" and "triton" are errors, as no such
     kernel exists (``route`` and the module docstring give the whole table).
     """
