@@ -292,12 +292,10 @@ def _flavoured(cls: type, flavour: str, spec: dict | None, name: str | None = No
             return sample_adapt(self, cls.sample(self, *args, **kwargs))
         ns["sample"] = sample
     if spec.get("last_loss"):
-        from .synthesis.nayer import NAYER
-
         def objective(self, x, targets, adv_on, *args, **kwargs):
-            # the same loss as fastsynth's objective, with its cross-entropy part kept for the
-            # return value (NAYER's copies return the last step's loss and one-hot loss)
-            loss, loss_oh = NAYER._objective_nayer(self, x, adv_on, *args, **kwargs)
+            # fastsynth's objective, with its cross-entropy part kept for the return value
+            # (NAYER's copies return the last step's loss and one-hot loss)
+            loss, _, loss_oh = cls.objective(self, x, targets, adv_on, *args, parts=True, **kwargs)
             _record_last(self, loss, loss_oh)
             return loss
         ns["objective"] = objective

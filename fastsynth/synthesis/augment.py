@@ -18,10 +18,10 @@ tracing). The same numbers in eager and compiled steps; called without codes the
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
+
+from .util import warn_once
 
 
 def _flat_gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
@@ -174,7 +174,6 @@ class Augment:
         return x
 
 
-_WARNED_STEPS: set = set()
 # transform steps that need no work on a batch of [0, 1] float images
 _NO_OP_STEPS = ("ToTensor", "ToPILImage", "PILToTensor", "ConvertImageDtype")
 
@@ -209,11 +208,10 @@ def parse_transform(transform):
             out["mean"], out["std"] = t.mean, t.std
         elif name not in _NO_OP_STEPS:
             unknown.append(name)
-    if unknown and tuple(unknown) not in _WARNED_STEPS:  # once per kind of transform
-        _WARNED_STEPS.add(tuple(unknown))
-        warnings.warn(f"fastsynth: transform steps {unknown} are not applied by sample(); it applies only "
-                      f"RandomCrop/RandomResizedCrop/RandomHorizontalFlip/Normalize/ToTensor (batched on the device)",
-                      RuntimeWarning, stacklevel=3)
+    if unknown:  # once per kind of transform
+        warn_once(("transform",) + tuple(unknown),
+                  f"fastsynth: transform steps {unknown} are not applied by sample(); it applies only "
+                  f"RandomCrop/RandomResizedCrop/RandomHorizontalFlip/Normalize/ToTensor (batched on the device)")
     return out
 
 

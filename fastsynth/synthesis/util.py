@@ -51,10 +51,10 @@ def frozen(*modules: nn.Module):
 
 
 def make_adam(params, lr, betas, device, capturable=False):
-    """Adam with the fused kernel where torch has one for these tensors (one op per step)."""
+    """Adam with the fused kernel where torch has one for these tensors (one op per step).
+    ``device`` is not read (the parameters' devices decide); kept for the existing callers."""
     params = list(params)
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
     fused_ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
     kw = {"fused": True} if fused_ok else {}
     if capturable:
