@@ -20,6 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+# 8 warps (2 values per thread at BLOCK 1024): with 4, Triton 3.8's ptxas spills 4 bytes on sm_80
+# (Triton 3.9 does not); registers stay at 32 either way.
+_NUM_WARPS = 8
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _TL_INT = {torch.float32: tl.int32, torch.float64: tl.int64, torch.float16: tl.int16, torch.bfloat16: tl.int16}
 
@@ -179,4 +183,5 @@ def reinit(tensors, seed: torch.Tensor, dists, params, block: int = 1024) -> Non
             _addresses([tensors[i] for i in idx], device), begin_t, numel_t, dist_t, lo_t, hi_t, blk_t, blk_s, seed,
             OUT=_TL_DTYPE[dtype], OUT_INT=_TL_INT[dtype], MAXPOS=(1 << (w - 1)) - 1,
             MIN_NEG_PLUS_1=-(1 << (w - 1)) + 1, IS_F64=dtype == torch.float64, BLOCK=block,
+            num_warps=_NUM_WARPS,
         )
