@@ -405,9 +405,10 @@ class CMISynthesizer(SynthCore):
         self.bank_size = bank_size
         self.init_dataset = init_dataset
         self.feature_reuse = feature_reuse
-        # feature_layers: hooked before the teacher is fused, so that its traced forward keeps
-        # them as calls (a module traced through would never run its hooks)
-        self.cmi_hooks = [InstanceMeanHook(m) for m in _input_taps(teacher, layers, img_size)] \
+        # feature_layers: their inputs hooked (at a convolution inside each, _input_taps) before
+        # the teacher is fused, so that its traced forward keeps the hooked modules as calls (a
+        # module traced through would never run its hooks)
+        self.cmi_hooks = [InstanceMeanHook(m) for m in _input_taps(unwrap(teacher), layers, img_size)] \
             if layers is not None else []
         self._round = {}  # z and the generator's Adam, re-used across calls (_round_state)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=0,
