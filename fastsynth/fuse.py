@@ -813,7 +813,7 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         teacher.__dict__.pop("_fs_conv_routed", None)
     cpu = sys.modules.get("fastsynth.cpu")  # never imported: it cached nothing
     if cpu is not None:
-        cpu.forget(teacher)  # its per-convolution copies of the weights (layouts, Winograd)
+        cpu.forget(teacher)  # its per-convolution copies of the weights (Winograd transforms)
     for parent in list(teacher.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedBatchNorm2d) and child.__dict__.get("_fs_original") is not None:

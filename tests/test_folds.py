@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastsynth.cpu
 from fastsynth import _ext, fuse
 from fastsynth.cpu import convs
-from fastsynth.cpu.layout import conv2d_like_input, conv_input_layout, conv_output_layout, weight_like_input
+from fastsynth.cpu.layout import conv_input_layout, conv_output_layout
 from fastsynth.bench.harness import AtenOpCounter
 from fastsynth.models import resnet18
 from fastsynth.synthesis.core import frozen
@@ -373,34 +373,6 @@ def test_layout_threshold_resolution_and_global_switch(monkeypatch):
     assert all(n.args[2] == 0 for n in view.graph.nodes if n.target is convs.conv)
 
 
-def test_weight_follows_a_channels_last_input_cached_while_frozen():
-    conv = nn.Conv2d(4, 6, 3, padding=1).double()
-    x = torch.randn(2, 4, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert weight_like_input(x.contiguous(), conv.weight, conv) is conv.weight  # NCHW input: as is
-    # a trained weight: converted in the graph, its gradient flows back through the conversion
-    w_cl = weight_like_input(x, conv.weight, conv)
-    assert w_cl.is_contiguous(memory_format=torch.channels_last) and w_cl.grad_fn is not None
-    y = conv2d_like_input(x, conv)
-    (gw,) = torch.autograd.grad(y.sum(), conv.weight)
-    (gw_ref,) = torch.autograd.grad(conv(x.contiguous()).sum(), conv.weight)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-12, atol=1e-12)
-    # frozen: converted once and reused until the weight changes in place
-    conv.weight.requires_grad_(False)
-    a = weight_like_input(x, conv.weight, conv)
-    assert weight_like_input(x, conv.weight, conv) is a and a.grad_fn is None
-    with torch.no_grad():
-        conv.weight.mul_(2.0)
-    b = weight_like_input(x, conv.weight, conv)
-    assert b is not a
-    torch.testing.assert_close(b, conv.weight, rtol=0, atol=0)
-    torch.testing.assert_close(conv2d_like_input(x, conv), conv(x.contiguous()), rtol=1e-12, atol=1e-12)
-    # hooks registered on the conv fire: it is then called as a module
-    calls = []
-    conv.register_forward_hook(lambda m, i, o: calls.append(1))
-    conv2d_like_input(x, conv)
-    assert calls == [1]
-
-
 def test_phase_kernels_channels_last_same_values():
     from fastsynth.nn.upsample_conv import _phase_kernels
 
@@ -456,27 +428,6 @@ def test_conv_bn_fold_copies_and_pickles():
         torch.testing.assert_close(copied(x), want, rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_weight_not_reused_for_a_new_weight_at_a_freed_address():
-    import gc
-
-    from test_winograd import _same_address_weight
-
-    conv = nn.Conv2d(4, 6, 3, padding=1).double().requires_grad_(False)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    weight_like_input(x, conv.weight, conv)
-    old_id, old_version = id(conv.weight), conv.weight._version
-    del conv.weight
-    gc.collect()
-    new = _same_address_weight(old_id, old_version, (6, 4, 3, 3), torch.float64)
-    if new is None:
-        pytest.skip("this interpreter did not reuse the freed address")
-    conv.weight = new
-    torch.testing.assert_close(weight_like_input(x, conv.weight, conv), new, rtol=0, atol=0)
-    torch.testing.assert_close(conv2d_like_input(x, conv), F.conv2d(x.contiguous(), new, conv.bias, padding=1),
-                               rtol=1e-12, atol=1e-12)
-
-
-# ---------------------------------------------------------------- the CPU room stays optional
 def _run(code: str) -> str:
     import subprocess
     import sys

@@ -3,8 +3,7 @@
 What a CPU synthesis step gains here, each measured against its absence (docs/PERFORMANCE.md):
 
 - convolution inputs laid out by map size (``layout``: channels_last from
-  ``config.channels_last_min_hw`` pixels up, NCHW below) and frozen weights kept in their
-  input's layout;
+  ``config.channels_last_min_hw`` pixels up, NCHW below);
 - frozen 3x3 stride-1 convolutions by Winograd F(2x2, 3x3), forward and input gradient
   (``winograd``; csrc/cpu/winograd_conv.cpp, with the BLAS's GEMM looked up at run time);
 - the residual join ``relu(a + b)`` in one pass (``add_relu``; csrc/cpu/add_relu.cpp);
@@ -41,8 +40,6 @@ def upsample_worth_fusing(x, conv_module) -> bool:
 
 
 def forget(model) -> None:
-    """Drop the per-convolution copies of weights this package keeps on ``model``'s modules
-    (the channels_last weights and the Winograd transforms)."""
+    """Drop the per-convolution Winograd transforms this package keeps on ``model``'s modules."""
     for m in model.modules():
         m.__dict__.pop("_fs_winograd", None)
-        m.__dict__.pop("_fs_weight_channels_last", None)

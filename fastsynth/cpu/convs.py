@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..fuse import ConvBNFold
-from .layout import conv2d_like_input, conv_input_layout, conv_output_layout, has_hooks, weight_like_input
+from .layout import conv_input_layout, conv_output_layout, has_hooks
 from .winograd import frozen_conv3x3, is_winograd_shape
 
 __all__ = ["conv", "rewrite_convs"]
@@ -20,30 +20,28 @@ def conv(x: torch.Tensor, module: nn.Module, min_hw: int, relu: bool = False) ->
     """One convolution of a fused graph (an ``nn.Conv2d`` without hooks, or a ``ConvBNFold``):
     by Winograd F(2x2, 3x3) when it applies (``fastsynth.cpu.winograd``: CPU float32, frozen 3x3
     stride-1 weights, enough channels; its output is channels_last), else the module's own
-    convolution with its weight in its input's layout, its input in ``conv_input_layout`` and its
-    output in ``conv_output_layout`` (``min_hw`` 0: layouts untouched). Tensors on another device
-    run the plain convolution. ``relu`` (ConvBNFold only) applies a ReLU in place on the output
+    convolution with its input in ``conv_input_layout`` and its output in ``conv_output_layout``
+    (``min_hw`` 0: layouts untouched; PyTorch converts the weight to the input's layout inside
+    the call). Tensors on another device run the plain convolution. ``relu`` (ConvBNFold only) applies a ReLU in place on the output
     (the convolution's backward needs its input and weight, not its output)."""
     if isinstance(module, ConvBNFold):
         if not torch.compiler.is_compiling():
             module.refresh()
         y = frozen_conv3x3(x, module.conv, module.weight, module.bias, module)
         if y is None:
-            xl = conv_input_layout(x, min_hw)
-            y = conv_output_layout(module.conv._conv_forward(xl, weight_like_input(xl, module.weight, module),
+            y = conv_output_layout(module.conv._conv_forward(conv_input_layout(x, min_hw), module.weight,
                                                              module.bias), min_hw)
         return torch.relu_(y) if relu else y
     y = None if has_hooks(module) else frozen_conv3x3(x, module, module.weight, module.bias, module)
-    if y is None:  # conv2d_like_input calls a hooked module as a module
-        y = conv_output_layout(conv2d_like_input(conv_input_layout(x, min_hw), module), min_hw)
+    if y is None:  # called as a module: hooks registered on it fire
+        y = conv_output_layout(module(conv_input_layout(x, min_hw)), min_hw)
     return y
 
 
 def rewrite_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> tuple[int, int]:
     """Route every Conv2d / ConvBNFold call of ``graph`` through ``conv`` (Winograd where it
     applies, input/output layouts by map size otherwise). With layouts off (``min_hw`` 0) only
-    the folds and the convolutions the Winograd path can serve are routed (a fold's weight still
-    follows a channels_last input, e.g. a Winograd output; the others run as traced). A Conv2d
+    the convolutions the Winograd path can serve are routed (the others run as traced). A Conv2d
     with hooks (or extra arguments) keeps its call and gets the layouts around it. Returns
     (convolutions given layouts, convolutions routed through ``conv``)."""
     n = routed = 0
@@ -57,7 +55,7 @@ def rewrite_convs(graph: fx.Graph, module_of: dict, min_hw: int) -> tuple[int, i
             type(mod) is nn.Conv2d and not (mod._forward_hooks or mod._forward_pre_hooks))
         extra_args = len(node.args) != 1 or any(k != "relu" for k in node.kwargs)
         geometry = mod.conv if type(mod) is ConvBNFold else mod
-        if plain and not extra_args and (min_hw > 0 or type(mod) is ConvBNFold or is_winograd_shape(geometry)):
+        if plain and not extra_args and (min_hw > 0 or is_winograd_shape(geometry)):
             with graph.inserting_before(node):
                 attr = graph.get_attr(node.target)
                 call = graph.call_function(conv, (node.args[0], attr, int(min_hw)),

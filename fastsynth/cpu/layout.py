@@ -18,8 +18,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["conv_input_layout", "conv_output_layout", "is_channels_last", "weight_like_input",
-           "conv2d_like_input", "derived_from_frozen", "has_hooks"]
+__all__ = ["conv_input_layout", "conv_output_layout", "is_channels_last", "derived_from_frozen", "has_hooks"]
 
 
 def conv_input_layout(x, min_hw: int):
@@ -47,21 +46,6 @@ def is_channels_last(t: torch.Tensor) -> bool:
     """A 4-D tensor dense in channels_last and not also dense in NCHW (the layout the kernels'
     channels_last paths take)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def weight_like_input(x: torch.Tensor, weight: torch.Tensor, owner) -> torch.Tensor:
-    """``weight`` in ``x``'s memory format for a CPU convolution. Given a channels_last input and
-    an NCHW weight, PyTorch converts the weight inside every convolution call, forward and
-    backward (a transposing copy; ~4% of a ResNet synthesis step). A weight that needs no
-    gradient (a frozen teacher or student, a folded BatchNorm) is converted once and kept on
-    ``owner`` until it changes (``derived_from_frozen``); a trained weight is converted in the
-    graph, where its gradient flows back through the conversion."""
-    if x.device.type != "cpu" or not is_channels_last(x) or weight.dim() != 4 or is_channels_last(weight):
-        return weight
-    if weight.requires_grad or torch.compiler.is_compiling():
-        return weight.contiguous(memory_format=torch.channels_last)
-    return derived_from_frozen(owner, "_fs_weight_channels_last", weight,
-                               lambda w: w.detach().contiguous(memory_format=torch.channels_last))
 
 
 class _Derived(NamedTuple):
@@ -103,11 +87,3 @@ def has_hooks(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks)
-
-
-def conv2d_like_input(x: torch.Tensor, conv) -> torch.Tensor:
-    """``conv(x)`` for an ``nn.Conv2d``, with its weight in ``x``'s memory format. A module that
-    carries hooks (registered at any time) is called as a module, so they fire."""
-    if has_hooks(conv):
-        return conv(x)
-    return conv._conv_forward(x, weight_like_input(x, conv.weight, conv), conv.bias)
