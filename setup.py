@@ -119,7 +119,6 @@ setup(
         "fastsynth.models",
         "fastsynth.kernels",
     ],
-    package_dir={"fastsynth": "fastsynth", "fastsynth.kernels": "kernels"},
     package_data={"fastsynth": ["data/*"]},
     python_requires=">=3.9",
     # Lower bounds are the oldest versions CI builds and tests: torch as pinned in requirements.txt

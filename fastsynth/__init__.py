@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from . import _ext
 
-_ext.ensure_kernels_package()
 
 from ._ext import build_info, empty_cache  # noqa: E402
 from . import ops  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 import warnings
 
 _C = None
@@ -79,23 +78,3 @@ def build_info() -> dict:
     info["triton"] = has_triton()
     info["triton_interpret"] = triton_interpreting()
     return info
-
-
-def ensure_kernels_package() -> None:
-    """Make ``fastsynth.kernels`` resolve to the Triton kernels beside this package.
-
-    Installed, ``kernels/`` is the subpackage ``fastsynth.kernels`` (setup.py package_dir). In a
-    source checkout (this package next to setup.py and kernels/) the directory beside the package
-    is registered under that name first, so a checkout always uses its own kernels, even when
-    another copy of fastsynth is installed.
-    """
-    if "fastsynth.kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    kdir = os.path.join(root, "kernels")
-    init = os.path.join(kdir, "__init__.py")
-    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isfile(init):
-        spec = importlib.util.spec_from_file_location("fastsynth.kernels", init, submodule_search_locations=[kdir])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fastsynth.kernels"] = module
-        spec.loader.exec_module(module)

@@ -22,8 +22,24 @@ def test_kernels_subpackage_is_the_checkout_one():
 
     import fastsynth.kernels as k
 
+    pkg = os.path.dirname(os.path.abspath(fastsynth.__file__))
+    assert os.path.dirname(os.path.abspath(k.__file__)) == os.path.join(pkg, "kernels")
+
+
+def test_checkout_root_shadows_no_top_level_package():
+    """Run from the repository root (``python -m fastsynth ...``, pytest's pythonpath), the root is
+    on sys.path: a top-level folder there would shadow an installed package of the same name (a
+    ``kernels/`` folder hid the ``kernels`` package transformers imports, so the lte extra's
+    MiniLM encoder failed). Only ``fastsynth`` may be importable from the root."""
+    import os
+    import subprocess
+    import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastsynth.__file__)))
-    assert os.path.dirname(os.path.abspath(k.__file__)) == os.path.join(root, "kernels")
+    code = ("import pkgutil, sys; print('\\n'.join(m.name for m in pkgutil.iter_modules([sys.argv[1]])))")
+    names = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert set(names) <= {"fastsynth", "setup", "conftest"}, names
 
 
 def test_backend_resolution_on_cpu():

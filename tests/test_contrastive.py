@@ -224,7 +224,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from kernels import contrastive_loss as K
+from fastsynth.kernels import contrastive_loss as K
 
 INT_ARGS = {"M", "D", "sqm", "sqd", "skm", "skd", "n_split"}
 FLOAT_ARGS = {"scale_hi", "scale_lo"}  # Python floats: fp32 arguments

@@ -746,7 +746,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from kernels import logit_losses as K
+from fastsynth.kernels import logit_losses as K
 
 FLOAT_ARGS = {"inv_t", "ce_w", "kl_w", "lo", "hi", "w"}
 INT_ARGS = {"stride_t", "stride_s", "C"}

@@ -48,7 +48,7 @@ def test_no_spills_outside_fp64(aot):
 
 
 def test_every_kernel_covered_for_both_archs_and_all_dtypes(aot):
-    """Every @triton.jit function of every kernels/ module is compiled (a device function inside a
+    """Every @triton.jit function of every fastsynth/kernels/ module is compiled (a device function inside a
     compiled caller, transitively), each kernel for both archs and every dtype its launchers use,
     and every module is launched in all four dtypes."""
     compiled = {}

@@ -1,11 +1,11 @@
-"""Ahead-of-time compile check of every Triton kernel in kernels/*.py for real GPUs (no GPU needed).
+"""Ahead-of-time compile check of every Triton kernel in fastsynth/kernels/*.py for real GPUs (no GPU needed).
 
 Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas) runs on
 a CPU-only machine for a named target (``GPUTarget("cuda", 80 | 90, 32)``). The test suite runs
 the kernels under TRITON_INTERPRET=1, which accepts code the real compiler rejects; this check
 compiles what a GPU would compile.
 
-What is compiled is not written by hand: the real host launchers of kernels/*.py are called on
+What is compiled is not written by hand: the real host launchers of fastsynth/kernels/*.py are called on
 ``meta`` tensors of realistic shapes (the BatchNorm inputs of a CIFAR ResNet-34 at batch 256 and
 of an ImageNet ResNet-50 at batch 64, NCHW and channels_last; logits of 10/100/1000/50000
 classes; the FastDFKD generator's parameters) in every dtype (fp32, fp16, bf16, fp64) and every
@@ -225,7 +225,7 @@ def launched_dtypes(subset: bool = False) -> dict[str, list[str]]:
 
 
 def kernel_inventory() -> dict[str, dict[str, list[str]]]:
-    """Every @triton.jit function of every module of kernels/, by module, with the @triton.jit
+    """Every @triton.jit function of every module of fastsynth/kernels/, by module, with the @triton.jit
     functions of that module that call it (a device function is compiled inside its callers):
     what the matrix must cover."""
     import importlib
@@ -457,7 +457,7 @@ def markdown(rows: list[dict], seconds: float, command: str) -> str:
         f"Triton {triton.__version__} with its bundled ptxas; {n_spec} compiled specialisations in {len(rows)} "
         f"variants, {seconds:.0f} s on this machine.",
         "",
-        "Every `@triton.jit` kernel of `kernels/*.py` is compiled ahead of time for sm_80 (launch",
+        "Every `@triton.jit` kernel of `fastsynth/kernels/*.py` is compiled ahead of time for sm_80 (launch",
         "configuration with the SM count of an A100) and sm_90 (an H100): the real launchers run on `meta`",
         "tensors of the CIFAR ResNet-34 (batch 256) and ImageNet ResNet-50 (batch 64) BatchNorm inputs",
         "(NCHW and channels_last), of 10/100/1000/50000-class logits, of CMI's contrastive features and of",

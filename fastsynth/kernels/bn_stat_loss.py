@@ -8,7 +8,7 @@ tiles), and an *address vector* with the data address of every layer (and of eve
 the kernels turn an address into a typed pointer (``.to(tl.pointer_type(...), bitcast=True)``;
 this works on GPUs and under TRITON_INTERPRET=1).
 
-Indexing (as in kernels/fused_bn.py). The (n, h, w) positions of a channel are collapsed on the
+Indexing (as in fastsynth/kernels/fused_bn.py). The (n, h, w) positions of a channel are collapsed on the
 host into rows of L values (dimensions whose strides nest are merged: NCHW dense gives N rows of
 H*W, channels_last dense one row of N*H*W, sliced maps N*H rows of W); row r starts at
 (r // R0) * s1 + (r % R0) * s0. A tile is BLOCK_C channels x BLOCK_L consecutive values of one
@@ -40,7 +40,7 @@ import triton.language as tl
 
 _MAX_CHUNK = 16384      # values of one channel per work item
 _TILE = 1024            # values per tile (NCHW-like maps)
-_CL_TILE = 256          # values per tile of channels_last maps (see kernels/fused_bn.py: registers)
+_CL_TILE = 256          # values per tile of channels_last maps (see fastsynth/kernels/fused_bn.py: registers)
 _MAX_BLOCK_C = 16       # channels per tile
 _ADDR_ARGS = 16         # tensors per _addresses_kernel launch
 _CACHE_MAX = 64         # work tables kept (keys: shapes/strides/dtype/device of a call)

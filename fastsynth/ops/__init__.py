@@ -1,7 +1,7 @@
 """fastsynth's fused ops. Each op module ``fastsynth/ops/<op>.py`` holds its Python API, the eager
 reference ``<op>_reference`` (the upstream formulation, differentiable and float64-capable: the
 oracle of the tests), validation, backend dispatch, fake kernels and autograd registration; kernels
-live in csrc/ (C++/CUDA) and kernels/ (Triton). docs/DEVELOPING.md describes the layout."""
+live in csrc/ (C++/CUDA) and fastsynth/kernels/ (Triton). docs/DEVELOPING.md describes the layout."""
 from .bn_stat_loss import bn_stat_loss, bn_stat_loss_multi, loss_from_stats
 from .contrastive_loss import contrastive_ce, instance_mean_multi
 from .fused_bn import fused_bn

@@ -20,7 +20,7 @@ Upstream (``CMISynthesizer.synthesize``) builds S with ``torch.mm`` and calls
 read four times. The fused op computes the loss and both gradients in one sweep over blocks of
 query rows (CPU: csrc/cpu/contrastive_loss.cpp; the unit gradients are returned, backward scales
 them by grad_loss, no host sync) or with the three flash-style kernels of
-kernels/contrastive_loss.py (Triton). ``need_grad`` flags skip the key gradient when keys are
+fastsynth/kernels/contrastive_loss.py (Triton). ``need_grad`` flags skip the key gradient when keys are
 detached (as in CMI).
 
 No CUDA C++ kernel: on a GPU the Triton kernels already run the similarity products on tensor

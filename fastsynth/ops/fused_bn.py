@@ -19,7 +19,7 @@ is done and mean/var are empty tensors. The backward is not itself differentiabl
 differentiable): double backward raises.
 
 Backends: ``reference`` (eager, the oracle), ``cpu`` (csrc/cpu/fused_bn.cpp), ``triton``
-(kernels/fused_bn.py, ops ``fastsynth::fused_bn_forward_triton``/``_backward_triton``), ``cuda``
+(fastsynth/kernels/fused_bn.py, ops ``fastsynth::fused_bn_forward_triton``/``_backward_triton``), ``cuda``
 (csrc/cuda/fused_bn.cu). The C++ ops are ``fastsynth::fused_bn_forward``/``fused_bn_backward``.
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ checks before computing, raising ValueError; the reference checks them eagerly).
 index and makes that row's CE, hence the loss, NaN, without a host sync.
 
 Backends: reference (eager upstream formulation, float64-capable), cpu (csrc/cpu/logit_losses.cpp),
-cuda (csrc/cuda/logit_losses.cu), triton (kernels/logit_losses.py, ops ``fastsynth::*_triton``).
+cuda (csrc/cuda/logit_losses.cu), triton (fastsynth/kernels/logit_losses.py, ops ``fastsynth::*_triton``).
 """
 from __future__ import annotations
 

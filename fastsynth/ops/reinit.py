@@ -29,7 +29,7 @@ in the graph, e.g. with ``advance_seed_(seed)`` (an in-place ``seed += 1``; dist
 distinct Philox keys, hence independent streams).
 
 Backends: ``cpu`` (csrc/cpu/reinit.cpp), ``cuda`` (csrc/cuda/reinit.cu, one launch for up to 64
-tensors), ``triton`` (kernels/reinit.py, one launch per dtype present in the list), ``reference``
+tensors), ``triton`` (fastsynth/kernels/reinit.py, one launch per dtype present in the list), ``reference``
 (eager torch, mirrors the CPU/CUDA arithmetic op for op). No autograd formula: it is a mutating
 op (``Tensor(a!)[]``) and works under ``torch.compile`` and ``opcheck``.
 """
