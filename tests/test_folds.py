@@ -442,7 +442,7 @@ def test_gpu_path_does_not_import_the_cpu_room():
     viewing and running a model that is not on the CPU (the meta device stands in for a GPU)."""
     code = (
         "import sys, torch\n"
-        "import fastsynth, fastsynth.fuse as fuse, fastsynth.nn, fastsynth.synthesis, fastsynth.winograd\n"
+        "import fastsynth, fastsynth.fuse as fuse, fastsynth.nn, fastsynth.synthesis\n"
         "assert 'fastsynth.cpu' not in sys.modules, 'import'\n"
         "from fastsynth.models import resnet18\n"
         "m = resnet18().to('meta').eval()\n"
@@ -479,13 +479,6 @@ def test_cpu_config_checks_and_restores(monkeypatch):
             assert cfg.channels_last_min_hw == 0 and cfg.winograd_min_channels == 0
             raise KeyError("restored on the way out")
     assert dataclasses_astuple(cfg) == before
-    # the former module constants read and set the config
-    from fastsynth import layout as old_layout
-    from fastsynth import winograd as old_winograd
-
-    monkeypatch.setattr(old_layout, "CPU_CHANNELS_LAST_MIN_HW", 64)
-    monkeypatch.setattr(old_winograd, "CPU_WINOGRAD_MIN_CHANNELS", 32)
-    assert (cfg.channels_last_min_hw, cfg.winograd_min_channels) == (64, 32)
 
 
 def dataclasses_astuple(cfg):

@@ -467,13 +467,13 @@ def test_compile_fullgraph_matches_eager(winograd_min_channels, monkeypatch):
     aot_eager backend keeps the test fast (inductor code generation is what compile=True adds).
     With the Winograd threshold lowered the small models' 3x3 convolutions take that path, in
     the eager step and (weights prepared each round) in the compiled one."""
-    from fastsynth import winograd
-    from fastsynth.synthesis import core
+    from fastsynth import cpu
 
     prepared = []
     if winograd_min_channels is not None:
-        monkeypatch.setattr(winograd, "CPU_WINOGRAD_MIN_CHANNELS", winograd_min_channels)
-        monkeypatch.setattr(core, "prepare_winograd", lambda m: prepared.append(winograd.prepare_winograd(m)))
+        real = cpu.prepare_winograd
+        monkeypatch.setattr(cpu.config, "winograd_min_channels", winograd_min_channels)
+        monkeypatch.setattr(cpu, "prepare_winograd", lambda m: prepared.append(real(m)))
     t, s = pair()
     g = fast_gen()
     norm = Normalizer(*NORM)

@@ -28,7 +28,6 @@ from .. import distributed as _dist
 from .. import fuse as _fuse
 from ..ops.bn_stat_loss import bn_stat_loss_multi, loss_from_stats
 from ..ops.logit_losses import synthesis_logit_loss
-from ..winograd import prepare_winograd
 from .augment import Augment, parse_transform, sample_augment  # noqa: F401 (parse_transform: public name)
 from .base import BaseSynthesis
 from .pool import DataPool, save_options
@@ -559,10 +558,13 @@ class SynthCore(BaseSynthesis):
             with frozen(self.teacher, self.student):
                 if self.compile and self.device.type == "cpu":
                     # transformed 3x3 weights for the Winograd path, made here because a compiled
-                    # step cannot check whether they changed (the student trains between rounds)
-                    prepare_winograd(self.teacher)
+                    # step cannot check whether they changed (the student trains between rounds);
+                    # the CPU room is imported only on the CPU
+                    from .. import cpu as _cpu
+
+                    _cpu.prepare_winograd(self.teacher)
                     if self._student_fwd is not None:
-                        prepare_winograd(self._student_fwd)
+                        _cpu.prepare_winograd(self._student_fwd)
                 yield
         finally:
             self.capture.deactivate()
