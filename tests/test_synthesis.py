@@ -652,3 +652,18 @@ def test_sample_applies_padded_crop_of_the_transform_and_warns_about_others(inde
     aug = synth.sample_aug
     assert type(aug).__name__ == "Augment" and (aug.padding, aug.flip) == (2, False)
     assert any("ColorJitter" in str(w.message) for w in caught)
+
+
+def test_profiled_steps_show_their_phases():
+    """With ``_nvtx = "record"`` (what ``fastsynth profile`` sets on the CPU) every phase of the
+    inner step is a torch.profiler range; by default the CPU step has no range ops at all."""
+    t, s = pair()
+    synth = FastMetaSynthesizer(t, s, fast_gen(), nz=8, num_classes=10, img_size=(3, 8, 8), iterations=2,
+                                synthesis_batch_size=4, sample_batch_size=4, adv=1.0, warmup=0,
+                                normalizer=Normalizer(*NORM), augment=True)
+    assert synth._nvtx is False
+    synth._nvtx = "record"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        synth.synthesize()
+    names = {e.name for e in prof.events()}
+    assert {"generator", "augment", "teacher", "losses", "student", "backward", "step"} <= names, names

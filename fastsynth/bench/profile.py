@@ -1,9 +1,10 @@
 """``fastsynth profile``: a few synthesis steps under torch.profiler.
 
 Writes ``trace.json`` (Chrome trace: open in https://ui.perfetto.dev or chrome://tracing) and
-``top_ops.txt`` (the operators with the most self time), and prints the table. The phases
-(generator, augment, teacher, bn_loss, student, logit_loss, backward, step) are
-``record_function`` ranges in the trace and, on a GPU, NVTX ranges for Nsight Systems:
+``top_ops.txt`` (the operators with the most self time), and prints the table. With the default
+``--impl synthesizer`` the phases of each inner step (generator, augment, teacher, losses with
+student inside it, backward, step) are ``record_function`` ranges in the trace on the CPU and
+NVTX ranges for Nsight Systems on a GPU:
 
     nsys profile -t cuda,nvtx -o synth fastsynth profile --device cuda --steps 5
 
@@ -39,6 +40,9 @@ def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str
                     synthesis_batch_size=batch, sample_batch_size=batch, adv=1.33, bn=10, oh=0.5, bn_mmt=0.9,
                     save_dir=os.path.join(out_dir, "synth"), normalizer=Normalizer(CIFAR_MEAN, CIFAR_STD),
                     device=dev)
+        if dev.type != "cuda":
+            synth._nvtx = "record"  # the phases as torch.profiler ranges (NVTX ranges on a GPU)
+
         def run_round():
             with torch.profiler.record_function("synthesize"):
                 return synth.synthesize()

@@ -21,9 +21,15 @@ def warn_once(key: str, msg: str) -> None:
 
 
 @contextlib.contextmanager
-def nvtx_range(name: str, enabled: bool):
-    """An NVTX range for Nsight Systems on a GPU; nothing on the CPU."""
-    if enabled:
+def nvtx_range(name: str, enabled: bool | str):
+    """A named phase of the inner step: an NVTX range for Nsight Systems when ``enabled`` is True
+    (the default on a GPU), a ``torch.profiler.record_function`` range when it is "record"
+    (``fastsynth profile`` sets it, so the phases show in torch.profiler traces on any device),
+    nothing otherwise (the default on the CPU: no extra ops in the step)."""
+    if enabled == "record":
+        with torch.profiler.record_function(name):
+            yield
+    elif enabled:
         torch.cuda.nvtx.range_push(name)
         try:
             yield
