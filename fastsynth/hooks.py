@@ -9,7 +9,7 @@ Fast-Datafree ``datafree/hooks.py``), so synthesizer code written against it run
     ...
     for h in hooks: h.update_mmt()
 
-``r_feature``: the layer's loss of the last forward (spec section 1, momentum variant once
+``r_feature``: the layer's loss of the last forward (the math is in fastsynth/ops/bn_stat_loss.py's docstring; momentum variant once
 ``mmt`` is set); ``tmp_val``: its detached (batch_mean, batch_var); ``mmt``: the momentum state
 (None until the first ``update_mmt()``); ``remove()`` (or ``close()``, NVlabs' name) removes the
 forward hook.

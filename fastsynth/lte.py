@@ -1,4 +1,4 @@
-"""Label-text embeddings (LTE) for NAYER's generator (spec section 3).
+"""Label-text embeddings (LTE) for NAYER's generator.
 
 One vector per class name, computed once by a text encoder from a prompt ("a image of {label}"
 by default, as in the reference) and cached to a ``.pt`` file keyed by encoder, prompt template

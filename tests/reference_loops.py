@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 
 class RefHook:
-    """DeepInversion BN hook (spec section 1), momentum variant included."""
+    """DeepInversion BN hook, momentum variant included."""
 
     def __init__(self, module, mmt_rate):
         self.hook = module.register_forward_hook(self.hook_fn)
@@ -141,7 +141,7 @@ class RefFast:
 
 
 class RefNayer:
-    """NAYER loop (spec section 4); the student stays in eval() in every loop (fastsynth semantics,
+    """NAYER loop; the student stays in eval() in every loop (fastsynth semantics,
     see fastsynth/synthesis/nayer.py)."""
 
     def __init__(self, teacher, student, generator, num_classes, g_steps, lr_g, batch, adv, bn, oh,

@@ -170,7 +170,7 @@ def test_backward_matches_reference_grad_output_not_one(backend, layout, relu):
     ref = _grads("reference", xin, w, b, rm, rv, relu, gy, gm, gv)
     for g, r in zip(got, ref):
         assert relerr(g, r) < 1e-11
-    # the closed form of the statistics-loss gradient (spec section 1)
+    # the closed form of the statistics-loss gradient (csrc/common/fused_bn_math.h)
     M = 3 * 5 * 6
     xd = x.detach()
     mu = xd.mean(dim=(0, 2, 3), keepdim=True)

@@ -1,4 +1,4 @@
-"""Generators of FastDFKD and NAYER (spec section 3), drop-in for the upstream modules.
+"""Generators of FastDFKD and NAYER, drop-in for the upstream modules.
 
 ``Generator`` (FastDFKD, 32px) and ``DeepGenerator`` (its 224px ImageNet variant) take a noise
 batch z; ``NLGenerator`` (NAYER) and ``NLDeepGenerator`` take class targets and map their
@@ -116,7 +116,7 @@ class Generator(nn.Module):
     """FastDFKD generator: z [B, nz] -> image [B, nc, img_size, img_size] in [0, 1].
 
     Linear(nz -> 2ngf (s/4)^2) -> view (B, 2ngf, s/4, s/4) -> BN, up, conv, BN, LReLU, up, conv, BN,
-    LReLU, conv, sigmoid (spec section 3). ``img_size`` must be a multiple of 4.
+    LReLU, conv, sigmoid. ``img_size`` must be a multiple of 4.
     """
 
     def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int | None = None):

@@ -1,4 +1,4 @@
-"""BatchNorm-statistics matching loss (DeepInversion), spec section 1.
+"""BatchNorm-statistics matching loss (DeepInversion).
 
 Math (per BatchNorm layer l with input a of shape N x C x H x W, M = N*H*W):
 
@@ -490,7 +490,7 @@ def bn_stat_loss(
     mmt_rate: float = 0.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DeepInversion BN-statistics loss of one layer (spec section 1).
+    """DeepInversion BN-statistics loss of one layer.
 
     Returns ``(loss, batch_mean, batch_var)``: ``loss`` is differentiable w.r.t. ``x``;
     ``batch_mean``/``batch_var`` are detached (fp32 for fp16/bf16/fp32 maps, fp64 for fp64), for
