@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 def run_dry(tmp_path, budget, extra_s, args=("--dry",), **extra_env):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_CHECK_DRY")}
+    # the interpreter running the tests (the script would otherwise take the first python3 on PATH,
+    # which in a separate venv, as in the newest-torch CI leg, is another torch than this build's)
+    env.setdefault("PYTHON", sys.executable)
     env.update(OUT=str(out), GPU_CHECK_BUDGET=str(budget), GPU_CHECK_EXTRA_DRY_S=str(extra_s), **extra_env)
     proc = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=budget + 120)
