@@ -20,15 +20,14 @@ from test_synthesis import IMG, NORM, fast_gen, nl_gen, pair
 AOT = {"backend": "aot_eager"}  # dynamo tracing as compile=True does, without inductor's codegen time
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo():
     # dynamo keeps at most 8 compiled versions of a code object (each synthesizer instance and
     # each bn/oh/adv value is one); fullgraph=True turns the 9th into an error
     torch._dynamo.reset()
-    yield
-    torch.set_num_threads(n)
 
 
 def make(cls, device="cpu", **kw):

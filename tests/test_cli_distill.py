@@ -12,12 +12,7 @@ import torch
 from fastsynth import cli, demo, distill_run as dr, run_config as rc
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--epochs", "3", "--warmup", "1", "--kd-steps", "4", "--g-steps", "2", "--batch-size", "32",

@@ -26,12 +26,7 @@ BATCH = 6
 LR_G, LR_Z, LR_GM, LR_ZM = 2e-3, 1e-2, 3e-3, 5e-2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen():

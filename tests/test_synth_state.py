@@ -15,12 +15,7 @@ from fastsynth.synthesis.fast_meta_imagenet import FastMetaSynthesizerForImageNe
 from test_synthesis import IMG, NORM, fast_gen, nl_gen, tiny_net
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _norm():

@@ -25,12 +25,7 @@ IMG = 8
 NORM = ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: one thread is fastest and immune to a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(width=6, num_classes=10, seed=0):

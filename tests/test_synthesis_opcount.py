@@ -20,12 +20,7 @@ from fastsynth.models import resnet18
 from fastsynth.synthesis import augment, core
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- fused eval view of the student
