@@ -48,7 +48,7 @@ def stats_for(C, dtype=torch.float64):
     return rm, rv
 
 
-def ref_loss_and_grad(x, rm, rv, mm=None, mv=None, rho=0.0, grad_out=1.0):
+def bn_stat_loss_reference(x, rm, rv, mm=None, mv=None, rho=0.0, grad_out=1.0):
     """float64 oracle, written like the upstream hook."""
     a = x.detach().double().requires_grad_()
     C = a.shape[1]
@@ -79,7 +79,7 @@ def test_float64_matches_reference(backend, shape, layout, momentum):
     mm, mv, rho = (rm + 0.3 * torch.randn_like(rm), rv * 1.2, 0.9) if momentum else (None, None, 0.0)
     loss, mean, var = bn_stat_loss(x, rm, rv, mm, mv, rho, backend=backend)
     (g,) = torch.autograd.grad(loss * 2.5, x)  # grad_output != 1
-    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv, mm, mv, rho, grad_out=2.5)
+    rl, rg, rmean, rvar = bn_stat_loss_reference(x, rm, rv, mm, mv, rho, grad_out=2.5)
     assert mean.dtype == torch.float64 and not mean.requires_grad and not var.requires_grad
     assert rel(loss, rl) < 1e-10
     assert rel(mean, rmean) < 1e-10 and rel(var, rvar) < 1e-10
@@ -117,7 +117,7 @@ def test_low_precision(backend, dtype, tol_loss, tol_grad, layout):
     rm, rv = stats_for(5, dtype)
     loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
     (g,) = torch.autograd.grad(loss, x)
-    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)  # oracle on the same (rounded) values
+    rl, rg, rmean, rvar = bn_stat_loss_reference(x, rm, rv)  # oracle on the same (rounded) values
     assert mean.dtype == torch.float32 and var.dtype == torch.float32 and loss.dtype == torch.float32
     assert g.dtype == dtype
     assert rel(mean, rmean) < 1e-5 and rel(var, rvar) < 1e-5
@@ -140,7 +140,7 @@ def test_chunked_reductions(backend, shape, layout):
     rm, rv = stats_for(shape[1], torch.float32)
     loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
     (g,) = torch.autograd.grad(loss, x)
-    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+    rl, rg, rmean, rvar = bn_stat_loss_reference(x, rm, rv)
     assert rel(mean, rmean) < 1e-6 and rel(var, rvar) < 1e-5
     assert rel(loss, rl) < 1e-5 and rel(g, rg) < 1e-4
 
@@ -185,7 +185,7 @@ def test_large_mean_small_variance(backend):
     rm, rv = torch.zeros(4), torch.full((4,), 2e-4)
     loss, mean, var = bn_stat_loss(x, rm, rv, backend=backend)
     (g,) = torch.autograd.grad(loss, x)
-    rl, rg, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+    rl, rg, rmean, rvar = bn_stat_loss_reference(x, rm, rv)
     assert rel(var, rvar) < 1e-3
     assert rel(mean, rmean) < 1e-6
     assert rel(loss, rl) < 1e-5
@@ -209,7 +209,7 @@ def test_multi_layer_with_weights_and_partial_momentum(backend):
     gs = torch.autograd.grad(loss * 0.7, xs)
     ref_total = 0
     for i, x in enumerate(xs):
-        rl, rg, rmean, rvar = ref_loss_and_grad(x, rms[i], rvs[i], mms[i], mvs[i], 0.9 if mms[i] is not None else 0.0,
+        rl, rg, rmean, rvar = bn_stat_loss_reference(x, rms[i], rvs[i], mms[i], mvs[i], 0.9 if mms[i] is not None else 0.0,
                                                 grad_out=0.7 * weights[i])
         ref_total = ref_total + weights[i] * rl
         assert rel(gs[i], rg) < 1e-10
@@ -275,7 +275,7 @@ def test_nan_and_inf_propagate_like_the_reference(backend):
         with torch.no_grad():
             x[1, 2, 3, 1] = bad
         loss, mean, var = bn_stat_loss(x, rm.float(), rv.float(), backend=backend)
-        rl, _, rmean, rvar = ref_loss_and_grad(x, rm, rv)
+        rl, _, rmean, rvar = bn_stat_loss_reference(x, rm, rv)
         assert torch.isnan(loss) == torch.isnan(rl) and torch.isinf(loss) == torch.isinf(rl)
         assert torch.equal(torch.isnan(var), torch.isnan(rvar))
         assert torch.isfinite(mean[:2]).all() and torch.isfinite(var[:2]).all()  # other channels unaffected
@@ -291,7 +291,7 @@ def test_zero_residual_has_zero_gradient_not_nan():
     assert loss.item() < 1e-12 and torch.isfinite(g).all()
 
 
-def _loss_from_stats_oracle(means, variances, rms, rvs, mms, mvs, rho, weights, scale):
+def loss_from_stats_reference(means, variances, rms, rvs, mms, mvs, rho, weights, scale):
     """Per-layer float64 formulation of the spec (torch.norm, as the upstream hook)."""
     total = 0.0
     for l in range(len(means)):
@@ -328,7 +328,7 @@ def test_loss_from_stats_fused_path_matches_oracle(momentum, weights, scale):
     assert loss.grad_fn is not None and "StatLoss" in type(loss.grad_fn).__name__  # the fused path ran
     ref_means = [m.detach().clone().requires_grad_() for m in means]
     ref_vars = [v.detach().clone().requires_grad_() for v in variances]
-    ref = _loss_from_stats_oracle(ref_means, ref_vars, rms, rvs, mms, mvs, rho, weights, scale)
+    ref = loss_from_stats_reference(ref_means, ref_vars, rms, rvs, mms, mvs, rho, weights, scale)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     gout = torch.tensor(0.37, dtype=torch.float64)
     got = torch.autograd.grad(loss, means + variances, gout)
@@ -506,7 +506,7 @@ def test_running_statistics_changed_between_calls_are_read(backend, mutate, mome
                                        backend="reference")[0]
         exp = bn_stat_loss(xs[0], rms[0].clone(), rvs[0].clone(), first(fresh(mms)), first(fresh(mvs)), rate,
                            backend="reference")[0]
-        exp_lfs = _loss_from_stats_oracle(means, variances, fresh(rms), fresh(rvs), fresh(mms), fresh(mvs), rate,
+        exp_lfs = loss_from_stats_reference(means, variances, fresh(rms), fresh(rvs), fresh(mms), fresh(mvs), rate,
                                           None, 1.0)
         got_multi = bn_stat_loss_multi(xs, rms, rvs, mms, mvs, rate, backend=backend)[0]
         got = bn_stat_loss(xs[0], rms[0], rvs[0], first(mms), first(mvs), rate, backend=backend)[0]
@@ -585,7 +585,7 @@ def test_huge_maps_do_not_overflow_where_the_loss_fits(backend, momentum):
     rate = 0.5 if momentum else 0.0
     xg = x.clone().requires_grad_()
     loss = bn_stat_loss(xg, rm, rv, mm, mv, rate, backend=backend)[0]
-    exp_loss, exp_grad = ref_loss_and_grad(x, rm, rv, mm, mv, rate)[:2]
+    exp_loss, exp_grad = bn_stat_loss_reference(x, rm, rv, mm, mv, rate)[:2]
     assert torch.isfinite(loss)
     assert abs(loss.item() / exp_loss.item() - 1) < 1e-4
     (g,) = torch.autograd.grad(loss, xg)
@@ -594,7 +594,7 @@ def test_huge_maps_do_not_overflow_where_the_loss_fits(backend, momentum):
     # several layers, through the fused loss of the statistics
     loss2 = bn_stat_loss_multi([x, x * 0.5], [rm, rm], [rv, rv], None if mm is None else [mm, mm],
                                None if mv is None else [mv, mv], rate, weights=[1.0, 2.0], backend=backend)[0]
-    e2 = exp_loss + 2 * ref_loss_and_grad(x * 0.5, rm, rv, mm, mv, rate)[0]
+    e2 = exp_loss + 2 * bn_stat_loss_reference(x * 0.5, rm, rv, mm, mv, rate)[0]
     assert abs(loss2.item() / e2.item() - 1) < 1e-4
 
 
@@ -728,7 +728,7 @@ def test_cuda_matches_reference(dtype, tol_grad, layout):
         gs = torch.autograd.grad(loss, xs)
         total = 0
         for i, x in enumerate(xs):
-            rl, rg, rmean, rvar = ref_loss_and_grad(x.cpu(), rms[i].cpu(), rvs[i].cpu())
+            rl, rg, rmean, rvar = bn_stat_loss_reference(x.cpu(), rms[i].cpu(), rvs[i].cpu())
             total = total + rl
             assert rel(gs[i].cpu(), rg) < tol_grad
             assert rel(variances[i].cpu(), rvar) < (1e-10 if dtype == torch.float64 else 1e-5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastsynth import _ext
-from fastsynth.ops.contrastive_loss import (contrastive_ce, contrastive_ce_reference, instance_mean_multi,
-                                            instance_mean_multi_reference)
+from fastsynth.ops import contrastive_loss as cl
+from fastsynth.ops.contrastive_loss import contrastive_ce, instance_mean_multi, instance_mean_multi_reference
 
 HAS_EXT = _ext.has_extension() and hasattr(torch.ops.fastsynth, "contrastive_ce")
 BACKENDS = (["cpu"] if HAS_EXT else []) + ["triton"]
@@ -39,7 +39,8 @@ def run(backend, q, k, T, n_split, grad_out=1.0, grad_keys=True):
     return loss.detach(), grads
 
 
-def oracle(q, k, T, n_split, grad_out=1.0, grad_keys=True):
+def contrastive_ce_reference(q, k, T, n_split, grad_out=1.0, grad_keys=True):
+    """float64 loss and gradients (the reference backend on float64 copies)."""
     return run("reference", q.double(), k.double(), T, n_split, grad_out, grad_keys)
 
 
@@ -59,8 +60,8 @@ def test_reference_is_upstream_formula():
     logits = q @ k.T / 0.2
     per_row = torch.nn.functional.cross_entropy(logits, torch.arange(9), reduction="none")
     want = per_row[:4].mean() + per_row[4:].mean()
-    torch.testing.assert_close(contrastive_ce_reference(q, k, 0.2, 4), want)
-    torch.testing.assert_close(contrastive_ce_reference(q, k, 0.2, 9), per_row.mean())
+    torch.testing.assert_close(cl.contrastive_ce_reference(q, k, 0.2, 4), want)
+    torch.testing.assert_close(cl.contrastive_ce_reference(q, k, 0.2, 9), per_row.mean())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,7 +71,7 @@ def test_matches_float64(backend, m, d, n_split):
         pytest.skip("interpreter: small shapes only")
     q, k = make_pair(m, d)
     got = run(backend, q, k, 0.2, n_split, grad_out=1.7)
-    ref = oracle(q, k, 0.2, n_split, grad_out=1.7)
+    ref = contrastive_ce_reference(q, k, 0.2, n_split, grad_out=1.7)
     assert_close(got, ref, torch.float32, f"{backend} {m}x{d} split {n_split}")
 
 
@@ -79,7 +80,7 @@ def test_matches_float64(backend, m, d, n_split):
 def test_dtypes(backend, dtype):
     q, k = make_pair(37, 20, dtype)
     got = run(backend, q, k, 0.5, 16)
-    ref = oracle(q, k, 0.5, 16)
+    ref = contrastive_ce_reference(q, k, 0.5, 16)
     assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(got, ref, dtype, f"{backend} {dtype}")
 
@@ -93,7 +94,7 @@ def test_non_contiguous_and_detached_keys(backend):
     ks.copy_(k)
     assert not qt.is_contiguous() and not ks.is_contiguous()
     got = run(backend, qt, ks, 0.1, 5, grad_keys=False)
-    ref = oracle(q, k, 0.1, 5, grad_keys=False)
+    ref = contrastive_ce_reference(q, k, 0.1, 5, grad_keys=False)
     assert len(got[1]) == 1
     assert_close(got, ref, torch.float32, f"{backend} non-contiguous")
 
@@ -105,7 +106,7 @@ def test_cpu_multiple_row_blocks_and_large_logits(backend):
     m = 300 if backend == "cpu" else 40
     q, k = make_pair(m, 8, normalize=False, seed=3)
     got = run(backend, q, k, 0.05, m - 7, grad_out=0.3)
-    ref = oracle(q, k, 0.05, m - 7, grad_out=0.3)
+    ref = contrastive_ce_reference(q, k, 0.05, m - 7, grad_out=0.3)
     assert torch.isfinite(got[0])
     assert_close(got, ref, torch.float32, f"{backend} large logits")
 
@@ -278,7 +279,7 @@ def test_cuda_triton_matches_float64(dtype, m, d):
     q, k = make_pair(m, d, dtype)
     got = run(None, q.cuda(), k.cuda(), 0.2, min(64, m))
     got = (got[0].cpu(), [g.cpu() for g in got[1]])
-    ref = oracle(q, k, 0.2, min(64, m))
+    ref = contrastive_ce_reference(q, k, 0.2, min(64, m))
     assert_close(got, ref, dtype, f"cuda {dtype} {m}x{d}")
 
 
@@ -298,6 +299,6 @@ def test_cuda_graph_capture():
         loss = contrastive_ce(q, k, 0.2, 64)
         (gq,) = torch.autograd.grad(loss, q, g)
     graph.replay()
-    ref = oracle(q.detach().cpu(), k.cpu(), 0.2, 64, grad_out=1.3, grad_keys=False)
+    ref = contrastive_ce_reference(q.detach().cpu(), k.cpu(), 0.2, 64, grad_out=1.3, grad_keys=False)
     torch.testing.assert_close(loss.cpu().double(), ref[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gq.cpu().double(), ref[1][0], rtol=1e-3, atol=1e-5)

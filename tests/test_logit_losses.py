@@ -48,7 +48,7 @@ def kl_rows(t, s):
     return (lpt.exp() * (lpt - F.log_softmax(s, dim=1))).sum(1)
 
 
-def oracle(kind, t, s, y=None, *, oh=1.0, adv=1.0, mask="agree", T=1.0, grad_out=1.0):
+def logit_loss_reference(kind, t, s, y=None, *, oh=1.0, adv=1.0, mask="agree", T=1.0, grad_out=1.0):
     """float64 loss, parts and gradients w.r.t. (t, s) of the upstream formulation."""
     t64 = t.detach().double().requires_grad_()
     s64 = s.detach().double().requires_grad_()
@@ -117,7 +117,7 @@ def test_synthesis_matches_float64(backend, C, mask):
     t, s = make_logits(6, C)
     y = torch.randint(0, C, (6,))
     got = run("synthesis", backend, t, s, y, oh=0.7, adv=1.33, mask=mask, grad_out=2.5)
-    ref = oracle("synthesis", t, s, y, oh=0.7, adv=1.33, mask=mask, grad_out=2.5)
+    ref = logit_loss_reference("synthesis", t, s, y, oh=0.7, adv=1.33, mask=mask, grad_out=2.5)
     assert_matches(got, ref, torch.float32, f"{backend} C={C} mask={mask}")
 
 
@@ -127,7 +127,7 @@ def test_synthesis_matches_float64(backend, C, mask):
 def test_kd_and_js_match_float64(backend, C, kind, T):
     t, s = make_logits(5, C)
     got = run(kind, backend, t, s, T=T, grad_out=-0.75)
-    ref = oracle(kind, t, s, T=T, grad_out=-0.75)
+    ref = logit_loss_reference(kind, t, s, T=T, grad_out=-0.75)
     assert_matches(got, ref, torch.float32, f"{kind} {backend} C={C} T={T}")
 
 
@@ -136,9 +136,9 @@ def test_reference_backend_is_the_upstream_formulation(C):
     t, s = make_logits(6, C)
     y = torch.randint(0, C, (6,))
     assert_matches(run("synthesis", "reference", t, s, y, oh=0.7, adv=1.33, grad_out=2.5),
-                   oracle("synthesis", t, s, y, oh=0.7, adv=1.33, grad_out=2.5), torch.float32)
+                   logit_loss_reference("synthesis", t, s, y, oh=0.7, adv=1.33, grad_out=2.5), torch.float32)
     for kind, T in (("kd", 20.0), ("js", 3.0)):
-        assert_matches(run(kind, "reference", t, s, T=T), oracle(kind, t, s, T=T), torch.float32)
+        assert_matches(run(kind, "reference", t, s, T=T), logit_loss_reference(kind, t, s, T=T), torch.float32)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -147,7 +147,7 @@ def test_float64_inputs_are_computed_in_float64(backend, kind):
     t, s = make_logits(4, 33, dtype=torch.float64)
     y = torch.randint(0, 33, (4,))
     got = run(kind, backend, t, s, y, T=2.0, grad_out=1.5)
-    ref = oracle(kind, t, s, y, T=2.0, grad_out=1.5)
+    ref = logit_loss_reference(kind, t, s, y, T=2.0, grad_out=1.5)
     assert got[0].dtype == torch.float64 and got[2].dtype == torch.float64
     tol = 1e-12
     torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=tol)
@@ -182,9 +182,9 @@ def test_gradcheck(backend):
 def test_single_row(backend):
     t, s = make_logits(1, 17)
     y = torch.tensor([3])
-    assert_matches(run("synthesis", backend, t, s, y, adv=2.0), oracle("synthesis", t, s, y, adv=2.0), torch.float32)
-    assert_matches(run("kd", backend, t, s, T=5.0), oracle("kd", t, s, T=5.0), torch.float32)
-    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32)
+    assert_matches(run("synthesis", backend, t, s, y, adv=2.0), logit_loss_reference("synthesis", t, s, y, adv=2.0), torch.float32)
+    assert_matches(run("kd", backend, t, s, T=5.0), logit_loss_reference("kd", t, s, T=5.0), torch.float32)
+    assert_matches(run("js", backend, t, s, T=3.0), logit_loss_reference("js", t, s, T=3.0), torch.float32)
 
 
 @pytest.mark.parametrize("backend", FUSED + ["reference"])
@@ -198,7 +198,7 @@ def test_all_rows_masked_gives_zero_adv_and_zero_student_grad(backend):
     assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
     # with the CE term the teacher gradient is the CE gradient alone, never NaN
     loss, parts, gt, gs = run("synthesis", backend, t, s, y, oh=0.5, adv=1.33)
-    ref = oracle("synthesis", t, s, y, oh=0.5, adv=1.33)
+    ref = logit_loss_reference("synthesis", t, s, y, oh=0.5, adv=1.33)
     assert_matches((loss, parts, gt, gs), ref, torch.float32)
     assert torch.equal(gs, torch.zeros_like(gs))
 
@@ -211,7 +211,7 @@ def test_no_rows_masked(backend):
     got = run("synthesis", backend, t, s, y, oh=0.5, adv=1.0)
     assert float(got[1]["agree_frac"]) == 1.0
     assert float(got[1]["adv"]) < 0
-    assert_matches(got, oracle("synthesis", t, s, y, oh=0.5, adv=1.0), torch.float32)
+    assert_matches(got, logit_loss_reference("synthesis", t, s, y, oh=0.5, adv=1.0), torch.float32)
     nomask = run("synthesis", backend, t, s, y, oh=0.5, adv=1.0, mask=None)
     torch.testing.assert_close(nomask[0], got[0])
 
@@ -233,7 +233,7 @@ def test_argmax_ties_follow_torch_argmax(backend):
     expected = (s.argmax(1) == t.argmax(1)).float().mean()
     loss, parts, gt, gs = run("synthesis", backend, t, s, y, adv=1.0)
     assert float(parts["agree_frac"]) == float(expected)
-    assert_matches((loss, parts, gt, gs), oracle("synthesis", t, s, y, adv=1.0), torch.float32)
+    assert_matches((loss, parts, gt, gs), logit_loss_reference("synthesis", t, s, y, adv=1.0), torch.float32)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -249,9 +249,9 @@ def test_triton_and_cpu_multi_chunk_rows(backend, monkeypatch):
     s[1] = t[1] * 1.1
     y = torch.tensor([299, 0, 150])
     assert_matches(run("synthesis", backend, t, s, y, oh=0.5, adv=1.2, grad_out=3.0),
-                   oracle("synthesis", t, s, y, oh=0.5, adv=1.2, grad_out=3.0), torch.float32)
-    assert_matches(run("kd", backend, t, s, T=4.0), oracle("kd", t, s, T=4.0), torch.float32)
-    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32)
+                   logit_loss_reference("synthesis", t, s, y, oh=0.5, adv=1.2, grad_out=3.0), torch.float32)
+    assert_matches(run("kd", backend, t, s, T=4.0), logit_loss_reference("kd", t, s, T=4.0), torch.float32)
+    assert_matches(run("js", backend, t, s, T=3.0), logit_loss_reference("js", t, s, T=3.0), torch.float32)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -264,7 +264,7 @@ def test_extreme_logits(backend, C):
     y = torch.randint(0, C, (4,))
     for kind, kw in (("synthesis", dict(oh=0.5, adv=1.0)), ("kd", dict(T=20.0)), ("js", dict(T=3.0))):
         loss, parts, gt, gs = run(kind, backend, t, s, y, **kw)
-        rloss, rparts, rgt, rgs = oracle(kind, t, s, y, **kw)
+        rloss, rparts, rgt, rgs = logit_loss_reference(kind, t, s, y, **kw)
         assert torch.isfinite(loss) and torch.isfinite(gt).all() and torch.isfinite(gs).all()
         # fp32 logits of magnitude 1e4 carry an absolute rounding of ~1e-3 (the fp32 upstream
         # formulation has the same); the loss is compared at that scale
@@ -286,7 +286,7 @@ def test_float64_scalars_reach_the_kernels_in_float64(backend, kind, T, oh, adv)
     t, s = make_logits(7, 45, dtype=torch.float64)
     y = torch.randint(0, 45, (7,))
     got = run(kind, backend, t, s, y, T=T, oh=oh, adv=adv, grad_out=1.3)
-    ref = oracle(kind, t, s, y, T=T, oh=oh, adv=adv, grad_out=1.3)
+    ref = logit_loss_reference(kind, t, s, y, T=T, oh=oh, adv=adv, grad_out=1.3)
     for g, r in zip((got[0], got[2], got[3]), (ref[0], ref[2], ref[3])):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
     if kind == "js":  # clamp bounds
@@ -400,7 +400,7 @@ def test_neg_inf_logits_give_the_limit(backend, C, dtype, monkeypatch):
     for kind, kw in (("synthesis", dict(oh=0.5, adv=1.3, mask=None)), ("synthesis", dict(oh=0.5, adv=1.3)),
                      ("kd", dict(T=2.5)), ("js", dict(T=3.0))):
         got = run(kind, backend, t, s, y, **kw)
-        ref = oracle(kind, t64, s64, y, **kw)
+        ref = logit_loss_reference(kind, t64, s64, y, **kw)
         assert_matches(got, ref, dtype, f"{kind} {kw}")
 
 
@@ -419,7 +419,7 @@ def test_strided_targets(backend):
     y = y_full[::2]
     assert not y.is_contiguous()
     got = run("synthesis", backend, t, s, y, oh=0.7, adv=1.1)
-    assert_matches(got, oracle("synthesis", t, s, y.contiguous(), oh=0.7, adv=1.1), torch.float32)
+    assert_matches(got, logit_loss_reference("synthesis", t, s, y.contiguous(), oh=0.7, adv=1.1), torch.float32)
 
 
 @pytest.mark.parametrize("n", [1, 16, 17, 50])
@@ -432,8 +432,8 @@ def test_cpu_short_rows_in_lane_blocks(n, c, dtype):
     t, s = make_logits(n, c, dtype=dtype)
     y = torch.randint(0, c, (n,))
     assert_matches(run("synthesis", "cpu", t, s, y, oh=0.7, adv=1.3, grad_out=1.7),
-                   oracle("synthesis", t, s, y, oh=0.7, adv=1.3, grad_out=1.7), dtype, f"n={n} c={c}")
-    assert_matches(run("kd", "cpu", t, s, T=4.0, grad_out=0.6), oracle("kd", t, s, T=4.0, grad_out=0.6), dtype,
+                   logit_loss_reference("synthesis", t, s, y, oh=0.7, adv=1.3, grad_out=1.7), dtype, f"n={n} c={c}")
+    assert_matches(run("kd", "cpu", t, s, T=4.0, grad_out=0.6), logit_loss_reference("kd", t, s, T=4.0, grad_out=0.6), dtype,
                    f"n={n} c={c}")
 
 
@@ -451,9 +451,9 @@ def test_non_contiguous_inputs(backend, layout):
     assert not t.is_contiguous()
     y = torch.randint(0, c, (n,))
     assert_matches(run("synthesis", backend, t, s, y, adv=1.0, grad_out=0.5),
-                   oracle("synthesis", t, s, y, adv=1.0, grad_out=0.5), torch.float32, layout)
-    assert_matches(run("kd", backend, t, s, T=3.0), oracle("kd", t, s, T=3.0), torch.float32, layout)
-    assert_matches(run("js", backend, t, s, T=3.0), oracle("js", t, s, T=3.0), torch.float32, layout)
+                   logit_loss_reference("synthesis", t, s, y, adv=1.0, grad_out=0.5), torch.float32, layout)
+    assert_matches(run("kd", backend, t, s, T=3.0), logit_loss_reference("kd", t, s, T=3.0), torch.float32, layout)
+    assert_matches(run("js", backend, t, s, T=3.0), logit_loss_reference("js", t, s, T=3.0), torch.float32, layout)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -466,7 +466,7 @@ def test_half_precision_inputs(backend, dtype, kind):
     assert loss.dtype == torch.float32 and gt.dtype == dtype and gs.dtype == dtype
     # the oracle sees the same (rounded) half values: fp32 math makes the loss tight; the
     # gradients are rounded to the input dtype
-    assert_matches((loss, parts, gt, gs), oracle(kind, t, s, y, T=4.0, adv=1.0, grad_out=2.0), dtype)
+    assert_matches((loss, parts, gt, gs), logit_loss_reference(kind, t, s, y, T=4.0, adv=1.0, grad_out=2.0), dtype)
 
 
 def test_cpu_and_triton_agree():
@@ -502,11 +502,11 @@ def test_gradients_only_for_inputs_that_require_them(backend):
     s_leaf = s.clone().requires_grad_()
     loss, _ = fastsynth.ops.synthesis_logit_loss(t, s_leaf, y, adv=1.0, backend=backend)
     (gs,) = torch.autograd.grad(loss, [s_leaf])
-    torch.testing.assert_close(gs.double(), oracle("synthesis", t, s, y, adv=1.0)[3], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gs.double(), logit_loss_reference("synthesis", t, s, y, adv=1.0)[3], rtol=1e-4, atol=1e-7)
     # KD with a detached teacher (the upstream use), and no grad at all
     kd = fastsynth.ops.kd_loss(s_leaf, t, 20.0, backend=backend)
     (gs,) = torch.autograd.grad(kd, [s_leaf])
-    torch.testing.assert_close(gs.double(), oracle("kd", t, s, T=20.0)[3], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gs.double(), logit_loss_reference("kd", t, s, T=20.0)[3], rtol=1e-4, atol=1e-7)
     with torch.no_grad():
         loss, parts = fastsynth.ops.synthesis_logit_loss(t, s_leaf, y, backend=backend)
     assert not loss.requires_grad
@@ -811,7 +811,7 @@ def test_cuda_matches_float64(backend, C, dtype):
     y = torch.randint(0, C, (33,), device="cuda")
     for kind in ("synthesis", "kd", "js"):
         got = run(kind, backend, t, s, y, T=3.0, adv=1.3, oh=0.5, grad_out=2.0)
-        ref = oracle(kind, t, s, y, T=3.0, adv=1.3, oh=0.5, grad_out=2.0)
+        ref = logit_loss_reference(kind, t, s, y, T=3.0, adv=1.3, oh=0.5, grad_out=2.0)
         got = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in got)
         ref = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in ref)
         assert_matches(got, ref, dtype if dtype != torch.float64 else torch.float32, f"{kind} {backend} {C} {dtype}")
@@ -835,7 +835,7 @@ def test_cuda_graph_capture_of_forward_backward():
         gt, gs = torch.autograd.grad(loss, [t, s], g)
     graph.replay()
     torch.cuda.synchronize()
-    ref = oracle("synthesis", t, s, y, adv=1.0, grad_out=1.7)
+    ref = logit_loss_reference("synthesis", t, s, y, adv=1.0, grad_out=1.7)
     torch.testing.assert_close(loss.double().cpu(), ref[0].cpu(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gs.double().cpu(), ref[3].cpu(), rtol=1e-4, atol=1e-6)
 
@@ -869,4 +869,4 @@ def test_cuda_non_finite_logits(backend, C):
     for kind, kw in (("synthesis", dict(oh=0.5, adv=1.3, mask=None)), ("kd", dict(T=2.5)), ("js", dict(T=3.0))):
         got = run(kind, backend, t.cuda(), s.cuda(), y.cuda(), **kw)
         got = tuple(x.cpu() if isinstance(x, torch.Tensor) else {k: v.cpu() for k, v in x.items()} for x in got)
-        assert_matches(got, oracle(kind, t64, s64, y, **kw), torch.float32, f"{kind} {backend} {C}")
+        assert_matches(got, logit_loss_reference(kind, t64, s64, y, **kw), torch.float32, f"{kind} {backend} {C}")

@@ -34,6 +34,9 @@ from typing import Sequence
 
 import torch
 
+__all__ = ["bn_stat_loss", "bn_stat_loss_multi", "loss_from_stats", "bn_batch_stats_reference",
+           "loss_from_stats_reference"]
+
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp16/bf16 statistics are accumulated and returned in fp32; fp64 stays fp64
@@ -376,7 +379,7 @@ def _check_weights(weights, L: int):
 # --------------------------------------------------------------------------------------------
 # reference backend: eager PyTorch written the way the upstream hook computes it
 # --------------------------------------------------------------------------------------------
-def _reference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_batch_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = x.to(_stat_dtype(x.dtype))
     nch = a.shape[1]
     dims = [0] + list(range(2, a.dim()))
@@ -385,14 +388,26 @@ def _reference_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _reference_layer_loss(mean, var, rm, rv, mmt_mean, mmt_var, rho):
-    rm = rm.to(mean.dtype)
-    rv = rv.to(mean.dtype)
-    # torch.norm as upstream, but scaled before squaring (_careful_norm): no float32 overflow
-    if mmt_mean is None:
-        return _careful_norm(rv - var) + _careful_norm(rm - mean)
-    return (_careful_norm(rv - (1 - rho) * var - rho * mmt_var.to(var.dtype))
-            + _careful_norm(rm - (1 - rho) * mean - rho * mmt_mean.to(mean.dtype)))
+def loss_from_stats_reference(means, variances, running_means, running_vars, mmt_means=None, mmt_vars=None,
+                              mmt_rate=0.0, weights=None):
+    """``sum_l w_l R_l`` layer by layer, as the upstream hooks compute it (a layer whose momentum
+    state is None uses the plain loss)."""
+    total = None
+    for i, (mean, var) in enumerate(zip(means, variances)):
+        rm = running_means[i].to(mean.dtype)
+        rv = running_vars[i].to(mean.dtype)
+        mm = None if mmt_means is None else mmt_means[i]
+        mv = None if mmt_vars is None else mmt_vars[i]
+        # torch.norm as upstream, but scaled before squaring (_careful_norm): no float32 overflow
+        if mm is None:
+            r = _careful_norm(rv - var) + _careful_norm(rm - mean)
+        else:
+            r = (_careful_norm(rv - (1 - mmt_rate) * var - mmt_rate * mv.to(var.dtype))
+                 + _careful_norm(rm - (1 - mmt_rate) * mean - mmt_rate * mm.to(mean.dtype)))
+        if weights is not None:
+            r = r * weights[i]
+        total = r if total is None else total + r
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,8 +520,10 @@ def bn_stat_loss(
     _check_rate(mmt_rate)
     be = resolve_backend(backend, x.device, "bn_stat_loss")
     if be == "reference":
-        mean, var = _reference_stats(x)
-        loss = _reference_layer_loss(mean, var, running_mean, running_var, mmt_mean, mmt_var, float(mmt_rate))
+        mean, var = bn_batch_stats_reference(x)
+        loss = loss_from_stats_reference([mean], [var], [running_mean], [running_var],
+                                         None if mmt_mean is None else [mmt_mean],
+                                         None if mmt_var is None else [mmt_var], float(mmt_rate))
         return loss, mean.detach(), var.detach()
     mean, var = _stats_multi([x], be)
     loss = loss_from_stats([mean], [var], [running_mean], [running_var],
@@ -568,38 +585,23 @@ def bn_stat_loss_multi(
     if stats_hook is not None:
         counts = [x.numel() // x.shape[1] for x in features]
         if be == "reference":
-            per = [_reference_stats(x) for x in features]
+            per = [bn_batch_stats_reference(x) for x in features]
             mu_cat, var_cat = torch.cat([m for m, _ in per]), torch.cat([v for _, v in per])
         else:
             mu_cat, var_cat = _stats_multi(list(features), be)
         mu_cat, var_cat = stats_hook(mu_cat, var_cat, sizes, counts)
         if be == "reference":
-            total = None
-            for i, (m, v) in enumerate(zip(mu_cat.split(sizes), var_cat.split(sizes))):
-                r = _reference_layer_loss(m, v, running_means[i], running_vars[i],
-                                          None if mmt_means is None else mmt_means[i],
-                                          None if mmt_vars is None else mmt_vars[i], float(mmt_rate))
-                if weights is not None:
-                    r = r * weights[i]
-                total = r if total is None else total + r
-            loss = total
+            loss = loss_from_stats_reference(mu_cat.split(sizes), var_cat.split(sizes), running_means, running_vars,
+                                             mmt_means, mmt_vars, float(mmt_rate), weights)
         else:
             loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means,
                                          mmt_vars, float(mmt_rate), weights)
         return loss, list(mu_cat.detach().split(sizes)), list(var_cat.detach().split(sizes))
     if be == "reference":
-        means, variances, total = [], [], None
-        for i, x in enumerate(features):
-            m, v = _reference_stats(x)
-            r = _reference_layer_loss(m, v, running_means[i], running_vars[i],
-                                      None if mmt_means is None else mmt_means[i],
-                                      None if mmt_vars is None else mmt_vars[i], float(mmt_rate))
-            if weights is not None:
-                r = r * weights[i]
-            total = r if total is None else total + r
-            means.append(m.detach())
-            variances.append(v.detach())
-        return total, means, variances
+        means, variances = zip(*[bn_batch_stats_reference(x) for x in features])
+        total = loss_from_stats_reference(means, variances, running_means, running_vars, mmt_means, mmt_vars,
+                                          float(mmt_rate), weights)
+        return total, [m.detach() for m in means], [v.detach() for v in variances]
     mu_cat, var_cat = _stats_multi(list(features), be)
     # the concatenated statistics feed the loss directly (no split + re-concatenation in autograd)
     loss = _loss_from_stat_parts([mu_cat], [var_cat], sizes, running_means, running_vars, mmt_means, mmt_vars,
