@@ -65,27 +65,31 @@ class Launch:
 class _Recorder:
     """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
 
-    def __init__(self, fn, sink, name):
-        self.fn, self.sink, self.name = fn, sink, name
+    def __init__(self, fn, sink, module, name):
+        self.fn, self.sink, self.module, self.name = fn, sink, module, name
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append((self.name, args, kwargs))
+            self.sink.append((self.module, self.name, args, kwargs))
         return launch
 
 
 @contextlib.contextmanager
-def _recording(mod, sink):
+def _recording(sink):
+    """Every @triton.jit function of the loaded fastsynth/kernels/ modules records its launches,
+    under the module that defines it (a kernel shared by several ops, such as
+    addresses._addresses_kernel, is one kernel)."""
     import triton
 
-    saved = {n: v for n, v in vars(mod).items() if isinstance(v, triton.runtime.jit.JITFunction)}
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("fastsynth.kernels.") and m is not None]
+    saved = [(m, n, v) for m in mods for n, v in vars(m).items() if isinstance(v, triton.runtime.jit.JITFunction)]
     try:
-        for n, v in saved.items():
-            setattr(mod, n, _Recorder(v, sink, n))
-        yield saved
+        for m, n, v in saved:
+            setattr(m, n, _Recorder(v, sink, m.__name__.rsplit(".", 1)[-1], n))
+        yield
     finally:
-        for n, v in saved.items():
-            setattr(mod, n, v)
+        for m, n, v in saved:
+            setattr(m, n, v)
 
 
 def _bn_shapes():
@@ -203,7 +207,7 @@ def capture(subset: bool = False) -> list[Launch]:
             mod = mods[module]
             sink = []
             patch_sms = getattr(mod, "_sm_count", None)
-            with _recording(mod, sink):
+            with _recording(sink):
                 if patch_sms is not None:
                     mod._sm_count = lambda device, sms=sms: sms
                 try:
@@ -211,8 +215,8 @@ def capture(subset: bool = False) -> list[Launch]:
                 finally:
                     if patch_sms is not None:
                         mod._sm_count = patch_sms
-            for kernel, args, kwargs in sink:
-                launches.append(Launch(module, kernel, dn, case, args, kwargs, arch))
+            for kmodule, kernel, args, kwargs in sink:
+                launches.append(Launch(kmodule, kernel, dn, case, args, kwargs, arch))
     return launches
 
 

@@ -20,10 +20,9 @@ contiguous channels per position (coalesced), other maps read along their rows.
 Device tables. The work tables depend only on the shapes, strides, dtype and device of the maps:
 they are built once per such key with device-side ops (no host-to-device copy) and kept in a
 bounded cache, so a CUDA graph that captures a call replays no host copy and later calls build
-nothing. Only the addresses change between calls: ``_addresses_kernel`` writes them from its
-pointer arguments into a device vector (kernel arguments, captured by value in a graph).
+nothing. Only the addresses change between calls: fastsynth/kernels/addresses.py writes them
+from kernel arguments into a device vector (captured by value in a graph).
 
-  _addresses_kernel        the address vector of the call (16 tensors per launch)
   _bn_stats_chunk_kernel   one program per work item: blocked two-pass statistics of each tile,
                            merged across tiles with Chan's formula -> (mean, m2, n) per channel
   _bn_stats_merge_kernel   one program per channel: exact parallel merge of its chunk partials
@@ -38,11 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .addresses import addresses, capturing
+
 _MAX_CHUNK = 16384      # values of one channel per work item
 _TILE = 1024            # values per tile (NCHW-like maps)
 _CL_TILE = 256          # values per tile of channels_last maps (see fastsynth/kernels/fused_bn.py: registers)
 _MAX_BLOCK_C = 16       # channels per tile
-_ADDR_ARGS = 16         # tensors per _addresses_kernel launch
 _CACHE_MAX = 64         # work tables kept (keys: shapes/strides/dtype/device of a call)
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _BUILDS = 0             # work tables built so far (tests: a repeated shape builds nothing)
@@ -52,27 +52,6 @@ _S_COLS = ("layer", "c0", "C", "t0", "t1", "LT", "L", "R0", "sc", "s1", "s0", "s
 # backward work-table columns
 _B_COLS = ("layer", "c0", "C", "t0", "t1", "LT", "L", "R0", "sc", "s1", "s0", "sl",
            "ch0", "gsc", "g1", "g0", "gl", "M")
-
-
-@triton.jit(do_not_specialize_on_alignment=[f"p{i}" for i in range(16)])
-def _addresses_kernel(out_ptr, count, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
-    """out[i] = address of p_i for i < count (unused arguments repeat a valid tensor)."""
-    tl.store(out_ptr + 0, p0.to(tl.int64), mask=0 < count)
-    tl.store(out_ptr + 1, p1.to(tl.int64), mask=1 < count)
-    tl.store(out_ptr + 2, p2.to(tl.int64), mask=2 < count)
-    tl.store(out_ptr + 3, p3.to(tl.int64), mask=3 < count)
-    tl.store(out_ptr + 4, p4.to(tl.int64), mask=4 < count)
-    tl.store(out_ptr + 5, p5.to(tl.int64), mask=5 < count)
-    tl.store(out_ptr + 6, p6.to(tl.int64), mask=6 < count)
-    tl.store(out_ptr + 7, p7.to(tl.int64), mask=7 < count)
-    tl.store(out_ptr + 8, p8.to(tl.int64), mask=8 < count)
-    tl.store(out_ptr + 9, p9.to(tl.int64), mask=9 < count)
-    tl.store(out_ptr + 10, p10.to(tl.int64), mask=10 < count)
-    tl.store(out_ptr + 11, p11.to(tl.int64), mask=11 < count)
-    tl.store(out_ptr + 12, p12.to(tl.int64), mask=12 < count)
-    tl.store(out_ptr + 13, p13.to(tl.int64), mask=13 < count)
-    tl.store(out_ptr + 14, p14.to(tl.int64), mask=14 < count)
-    tl.store(out_ptr + 15, p15.to(tl.int64), mask=15 < count)
 
 
 @triton.jit
@@ -279,10 +258,6 @@ def _tile_shape(C: int, L: int, sc: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(C), _CL_TILE // block_l, _MAX_BLOCK_C) if block_l < _CL_TILE else 1, block_l
 
 
-def _capturing(dev: torch.device) -> bool:
-    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _plan(xs, grads):
     """The work tables of a call, built with device-side ops (no host-to-device copy) and cached
     per (shapes, strides, dtype, device). Returns (groups, chans, n_partials, max_chunks):
@@ -347,23 +322,11 @@ def _plan(xs, grads):
         groups.append((tab, tab.shape[0], bc, bl, off64, unit))
     plan = (groups, (torch.cat(chans) if len(chans) > 1 else chans[0]) if not backward else None,
             partial, max_chunks)
-    if not _capturing(dev):  # tables made inside a capture live in the graph's pool: not kept
+    if not capturing(dev):  # tables made inside a capture live in the graph's pool: not kept
         _CACHE[key] = plan
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
     return plan
-
-
-def _addresses(tensors, dev) -> torch.Tensor:
-    """int64 device vector of the data addresses of ``tensors`` (no host-to-device copy: the
-    addresses travel as kernel arguments)."""
-    out = torch.empty(len(tensors), dtype=torch.int64, device=dev)
-    for s in range(0, len(tensors), _ADDR_ARGS):
-        part = list(tensors[s:s + _ADDR_ARGS])
-        n = len(part)
-        part += [part[0]] * (_ADDR_ARGS - n)
-        _addresses_kernel[(1,)](out[s:], n, *part)
-    return out
 
 
 def _acc(dtype):
@@ -378,7 +341,7 @@ def bn_batch_stats_multi(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     """Concatenated per-channel (mean, biased var) of every map in ``xs`` (same dtype/device)."""
     dev = xs[0].device
     groups, chans, n_partials, max_chunks = _plan(xs, None)
-    addr = _addresses(xs, dev)
+    addr = addresses(xs, dev)
     sdt = _stat_dtype(xs[0].dtype)
     partials = torch.empty(n_partials, 3, dtype=sdt, device=dev)
     n_ch = chans.shape[0]
@@ -397,7 +360,7 @@ def bn_batch_stats_multi_backward(xs, means, g_means, g_vars) -> list[torch.Tens
     dev = xs[0].device
     grads = [torch.empty_like(x) for x in xs]
     groups, _, _, _ = _plan(xs, grads)
-    addr = _addresses(list(xs) + grads, dev)
+    addr = addresses(list(xs) + grads, dev)
     acc = _acc(xs[0].dtype)
     means, g_means, g_vars = means.contiguous(), g_means.contiguous(), g_vars.contiguous()
     for table, n_items, bc, bl, off64, unit in groups:

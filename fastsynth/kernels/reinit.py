@@ -9,8 +9,8 @@ Triton's, not the CPU/CUDA kernels' (tested statistically).
 
 The tables depend only on the sizes, distributions and parameters of the call: they are built on
 the device once per such key and cached (``_tables``); the data pointers, which change between
-calls, reach the device as kernel arguments of ``_addresses_kernel``. No call copies host memory
-to the device, so a CUDA graph that captures reinit replays no host copy.
+calls, reach the device as kernel arguments (fastsynth/kernels/addresses.py). No call copies host
+memory to the device, so a CUDA graph that captures reinit replays no host copy.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import collections
 import torch
 import triton
 import triton.language as tl
+
+from .addresses import addresses, capturing
 
 # 8 warps (2 values per thread at BLOCK 1024): with 4, Triton 3.8's ptxas spills 4 bytes on sm_80
 # (Triton 3.9 does not); registers stay at 32 either way.
@@ -86,44 +88,6 @@ def _reinit_kernel(
 _CACHE_MAX = 64
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _BUILDS = 0  # tables built so far (tests: a repeated call builds nothing)
-_ADDR_ARGS = 16
-
-
-@triton.jit(do_not_specialize_on_alignment=[f"p{i}" for i in range(16)])
-def _addresses_kernel(out_ptr, count, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
-    """out[i] = address of p_i for i < count (unused arguments repeat a valid tensor)."""
-    tl.store(out_ptr + 0, p0.to(tl.int64), mask=0 < count)
-    tl.store(out_ptr + 1, p1.to(tl.int64), mask=1 < count)
-    tl.store(out_ptr + 2, p2.to(tl.int64), mask=2 < count)
-    tl.store(out_ptr + 3, p3.to(tl.int64), mask=3 < count)
-    tl.store(out_ptr + 4, p4.to(tl.int64), mask=4 < count)
-    tl.store(out_ptr + 5, p5.to(tl.int64), mask=5 < count)
-    tl.store(out_ptr + 6, p6.to(tl.int64), mask=6 < count)
-    tl.store(out_ptr + 7, p7.to(tl.int64), mask=7 < count)
-    tl.store(out_ptr + 8, p8.to(tl.int64), mask=8 < count)
-    tl.store(out_ptr + 9, p9.to(tl.int64), mask=9 < count)
-    tl.store(out_ptr + 10, p10.to(tl.int64), mask=10 < count)
-    tl.store(out_ptr + 11, p11.to(tl.int64), mask=11 < count)
-    tl.store(out_ptr + 12, p12.to(tl.int64), mask=12 < count)
-    tl.store(out_ptr + 13, p13.to(tl.int64), mask=13 < count)
-    tl.store(out_ptr + 14, p14.to(tl.int64), mask=14 < count)
-    tl.store(out_ptr + 15, p15.to(tl.int64), mask=15 < count)
-
-
-def _addresses(tensors, device) -> torch.Tensor:
-    """int64 device vector of the data addresses of ``tensors``; the addresses travel as kernel
-    arguments (captured by value in a CUDA graph), never as a host-to-device copy."""
-    out = torch.empty(len(tensors), dtype=torch.int64, device=device)
-    for s in range(0, len(tensors), _ADDR_ARGS):
-        part = list(tensors[s:s + _ADDR_ARGS])
-        n = len(part)
-        part += [part[0]] * (_ADDR_ARGS - n)
-        _addresses_kernel[(1,)](out[s:], n, *part)
-    return out
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _tables(device, numels, begins, dists, params, block):
@@ -156,7 +120,7 @@ def _tables(device, numels, begins, dists, params, block):
         torch.arange(0, nb * block, block, dtype=torch.int64, device=device, out=blk_s[pos:pos + nb])
         pos += nb
     tables = tuple(out) + (blk_t, blk_s)
-    if not _capturing(device):  # tables made inside a capture live in the graph's pool: not kept
+    if not capturing(device):  # tables made inside a capture live in the graph's pool: not kept
         _CACHE[key] = tables
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
@@ -180,7 +144,7 @@ def reinit(tensors, seed: torch.Tensor, dists, params, block: int = 1024) -> Non
             [(float(params[i][0]), float(params[i][1])) for i in idx], block)
         w = torch.finfo(dtype).bits
         _reinit_kernel[(blk_t.shape[0],)](
-            _addresses([tensors[i] for i in idx], device), begin_t, numel_t, dist_t, lo_t, hi_t, blk_t, blk_s, seed,
+            addresses([tensors[i] for i in idx], device), begin_t, numel_t, dist_t, lo_t, hi_t, blk_t, blk_s, seed,
             OUT=_TL_DTYPE[dtype], OUT_INT=_TL_INT[dtype], MAXPOS=(1 << (w - 1)) - 1,
             MIN_NEG_PLUS_1=-(1 << (w - 1)) + 1, IS_F64=dtype == torch.float64, BLOCK=block,
             num_warps=_NUM_WARPS,
