@@ -373,13 +373,31 @@ def test_layout_threshold_resolution_and_global_switch(monkeypatch):
     assert all(n.args[2] == 0 for n in view.graph.nodes if n.target is convs.conv)
 
 
-def test_phase_kernels_channels_last_same_values():
-    from fastsynth.nn.upsample_conv import _phase_kernels
+def test_upsample_conv_transposed_kernel_and_op_count():
+    """The 4x4 transposed kernel per axis is [w2, w1 + w2, w0 + w1, w0]; the fused upsample +
+    convolution dispatches five ops forward and nine backward (no pads, phase maps or
+    interleaving copies; the upsample + convolution it replaces: two and two, over a 4x larger map), on an
+    NCHW and a channels_last input alike (the output keeps the input's layout)."""
+    from fastsynth.nn.upsample_conv import _transposed_kernel, upsample2x_conv3x3
 
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
-    k, kc = _phase_kernels(w), _phase_kernels(w, channels_last=True)
-    torch.testing.assert_close(kc, k, rtol=0, atol=0)
-    assert all(kc[i].is_contiguous(memory_format=torch.channels_last) for i in range(4))
+    axis = lambda t: torch.stack([t[..., 2], t[..., 1] + t[..., 2], t[..., 0] + t[..., 1], t[..., 0]], -1)  # noqa: E731
+    want = axis(axis(w).transpose(-1, -2)).transpose(-1, -2)  # [O, C, 4, 4]: rows, then columns
+    torch.testing.assert_close(_transposed_kernel(w), want.transpose(0, 1), rtol=0, atol=1e-15)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 5, 6).contiguous(memory_format=fmt).requires_grad_()
+        wf = w.float().requires_grad_()
+        upsample2x_conv3x3(x, wf)  # the first call per dtype and device casts the 0/1 matrix once
+        with AtenOpCounter() as fwd:
+            y = upsample2x_conv3x3(x, wf)
+        g = torch.randn_like(y)
+        with AtenOpCounter() as bwd:
+            y.backward(g)
+        assert fwd.total == 5, dict(fwd.counts)
+        # convolution_backward, the kernel's way back (transpose, reshape: clone + view, t + mm, view)
+        # and the two leaves' gradient detaches
+        assert bwd.total <= 9 and bwd.counts["aten.convolution_backward"] == 1, dict(bwd.counts)
+        assert y.is_contiguous(memory_format=fmt)
 
 
 # ---------------------------------------------------------------- caches keyed on the tensor itself

@@ -67,14 +67,16 @@ def _check_latent(owner: str, z, ref: torch.Tensor, nz: int, spatial_ok: bool = 
     _check_like(owner, "z", z, ref)
 
 
-def _conv_blocks_32(ngf: int, nc: int) -> nn.Sequential:
-    """BN, up x2, conv(2ngf->2ngf), BN, LReLU, up x2, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid.
+def _conv_blocks_32(ngf: int, nc: int, c_in: int | None = None) -> nn.Sequential:
+    """BN, up x2, conv(c_in->2ngf), BN, LReLU, up x2, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid
+    (``c_in``: 2ngf by default, 4ngf in ``LargeGenerator``).
 
     Each (up x2, conv) pair runs as one fused upsample2x_conv3x3 (nn/upsample_conv.py)."""
+    c_in = ngf * 2 if c_in is None else c_in
     return UpsampleConvSequential(
-        nn.BatchNorm2d(ngf * 2),
+        nn.BatchNorm2d(c_in),
         nn.Upsample(scale_factor=2),
-        nn.Conv2d(ngf * 2, ngf * 2, 3, stride=1, padding=1, bias=False),
+        nn.Conv2d(c_in, ngf * 2, 3, stride=1, padding=1, bias=False),
         nn.BatchNorm2d(ngf * 2),
         nn.LeakyReLU(0.2, inplace=True),
         nn.Upsample(scale_factor=2),
@@ -374,19 +376,7 @@ class LargeGenerator(nn.Module):
         self.params = (nz, ngf, img_size, nc)
         self.init_size = img_size // 4
         self.l1 = nn.Sequential(nn.Linear(nz, ngf * 4 * self.init_size ** 2))
-        self.conv_blocks = UpsampleConvSequential(
-            nn.BatchNorm2d(ngf * 4),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 4, ngf * 2, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(ngf * 2, ngf, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, nc, 3, stride=1, padding=1),
-            nn.Sigmoid(),
-        )
+        self.conv_blocks = _conv_blocks_32(ngf, nc, c_in=ngf * 4)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lin = self.l1[0]
