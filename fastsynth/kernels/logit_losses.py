@@ -18,8 +18,8 @@ Scalar arguments (1/T, weights, clamp bounds) reach the row kernels in their com
 inputs launch the *_f64 entry points, whose scalars are annotated float64 (a plain Python float
 argument is fp32 in a compiled kernel), so the fp64 path is fp64-accurate; fp32/fp16/bf16 inputs
 launch the entry points with fp32 scalars (fp64 arguments there raise register pressure to spills).
-Both entry points inline one body, which converts the scalars with tl.full to ACC (the interpreter
-evaluates that in ACC too). The batch sum takes its weights as fp64 and converts them likewise.
+The *_f64 entry points call the fp32-scalar ones, inlined; the body converts the scalars with tl.full
+to ACC (the interpreter evaluates that in ACC too). The batch sum takes its weights as fp64 and converts them likewise.
 """
 from __future__ import annotations
 
@@ -47,6 +47,23 @@ def _lowest(ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_pair(a_ptr, b_ptr, stride_a, stride_b):
+    # this program's row and where it starts in both logit matrices
+    row = tl.program_id(0).to(tl.int64)
+    return row, a_ptr + row * stride_a, b_ptr + row * stride_b
+
+
+@triton.jit
+def _load_chunk(a_row, b_row, start, C, inv_t, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # the elements start .. start + BLOCK of both rows, times inv_t, in ACC (0 past the row's end)
+    offs = start + tl.arange(0, BLOCK)
+    valid = offs < C
+    a = tl.load(a_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+    b = tl.load(b_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+    return offs, valid, a, b
+
+
+@triton.jit
 def _kl_rows_kernel(
     t_ptr,  # [N, C] teacher logits, row stride stride_t, unit column stride
     s_ptr,  # [N, C] student logits, row stride stride_s
@@ -59,35 +76,8 @@ def _kl_rows_kernel(
     HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
     WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    _kl_rows(t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
-             HAS_TARGETS, AGREE_MASK, WRITE_GT, WRITE_GS, BLOCK, ACC)
-
-
-@triton.jit
-def _kl_rows_kernel_f64(
-    t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr,  # as _kl_rows_kernel, fp64 inputs
-    stride_t, stride_s, C,
-    inv_t: tl.float64, ce_w: tl.float64, kl_w: tl.float64,
-    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
-    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    _kl_rows(t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
-             HAS_TARGETS, AGREE_MASK, WRITE_GT, WRITE_GS, BLOCK, ACC)
-
-
-@triton.jit
-def _kl_rows(
-    t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
-    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
-    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    t_row = t_ptr + row * stride_t
-    s_row = s_ptr + row * stride_s
-    cols = tl.arange(0, BLOCK)
+    row, t_row, s_row = _row_pair(t_ptr, s_ptr, stride_t, stride_s)
     inv_t = tl.full([], inv_t, ACC)
-    ce_w = tl.full([], ce_w, ACC)
-    kl_w = tl.full([], kl_w, ACC)
 
     # ---- pass 1: online LSE of both rows, centred KL accumulator, argmax of both rows
     mt = _lowest(ACC)
@@ -100,10 +90,7 @@ def _kl_rows(
     at_i = tl.zeros([], tl.int32)
     as_i = tl.zeros([], tl.int32)
     for start in range(0, C, BLOCK):
-        offs = start + cols
-        valid = offs < C
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        offs, valid, t, s = _load_chunk(t_row, s_row, start, C, inv_t, BLOCK, ACC)
         t_nan = valid & (t != t)
         s_nan = valid & (s != s)
         # maxima of the chunk without its NaNs (the NaNs reach the sums through exp)
@@ -166,15 +153,13 @@ def _kl_rows(
 
     # ---- pass 2: gradients
     if WRITE_GT or WRITE_GS:
-        klm = kl_w * agree
+        ce_w = tl.full([], ce_w, ACC)
+        klm = tl.full([], kl_w, ACC) * agree
         g_pt = inv_t * (ce_w - klm * kl)
         g_ptd = inv_t * klm
         g_y = inv_t * ce_w
         for start in range(0, C, BLOCK):
-            offs = start + cols
-            valid = offs < C
-            t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+            offs, valid, t, s = _load_chunk(t_row, s_row, start, C, inv_t, BLOCK, ACC)
             log_pt = t - mt - lzt
             log_ps = s - ms - lzs
             pt = tl.exp(log_pt)
@@ -189,6 +174,18 @@ def _kl_rows(
 
 
 @triton.jit
+def _kl_rows_kernel_f64(
+    t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr,  # as _kl_rows_kernel, fp64 inputs
+    stride_t, stride_s, C,
+    inv_t: tl.float64, ce_w: tl.float64, kl_w: tl.float64,
+    HAS_TARGETS: tl.constexpr, AGREE_MASK: tl.constexpr,
+    WRITE_GT: tl.constexpr, WRITE_GS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _kl_rows_kernel(t_ptr, s_ptr, y_ptr, gt_ptr, gs_ptr, part_ptr, stride_t, stride_s, C, inv_t, ce_w, kl_w,
+                    HAS_TARGETS, AGREE_MASK, WRITE_GT, WRITE_GS, BLOCK, ACC)
+
+
+@triton.jit
 def _js_rows_kernel(
     s_ptr,  # [N, C] student logits (P), row stride stride_s
     t_ptr,  # [N, C] teacher logits (Q), row stride stride_t
@@ -199,30 +196,7 @@ def _js_rows_kernel(
     inv_t, lo, hi, w,  # fp32 (fp32/fp16/bf16 inputs)
     WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    _js_rows(s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
-             WRITE_GS, WRITE_GT, BLOCK, ACC)
-
-
-@triton.jit
-def _js_rows_kernel_f64(
-    s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr,  # as _js_rows_kernel, fp64 inputs
-    stride_s, stride_t, C,
-    inv_t: tl.float64, lo: tl.float64, hi: tl.float64, w: tl.float64,
-    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    _js_rows(s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
-             WRITE_GS, WRITE_GT, BLOCK, ACC)
-
-
-@triton.jit
-def _js_rows(
-    s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
-    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + row * stride_t
-    cols = tl.arange(0, BLOCK)
+    row, s_row, t_row = _row_pair(s_ptr, t_ptr, stride_s, stride_t)
     inv_t = tl.full([], inv_t, ACC)
     lo = tl.full([], lo, ACC)
     hi = tl.full([], hi, ACC)
@@ -236,10 +210,7 @@ def _js_rows(
     zs = tl.zeros([], ACC)
     zt = tl.zeros([], ACC)
     for start in range(0, C, BLOCK):
-        offs = start + cols
-        valid = offs < C
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        offs, valid, s, t = _load_chunk(s_row, t_row, start, C, inv_t, BLOCK, ACC)
         ms_new = tl.maximum(ms, tl.max(tl.where(valid, s, float("-inf")), axis=0))
         mt_new = tl.maximum(mt, tl.max(tl.where(valid, t, float("-inf")), axis=0))
         zs = zs * tl.exp(ms - ms_new) + tl.sum(tl.where(valid, tl.exp(s - ms_new), 0.0), axis=0)
@@ -254,10 +225,7 @@ def _js_rows(
     sp = tl.zeros([], ACC)
     sq = tl.zeros([], ACC)
     for start in range(0, C, BLOCK):
-        offs = start + cols
-        valid = offs < C
-        s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-        t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+        offs, valid, s, t = _load_chunk(s_row, t_row, start, C, inv_t, BLOCK, ACC)
         f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
         f_sum += tl.sum(tl.where(valid, f, 0.0), axis=0)
         sp += tl.sum(tl.where(valid, p * dp, 0.0), axis=0)
@@ -269,15 +237,23 @@ def _js_rows(
     if WRITE_GS or WRITE_GT:
         wt = w * inv_t
         for start in range(0, C, BLOCK):
-            offs = start + cols
-            valid = offs < C
-            s = tl.load(s_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
-            t = tl.load(t_row + offs, mask=valid, other=0.0).to(ACC) * inv_t
+            offs, valid, s, t = _load_chunk(s_row, t_row, start, C, inv_t, BLOCK, ACC)
             f, dp, dq, p, q = _js_element(s - lse_s, t - lse_t, lo, hi, log_lo, log_hi)
             if WRITE_GS:
                 tl.store(gs_ptr + row * C + offs, (wt * p * (dp - sp)).to(gs_ptr.dtype.element_ty), mask=valid)
             if WRITE_GT:
                 tl.store(gt_ptr + row * C + offs, (wt * q * (dq - sq)).to(gt_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _js_rows_kernel_f64(
+    s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr,  # as _js_rows_kernel, fp64 inputs
+    stride_s, stride_t, C,
+    inv_t: tl.float64, lo: tl.float64, hi: tl.float64, w: tl.float64,
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    _js_rows_kernel(s_ptr, t_ptr, gs_ptr, gt_ptr, part_ptr, stride_s, stride_t, C, inv_t, lo, hi, w,
+                    WRITE_GS, WRITE_GT, BLOCK, ACC)
 
 
 @triton.jit
@@ -396,12 +372,17 @@ def _finish(part: torch.Tensor, like: torch.Tensor, w_a: float, w_b: float):
     return outs
 
 
+def _rows(a, b, need_grad_a, need_grad_b):
+    """The two logit matrices at unit column stride, their gradient buffers, the [N, 3] partials."""
+    a, b = _unit_column_stride(a), _unit_column_stride(b)
+    part = torch.empty((a.shape[0], 3), dtype=_acc_dtype(a.dtype), device=a.device)
+    return a, b, _grad_buffer(a, need_grad_a), _grad_buffer(b, need_grad_b), part
+
+
 def synthesis_logit_loss(t, s, targets, oh, adv, agree_mask, need_grad_teacher, need_grad_student):
-    t, s = _unit_column_stride(t), _unit_column_stride(s)
+    t, s, gt, gs, part = _rows(t, s, need_grad_teacher, need_grad_student)
     targets = targets.contiguous()  # the kernel reads targets[row] at unit stride
     n, c = t.shape
-    gt, gs = _grad_buffer(t, need_grad_teacher), _grad_buffer(s, need_grad_student)
-    part = torch.empty((n, 3), dtype=_acc_dtype(t.dtype), device=t.device)
     block = _block(c)
     _kl_rows_launcher(t.dtype)[(n,)](
         t, s, targets, gt, gs, part, t.stride(0), s.stride(0), c, 1.0, oh / n, -adv / n,
@@ -413,10 +394,8 @@ def synthesis_logit_loss(t, s, targets, oh, adv, agree_mask, need_grad_teacher, 
 
 
 def kd_loss(s, t, T, scale, need_grad_student, need_grad_teacher):
-    s, t = _unit_column_stride(s), _unit_column_stride(t)
+    s, t, gs, gt, part = _rows(s, t, need_grad_student, need_grad_teacher)
     n, c = s.shape
-    gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
-    part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
     _kl_rows_launcher(s.dtype)[(n,)](
         t, s, t, gt, gs, part, t.stride(0), s.stride(0), c, 1.0 / T, 0.0, scale,
@@ -428,10 +407,8 @@ def kd_loss(s, t, T, scale, need_grad_student, need_grad_teacher):
 
 
 def js_divergence(s, t, T, lo, hi, scale, need_grad_student, need_grad_teacher):
-    s, t = _unit_column_stride(s), _unit_column_stride(t)
+    s, t, gs, gt, part = _rows(s, t, need_grad_student, need_grad_teacher)
     n, c = s.shape
-    gs, gt = _grad_buffer(s, need_grad_student), _grad_buffer(t, need_grad_teacher)
-    part = torch.empty((n, 3), dtype=_acc_dtype(s.dtype), device=s.device)
     block = _block(c)
     _js_rows_launcher(s.dtype)[(n,)](
         s, t, gs, gt, part, s.stride(0), t.stride(0), c, 1.0 / T, lo, hi, scale,

@@ -55,6 +55,7 @@ cuda (csrc/cuda/logit_losses.cu), triton (fastsynth/kernels/logit_losses.py, ops
 """
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 
@@ -262,9 +263,7 @@ if _ext.has_extension():
 # ---------------------------------------------------------------------------------------------
 
 def _triton_kernels():
-    from fastsynth.kernels import logit_losses as kernels
-
-    return kernels
+    return importlib.import_module("fastsynth.kernels.logit_losses")
 
 
 @torch.library.custom_op("fastsynth::synthesis_logit_loss_triton", mutates_args=())
