@@ -47,19 +47,29 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// p[0 .. VEC) in the accumulator type: one vector load, or a plain load when VEC == 1
 template <typename T, int VEC, typename acc_t>
 __device__ __forceinline__ void load_pack(const T* p, acc_t (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  if constexpr (VEC == 1) {
+    out[0] = to_acc(*p);
+  } else {
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = to_acc(pk.v[k]);
+    for (int k = 0; k < VEC; ++k) out[k] = to_acc(pk.v[k]);
+  }
 }
 
+// p[0 .. VEC) = in, converted to T
 template <typename T, int VEC, typename acc_t>
 __device__ __forceinline__ void store_pack(T* p, const acc_t (&in)[VEC]) {
-  Pack<T, VEC> pk;
+  if constexpr (VEC == 1) {
+    *p = from_acc<T>(in[0]);
+  } else {
+    Pack<T, VEC> pk;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = from_acc<T>(in[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+    for (int k = 0; k < VEC; ++k) pk.v[k] = from_acc<T>(in[k]);
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,6 +161,28 @@ __device__ __forceinline__ P group_allreduce(P v, P* smem) {
 // Row kernels
 // ---------------------------------------------------------------------------------------------
 
+// The row's partial results (a_i, b_i, c_i) of the batch sum (see RowSumOutputs).
+template <typename acc_t>
+__device__ __forceinline__ void store_partials(void* partials, int64_t row, acc_t a, acc_t b, acc_t c) {
+  acc_t* part = static_cast<acc_t*>(partials) + row * 3;
+  part[0] = a;
+  part[1] = b;
+  part[2] = c;
+}
+
+// The clamped JS element at logits (s, t) of a row with log-sum-exps lse_s, lse_t (temperature
+// 1/inv_t); p and q receive P and Q.
+template <typename acc_t>
+struct JsRow {
+  acc_t inv_t, lse_s, lse_t, lo, hi, log_lo, log_hi;
+  __device__ __forceinline__ JsElem<acc_t> element(acc_t s, acc_t t, acc_t& p, acc_t& q) const {
+    const acc_t lp = s * inv_t - lse_s, lq = t * inv_t - lse_t;
+    p = fs_exp(lp);
+    q = fs_exp(lq);
+    return js_element<acc_t>(p, q, lp, lq, lo, hi, log_lo, log_hi);
+  }
+};
+
 // Launch bounds name min 1 block per SM: without it ptxas caps the fp64 instantiations at 80
 // registers and spills.
 template <int G>
@@ -160,9 +192,29 @@ struct GroupShape {
   static constexpr int kSmem = G > 32 ? G / 32 + 1 : 1;
 };
 
+// This thread's share of a row pair x, y of C elements (group of G threads, thread `lane`): for
+// each pack of VEC elements from `base`, f(base, xv, yv) with the elements in the accumulator type.
+template <int G, int VEC, typename T, typename F>
+__device__ __forceinline__ void for_each_pack(const T* x, const T* y, int64_t C, int lane, const F& f) {
+  using acc_t = typename AccOf<T>::type;
+  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
+    acc_t xv[VEC], yv[VEC];
+    load_pack<T, VEC>(x + base, xv);
+    load_pack<T, VEC>(y + base, yv);
+    f(base, xv, yv);
+  }
+}
+
+// Row `row` of a gradient buffer of rows of C elements, or null when the gradient is not wanted.
+template <typename T>
+__device__ __forceinline__ T* grad_row(void* grad, int64_t row, int64_t C) {
+  return grad ? static_cast<T*>(grad) + row * C : nullptr;
+}
+
 template <typename T, int G, int VEC>
 __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlRowsArgs a, void* partials) {
   using acc_t = typename AccOf<T>::type;
+  using Vals = acc_t[VEC];
   __shared__ KlPass1<acc_t> smem[GroupShape<G>::kSmem];
   const int lane = threadIdx.x % G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * GroupShape<G>::kRows + threadIdx.x / G;
@@ -174,22 +226,14 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlR
 
   // pass 1: one read of both rows
   KlPass1<acc_t> p{kl_state_empty<acc_t>(), {-INFINITY, INT64_MAX}, {-INFINITY, INT64_MAX}};
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
-    acc_t tv[VEC], sv[VEC];
-    if constexpr (VEC > 1) {
-      load_pack<T, VEC>(t + base, tv);
-      load_pack<T, VEC>(s + base, sv);
-    } else {
-      tv[0] = to_acc(t[base]);
-      sv[0] = to_acc(s[base]);
-    }
+  for_each_pack<G, VEC>(t, s, C, lane, [&](int64_t base, const Vals& tv, const Vals& sv) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       p.at = argmax_merge(p.at, ArgMax<acc_t>{tv[k], base + k});
       p.as = argmax_merge(p.as, ArgMax<acc_t>{sv[k], base + k});
       p.st = kl_state_push(p.st, tv[k] * inv_t, sv[k] * inv_t);
     }
-  }
+  });
   p = group_allreduce<G>(p, smem);
 
   const acc_t kl = kl_state_value(p.st);
@@ -204,29 +248,17 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlR
     ce = bad ? static_cast<acc_t>(NAN) : mt + lzt - to_acc(t[bad ? 0 : yy]) * inv_t;
     y = bad ? -1 : yy;
   }
-  if (lane == 0) {
-    acc_t* part = static_cast<acc_t*>(partials) + row * 3;
-    part[0] = ce;
-    part[1] = kl * agree;  // a masked row counts 0, or NaN when its KL is not finite (as the reference)
-    part[2] = agree;
-  }
+  // a masked row counts 0, or NaN when its KL is not finite (as the reference)
+  if (lane == 0) store_partials(partials, row, ce, kl * agree, agree);
   if (a.grad_t == nullptr && a.grad_s == nullptr) return;
 
   // pass 2: gradients for a unit grad_loss
   const KlRowCoef k = kl_row_coef(a.ce_w, a.kl_w, static_cast<double>(agree), a.inv_t, static_cast<double>(kl));
   const acc_t g_pt = static_cast<acc_t>(k.g_pt), g_ptd = static_cast<acc_t>(k.g_ptd);
   const acc_t g_y = static_cast<acc_t>(k.g_y);
-  T* gt_row = a.grad_t ? static_cast<T*>(a.grad_t) + row * C : nullptr;
-  T* gs_row = a.grad_s ? static_cast<T*>(a.grad_s) + row * C : nullptr;
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
-    acc_t tv[VEC], sv[VEC];
-    if constexpr (VEC > 1) {
-      load_pack<T, VEC>(t + base, tv);
-      load_pack<T, VEC>(s + base, sv);
-    } else {
-      tv[0] = to_acc(t[base]);
-      sv[0] = to_acc(s[base]);
-    }
+  T* gt_row = grad_row<T>(a.grad_t, row, C);
+  T* gs_row = grad_row<T>(a.grad_s, row, C);
+  for_each_pack<G, VEC>(t, s, C, lane, [&](int64_t base, const Vals& tv, const Vals& sv) {
     acc_t gt[VEC], gs[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -236,19 +268,15 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) kl_rows_kernel(KlR
       gt[j] = prob_times(pt, g_pt + g_ptd * (lpt - lps)) - (base + j == y ? g_y : acc_t(0));
       gs[j] = g_ptd * (ps - pt);
     }
-    if constexpr (VEC > 1) {
-      if (gt_row) store_pack<T, VEC>(gt_row + base, gt);
-      if (gs_row) store_pack<T, VEC>(gs_row + base, gs);
-    } else {
-      if (gt_row) gt_row[base] = from_acc<T>(gt[0]);
-      if (gs_row) gs_row[base] = from_acc<T>(gs[0]);
-    }
-  }
+    if (gt_row) store_pack<T, VEC>(gt_row + base, gt);
+    if (gs_row) store_pack<T, VEC>(gs_row + base, gs);
+  });
 }
 
 template <typename T, int G, int VEC>
 __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) js_rows_kernel(JsRowsArgs a, void* partials) {
   using acc_t = typename AccOf<T>::type;
+  using Vals = acc_t[VEC];
   __shared__ JsPass1<acc_t> smem1[GroupShape<G>::kSmem];
   __shared__ Sums3<acc_t> smem2[GroupShape<G>::kSmem];
   const int lane = threadIdx.x % G;
@@ -263,84 +291,48 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads, 1) js_rows_kernel(JsR
 
   // pass 1: log-sum-exp of both rows
   JsPass1<acc_t> p{lse_empty<acc_t>(), lse_empty<acc_t>()};
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
-    acc_t sv[VEC], tv[VEC];
-    if constexpr (VEC > 1) {
-      load_pack<T, VEC>(s + base, sv);
-      load_pack<T, VEC>(t + base, tv);
-    } else {
-      sv[0] = to_acc(s[base]);
-      tv[0] = to_acc(t[base]);
-    }
+  for_each_pack<G, VEC>(s, t, C, lane, [&](int64_t, const Vals& sv, const Vals& tv) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       p.ls = lse_push(p.ls, sv[k] * inv_t);
       p.lt = lse_push(p.lt, tv[k] * inv_t);
     }
-  }
+  });
   p = group_allreduce<G>(p, smem1);
-  const acc_t lse_s = lse_value(p.ls), lse_t = lse_value(p.lt);
+  const JsRow<acc_t> r{inv_t, lse_value(p.ls), lse_value(p.lt), lo, hi, log_lo, log_hi};
 
   // pass 2: the row's JS and <P, dP>, <Q, dQ>
   Sums3<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
-    acc_t sv[VEC], tv[VEC];
-    if constexpr (VEC > 1) {
-      load_pack<T, VEC>(s + base, sv);
-      load_pack<T, VEC>(t + base, tv);
-    } else {
-      sv[0] = to_acc(s[base]);
-      tv[0] = to_acc(t[base]);
-    }
+  for_each_pack<G, VEC>(s, t, C, lane, [&](int64_t, const Vals& sv, const Vals& tv) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const acc_t lp = sv[k] * inv_t - lse_s, lq = tv[k] * inv_t - lse_t;
-      const acc_t pp = fs_exp(lp), qq = fs_exp(lq);
-      const JsElem<acc_t> e = js_element<acc_t>(pp, qq, lp, lq, lo, hi, log_lo, log_hi);
+      acc_t pp, qq;
+      const JsElem<acc_t> e = r.element(sv[k], tv[k], pp, qq);
       sums.f += e.f;
       sums.sp += pp * e.dp;
       sums.sq += qq * e.dq;
     }
-  }
+  });
   sums = group_allreduce<G>(sums, smem2);
-  if (lane == 0) {
-    acc_t* part = static_cast<acc_t*>(partials) + row * 3;
-    part[0] = acc_t(0);
-    part[1] = sums.f;
-    part[2] = acc_t(1);
-  }
+  if (lane == 0) store_partials(partials, row, acc_t(0), sums.f, acc_t(1));
   if (a.grad_s == nullptr && a.grad_t == nullptr) return;
 
   // pass 3: gradients (elements recomputed: cheaper than a round trip through memory)
   const acc_t wt = static_cast<acc_t>(a.w * a.inv_t);
-  T* gs_row = a.grad_s ? static_cast<T*>(a.grad_s) + row * C : nullptr;
-  T* gt_row = a.grad_t ? static_cast<T*>(a.grad_t) + row * C : nullptr;
-  for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += static_cast<int64_t>(G) * VEC) {
-    acc_t sv[VEC], tv[VEC];
-    if constexpr (VEC > 1) {
-      load_pack<T, VEC>(s + base, sv);
-      load_pack<T, VEC>(t + base, tv);
-    } else {
-      sv[0] = to_acc(s[base]);
-      tv[0] = to_acc(t[base]);
-    }
+  T* gs_row = grad_row<T>(a.grad_s, row, C);
+  T* gt_row = grad_row<T>(a.grad_t, row, C);
+  for_each_pack<G, VEC>(s, t, C, lane, [&](int64_t base, const Vals& sv, const Vals& tv) {
     acc_t gs[VEC], gt[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const acc_t lp = sv[k] * inv_t - lse_s, lq = tv[k] * inv_t - lse_t;
-      const acc_t pp = fs_exp(lp), qq = fs_exp(lq);
-      const JsElem<acc_t> e = js_element<acc_t>(pp, qq, lp, lq, lo, hi, log_lo, log_hi);
+      acc_t pp, qq;
+      const JsElem<acc_t> e = r.element(sv[k], tv[k], pp, qq);
       gs[k] = wt * pp * (e.dp - sums.sp);
       gt[k] = wt * qq * (e.dq - sums.sq);
     }
-    if constexpr (VEC > 1) {
-      if (gs_row) store_pack<T, VEC>(gs_row + base, gs);
-      if (gt_row) store_pack<T, VEC>(gt_row + base, gt);
-    } else {
-      if (gs_row) gs_row[base] = from_acc<T>(gs[0]);
-      if (gt_row) gt_row[base] = from_acc<T>(gt[0]);
-    }
-  }
+    if (gs_row) store_pack<T, VEC>(gs_row + base, gs);
+    if (gt_row) store_pack<T, VEC>(gt_row + base, gt);
+  });
 }
 
 // Batch sums of the [N, 3] row partials in a fixed order: thread i takes rows i, i + 256, ...,
@@ -397,20 +389,25 @@ bool aligned16(const void* p, int64_t stride) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
 }
 
+// The row kernel over the rows (p0, p1: the two logit matrices, row strides st0, st1), then the
+// batch sum of its partials into `out`.
 template <typename T, template <typename, int, int> class Kernel, typename Args>
-cudaError_t launch_rows(const Args& a, const void* p0, int64_t st0, const void* p1, int64_t st1, void* partials,
-                        cudaStream_t stream) {
+cudaError_t launch_rows(const Args& a, const void* p0, int64_t st0, const void* p1, int64_t st1,
+                        const RowSumOutputs& out, cudaStream_t stream) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const bool vec = a.C % V == 0 && aligned16<T>(p0, st0) && aligned16<T>(p1, st1);
   if (a.C <= 1024) {
     const unsigned grid = static_cast<unsigned>((a.N + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
-    if (vec) Kernel<T, 32, V>::launch(a, partials, grid, stream);
-    else Kernel<T, 32, 1>::launch(a, partials, grid, stream);
+    if (vec) Kernel<T, 32, V>::launch(a, out.partials, grid, stream);
+    else Kernel<T, 32, 1>::launch(a, out.partials, grid, stream);
   } else {
     const unsigned grid = static_cast<unsigned>(a.N);
-    if (vec) Kernel<T, kBlockGroup, V>::launch(a, partials, grid, stream);
-    else Kernel<T, kBlockGroup, 1>::launch(a, partials, grid, stream);
+    if (vec) Kernel<T, kBlockGroup, V>::launch(a, out.partials, grid, stream);
+    else Kernel<T, kBlockGroup, 1>::launch(a, out.partials, grid, stream);
   }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  row_sum_kernel<typename AccOf<T>::type><<<1, kSumThreads, 0, stream>>>(a.N, out);
   return cudaGetLastError();
 }
 
@@ -428,22 +425,6 @@ struct JsLaunch {
 };
 
 template <typename T>
-cudaError_t kl_rows_typed(const KlRowsArgs& a, const RowSumOutputs& out, cudaStream_t stream) {
-  cudaError_t err = launch_rows<T, KlLaunch>(a, a.t, a.stride_t, a.s, a.stride_s, out.partials, stream);
-  if (err != cudaSuccess) return err;
-  row_sum_kernel<typename AccOf<T>::type><<<1, kSumThreads, 0, stream>>>(a.N, out);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t js_rows_typed(const JsRowsArgs& a, const RowSumOutputs& out, cudaStream_t stream) {
-  cudaError_t err = launch_rows<T, JsLaunch>(a, a.s, a.stride_s, a.t, a.stride_t, out.partials, stream);
-  if (err != cudaSuccess) return err;
-  row_sum_kernel<typename AccOf<T>::type><<<1, kSumThreads, 0, stream>>>(a.N, out);
-  return cudaGetLastError();
-}
-
-template <typename T>
 cudaError_t scale_typed(const void* g, const void* x, void* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + 255) / 256;
@@ -453,37 +434,44 @@ cudaError_t scale_typed(const void* g, const void* x, void* out, int64_t n, cuda
   return cudaGetLastError();
 }
 
-}  // namespace
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
 
-cudaError_t kl_rows_launch(const KlRowsArgs& args, const RowSumOutputs& out, LogitDtype dtype, cudaStream_t stream) {
+// f(TypeTag<T>{}) for the element type T of `dtype`
+template <typename F>
+cudaError_t with_dtype(LogitDtype dtype, const F& f) {
   switch (dtype) {
-    case LogitDtype::f32: return kl_rows_typed<float>(args, out, stream);
-    case LogitDtype::f64: return kl_rows_typed<double>(args, out, stream);
-    case LogitDtype::f16: return kl_rows_typed<__half>(args, out, stream);
-    case LogitDtype::bf16: return kl_rows_typed<__nv_bfloat16>(args, out, stream);
+    case LogitDtype::f32: return f(TypeTag<float>{});
+    case LogitDtype::f64: return f(TypeTag<double>{});
+    case LogitDtype::f16: return f(TypeTag<__half>{});
+    case LogitDtype::bf16: return f(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
 }
 
+}  // namespace
+
+cudaError_t kl_rows_launch(const KlRowsArgs& args, const RowSumOutputs& out, LogitDtype dtype, cudaStream_t stream) {
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_rows<T, KlLaunch>(args, args.t, args.stride_t, args.s, args.stride_s, out, stream);
+  });
+}
+
 cudaError_t js_rows_launch(const JsRowsArgs& args, const RowSumOutputs& out, LogitDtype dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case LogitDtype::f32: return js_rows_typed<float>(args, out, stream);
-    case LogitDtype::f64: return js_rows_typed<double>(args, out, stream);
-    case LogitDtype::f16: return js_rows_typed<__half>(args, out, stream);
-    case LogitDtype::bf16: return js_rows_typed<__nv_bfloat16>(args, out, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_rows<T, JsLaunch>(args, args.s, args.stride_s, args.t, args.stride_t, out, stream);
+  });
 }
 
 cudaError_t scale_grad_launch(const void* grad_loss, const void* x, void* out, int64_t n, LogitDtype dtype,
                               cudaStream_t stream) {
-  switch (dtype) {
-    case LogitDtype::f32: return scale_typed<float>(grad_loss, x, out, n, stream);
-    case LogitDtype::f64: return scale_typed<double>(grad_loss, x, out, n, stream);
-    case LogitDtype::f16: return scale_typed<__half>(grad_loss, x, out, n, stream);
-    case LogitDtype::bf16: return scale_typed<__nv_bfloat16>(grad_loss, x, out, n, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    return scale_typed<typename decltype(tag)::type>(grad_loss, x, out, n, stream);
+  });
 }
 
 }  // namespace cuda
