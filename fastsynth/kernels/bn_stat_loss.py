@@ -55,10 +55,12 @@ _B_COLS = ("layer", "c0", "C", "t0", "t1", "LT", "L", "R0", "sc", "s1", "s0", "s
 
 
 @triton.jit
-def _tile_setup(row, addr_ptr, dtype_ref_ptr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, OFF64: tl.constexpr,
-                UNIT: tl.constexpr):
-    """Columns 0..11 of a work-table row: pointer to the item's first channel, tile range, row
-    geometry and the tile's element offsets (computed once) and channel mask."""
+def _tile_setup(table_ptr, addr_ptr, dtype_ref_ptr, NCOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                OFF64: tl.constexpr, UNIT: tl.constexpr):
+    """The program's work-table row and its columns 0..11: pointer to the item's first channel, the
+    tile's element offsets (computed once), channel mask, value index and stride along a row, the
+    tile range [t0, t1) and the row geometry (LT tiles and L values per row, R0, row strides s1, s0)."""
+    row = table_ptr + tl.program_id(0) * NCOL
     c0 = tl.load(row + 1)
     sc = tl.load(row + 8)
     elem = dtype_ref_ptr.dtype.element_ty
@@ -68,7 +70,12 @@ def _tile_setup(row, addr_ptr, dtype_ref_ptr, BLOCK_C: tl.constexpr, BLOCK_L: tl
     li = tl.arange(0, BLOCK_L)
     sl = tl.load(row + 11)
     off = _offsets(ci, li, sc, sl, OFF64, UNIT)
-    return base, off, ci < nc, li, sl
+    t0 = tl.load(row + 3).to(tl.int32)
+    t1 = tl.load(row + 4).to(tl.int32)
+    LT = tl.load(row + 5).to(tl.int32)
+    L = tl.load(row + 6).to(tl.int32)
+    R0 = tl.load(row + 7).to(tl.int32)
+    return row, base, off, ci < nc, li, sl, t0, t1, LT, L, R0, tl.load(row + 9), tl.load(row + 10)
 
 
 @triton.jit
@@ -103,27 +110,27 @@ def _tile_pos(t, LT, R0, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _bn_stats_chunk_kernel(
-    table_ptr,      # [n_items, NCOL] int64 work table (_S_COLS)
-    addr_ptr,       # [n_layers] int64 data addresses
-    dtype_ref_ptr,  # any tensor of the input dtype (gives the element type)
-    partial_ptr,    # [n_partials, 3] accumulator dtype: (mean, m2, n) of each (channel, chunk)
-    NCOL: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    ACC: tl.constexpr,
-    OFF64: tl.constexpr,
-    UNIT: tl.constexpr,
-):
-    row = table_ptr + tl.program_id(0) * NCOL
-    base, off, cmask, li, sl = _tile_setup(row, addr_ptr, dtype_ref_ptr, BLOCK_C, BLOCK_L, OFF64, UNIT)
-    t0 = tl.load(row + 3).to(tl.int32)
-    t1 = tl.load(row + 4).to(tl.int32)
-    LT = tl.load(row + 5).to(tl.int32)
-    L = tl.load(row + 6).to(tl.int32)
-    R0 = tl.load(row + 7).to(tl.int32)
-    s1 = tl.load(row + 9)
-    s0 = tl.load(row + 10)
+def _merge_tile(mean, m2, cnt, v, mask, bn):
+    """Per-channel (mean, m2, count) after merging a tile of ``bn`` values per channel (``v``, zero
+    where ``mask`` is off): the tile's mean and centred sum of squares (two passes over registers),
+    then Chan's parallel update."""
+    bmean = tl.sum(v, axis=1) / bn
+    d = tl.where(mask, v - bmean[:, None], 0.0)
+    bm2 = tl.sum(d * d, axis=1)
+    tot = cnt + bn
+    delta = bmean - mean
+    return mean + delta * (bn / tot), m2 + bm2 + delta * delta * (cnt * bn / tot), tot
+
+
+@triton.jit
+def _bn_stats_chunk_kernel(table_ptr, addr_ptr, dtype_ref_ptr, partial_ptr, NCOL: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_L: tl.constexpr, ACC: tl.constexpr, OFF64: tl.constexpr, UNIT: tl.constexpr):
+    """Statistics of one work item (a row of the [n_items, NCOL] int64 work table, _S_COLS) of the
+    maps at the addresses ``addr_ptr`` ([n_layers] int64; ``dtype_ref_ptr``, any tensor of the
+    input dtype, gives the element type): (mean, m2, n) of each of its channels into
+    ``partial_ptr`` ([n_partials, 3], accumulator dtype)."""
+    row, base, off, cmask, li, sl, t0, t1, LT, L, R0, s1, s0 = _tile_setup(table_ptr, addr_ptr, dtype_ref_ptr, NCOL,
+                                                                          BLOCK_C, BLOCK_L, OFF64, UNIT)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     cnt = tl.zeros([], dtype=ACC)
@@ -131,15 +138,7 @@ def _bn_stats_chunk_kernel(
         q, rr, l0 = _tile_pos(t, LT, R0, BLOCK_L)
         mask = cmask[:, None] & (li < L - l0)[None, :]
         v = tl.load(base + (q * s1 + rr * s0 + l0.to(tl.int64) * sl) + off, mask=mask, other=0.0).to(ACC)
-        bn = tl.minimum(L - l0, BLOCK_L).to(ACC)
-        bmean = tl.sum(v, axis=1) / bn
-        d = tl.where(mask, v - bmean[:, None], 0.0)
-        bm2 = tl.sum(d * d, axis=1)
-        tot = cnt + bn
-        delta = bmean - mean
-        mean = mean + delta * (bn / tot)
-        m2 = m2 + bm2 + delta * delta * (cnt * bn / tot)
-        cnt = tot
+        mean, m2, cnt = _merge_tile(mean, m2, cnt, v, mask, tl.minimum(L - l0, BLOCK_L).to(ACC))
     po = (tl.load(row + 12) + tl.arange(0, BLOCK_C).to(tl.int64) * tl.load(row + 13)) * 3
     tl.store(partial_ptr + po + 0, mean, mask=cmask)
     tl.store(partial_ptr + po + 1, m2, mask=cmask)
@@ -171,31 +170,15 @@ def _bn_stats_merge_kernel(
 
 
 @triton.jit
-def _bn_backward_kernel(
-    table_ptr,      # [n_items, NCOL] int64 work table (_B_COLS)
-    addr_ptr,       # [2 * n_layers] int64: data addresses of the maps, then of their gradients
-    n_layers,
-    dtype_ref_ptr,  # any tensor of the input dtype
-    mean_ptr,       # [n_channels] batch means
-    gmean_ptr,      # [n_channels] dL/dmean
-    gvar_ptr,       # [n_channels] dL/dvar
-    NCOL: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    ACC: tl.constexpr,
-    OFF64: tl.constexpr,
-    UNIT: tl.constexpr,
-):
-    row = table_ptr + tl.program_id(0) * NCOL
+def _bn_backward_kernel(table_ptr, addr_ptr, n_layers, dtype_ref_ptr, mean_ptr, gmean_ptr, gvar_ptr,
+                        NCOL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ACC: tl.constexpr,
+                        OFF64: tl.constexpr, UNIT: tl.constexpr):
+    """Gradient of one work item (a row of the work table, _B_COLS): ``addr_ptr`` ([2 * n_layers]
+    int64) holds the addresses of the maps, then of their gradients; ``mean_ptr``, ``gmean_ptr``,
+    ``gvar_ptr`` ([n_channels]) the batch means, dL/dmean and dL/dvar."""
+    row, base, off, cmask, li, sl, t0, t1, LT, L, R0, s1, s0 = _tile_setup(table_ptr, addr_ptr, dtype_ref_ptr, NCOL,
+                                                                          BLOCK_C, BLOCK_L, OFF64, UNIT)
     elem = dtype_ref_ptr.dtype.element_ty
-    base, off, cmask, li, sl = _tile_setup(row, addr_ptr, dtype_ref_ptr, BLOCK_C, BLOCK_L, OFF64, UNIT)
-    t0 = tl.load(row + 3).to(tl.int32)
-    t1 = tl.load(row + 4).to(tl.int32)
-    LT = tl.load(row + 5).to(tl.int32)
-    L = tl.load(row + 6).to(tl.int32)
-    R0 = tl.load(row + 7).to(tl.int32)
-    s1 = tl.load(row + 9)
-    s0 = tl.load(row + 10)
     gsc = tl.load(row + 13)
     g1 = tl.load(row + 14)
     g0 = tl.load(row + 15)

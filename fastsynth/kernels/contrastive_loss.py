@@ -28,8 +28,9 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _params(scale_hi, scale_lo, n_split, M, ACC: tl.constexpr):
-    """(scale, w0, w1) in ACC. The scale arrives as two fp32-exact halves: float kernel arguments
+def _program(scale_hi, scale_lo, n_split, M, B: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
+    """(idx, dcol, scale, w0, w1) of this program: its block of B rows (of q or of k) and the
+    feature columns, then scale, w0, w1 in ACC. The scale arrives as two fp32-exact halves: float kernel arguments
     are fp32 under the interpreter (and when not annotated), which would round an fp64 1/temperature
     to 24 bits; hi + lo carries ~48. The row weights are computed here from the integer counts
     (exact divisions in ACC) rather than passed as rounded floats."""
@@ -37,7 +38,43 @@ def _params(scale_hi, scale_lo, n_split, M, ACC: tl.constexpr):
     # tl.cast: an argument equal to 1 may arrive as a constexpr (Triton's integer specialisation)
     w0 = 1.0 / tl.cast(n_split, ACC)
     w1 = 1.0 / tl.cast(tl.maximum(M - n_split, 1), ACC)  # unused (no row >= n_split) when n_split == M
-    return scale, w0, w1
+    idx = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    return idx, tl.arange(0, BD), scale, w0, w1
+
+
+@triton.jit
+def _load_rows(ptr, idx, dcol, M, D, sm, sd, UPCAST: tl.constexpr):
+    """Rows ``idx`` of an [M, D] matrix with strides (sm, sd) as an [len(idx), BD] block (zeros past
+    M and D), widened to fp32 when UPCAST (see _sim)."""
+    x = tl.load(ptr + idx[:, None] * sm + dcol[None, :] * sd, mask=(idx[:, None] < M) & (dcol[None, :] < D), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(ptr, idx, dcol, M, D, x):
+    """x into rows ``idx`` of a contiguous [M, D] matrix (in its dtype; rows past M and columns past
+    D are not written)."""
+    tl.store(ptr + idx[:, None] * D + dcol[None, :], x.to(ptr.dtype.element_ty),
+             mask=(idx[:, None] < M) & (dcol[None, :] < D))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b; IEEE: full-precision fp32/fp64 products (no TF32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _row_weights(lse_ptr, rows, M, n_split, w0, w1, scale, ACC: tl.constexpr):
+    """(lse, w * scale) of the query rows ``rows`` (both 0 past M)."""
+    lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+    ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
+    return lse, tl.where(rows < M, ws, 0.0)
 
 
 @triton.jit
@@ -47,18 +84,9 @@ def _sim(q_ptr, k_ptr, rows, cols, dcol, M, D, sqm, sqd, skm, skd, scale, IEEE: 
     the operands are widened to fp32 after the load (bf16 under the interpreter, whose tl.dot
     multiplies the raw uint16 storage of bf16; bf16 x bf16 products are exact in fp32, so the
     result is what tensor cores with fp32 accumulation give)."""
-    q = tl.load(q_ptr + rows[:, None] * sqm + dcol[None, :] * sqd,
-                mask=(rows[:, None] < M) & (dcol[None, :] < D), other=0.0)
-    k = tl.load(k_ptr + cols[:, None] * skm + dcol[None, :] * skd,
-                mask=(cols[:, None] < M) & (dcol[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    return s * scale, q, k
+    q = _load_rows(q_ptr, rows, dcol, M, D, sqm, sqd, UPCAST)
+    k = _load_rows(k_ptr, cols, dcol, M, D, skm, skd, UPCAST)
+    return _dot(q, tl.trans(k), IEEE) * scale, q, k
 
 
 @triton.jit
@@ -73,10 +101,7 @@ def _lse_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    dcol = tl.arange(0, BD)
-    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
+    rows, dcol, scale, w0, w1 = _program(scale_hi, scale_lo, n_split, M, BM, BD, ACC)
     m_i = tl.full([BM], _NEG_BIG, ACC)
     l_i = tl.zeros([BM], ACC)
     diag = tl.zeros([BM], ACC)
@@ -97,22 +122,13 @@ def _lse_kernel(
 
 
 @triton.jit
-def _grad_q_kernel(
-    q_ptr, k_ptr,  # [M, D] as in _lse_kernel
-    lse_ptr,  # [M] ACC: from _lse_kernel
-    gq_ptr,  # [M, D] out, contiguous: d loss / d q for a unit grad_loss
-    M, D, sqm, sqd, skm, skd,
-    scale_hi, scale_lo, n_split,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    dcol = tl.arange(0, BD)
-    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
-    lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
-    ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
-    ws = tl.where(rows < M, ws, 0.0)
+def _grad_q_kernel(q_ptr, k_ptr, lse_ptr, gq_ptr, M, D, sqm, sqd, skm, skd, scale_hi, scale_lo, n_split,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    # the arguments of _lse_kernel, lse_ptr its output; gq_ptr: [M, D] out, contiguous, d loss / d q
+    # for a unit grad_loss
+    rows, dcol, scale, w0, w1 = _program(scale_hi, scale_lo, n_split, M, BM, BD, ACC)
+    lse, ws = _row_weights(lse_ptr, rows, M, n_split, w0, w1, scale, ACC)
     acc = tl.zeros([BM, BD], ACC)
     for n0 in range(0, M, BN):
         cols = n0 + tl.arange(0, BN)
@@ -120,58 +136,31 @@ def _grad_q_kernel(
         s = s.to(ACC)
         p = tl.where(cols[None, :] < M, tl.exp(s - lse[:, None]), 0.0)
         g = ws[:, None] * (p - tl.where(rows[:, None] == cols[None, :], 1.0, 0.0))
-        if IEEE:
-            acc += tl.dot(g.to(q_ptr.dtype.element_ty).to(k.dtype), k, input_precision="ieee").to(ACC)
-        else:
-            acc += tl.dot(g.to(q_ptr.dtype.element_ty).to(k.dtype), k).to(ACC)
-    tl.store(gq_ptr + rows[:, None] * D + dcol[None, :], acc.to(gq_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (dcol[None, :] < D))
+        acc += _dot(g.to(q_ptr.dtype.element_ty).to(k.dtype), k, IEEE).to(ACC)
+    _store_rows(gq_ptr, rows, dcol, M, D, acc)
 
 
 @triton.jit
-def _grad_k_kernel(
-    q_ptr, k_ptr,  # [M, D] as in _lse_kernel
-    lse_ptr,  # [M] ACC: from _lse_kernel
-    gk_ptr,  # [M, D] out, contiguous: d loss / d k for a unit grad_loss
-    M, D, sqm, sqd, skm, skd,
-    scale_hi, scale_lo, n_split,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BN + tl.arange(0, BN)
-    dcol = tl.arange(0, BD)
-    scale, w0, w1 = _params(scale_hi, scale_lo, n_split, M, ACC)
+def _grad_k_kernel(q_ptr, k_ptr, lse_ptr, gk_ptr, M, D, sqm, sqd, skm, skd, scale_hi, scale_lo, n_split,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    # the arguments of _lse_kernel, lse_ptr its output; gk_ptr: [M, D] out, contiguous, d loss / d k
+    # for a unit grad_loss
+    cols, dcol, scale, w0, w1 = _program(scale_hi, scale_lo, n_split, M, BN, BD, ACC)
     acc = tl.zeros([BN, BD], ACC)
     # the key block is loop-invariant; the similarities are formed transposed (k q^T, [BN, BM])
     # so that the gradient block feeds the second dot as it is: a transposed operand of a
     # register FMA dot (fp32) costs a layout conversion that spills at BD = 256
-    k = tl.load(k_ptr + cols[:, None] * skm + dcol[None, :] * skd,
-                mask=(cols[:, None] < M) & (dcol[None, :] < D), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    k = _load_rows(k_ptr, cols, dcol, M, D, skm, skd, UPCAST)
     for m0 in range(0, M, BM):
         rows = m0 + tl.arange(0, BM)
-        lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
-        ws = (tl.where(rows < n_split, w0, w1) * scale).to(ACC)
-        ws = tl.where(rows < M, ws, 0.0)
-        q = tl.load(q_ptr + rows[:, None] * sqm + dcol[None, :] * sqd,
-                    mask=(rows[:, None] < M) & (dcol[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        if IEEE:
-            s_t = tl.dot(k, tl.trans(q), input_precision="ieee")
-        else:
-            s_t = tl.dot(k, tl.trans(q))
-        s_t = (s_t * scale).to(ACC)
+        lse, ws = _row_weights(lse_ptr, rows, M, n_split, w0, w1, scale, ACC)
+        q = _load_rows(q_ptr, rows, dcol, M, D, sqm, sqd, UPCAST)
+        s_t = (_dot(k, tl.trans(q), IEEE) * scale).to(ACC)
         p_t = tl.where(cols[:, None] < M, tl.exp(s_t - lse[None, :]), 0.0)
         g_t = ws[None, :] * (p_t - tl.where(rows[None, :] == cols[:, None], 1.0, 0.0))  # [BN, BM]
-        if IEEE:
-            acc += tl.dot(g_t.to(q_ptr.dtype.element_ty).to(q.dtype), q, input_precision="ieee").to(ACC)
-        else:
-            acc += tl.dot(g_t.to(q_ptr.dtype.element_ty).to(q.dtype), q).to(ACC)
-    tl.store(gk_ptr + cols[:, None] * D + dcol[None, :], acc.to(gk_ptr.dtype.element_ty),
-             mask=(cols[:, None] < M) & (dcol[None, :] < D))
+        acc += _dot(g_t.to(q_ptr.dtype.element_ty).to(q.dtype), q, IEEE).to(ACC)
+    _store_rows(gk_ptr, cols, dcol, M, D, acc)
 
 
 def _acc(dtype: torch.dtype):
@@ -204,7 +193,7 @@ def contrastive_ce(q: torch.Tensor, k: torch.Tensor, scale: float, n_split: int,
     m, d = q.shape
     acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     bm, bn, bd = block_sizes(m, d, q.dtype)
-    scale_hi = float(torch.tensor(scale, dtype=torch.float32))  # fp32-exact halves, see _params
+    scale_hi = float(torch.tensor(scale, dtype=torch.float32))  # fp32-exact halves, see _program
     scale_lo = float(scale) - scale_hi
     upcast = q.dtype == torch.bfloat16 and q_interpreting()  # see _sim
     ieee = q.dtype in (torch.float32, torch.float64) or upcast
