@@ -21,7 +21,6 @@ test set, its counts summed over the ranks (``evaluate(..., reduce=True)``).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from typing import Callable, Iterable
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as _dist
+from .atomic_file import atomic_write
 from .distributed import unwrap
 from .ops.logit_losses import kd_loss
 
@@ -132,41 +132,6 @@ def kd_train(student: nn.Module, teacher: nn.Module, sample: Callable[[], torch.
         optimizer.step()
         total = loss.detach() if total is None else total + loss.detach()
     return total / max(steps, 1) if total is not None else torch.zeros(())
-
-
-def atomic_write(path: str, write: Callable[[object], None], binary: bool = True, fsync: bool = True) -> str:
-    """Write ``path`` so that a crash at any moment leaves either the old file or the new one:
-    into a temporary file in the same folder, flushed and fsynced, then renamed over ``path``
-    (and the folder fsynced, so the rename itself survives a power loss where the OS allows).
-    ``fsync=False`` keeps the rename (a killed process never leaves half a file) without the
-    disk flushes, for files that can be rebuilt from a checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if not fsync:
-        return path
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder cannot be opened on every OS (Windows)
-        return path
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def save_checkpoint(path: str, **state) -> str:

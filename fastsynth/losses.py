@@ -50,6 +50,20 @@ def _fusable(logits, targets, reduction: str) -> bool:
     )
 
 
+def _fused_backend(op: str, logits, targets, reduction: str, temperature_fusable: bool = True) -> str | None:
+    """The backend of the fused kernel, or None where the upstream eager formula runs (inputs
+    outside the fused path, or the reference backend)."""
+    if not (_fusable(logits, targets, reduction) and temperature_fusable):
+        return None
+    backend = resolve_backend(None, logits.device, op)
+    return None if backend == "reference" else backend
+
+
+def _as_logits(loss, logits):
+    # the result has the dtype of the logits, as upstream
+    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+
+
 def _check_reduction(op: str, reduction) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -90,23 +104,18 @@ def kldiv(logits, targets, T=1.0, reduction="batchmean"):
     _check_reduction("kldiv", reduction)
     if isinstance(T, torch.Tensor):
         _check_tensor_temperature("kldiv", T)
-        if not (_fusable(logits, targets, reduction) and _fusable_temperature(T, logits)):
-            return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
-        backend = resolve_backend(None, logits.device, "kldiv")
-        if backend == "reference":
-            return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
-        n, c = logits.shape
-        loss = _ll._kd(logits / T, targets / T, 1.0, _row_scale(reduction, n, c), backend) * (T * T)
-        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
-    T = _ll._check_temperature("kldiv", T)
-    if not _fusable(logits, targets, reduction):
-        return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
-    backend = resolve_backend(None, logits.device, "kldiv")
-    if backend == "reference":
+        backend = _fused_backend("kldiv", logits, targets, reduction, _fusable_temperature(T, logits))
+    else:
+        T = _ll._check_temperature("kldiv", T)
+        backend = _fused_backend("kldiv", logits, targets, reduction)
+    if backend is None:
         return _ll._upstream_kldiv(logits, targets, T=T, reduction=reduction)
     n, c = logits.shape
-    loss = _ll._kd(logits, targets, T, T * T * _row_scale(reduction, n, c), backend)
-    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+    if isinstance(T, torch.Tensor):
+        loss = _ll._kd(logits / T, targets / T, 1.0, _row_scale(reduction, n, c), backend) * (T * T)
+    else:
+        loss = _ll._kd(logits, targets, T, T * T * _row_scale(reduction, n, c), backend)
+    return _as_logits(loss, logits)
 
 
 class KLDiv(nn.Module):
@@ -128,14 +137,11 @@ def jsdiv(logits, targets, T=1.0, reduction="batchmean"):
     _check_pair("jsdiv", logits, targets)
     _check_reduction("jsdiv", reduction)
     T = _ll._check_temperature("jsdiv", T)
-    if not _fusable(logits, targets, reduction):
-        return _ll._upstream_jsdiv(logits, targets, T=T, reduction=reduction)
-    backend = resolve_backend(None, logits.device, "jsdiv")
-    if backend == "reference":
+    backend = _fused_backend("jsdiv", logits, targets, reduction)
+    if backend is None:
         return _ll._upstream_jsdiv(logits, targets, T=T, reduction=reduction)
     n, c = logits.shape
-    loss = _ll._js(logits, targets, T, 0.01, 0.99, _row_scale(reduction, n, c), backend)
-    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+    return _as_logits(_ll._js(logits, targets, T, 0.01, 0.99, _row_scale(reduction, n, c), backend), logits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,8 +238,8 @@ def test_disk_ignores_partial_files_and_checks_its_index(tmp_path):
     x = _batches_child()
     p.add(x[0])
     p.close()
-    (d / "shard_000001.npy.tmp").write_bytes(b"\x93NUMPY half")
-    (d / (pool_store.INDEX + ".tmp")).write_bytes(b'{"rows": 5, "sta')
+    (d / ".shard_000001.npy.tmp-4242").write_bytes(b"\x93NUMPY half")  # fastsynth/atomic_file.py's names
+    (d / f".{pool_store.INDEX}.tmp-4242").write_bytes(b'{"rows": 5, "sta')
     q = DataPool(storage="disk", directory=str(d))
     assert len(q) == 5 and torch.equal(q.images(), x[0])
     q.add(x[1])

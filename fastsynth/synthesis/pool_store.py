@@ -33,6 +33,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..atomic_file import atomic_write
+
 INDEX = "index.jsonl"
 FORMAT_VERSION = 1
 
@@ -45,14 +47,11 @@ def _release_host_cache() -> None:
         empty()
 
 
-class DeviceStore:
-    """The pool's rows on its device, plus a trash row at index ``rows`` (see the module doc)."""
+class _MemoryStore:
+    """Rows in one uint8 tensor ``data`` (``_alloc``), grown by doubling; ``extra_rows`` past the
+    pool's (the device store's trash row)."""
 
-    on_device = True
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.data: torch.Tensor | None = None
+    extra_rows = 0
 
     @property
     def shape(self):
@@ -60,63 +59,7 @@ class DeviceStore:
 
     @property
     def rows(self) -> int:
-        return 0 if self.data is None else self.data.shape[0] - 1
-
-    @property
-    def trash(self) -> int:
-        return self.rows
-
-    def reserve(self, need: int, shape, capacity: int | None) -> None:
-        cap = self.rows
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, 64)
-        if capacity is not None:
-            new_cap = min(new_cap, capacity)
-        # zeros: a slot is never read before it is written, except in sample()'s remap when no
-        # finite image was ever kept (then the student gets black images, never a dropped one)
-        buf = torch.zeros((new_cap + 1, *shape), dtype=torch.uint8, device=self.device)
-        if self.data is not None:
-            buf[:cap].copy_(self.data[:cap])
-        self.data = buf
-
-    def write(self, x: torch.Tensor, slots) -> None:
-        for s in slots:  # in order: a later pass wins a slot written twice
-            self.data.index_copy_(0, s, x)
-
-    def view(self, n: int) -> torch.Tensor:
-        return self.data[:n]
-
-    def state(self) -> dict:
-        return {"data": None if self.data is None else self.data.detach().clone()}
-
-    def load(self, state: dict) -> None:
-        d = state["data"]
-        self.data = None if d is None else d.to(self.device).clone()
-
-
-class HostStore:
-    """The pool's rows in host memory (pinned when the pool's device is a GPU)."""
-
-    on_device = False
-    trash = -1  # slots of dropped rows; skipped on the host
-
-    def __init__(self, pin: bool):
-        self.pin = bool(pin)  # pinned: the pool's batches are copied to a GPU asynchronously
-        self.data: torch.Tensor | None = None
-
-    @property
-    def shape(self):
-        return None if self.data is None else tuple(self.data.shape[1:])
-
-    @property
-    def rows(self) -> int:
-        return 0 if self.data is None else self.data.shape[0]
-
-    def _alloc(self, rows: int, shape) -> torch.Tensor:
-        # zeros, though no slot is read before it is written: the unwritten rows go into
-        # state_dict(), which must not depend on what the memory held before
-        return torch.zeros((rows, *shape), dtype=torch.uint8, pin_memory=self.pin)
+        return 0 if self.data is None else self.data.shape[0] - self.extra_rows
 
     def reserve(self, need: int, shape, capacity: int | None) -> None:
         cap = self.rows
@@ -129,6 +72,62 @@ class HostStore:
         if self.data is not None:
             buf[:cap].copy_(self.data[:cap])
         self.data = buf
+        self._grown()
+
+    def _grown(self) -> None:
+        pass
+
+    def view(self, n: int) -> torch.Tensor:
+        return self.data[:n]
+
+
+class DeviceStore(_MemoryStore):
+    """The pool's rows on its device, plus a trash row at index ``rows`` (see the module doc)."""
+
+    on_device = True
+    extra_rows = 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.data: torch.Tensor | None = None
+
+    @property
+    def trash(self) -> int:
+        return self.rows
+
+    def _alloc(self, rows: int, shape) -> torch.Tensor:
+        # zeros: a slot is never read before it is written, except in sample()'s remap when no
+        # finite image was ever kept (then the student gets black images, never a dropped one)
+        return torch.zeros((rows + 1, *shape), dtype=torch.uint8, device=self.device)
+
+    def write(self, x: torch.Tensor, slots) -> None:
+        for s in slots:  # in order: a later pass wins a slot written twice
+            self.data.index_copy_(0, s, x)
+
+    def state(self) -> dict:
+        return {"data": None if self.data is None else self.data.detach().clone()}
+
+    def load(self, state: dict) -> None:
+        d = state["data"]
+        self.data = None if d is None else d.to(self.device).clone()
+
+
+class HostStore(_MemoryStore):
+    """The pool's rows in host memory (pinned when the pool's device is a GPU)."""
+
+    on_device = False
+    trash = -1  # slots of dropped rows; skipped on the host
+
+    def __init__(self, pin: bool):
+        self.pin = bool(pin)  # pinned: the pool's batches are copied to a GPU asynchronously
+        self.data: torch.Tensor | None = None
+
+    def _alloc(self, rows: int, shape) -> torch.Tensor:
+        # zeros, though no slot is read before it is written: the unwritten rows go into
+        # state_dict(), which must not depend on what the memory held before
+        return torch.zeros((rows, *shape), dtype=torch.uint8, pin_memory=self.pin)
+
+    def _grown(self) -> None:
         if self.pin:
             _release_host_cache()
 
@@ -144,9 +143,6 @@ class HostStore:
     def gather(self, idx: torch.Tensor, out: torch.Tensor) -> None:
         torch.index_select(self.data, 0, idx, out=out)
 
-    def view(self, n: int) -> torch.Tensor:
-        return self.data[:n]
-
     def state(self) -> dict:
         # the device store's layout (rows + one trash row), so either store loads the other's state
         if self.data is None:
@@ -160,27 +156,6 @@ class HostStore:
             return
         self.data = self._alloc(d.shape[0] - 1, tuple(d.shape[1:]))
         self.data.copy_(d[:-1])
-
-
-def _fsync_dir(path: str, durable: bool = True) -> None:
-    if not durable:
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: str, write, durable: bool = True) -> None:
-    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DiskStore:
@@ -298,8 +273,7 @@ class DiskStore:
 
     def _write_index(self) -> None:
         data = b"\n".join(self._lines) + b"\n"
-        _write_atomic(os.path.join(self.directory, INDEX), lambda f: f.write(data), self.durable)
-        _fsync_dir(self.directory, self.durable)
+        atomic_write(os.path.join(self.directory, INDEX), lambda f: f.write(data), fsync=self.durable)
 
     # ------------------------------------------------------------------ writes
     def reserve(self, need: int, shape, capacity: int | None) -> None:
@@ -337,8 +311,11 @@ class DiskStore:
         if n_rows:
             base = os.path.join(self.directory, f"shard_{e:06d}")
             if not contiguous:
-                _write_atomic(base + ".slots.npy", lambda f: np.save(f, keep_slots), self.durable)
-            _write_atomic(base + ".npy", lambda f: np.save(f, np.ascontiguousarray(arr)), self.durable)
+                atomic_write(base + ".slots.npy", lambda f: np.save(f, keep_slots), fsync=self.durable,
+                             sync_folder=False)
+            # the folder's fsync comes with the index write that commits the shard
+            atomic_write(base + ".npy", lambda f: np.save(f, np.ascontiguousarray(arr)), fsync=self.durable,
+                         sync_folder=False)
             if self._after_shard_write is not None:
                 self._after_shard_write(e)
         entry = {"rows": n_rows, "start": start, **{k: int(v) for k, v in counters.items()}}
