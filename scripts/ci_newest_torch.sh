@@ -16,19 +16,10 @@
 # Any failure (install, build, a test) exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-T0=$(date +%s)
+. scripts/ci_common.sh
 PYTHON=${PYTHON:-python3}
 WORK=${FASTSYNTH_NEWEST_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/fastsynth_newest_torch.XXXXXX")}
-KEEP=${FASTSYNTH_KEEP:-0}
-cleanup() {
-  local rc=$?
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-  if [ $rc != 0 ]; then echo "== newest-torch leg FAILED (rc=$rc) after $(( $(date +%s) - T0 ))s" >&2; fi
-  exit $rc
-}
-trap cleanup EXIT
-stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+ci_leg newest-torch
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 stamp "fresh venv in $WORK/venv"
@@ -51,11 +42,7 @@ if [ -n "$NEWEST" ] && [ "$NEWEST" != "$INSTALLED" ]; then
   echo "NOTE: the registry lists torch $NEWEST but pip installed $INSTALLED (pip constraints: $("$PY" -m pip config list 2>/dev/null | grep -i constraint || echo none))"
 fi
 
-stamp "copy the checkout (tracked and untracked, not ignored files) to $WORK/src"
-mkdir -p "$WORK/src"
-git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-  | (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _) \
-  | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK/src" -xf -
+copy_checkout
 
 # torch derives CUDA_HOME from the nvcc on PATH (its parent's parent); where that nvcc is a wrapper
 # script (e.g. /usr/local/bin/nvcc), ask nvcc where its toolkit is instead.

@@ -15,20 +15,11 @@
 #   FASTSYNTH_SAN_DIR=/tmp/x FASTSYNTH_KEEP=1 ... # keep the builds for inspection
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-T0=$(date +%s)
+. scripts/ci_common.sh
 PY=${PYTHON:-python3}
 CXX=${CXX:-g++}
 WORK=${FASTSYNTH_SAN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/fastsynth_sanitizers.XXXXXX")}
-KEEP=${FASTSYNTH_KEEP:-0}
-cleanup() {
-  local rc=$?
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-  if [ $rc != 0 ]; then echo "== sanitizer leg FAILED (rc=$rc) after $(( $(date +%s) - T0 ))s" >&2; fi
-  exit $rc
-}
-trap cleanup EXIT
-stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+ci_leg sanitizer
 mkdir -p "$WORK"
 SAN_FLAGS=(-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g)
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -57,11 +48,7 @@ cmake -S "$ROOT" -B "$WORK/cmake" -DFASTSYNTH_SANITIZE=ON -DCMAKE_CXX_STANDARD=2
 cmake --build "$WORK/cmake" -j "$(nproc)" > "$WORK/cmake_build.log" 2>&1 || { tail -n 80 "$WORK/cmake_build.log"; exit 1; }
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 ctest --test-dir "$WORK/cmake" --output-on-failure
 
-stamp "copy the checkout (tracked and untracked, not ignored files) to $WORK/src"
-mkdir -p "$WORK/src"
-git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-  | (cd "$ROOT" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _) \
-  | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK/src" -xf -
+copy_checkout
 
 stamp "CPU extension with -fsanitize=address,undefined"
 cd "$WORK/src"
