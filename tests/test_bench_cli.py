@@ -259,16 +259,18 @@ def test_plot_writes_pngs(tmp_path):
 def test_profile_writes_trace_and_table(tmp_path):
     from fastsynth.bench import profile
 
-    res = profile.profile(steps=1, out_dir=str(tmp_path), batch=2, impl="step", warmup=0, quiet=True,
-                          teacher="resnet18")
+    res = profile.profile(steps=1, out_dir=str(tmp_path), batch=2, warmup=0, quiet=True, teacher="resnet18",
+                          device="cpu")
     with open(res["trace"]) as f:
         trace = json.load(f)
     names = {e.get("name") for e in trace["traceEvents"]}
-    for phase in ("generator", "teacher", "bn_loss", "logit_loss", "backward", "step"):
+    for phase in ("synthesize", "generator", "augment", "teacher", "losses", "student", "backward", "step"):
         assert phase in names, phase
     with open(res["table"]) as f:
         table = f.read()
-    assert "impl=step" in table and "Self CPU" in table
+    assert "impl=synthesizer" in table and "Self CPU" in table
+    with pytest.raises(ValueError, match="--impl"):
+        profile.build_runner("step", steps=1, batch=2, device="cpu", out_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from fastsynth import DeepInversionHook
 from fastsynth.ops import bn_stat_loss, bn_stat_loss_multi, loss_from_stats
 
 from conftest import HAS_CUDA
-from reference_loops import RefHook
+from fastsynth.bench.reference_loops import RefHook
 
 BACKENDS = ["cpu", "triton"]
 

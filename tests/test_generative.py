@@ -1,5 +1,5 @@
 """GenerativeSynthesizer (DAFL / ZSKT / DFQ / DFAD), its criteria and generators, against the
-eager upstream loop of tests/reference_loops.py."""
+eager upstream loop of fastsynth/bench/reference_loops.py."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ from fastsynth import losses
 from fastsynth.nn import DCGAN_Generator, Generator, LargeGenerator
 from fastsynth.synthesis import GENERATIVE_METHODS, BaseSynthesis, GenerativeSynthesizer, Normalizer
 
-from reference_loops import RefGenerative, ReturnFeatures, max_rel_err, ref_upstream_kldiv
+from fastsynth.bench.reference_loops import RefGenerative, ReturnFeatures, max_rel_err, upstream_kldiv
 from test_synthesis import NORM, SyncCounter, tiny_net
 
 IMG = 8
@@ -49,7 +49,7 @@ def method_kwargs(method, ours: bool):
     if crit == "L1Loss":
         cfg["criterion"] = nn.L1Loss()
     else:
-        cfg["criterion"] = losses.KLDiv() if ours else ref_upstream_kldiv
+        cfg["criterion"] = losses.KLDiv() if ours else upstream_kldiv
     return nz, cfg
 
 

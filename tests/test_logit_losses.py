@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fastsynth
 from fastsynth import _ext
 from fastsynth.bench.harness import count_aten_ops
+from fastsynth.bench.reference_loops import upstream_jsdiv, upstream_kldiv
 from fastsynth.ops import logit_losses as ll
 
 FUSED = ["cpu", "triton"]
@@ -22,22 +23,6 @@ LOSS_RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-5, torc
 # ---------------------------------------------------------------------------------------------
 # float64 oracles, written independently of fastsynth (the upstream formulation, autograd grads)
 # ---------------------------------------------------------------------------------------------
-
-def upstream_kldiv(logits, targets, T=1.0, reduction="batchmean"):
-    q = F.log_softmax(logits / T, dim=1)
-    p = F.softmax(targets / T, dim=1)
-    return F.kl_div(q, p, reduction=reduction) * (T * T)
-
-
-def upstream_jsdiv(logits, targets, T=1.0, reduction="batchmean"):
-    P = F.softmax(logits / T, dim=1)
-    Q = F.softmax(targets / T, dim=1)
-    M = 0.5 * (P + Q)
-    P = torch.clamp(P, 0.01, 0.99)
-    Q = torch.clamp(Q, 0.01, 0.99)
-    M = torch.clamp(M, 0.01, 0.99)
-    return 0.5 * F.kl_div(torch.log(P), M, reduction=reduction) + 0.5 * F.kl_div(torch.log(Q), M, reduction=reduction)
-
 
 def kl_rows(t, s):
     # KL(softmax(t) || softmax(s)) per row, the upstream kldiv(s, t, reduction='none').sum(1),

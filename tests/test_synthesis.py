@@ -19,7 +19,7 @@ from fastsynth.synthesis import (NAYER, BaseSynthesis, DataPool, DeepInversionSy
 from fastsynth.nn import Generator, NLGenerator
 from fastsynth.synthesis.png import encode_png
 
-from reference_loops import RefDeepInv, RefFast, RefNayer, max_rel_err
+from fastsynth.bench.reference_loops import RefDeepInv, RefFast, RefNayer, max_rel_err
 
 IMG = 8
 NORM = ((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))

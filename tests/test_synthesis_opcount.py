@@ -154,10 +154,8 @@ def test_quick_inner_step_has_at_most_a_quarter_of_the_reference_ops(monkeypatch
     FastMetaSynthesizer against one step of the upstream-style reference loop, both counted by
     the benchmark's dispatch-mode counter."""
     teacher, student, gen, batch, nz = bench.build(True, "cpu")
-    ref = bench.ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), bench.upstream_generator(gen), batch, nz)
-    ref.step()
-    for h in ref.hooks:
-        h.update_mmt()
+    ref = bench.reference_in_round(copy.deepcopy(teacher), copy.deepcopy(student), bench.upstream_generator(gen),
+                                   batch, nz)
     n_ref = count_aten_ops(ref.step)
     # gradients that autograd returns in another layout than their parameter (a channels_last
     # conv input gives a channels_last weight gradient) are copied into the parameter's strides

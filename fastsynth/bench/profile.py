@@ -1,16 +1,14 @@
 """``fastsynth profile``: a few synthesis steps under torch.profiler.
 
 Writes ``trace.json`` (Chrome trace: open in https://ui.perfetto.dev or chrome://tracing) and
-``top_ops.txt`` (the operators with the most self time), and prints the table. With the default
-``--impl synthesizer`` the phases of each inner step (generator, augment, teacher, losses with
+``top_ops.txt`` (the operators with the most self time), and prints the table. The phases of each inner step (generator, augment, teacher, losses with
 student inside it, backward, step) are ``record_function`` ranges in the trace on the CPU and
 NVTX ranges for Nsight Systems on a GPU:
 
     nsys profile -t cuda,nvtx -o synth fastsynth profile --device cuda --steps 5
 
-With ``--impl synthesizer`` (the default; ``auto`` means the same) one
-``FastMetaSynthesizer.synthesize()`` round of ``--steps`` inner iterations is profiled; with
-``--impl step`` a self-contained step (``workloads.SynthesisStep``) built on fastsynth's ops.
+One ``FastMetaSynthesizer.synthesize()`` round of ``--steps`` inner iterations is profiled
+(``--impl synthesizer``; ``auto`` means the same).
 """
 from __future__ import annotations
 
@@ -25,38 +23,31 @@ import torch
 def build_runner(impl: str, *, steps: int, batch: int, device: str, out_dir: str,
                  teacher: str = "resnet34", student: str = "resnet18"):
     """A zero-argument callable running ``steps`` synthesis steps, and the impl it uses."""
-    from .workloads import CIFAR_MEAN, CIFAR_STD, SynthesisStep, cifar_config
+    from .workloads import CIFAR_MEAN, CIFAR_STD, cifar_config
 
     nz, num_classes = 256, 10
     teacher, student, generator = cifar_config(nz=nz, num_classes=num_classes, teacher=teacher, student=student)
     if impl == "auto":
         impl = "synthesizer"
-    if impl == "synthesizer":
-        from fastsynth.synthesis import FastMetaSynthesizer, Normalizer
+    if impl != "synthesizer":
+        raise ValueError(f"--impl must be auto or synthesizer, got {impl!r}")
+    from fastsynth.synthesis import FastMetaSynthesizer, Normalizer
 
-        dev = torch.device(device)
-        synth = FastMetaSynthesizer(teacher.to(dev).eval(), student.to(dev).eval(), generator.to(dev), nz=nz,
-                    num_classes=num_classes, img_size=(3, 32, 32), iterations=steps, lr_g=5e-3, lr_z=0.015,
-                    synthesis_batch_size=batch, sample_batch_size=batch, adv=1.33, bn=10, oh=0.5, bn_mmt=0.9,
-                    save_dir=os.path.join(out_dir, "synth"), normalizer=Normalizer(CIFAR_MEAN, CIFAR_STD),
-                    device=dev)
-        if dev.type != "cuda":
-            synth._nvtx = "record"  # the phases as torch.profiler ranges (NVTX ranges on a GPU)
+    dev = torch.device(device)
+    # warmup=0: the steady-state step (adversarial term and student forward on from the first round)
+    synth = FastMetaSynthesizer(teacher.to(dev).eval(), student.to(dev).eval(), generator.to(dev), nz=nz,
+                                num_classes=num_classes, img_size=(3, 32, 32), iterations=steps, lr_g=5e-3,
+                                lr_z=0.015, synthesis_batch_size=batch, sample_batch_size=batch, adv=1.33, bn=10,
+                                oh=0.5, bn_mmt=0.9, warmup=0, save_dir=os.path.join(out_dir, "synth"),
+                                normalizer=Normalizer(CIFAR_MEAN, CIFAR_STD), device=dev)
+    if dev.type != "cuda":
+        synth._nvtx = "record"  # the phases as torch.profiler ranges (NVTX ranges on a GPU)
 
-        def run_round():
-            with torch.profiler.record_function("synthesize"):
-                return synth.synthesize()
+    def run_round():
+        with torch.profiler.record_function("synthesize"):
+            return synth.synthesize()
 
-        return run_round, impl
-    if impl != "step":
-        raise ValueError(f"--impl must be auto, synthesizer or step, got {impl!r}")
-    step = SynthesisStep(teacher, student, generator, batch=batch, nz=nz, num_classes=num_classes, device=device)
-
-    def run_steps():
-        for _ in range(steps):
-            step()
-
-    return run_steps, impl
+    return run_round, impl
 
 
 def profile(steps: int = 3, out_dir: str = "profile_out", *, device: str = "cpu", batch: int | None = None,
@@ -110,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="profile_out", help="output folder for trace.json and top_ops.txt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="synthesis batch (default 64 on a GPU, 16 on a CPU)")
-    p.add_argument("--impl", default="auto", choices=["auto", "synthesizer", "step"])
+    p.add_argument("--impl", default="auto", choices=["auto", "synthesizer"])
     p.add_argument("--warmup", type=int, default=1, help="untraced warm-up rounds (default 1)")
     p.add_argument("--rows", type=int, default=25, help="rows of the top-operator table")
     p.add_argument("--teacher", default="resnet34", choices=["resnet18", "resnet34"])

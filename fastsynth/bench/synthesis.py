@@ -15,12 +15,14 @@ The fastsynth rows carry ``fusion``: what the teacher and student rewrites reach
 
 Providers (measured side by side in one run; ``reference`` and ``fastsynth`` in alternation,
 one step of each in turn, so that their ratio is taken under the same machine state):
-- ``reference``: the upstream loop body, eagerly: forward hooks on every teacher BN computing
-  its loss (permute().contiguous() variance), kornia-style augmentation (affine grid + grid
-  sample per batch, normaliser tensors built per call), separate losses summed in Python,
-  ``.item()`` twice per step for best-image tracking, teacher and student parameters requiring
-  grad, per-parameter MAML gradient accumulation, Adam; the upstream generator (a plain
-  ``nn.Sequential``: every nearest 2x upsample materialised, then its 3x3 convolution);
+- ``reference``: the upstream loop body, eagerly (``RefFast`` of fastsynth/bench/reference_loops.py,
+  the loop the equivalence tests run against, with upstream's augmentation): forward hooks on
+  every teacher BN computing its loss (permute().contiguous() variance), kornia-style
+  augmentation (affine grid + grid sample per batch, normaliser tensors built per call),
+  separate losses summed in Python, ``.item()`` per step for the loss record and best-image
+  tracking, teacher and student parameters requiring grad, per-parameter MAML gradient
+  accumulation, Adam; the upstream generator (a plain ``nn.Sequential``: every nearest 2x
+  upsample materialised, then its 3x3 convolution);
 - ``fastsynth``: ``FastMetaSynthesizer._step`` (one inner step) in eager mode;
 - ``fastsynth+compile``: the same with ``compile=True`` (inductor; skipped by ``--no-compile``);
 - ``fastsynth+cuda_graph``: on a GPU, the captured step replayed.
@@ -31,8 +33,8 @@ CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mod
 ``--breakdown``: only the eager fastsynth step's ATen ops by phase and op name (``op_breakdown``).
 ``--generative``: only the GenerativeSynthesizer rows (``run_generative``). ``--new METHODS``: only
 the issue-19 synthesizers (CMI, FastMeta for ImageNet, DeepInversion with NVlabs' ImageNet options,
-DAFL) against the test suite's eager reference loops, per synthesize() call (``run_new``; needs the
-source checkout's tests/ directory).
+DAFL) against the eager reference loops of the equivalence tests (fastsynth/bench/reference_loops.py;
+CMI's is tests/reference_cmi.py, which needs a source checkout), per synthesize() call (``run_new``).
 """
 from __future__ import annotations
 
@@ -43,10 +45,12 @@ import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import harness
+from .reference_loops import (RefDeepInv, RefFast, RefFastMetaImageNet, RefGenerative, ReturnFeatures,
+                              UpstreamNormalizer, upstream_augment, upstream_kldiv)
+from .workloads import CIFAR_MEAN, CIFAR_STD
 
 KERNEL = "synthesis_step"
 
@@ -105,101 +109,21 @@ def build(quick: bool, device, models: str = "fastsynth"):
     return teacher, student, gen, batch, nz
 
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+MEAN, STD = CIFAR_MEAN, CIFAR_STD
+UPSTREAM_NORMALIZER = UpstreamNormalizer(MEAN, STD)
 
 
 # ----------------------------------------------------------------------------- reference loop
-class _RefHook:
-    def __init__(self, module, rho):
-        self.h = module.register_forward_hook(self.fn)
-        self.rho, self.mmt = rho, None
-
-    def fn(self, module, inputs, output):
-        a = inputs[0]
-        nch = a.shape[1]
-        mean = a.mean([0, 2, 3])
-        var = a.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
-        if self.mmt is None:
-            r = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
-        else:
-            mm, mv = self.mmt
-            r = torch.norm(module.running_var.data - (1 - self.rho) * var - self.rho * mv, 2) + \
-                torch.norm(module.running_mean.data - (1 - self.rho) * mean - self.rho * mm, 2)
-        self.r_feature = r
-        self.tmp_val = (mean, var)
-
-    def update_mmt(self):
-        mean, var = self.tmp_val
-        self.mmt = (mean.data, var.data)
-
-
-def _ref_normalize(x):
-    mean = torch.as_tensor(MEAN, dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(STD, dtype=x.dtype, device=x.device)
-    return (x - mean[None, :, None, None]) / std[None, :, None, None]
-
-
-def _ref_augment(x, pad=4):
-    """kornia-style RandomCrop(padding) + RandomHorizontalFlip: pad, then one affine warp."""
-    B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device).float()
-    ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device).float()
-    flip = (torch.rand(B, device=x.device) < 0.5).float() * -2 + 1
-    Hp, Wp = H + 2 * pad, W + 2 * pad
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0] = flip * W / Wp
-    theta[:, 1, 1] = H / Hp
-    theta[:, 0, 2] = (2 * ox + W - Wp) / Wp
-    theta[:, 1, 2] = (2 * oy + H - Hp) / Hp
-    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
-    return _ref_normalize(F.grid_sample(xp, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-
-
-class ReferenceLoop:
-    """State of one upstream FastMeta round; ``step()`` is one inner iteration."""
-
-    def __init__(self, teacher, student, generator, batch, nz, lr_g=5e-3, lr_z=0.015, iterations=2, device="cpu"):
-        self.teacher, self.student, self.generator = teacher, student, generator
-        self.hooks = [_RefHook(m, 0.9) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.batch, self.nz, self.device, self.iterations = batch, nz, device, iterations
-        self.lr_g, self.lr_z = lr_g, lr_z
-        self.meta_optimizer = torch.optim.Adam(generator.parameters(), lr_g * iterations, betas=[0.5, 0.999])
-        self.begin()
-
-    def begin(self):
-        self.z = torch.randn(self.batch, self.nz, device=self.device).requires_grad_()
-        self.targets = torch.randint(0, 10, (self.batch,)).to(self.device)
-        self.fast = copy.deepcopy(self.generator)
-        self.opt = torch.optim.Adam([{"params": self.fast.parameters()}, {"params": [self.z], "lr": self.lr_z}],
-                                    lr=self.lr_g, betas=[0.5, 0.999])
-        self.best_cost, self.best_inputs, self.it = 1e6, None, 0
-
-    def step(self):
-        inputs = self.fast(self.z)
-        inputs_aug = _ref_augment(inputs)
-        t_out = self.teacher(inputs_aug)
-        loss_bn = sum([h.r_feature for h in self.hooks])
-        loss_oh = F.cross_entropy(t_out, self.targets)
-        s_out = self.student(inputs_aug)
-        mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
-        kl = F.kl_div(F.log_softmax(s_out, 1), F.softmax(t_out, 1), reduction="none")
-        loss_adv = -(kl.sum(1) * mask).mean()
-        loss = 10.0 * loss_bn + 0.5 * loss_oh + 1.33 * loss_adv
-        with torch.no_grad():
-            if self.best_cost > loss.item() or self.best_inputs is None:
-                self.best_cost = loss.item()
-                self.best_inputs = inputs.data
-        self.opt.zero_grad()
-        loss.backward()
-        if self.it % self.iterations == 0:
-            self.meta_optimizer.zero_grad()
-        for p, q in zip(self.generator.parameters(), self.fast.parameters()):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.data.add_(q.grad.data)
-        self.opt.step()
-        self.it += 1
+def reference_in_round(teacher, student, generator, batch, nz, device="cpu", iterations=2):
+    """The eager upstream FastMeta loop (``RefFast`` of reference_loops.py, the loop of the equivalence
+    tests) with upstream's augmentation and normaliser, after one full round (momentum statistics
+    exist, as in a real run) and inside a new one: ``step()`` is one inner iteration."""
+    ref = RefFast(teacher, student, generator, nz, 10, iterations, 5e-3, 0.015, batch, adv=1.33, bn=10.0, oh=0.5,
+                  normalizer=UPSTREAM_NORMALIZER, warmup=0, bn_mmt=0.9, is_maml=1,
+                  aug=upstream_augment(UPSTREAM_NORMALIZER), device=device)
+    ref.synthesize()
+    ref.begin()
+    return ref
 
 
 # ----------------------------------------------------------------------------- memory
@@ -451,11 +375,8 @@ def run(quick: bool = False, device: str = "cpu", compile: bool = True, reps: in
         rows.append({"kernel": KERNEL, "case": case, "provider": provider, "median_ms": t * 1e3,
                      "aten_ops": ops, "ops_counted_by": how, "peak_mem_MB": round(mem, 2)})
 
-    ref = ReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), batch, nz,
-                        device=device)
-    ref.step()  # momentum statistics exist after the first round, as in a real run
-    for h in ref.hooks:
-        h.update_mmt()
+    ref = reference_in_round(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), batch, nz,
+                             device)
 
     # The reference and the eager fastsynth step are timed in alternation (the speedup target is
     # their ratio; a multi-second step on a shared machine drifts between two sequential runs).
@@ -541,58 +462,6 @@ def main(argv=None):
 GENERATIVE_KERNEL = "generative_synthesize"
 
 
-class GenerativeReferenceLoop:
-    """The upstream ``GenerativeSynthesizer.synthesize()`` eagerly: DeepInversion hooks on every
-    teacher BN computing their loss in every forward, all five terms computed and scaled, the
-    teacher's features as its ``return_features=True`` gives them (the input of its last Linear),
-    teacher and student parameters requiring grad, normaliser tensors built per call, the images
-    de-normalised for the return value; the upstream generator (plain ``nn.Sequential``)."""
-
-    def __init__(self, teacher, student, generator, nz, batch, adv, bn, oh, act, balance, criterion,
-                 lr_g=1e-3, device="cpu"):
-        self.teacher, self.student, self.generator = teacher, student, generator.train()
-        self.nz, self.batch, self.device = nz, batch, device
-        self.adv, self.bn, self.oh, self.act, self.balance = adv, bn, oh, act, balance
-        self.criterion = criterion
-        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(0.5, 0.999))
-        self.hooks = [_RefHook(m, 0) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-        fc = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
-        fc.register_forward_pre_hook(self._features)
-
-    def _features(self, module, inputs):
-        self.t_feat = inputs[0]
-
-    def synthesize(self):
-        self.student.eval()
-        self.generator.train()
-        self.teacher.eval()
-        self.optimizer.zero_grad()
-        z = torch.randn(size=(self.batch, self.nz), device=self.device)
-        inputs = _ref_normalize(self.generator(z))
-        t_out = self.teacher(inputs)
-        t_feat = self.t_feat
-        loss_bn = sum([h.r_feature for h in self.hooks])
-        loss_oh = F.cross_entropy(t_out, t_out.max(1)[1])
-        loss_act = -t_feat.abs().mean()
-        if self.adv > 0:
-            loss_adv = -self.criterion(self.student(inputs), t_out)
-        else:
-            loss_adv = loss_oh.new_zeros(1)
-        p = F.softmax(t_out, dim=1).mean(0)
-        loss_balance = (p * torch.log(p)).sum()
-        loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv + self.balance * loss_balance + \
-            self.act * loss_act
-        loss.backward()
-        self.optimizer.step()
-        mean = torch.as_tensor(MEAN, device=inputs.device)[None, :, None, None]
-        std = torch.as_tensor(STD, device=inputs.device)[None, :, None, None]
-        return {"synthetic": inputs.detach() * std + mean}
-
-
-def _upstream_kldiv(logits, targets):
-    return F.kl_div(F.log_softmax(logits, dim=1), F.softmax(targets, dim=1), reduction="batchmean")
-
-
 def run_generative(quick: bool = False, device: str = "cpu", compile: bool = True, reps: int | None = None,
                    methods=None, compile_methods=("dfq",), models: str = "fastsynth") -> list[dict]:
     """Rows of the generative methods: per method ``reference`` and ``fastsynth`` timed in
@@ -615,9 +484,9 @@ def run_generative(quick: bool = False, device: str = "cpu", compile: bool = Tru
         case = {"fastsynth": "cnn16->cnn8" if quick else "resnet34->resnet18",
                 "upstream": "upstream resnet20->resnet8" if quick else "upstream resnet34->resnet18"}[models]
         case += f" b{batch} {method}"
-        ref = GenerativeReferenceLoop(copy.deepcopy(teacher), copy.deepcopy(student), upstream_generator(gen), nz,
-                                      batch, criterion=nn.L1Loss() if crit == "L1Loss" else _upstream_kldiv,
-                                      device=device, **cfg)
+        ref = RefGenerative(ReturnFeatures(copy.deepcopy(teacher)), copy.deepcopy(student), upstream_generator(gen), nz,
+                            1, 1e-3, batch, batch, criterion=nn.L1Loss() if crit == "L1Loss" else upstream_kldiv,
+                            normalizer=UPSTREAM_NORMALIZER, device=device, **cfg)
         base = None
         providers = [("fastsynth", {})] + ([("fastsynth+compile", {"compile": True})]
                                            if compile and method in compile_methods else [])
@@ -658,11 +527,10 @@ def _gen_for_bench(quick: bool, nz: int, device):
     return Generator(nz=nz, ngf=16 if quick else 64, img_size=32, nc=3).to(device)
 
 
-
 # ----------------------------------------------------------------------------- issue 19 synthesizers
 # CMISynthesizer, FastMetaSynthesizerForImageNet and DeepInvSyntheiszer (NVlabs' ImageNet options
-# on) against the eager upstream loops of tests/ (the references their equivalence tests run
-# against, imported lazily: one reference loop serves tests and benchmarks), and the generative
+# on) against the eager upstream loops their equivalence tests run against (reference_loops.py; one
+# reference loop serves tests and benchmarks), and the generative
 # family's DAFL setting (run_generative). Per synthesize() call at iterations=1 (one inner step
 # per call), reference and fastsynth timed in alternation, augmentation off on both sides (the
 # references leave it out); ATen ops of one call each.
@@ -670,21 +538,20 @@ NEW_KERNEL = "synthesizer_call"
 NEW_METHODS = ("cmi", "fast_meta_imagenet", "deepinv", "dafl")
 
 
-def _test_references():
-    """The eager reference loops of the test suite (tests/reference_*.py), imported on demand."""
+def _cmi_reference():
+    """tests/reference_cmi.py, the eager CMI loop of the equivalence tests (still in the test
+    suite, not the package): imported on demand from a source checkout."""
     import importlib
     import pathlib
     import sys
 
     tests_dir = pathlib.Path(__file__).resolve().parents[2] / "tests"
     if not (tests_dir / "reference_cmi.py").is_file():
-        raise RuntimeError(f"the issue-19 synthesizer rows time fastsynth against the eager reference loops of the "
-                           f"test suite; {tests_dir} (reference_cmi.py, reference_fast_meta_imagenet.py, "
-                           f"reference_loops.py) is absent: run from a source checkout")
+        raise RuntimeError(f"the CMI rows time fastsynth against the eager reference loop of the test suite; "
+                           f"{tests_dir / 'reference_cmi.py'} is absent: run from a source checkout")
     if str(tests_dir) not in sys.path:
         sys.path.insert(0, str(tests_dir))
-    return (importlib.import_module("reference_loops"), importlib.import_module("reference_cmi"),
-            importlib.import_module("reference_fast_meta_imagenet"))
+    return importlib.import_module("reference_cmi")
 
 
 def _new_models(quick: bool, device):
@@ -700,12 +567,12 @@ def _new_models(quick: bool, device):
     return _randomise_bn(teacher, 1).to(device).eval(), _randomise_bn(student, 2).to(device).train(), batch
 
 
-def _pair_cmi(refs, teacher, student, batch, quick, device):
+def _pair_cmi(teacher, student, batch, quick, device):
     from ..nn import Generator
     from ..synthesis import Normalizer
     from ..synthesis.cmi import CMISynthesizer
 
-    _, rc, _ = refs
+    rc = _cmi_reference()
     nz, ngf = (16, 8) if quick else (256, 64)
     bank, n_neg, head_dim = (64, 32, 16) if quick else (40960, 4096, 128)
     torch.manual_seed(3)
@@ -729,11 +596,10 @@ def _pair_cmi(refs, teacher, student, batch, quick, device):
     return (lambda: ref.synthesize(y)), (lambda: ours.synthesize(y.to(device))), ours
 
 
-def _pair_fast_meta_imagenet(refs, teacher, student, batch, quick, device):
+def _pair_fast_meta_imagenet(teacher, student, batch, quick, device):
     from ..nn import DeepGenerator
     from ..synthesis import FastMetaSynthesizerForImageNet, Normalizer
 
-    _, _, rf = refs
     nz, ngf = (16, 8) if quick else (256, 64)
     torch.manual_seed(3)
     gen = DeepGenerator(nz=nz, ngf=ngf, img_size=32, nc=3).to(device)
@@ -744,18 +610,16 @@ def _pair_fast_meta_imagenet(refs, teacher, student, batch, quick, device):
         is_maml=1, augment=False, seed=5, device=device, **kw)
     up = upstream_generator(gen)
     up.clone = lambda: upstream_generator(up)  # the inner-loop copy computes as upstream too
-    ref = rf.RefFastMetaImageNet(copy.deepcopy(teacher), copy.deepcopy(student), up, nz, 10, (3, 32, 32),
-                                 kw["iterations"], kw["lr_g"], kw["lr_z"], kw["lr_g_meta"], kw["lr_z_meta"], batch,
-                                 kw["adv"], kw["bn"], kw["oh"], Normalizer(MEAN, STD),
-                                 torch.Generator().manual_seed(5), bn_mmt=0.9, is_maml=1)
+    ref = RefFastMetaImageNet(copy.deepcopy(teacher), copy.deepcopy(student), up, nz, 10, (3, 32, 32), kw["iterations"],
+                              kw["lr_g"], kw["lr_z"], kw["lr_g_meta"], kw["lr_z_meta"], batch, kw["adv"], kw["bn"],
+                              kw["oh"], Normalizer(MEAN, STD), torch.Generator().manual_seed(5), bn_mmt=0.9, is_maml=1)
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(7))
     return (lambda: ref.synthesize(y)), (lambda: ours.synthesize(y.to(device))), ours
 
 
-def _pair_deepinv(refs, teacher, student, batch, quick, device):
+def _pair_deepinv(teacher, student, batch, quick, device):
     from ..synthesis import DeepInvSyntheiszer, Normalizer
 
-    rl, _, _ = refs
     # NVlabs' ImageNet options on (all but the multi-resolution warm-up, which one iteration per
     # call never leaves)
     extra = dict(first_bn_multiplier=10.0, tv_l2=1e-4, l2_scale=1e-5, adi_scale=0.5)
@@ -763,9 +627,9 @@ def _pair_deepinv(refs, teacher, student, batch, quick, device):
     ours = DeepInvSyntheiszer(copy.deepcopy(teacher), copy.deepcopy(student), 10, (3, 32, 32),
                               synthesis_batch_size=batch, sample_batch_size=batch, normalizer=Normalizer(MEAN, STD),
                               device=device, augment=False, **kw, **extra)
-    ref = rl.RefDeepInv(copy.deepcopy(teacher), copy.deepcopy(student), 10, (3, 32, 32), kw["iterations"],
-                        kw["lr_g"], batch, kw["adv"], kw["bn"], kw["oh"], kw["tv"], kw["l2"],
-                        Normalizer(MEAN, STD), **extra)
+    ref = RefDeepInv(copy.deepcopy(teacher), copy.deepcopy(student), 10, (3, 32, 32), kw["iterations"], kw["lr_g"],
+                     batch, kw["adv"], kw["bn"], kw["oh"], kw["tv"], kw["l2"], Normalizer(MEAN, STD), device=device,
+                     **extra)
     return ref.synthesize, ours.synthesize, ours
 
 
@@ -778,7 +642,7 @@ def run_new(quick: bool = False, device: str = "cpu", reps: int | None = None, w
     ``fastsynth`` timed in alternation, one synthesize() call each at iterations=1 (full: the
     upstream-style CIFAR ResNet-34 -> ResNet-18 at batch 64; ``quick``: the small CNN pair at
     batch 8), and ATen ops per call (dispatch count). ``dafl`` comes from ``run_generative``
-    (that reference is the bench's own, per call at g_steps 1)."""
+    (``RefGenerative``, per call at g_steps 1)."""
     methods = list(methods or NEW_METHODS)
     bad = [m for m in methods if m not in NEW_METHODS]
     if bad:
@@ -786,7 +650,6 @@ def run_new(quick: bool = False, device: str = "cpu", reps: int | None = None, w
     device = torch.device(device)
     reps = reps or (3 if quick else 3)
     rows = []
-    refs = _test_references() if any(m in _NEW_PAIRS for m in methods) else None
     teacher, student, batch = _new_models(quick, device)
     case_models = "cnn8->cnn4" if quick else "upstream resnet34->resnet18"
     for method in methods:
@@ -797,7 +660,7 @@ def run_new(quick: bool = False, device: str = "cpu", reps: int | None = None, w
                 r["method"] = "dafl"
             rows += g_rows
             continue
-        ref_fn, our_fn, syn = _NEW_PAIRS[method](refs, teacher, student, batch, quick, device)
+        ref_fn, our_fn, syn = _NEW_PAIRS[method](teacher, student, batch, quick, device)
         t = harness.interleaved_median_times({"reference": ref_fn, "fastsynth": our_fn}, warmup=warmup, reps=reps,
                                              device=device)
         case = f"{case_models} b{batch} {method} it1"
