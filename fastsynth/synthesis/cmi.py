@@ -41,8 +41,9 @@ What changes against upstream (results equal to float rounding):
 - the contrastive term is one fused op (``fastsynth.ops.contrastive_ce``: no (N+N')^2 matrix,
   the key side's head forward under no_grad since its output is detached anyway);
 - CE + masked KL through the fused logit-loss op;
-- the memory bank lives on the device (upstream: on the CPU, copied to the device every step)
-  and is sampled there (upstream: Python ``random.sample``). When the bank has just filled
+- the memory bank is a ring buffer on the device (upstream: on the CPU, copied to the device
+  every step) with its fill count on the device too, and is sampled there with a fixed-shape
+  draw (``MemoryBank``; upstream: Python ``random.sample``). When the bank has just filled
   (``n_updates == max_size``) upstream's ``get_data`` returns no rows (its pointer wrapped to 0)
   and the bank half of L_cr is the mean of nothing (NaN); here the full bank is used. A batch
   that does not divide the bank wraps around it (upstream fails on the shape);
@@ -60,11 +61,22 @@ fastsynth keywords (keyword-only, after the upstream ones): ``augment`` (False: 
 the normalised images, as equivalence tests use), ``pool_capacity``/``pool_eviction``,
 ``save_images``/``save_format``, ``fuse_teacher``, ``seed`` (private RNG for z, the generator
 re-initialisation, the augmentation and the bank sampling), ``compile`` (torch.compile of the
-step's forward and loss), ``cuda_graph`` (accepted; the loop runs eagerly, see the warning in
-``__init__``), ``num_workers`` (accepted and ignored).
+step's forward and loss), ``cuda_graph``, ``num_workers`` (accepted and ignored).
+
+The inner steps run on ``SynthCore._run_steps``. ``cuda_graph=True`` (CUDA, one process):
+once the bank holds more than ``n_neg`` rows (or is full), the whole inner step (bank draw,
+augmentation codes, both forwards, the loss, best tracking into static buffers, the backward,
+both Adam steps, capturable) is captured once and replayed every step of every later call; its
+random draws come from the private generator registered with the graph, so a graph run equals
+an eager run with the same seed. Before that (no bank rows, then all of the at most n_neg
+filled rows: the row count changes every call) the steps run eagerly. The generator's
+re-initialisation, z, the labels and the bank update run between the calls, in place into the
+captured step's buffers. A change of bn/oh/adv/cr/cr_T, n_neg or a learning rate captures
+again.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -73,7 +85,7 @@ import torch.nn.functional as F
 
 from ..ops.contrastive_loss import contrastive_ce, instance_mean_multi
 from ..distributed import unwrap
-from .core import SynthCore, assign_grads, make_adam, now, nvtx_range, warn_once
+from .core import SynthCore, assign_grads, make_adam, now, nvtx_range
 from .validate import check_synthesizer_args
 
 __all__ = ["CMISynthesizer", "CMISynthesizerCMI", "MLPHead", "MultiTransform", "MemoryBank", "InstanceMeanHook",
@@ -115,11 +127,18 @@ class MemoryBank:
     """A ring buffer of feature rows on ``device`` (upstream's ``MemoryBank(device, max_size,
     dim_feat)``: ``data``, ``add``, ``get_data``, ``n_updates``).
 
-    ``add(feat)`` writes the rows at the write pointer, wrapping around; ``get_data(k)`` returns
-    ``(rows, index)`` for k rows drawn without replacement from the filled part (all rows once the
-    bank is full; every row while fewer than k are filled). The pointer and the fill count are
-    Python integers advanced by the known batch sizes, so nothing reads the device: no host sync,
-    and the index arithmetic is capturable. ``generator``: a private RNG for the sampling."""
+    ``add(feat)`` writes the rows at the write pointer, in place, wrapping around. The pointer
+    and the fill count are Python integers advanced by the known batch sizes (nothing reads the
+    device: no host sync); ``n_filled`` holds the fill count on the device too, for draws that a
+    captured step replays while the bank fills further.
+
+    ``get_data(k)`` returns ``(rows, index)``: every filled row (the first ``filled`` rows, in
+    order) while at most k are filled, as upstream's ``min(k, filled)``; else k distinct filled
+    rows drawn on the device (upstream: ``random.sample``) with a fixed-shape draw: ``max_size``
+    uniform keys, those of unfilled rows set to +inf (against ``n_filled``), the k smallest. Its
+    shapes and ops depend on k and ``max_size`` only, not on the fill level, so the rows of
+    ``get_data(k)`` have their final form once ``settled(k)``. ``generator``: a private RNG for
+    the sampling."""
 
     def __init__(self, device, max_size=4096, dim_feat=512, *, generator=None):
         for name, v in (("max_size", max_size), ("dim_feat", dim_feat)):
@@ -129,6 +148,8 @@ class MemoryBank:
         # upstream fills the bank with N(0, 1) rows; they are never read before being written
         # (drawn from the global RNG as upstream, leaving ``generator`` to the sampling)
         self.data = torch.randn(max_size, dim_feat).to(self.device)
+        self.n_filled = torch.zeros((), dtype=torch.long, device=self.device)
+        self._rows = None  # arange(max_size) on the device, for the draw's mask (built once)
         self._ptr = 0
         self.n_updates = 0
         self.max_size = max_size
@@ -160,19 +181,33 @@ class MemoryBank:
                 head = self.max_size - self._ptr
                 self.data[self._ptr:].copy_(feat[:head])
                 self.data[:n - head].copy_(feat[head:])
-        self._ptr = (self._ptr + n) % self.max_size
-        self.n_updates += n
+        self.set_position((self._ptr + n) % self.max_size, self.n_updates + n)
+
+    def set_position(self, ptr: int, n_updates: int) -> None:
+        """The write pointer and the update count (``n_filled`` follows, in place)."""
+        was = self.filled
+        self._ptr, self.n_updates = int(ptr), int(n_updates)
+        if self.filled != was:
+            self.n_filled.fill_(self.filled)
+
+    def settled(self, k: int) -> bool:
+        """Whether ``get_data(k)`` keeps its shapes and ops from now on (the bank only fills):
+        more than k rows filled (the draw), or the whole bank (all of its rows)."""
+        return self.filled > k or self.filled == self.max_size
 
     def sample_index(self, k=None):
-        """The index of ``get_data(k)``: None when every filled row is taken (the bank's first
-        ``filled`` rows, a view), else k distinct rows drawn on the device."""
-        filled = self.filled
+        """The index of ``get_data(k)``: None when at most k rows are filled (every filled row is
+        taken: the bank's first ``filled`` rows, a view), else k distinct filled rows."""
         if k is None:
             k = self.max_size
-        if k >= filled:
+        if k >= self.filled:
             return None
-        # k smallest of ``filled`` uniform keys: a uniform k-subset, drawn on the device
-        keys = torch.rand(filled, device=self.device, generator=self.generator)
+        keys = torch.rand(self.max_size, device=self.device, generator=self.generator)
+        if self.filled < self.max_size:  # a full bank stays full: no mask from then on
+            if self._rows is None:
+                self._rows = torch.arange(self.max_size, device=self.device)
+            keys.masked_fill_(self._rows >= self.n_filled, float("inf"))
+        # the k smallest keys: a uniform k-subset of the filled rows
         return keys.topk(k, largest=False, sorted=False).indices
 
     def get_data(self, k=None, index=None):
@@ -415,16 +450,8 @@ class CMISynthesizer(SynthCore):
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,
                          pool_eviction=pool_eviction, augment=augment, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=False, aug_padding=4, aug_flip=True, bn_stats=bn_stats,
+                         compile=compile, cuda_graph=cuda_graph, aug_padding=4, aug_flip=True, bn_stats=bn_stats,
                          pool_device=pool_device, pool_dir=pool_dir)
-        if cuda_graph:
-            # z and the generator's Adam are static buffers already (_round_state); not yet
-            # captured: the contrastive rows (batch + bank rows) grow while the bank fills, the
-            # bank sampling and the generator's re-initialisation draw from the private RNG
-            # (a captured graph needs it registered) and the head's Adam is not capturable
-            warn_once("cmi_cuda_graph", "fastsynth: CMISynthesizer does not capture CUDA graphs yet (the "
-                      "contrastive term's bank rows grow while the bank fills); cuda_graph=True runs the loop "
-                      "eagerly")
         if layers is None:
             # every BatchNorm2d input, hooked on the fused layers (after fusion: the teacher's
             # forward is already traced, so its ReLU folding is kept)
@@ -444,7 +471,8 @@ class CMISynthesizer(SynthCore):
         self.head = head if head is not None else MLPHead(cmi_dim, head_dim)
         self.head = self._share_generator(self.head.to(self.device)).train()  # learned across rounds
         self._check_bank_head(owner)
-        self.optimizer_head = make_adam(self.head.parameters(), self.lr_g, (0.9, 0.999), self.device)
+        self.optimizer_head = make_adam(self.head.parameters(), self.lr_g, (0.9, 0.999), self.device,
+                                        capturable=self.cuda_graph)
         if init_dataset is not None:
             from .nayer import load_init_dataset
 
@@ -533,9 +561,9 @@ class CMISynthesizer(SynthCore):
     def _forward(self, z, targets, adv_on: bool, cr_on: bool, codes):
         """Generator, both teacher forwards, the inversion losses: (loss_inv, x, f_l, f_g), the
         features None with cr == 0 (nothing reads them). f_g is computed without a graph: it
-        only feeds the detached key side and the bank. What compile=True compiles: its shapes are fixed for the whole run
-        (the bank part, whose row count grows while the bank fills, is ``_contrastive``, kept out
-        of it so that it causes no recompilation)."""
+        only feeds the detached key side and the bank. What compile=True compiles: its shapes
+        are fixed for the whole run (the bank part, whose row count grows while the bank fills,
+        is ``_contrastive``, kept out of it so that it causes no recompilation)."""
         with nvtx_range("generator", self._nvtx):
             x = self.generator(z)
         with nvtx_range("augment", self._nvtx):
@@ -604,26 +632,34 @@ class CMISynthesizer(SynthCore):
                              f"{tuple(st['data'].shape)}, this one is {tuple(b.data.shape)}")
         with torch.no_grad():
             b.data.copy_(st["data"])
-        b._ptr, b.n_updates = int(st["ptr"]), int(st["n_updates"])
+        b.set_position(st["ptr"], st["n_updates"])
 
     # ------------------------------------------------------------------ API
     def _round_state(self, B: int):
-        """(z, Adam over the generator's parameters and z) of one synthesize() call.
+        """(z, Adam over the generator's parameters and z) of one synthesize() call, and the
+        static buffers of its steps (labels, best loss, images and features).
 
         Upstream builds z and a fresh Adam every call; here both are built once and re-used: z is
         redrawn in place (the same numbers as a new ``torch.randn``) and the Adam state is zeroed
         in one op, which is exactly a fresh Adam (step 0, zero moments), without allocating and
         zero-filling 3 tensors per parameter every call. One parameter group (upstream: two with
-        the same settings) is one fused update instead of two. Rebuilt when the generator's
-        parameters or the batch size change. Not part of state_dict (nothing carries over)."""
+        the same settings) is one fused update instead of two. Rebuilt (and captured steps with
+        them) when the generator's parameters, the batch size or the memory bank change. Not part
+        of state_dict (nothing carries over)."""
         params = list(self.generator.parameters())
-        key = (B, tuple(id(p) for p in params))
+        key = (B, tuple(id(p) for p in params), id(self.mem_bank))  # r holds them: no id is recycled
         r = self._round
         if r.get("key") != key:
+            self._close_graphs()  # captured with the old buffers
             z = torch.empty(B, self.nz, device=self.device).requires_grad_()
+            f32 = dict(dtype=torch.float32, device=self.device)
             r.clear()
-            r.update(key=key, z=z, params=params + [z], moments=None,
-                     opt=make_adam([{"params": params + [z]}], self.lr_g, (0.5, 0.999), self.device))
+            r.update(key=key, bank=self.mem_bank, z=z, params=params + [z], moments=None,
+                     opt=make_adam([{"params": params + [z]}], self.lr_g, (0.5, 0.999), self.device,
+                                   capturable=self.cuda_graph),
+                     targets=torch.zeros(B, dtype=torch.long, device=self.device),
+                     best=(torch.full((), float("inf"), **f32), torch.zeros(B, *self.img_size, **f32),
+                           torch.zeros(B, self.cmi_dim, **f32), torch.zeros(B, self.cmi_dim, **f32)))
         opt = r["opt"]
         opt.param_groups[0]["lr"] = self.lr_g
         if r["moments"] is None and opt.state:
@@ -634,79 +670,106 @@ class CMISynthesizer(SynthCore):
                 torch._foreach_zero_(r["moments"])
         return r["z"], opt, r["params"]
 
+    # ------------------------------------------------------------------ the captured step
+    _graph_coefficients = ("bn", "oh", "adv", "cr", "cr_T")
+
+    def _graph_optimizer(self):
+        return self._round.get("opt")
+
+    def _graph_settings(self) -> tuple:
+        return super()._graph_settings() + (self.n_neg, self._optimizer_settings(self.optimizer_head))
+
+    def _step_generators(self) -> list:
+        gens = super()._step_generators()
+        bank_rng = self.mem_bank.generator
+        return gens + [bank_rng] if bank_rng is not None and all(bank_rng is not g for g in gens) else gens
+
+    def _step_tensors(self) -> list:
+        r = self._round
+        return list(self.generator.parameters()) + list(self.generator.buffers()) + \
+            list(self.head.parameters()) + list(self.head.buffers()) + [r["z"], *r["best"]]
+
+    def _step(self, adv_on: bool, cr_on: bool, first: bool | None):
+        """One inner step on the round's static buffers (``_round_state``): bank rows, codes,
+        forward, loss, best tracking, gradients, both Adam steps. No host read."""
+        r = self._round
+        z, targets, params = r["z"], r["targets"], r["params"]
+        B = targets.shape[0]
+        cached, n_split = None, None
+        if cr_on and self.mem_bank.filled > 0:
+            cached, _ = self.mem_bank.get_data(self.n_neg)
+            n_split = B
+        codes = self._draw_codes(B)
+        fwd = self._maybe_compiled(("fwd", adv_on, cr_on), self._forward)
+        with self._autocast_ctx():
+            loss, x, l_feat, g_feat = fwd(z, targets, adv_on, cr_on, codes)
+            if cr_on:
+                loss = loss + self._contrastive(l_feat, g_feat, cached, n_split)
+        best_cost, best_x, best_l, best_g = r["best"]
+        with torch.no_grad():
+            self._log(loss)
+            # the kept images and their features: in place on the device, no .item()
+            self._track_best(loss.detach().float(), x.detach(), best_cost, best_x, first,
+                             more=((l_feat.detach(), best_l), (g_feat, best_g)) if cr_on else ())
+        head_params = [p for g in self.optimizer_head.param_groups for p in g["params"]] if cr_on else []
+        with nvtx_range("backward", self._nvtx):
+            wrt = params + head_params
+            assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
+        if self._dist:
+            # what is learned across rounds (the head; the generator with feature_reuse) is
+            # averaged across ranks in one all_reduce; z and a per-round generator stay per rank
+            self._average_grads((params[:-1] if self.feature_reuse else []) + head_params)
+        with nvtx_range("step", self._nvtx):
+            r["opt"].step()
+            if cr_on:
+                self.optimizer_head.step()
+
+    # ------------------------------------------------------------------ API
     def synthesize(self, targets=None):
         start = now()
         owner = type(self).__name__
         self._check_bank_head(owner)
         B = self.synthesis_batch_size
-        z, optimizer, params = self._round_state(B)
+        _, optimizer, _ = self._round_state(B)
+        r = self._round
         if targets is None:
             targets = self._randint(self.num_classes, (B,))
             targets = targets.sort()[0]
-        targets = targets.to(self.device)
+        elif not torch.is_tensor(targets) or tuple(targets.shape) != (B,) or targets.is_floating_point():
+            raise ValueError(f"{owner}.synthesize: targets must be an integer tensor of shape "
+                             f"[synthesis_batch_size={B}], got "
+                             f"{tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__}")
         if not self.feature_reuse:
             reset_model(self.generator, generator=self._rng)
         self.generator.train()
-        head_params = [p for g in self.optimizer_head.param_groups for p in g["params"]]
         adv_on = self.adv > 0
         cr_on = self.cr != 0
-        best_cost = best_x = best_l = best_g = None
-        fwd = self._forward
-        if self.compile:
-            fwd = self._compiled_fn(("fwd", adv_on, cr_on), self._forward)
+        best_cost, best_x, best_l, best_g = r["best"]
+        with torch.no_grad():
+            r["targets"].copy_(targets)
+            if self._graph_mode:
+                best_cost.fill_(float("inf"))  # the captured step's tracking starts from nothing kept
+        # captured once the bank rows of a step have their final form (n_neg rows drawn from
+        # more, or the full bank); while the bank holds at most n_neg rows (all of them taken,
+        # as upstream) the steps run eagerly
+        fixed = not cr_on or self.mem_bank.settled(self.n_neg)
         with self._synthesis_mode():
             if self.bn == 0:
                 self.capture.deactivate()
-            for it in range(self.iterations):
-                cached, n_split = None, None
-                if cr_on and self.mem_bank.n_updates > 0:
-                    cached, _ = self.mem_bank.get_data(self.n_neg)
-                    n_split = B if cached.shape[0] > 0 else None
-                    if cached.shape[0] == 0:
-                        cached = None
-                codes = self._draw_codes(B)
-                with self._autocast_ctx():
-                    loss, x, l_feat, g_feat = fwd(z, targets, adv_on, cr_on, codes)
-                    if cr_on:
-                        loss = loss + self._contrastive(l_feat, g_feat, cached, n_split)
-                with torch.no_grad():
-                    # best images (and their features) on the device, no .item(); new tensors
-                    # rather than in-place writes: nothing else holds these
-                    self._log(loss)
-                    ld = loss.detach()
-                    ld = (ld if ld.dim() == 0 else ld.reshape(())).float()
-                    if it == 0:
-                        best_cost, best_x = ld, x.detach().float()
-                        if cr_on:
-                            best_l, best_g = l_feat.detach().float(), g_feat.float()
-                    else:
-                        better = ld < best_cost
-                        best_cost = torch.where(better, ld, best_cost)
-                        best_x = torch.where(better, x.float(), best_x)
-                        if cr_on:
-                            best_l = torch.where(better, l_feat.float(), best_l)
-                            best_g = torch.where(better, g_feat.float(), best_g)
-                with nvtx_range("backward", self._nvtx):
-                    wrt = params + (head_params if cr_on else [])
-                    assign_grads(wrt, torch.autograd.grad(loss, wrt, allow_unused=True))
-                if self._dist:
-                    # what is learned across rounds (the head; the generator with feature_reuse)
-                    # is averaged across ranks in one all_reduce; z and a per-round generator stay per rank
-                    self._average_grads((params[:-1] if self.feature_reuse else []) + (head_params if cr_on else []))
-                with nvtx_range("step", self._nvtx):
-                    optimizer.step()
-                    if cr_on:
-                        self.optimizer_head.step()
+            self._run_steps(self.iterations, lambda it: self._step(adv_on, cr_on, self._first(it)),
+                            ("step", adv_on, cr_on), [optimizer, self.optimizer_head] if cr_on else optimizer,
+                            stats=False, graph=fixed)
             for h in self.cmi_hooks:
                 h.input = None
         if self.student is not None:
             self.student.train()
+        images = best_x.clone()
         self._sync()
         end = now()
-        self._add_to_pool([(best_x, best_cost)])
+        self._add_to_pool([(images, best_cost)])
         if cr_on:
             self.mem_bank.add(torch.cat([best_l, best_g], dim=1))  # the bank's [local, global] rows
-        return {"synthetic": best_x}, end - start
+        return {"synthetic": images}, end - start
 
     def remove_hooks(self):
         """Remove the instance-mean hooks from the teacher."""
@@ -721,27 +784,29 @@ class CMISynthesizer(SynthCore):
         super().close()
 
 
+def _cmi_repo_signature() -> inspect.Signature:
+    """``CMISynthesizer.__init__``'s signature with ``feature_reuse`` moved to the first
+    keyword-only place: zju-vipa/CMI's constructor order."""
+    sig = inspect.signature(CMISynthesizer.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "feature_reuse"]
+    kw = next(i for i, p in enumerate(params) if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    params.insert(kw, sig.parameters["feature_reuse"].replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return sig.replace(parameters=params)
+
+
 class CMISynthesizerCMI(CMISynthesizer):
     """``CMISynthesizer`` with zju-vipa/CMI's constructor order (no ``feature_reuse`` between
     ``img_size`` and ``feature_layers``; here it is keyword-only, default False as that
-    repository's loop always re-initialises the generator)."""
+    repository's loop always re-initialises the generator). The signature is
+    ``CMISynthesizer``'s, reordered (``inspect.signature`` and ``help`` show it)."""
 
-    def __init__(self, teacher, student, generator, nz, num_classes, img_size,
-                 feature_layers=None, bank_size=40960, n_neg=4096, head_dim=128, init_dataset=None,
-                 iterations=100, lr_g=0.1, progressive_scale=False,
-                 synthesis_batch_size=128, sample_batch_size=128,
-                 adv=0.0, bn=1, oh=1, cr=0.8, cr_T=0.1,
-                 save_dir='run/cmi', transform=None,
-                 autocast=None, use_fp16=False,
-                 normalizer=None, device='cpu', distributed=False, *, feature_reuse=False,
-                 augment=True, pool_capacity=None, pool_eviction="fifo", save_images=False,
-                 save_format="shard", fuse_teacher=True, seed=None, compile=False, cuda_graph=False,
-                 mem_bank=None, head=None, num_workers=None, bn_stats="global", pool_device=None, pool_dir=None):
-        super().__init__(teacher, student, generator, nz, num_classes, img_size, feature_reuse,
-                         feature_layers, bank_size, n_neg, head_dim, init_dataset, iterations, lr_g,
-                         progressive_scale, synthesis_batch_size, sample_batch_size, adv, bn, oh, cr, cr_T,
-                         save_dir, transform, autocast, use_fp16, normalizer, device, distributed,
-                         augment=augment, pool_capacity=pool_capacity, pool_eviction=pool_eviction,
-                         save_images=save_images, save_format=save_format, fuse_teacher=fuse_teacher, seed=seed,
-                         compile=compile, cuda_graph=cuda_graph, mem_bank=mem_bank, head=head,
-                         num_workers=num_workers, bn_stats=bn_stats, pool_device=pool_device, pool_dir=pool_dir)
+    _SIGNATURE = _cmi_repo_signature()
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = CMISynthesizerCMI._SIGNATURE.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}: {e}") from None
+        super().__init__(**{k: v for k, v in bound.arguments.items() if k != "self"})
+
+    __init__.__signature__ = _SIGNATURE

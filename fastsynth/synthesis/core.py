@@ -639,24 +639,28 @@ class SynthCore(BaseSynthesis):
             self.loss_log.append(loss.detach().clone())
 
     @staticmethod
-    def _track_best(loss, x, best_cost, best_x, first: bool | None = False):
+    def _track_best(loss, x, best_cost, best_x, first: bool | None = False, *, more=()):
         """In place, under no_grad: keep the images x of the lowest loss, on the device.
 
         ``first=True`` (the first step of a round, known to the Python loop): take x
         unconditionally, as upstream's ``best_inputs is None`` branch does. ``first=False``: take
         x where loss < best (strictly; upstream's ``best_cost > loss``). ``first=None`` (a
         captured step, which the same graph replays for every step): the generic form, which
-        also takes x while nothing is kept yet (best = inf)."""
+        also takes x while nothing is kept yet (best = inf). ``more``: further (value, kept)
+        pairs taken together with x (CMI's features of the kept images)."""
         ld = loss if loss.dim() == 0 else loss.reshape(())
+        pairs = ((x, best_x),) + tuple(more)
         if first:
             best_cost.copy_(ld)
-            best_x.copy_(x)
+            for v, kept in pairs:
+                kept.copy_(v)
             return
         better = ld < best_cost
         if first is None:
             better = better | (best_cost == float("inf"))
         torch.where(better, ld, best_cost, out=best_cost)
-        torch.where(better, x, best_x, out=best_x)
+        for v, kept in pairs:
+            torch.where(better, v, kept, out=kept)
 
     @staticmethod
     def _backward(loss, optimizer: torch.optim.Optimizer) -> list:
@@ -727,6 +731,11 @@ class SynthCore(BaseSynthesis):
             self._optimizer.step()
         return extra
 
+    def _step_generators(self) -> list:
+        """The private generators a captured step draws from (registered with the graph, their
+        states restored after the warm-up); the default generators are always included."""
+        return [] if self._rng is None else [self._rng]
+
     def _step_tensors(self) -> list:
         """Per synthesizer: the persistent tensors one inner step writes, besides its optimizer's
         state and the BN-statistics buffers (the driver adds those): module parameters and
@@ -734,21 +743,23 @@ class SynthCore(BaseSynthesis):
         (``CudaGraphStep``); None entries are skipped."""
         return []
 
-    def _run_steps(self, n: int, step: Callable, key=None, optimizer: torch.optim.Optimizer | None = None,
-                   after: Callable | None = None, stats: bool = True):
+    def _run_steps(self, n: int, step: Callable, key=None, optimizer=None,
+                   after: Callable | None = None, stats: bool = True, graph: bool = True):
         """The inner-step driver of every synthesizer: runs ``n`` steps of ``step``.
 
-        Eager (``cuda_graph`` off or not possible): ``step(it)`` for it = 0 .. n-1;
+        Eager (``cuda_graph`` off or not possible, or ``graph=False``: this call's step cannot
+        be captured yet, e.g. CMI's while its bank fills): ``step(it)`` for it = 0 .. n-1;
         ``after(it, out)`` gets each step's return value; returns the last one. ``key`` and
         ``optimizer`` are needed only for captured steps.
 
         Captured (``cuda_graph``): ``step(None)`` must read and write persistent tensors only
-        (``_step_tensors``, ``optimizer``'s state). It is captured once per ``key`` and the
-        settings it bakes in (``_graph_for``), after a warm-up that is undone, and replayed ``n``
-        times; ``after(it, None)`` runs after each replay; returns None. With ``stats`` each step
-        also copies the BN statistics of its forward into static buffers, handed to the capture
-        after the last replay (``update_mmt`` reads them as after an eager step)."""
-        if not self._graph_mode:
+        (``_step_tensors``, the state of ``optimizer``: one optimizer or a list of those the
+        step runs). It is captured once per ``key`` and the settings it bakes in
+        (``_graph_for``), after a warm-up that is undone, and replayed ``n`` times;
+        ``after(it, None)`` runs after each replay; returns None. With ``stats`` each step also
+        copies the BN statistics of its forward into static buffers, handed to the capture after
+        the last replay (``update_mmt`` reads them as after an eager step)."""
+        if not (self._graph_mode and graph):
             out = None
             for it in range(n):
                 out = step(it)
@@ -757,6 +768,7 @@ class SynthCore(BaseSynthesis):
             return out
         if optimizer is None:
             raise ValueError(f"{type(self).__name__}._run_steps: a captured step needs its optimizer")
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if stats and getattr(self, "_last_stats", None) is None:
             self._last_stats = self.capture.stat_buffers()
 
@@ -770,13 +782,14 @@ class SynthCore(BaseSynthesis):
             ts = [t for t in self._step_tensors() if t is not None]
             if stats:
                 ts += self._last_stats
-            # last: the optimizer state a warm-up creates is zeroed like a fresh one's
-            for st in optimizer.state.values():
-                ts += [v for v in st.values() if torch.is_tensor(v)]
+            # the optimizer state a warm-up creates is zeroed like a fresh one's
+            for opt in optimizers:
+                for st in opt.state.values():
+                    ts += [v for v in st.values() if torch.is_tensor(v)]
             return ts
 
-        g = self._graph_for(key, lambda: CudaGraphStep(captured, mutable, rng=self._rng, device=self.device,
-                                                       before_capture=self._pool_idle))
+        g = self._graph_for(key, lambda: CudaGraphStep(captured, mutable, rng=self._step_generators(),
+                                                       device=self.device, before_capture=self._pool_idle))
         for it in range(n):
             g()
             if after is not None:
@@ -797,13 +810,16 @@ class SynthCore(BaseSynthesis):
         """The Python values a captured step bakes in: the loss coefficients, the BN momentum
         and the inner optimizer's hyper-parameters (capturable Adam reads float lr/betas at
         capture). A graph captured with other values is replaced (``_graph_for``)."""
-        opt = self._graph_optimizer()
-        groups = () if opt is None else tuple(
+        coefs = tuple(float(getattr(self, name)) for name in self._graph_coefficients)
+        return coefs + (float(self.capture.mmt_rate), self._optimizer_settings(self._graph_optimizer()))
+
+    @staticmethod
+    def _optimizer_settings(opt) -> tuple:
+        """The plain hyper-parameters of ``opt``'s groups (() for None), as a comparable tuple."""
+        return () if opt is None else tuple(
             tuple((k, v if not isinstance(v, (list, tuple)) else tuple(v)) for k, v in sorted(g.items())
                   if k != "params" and isinstance(v, (int, float, bool, list, tuple)))
             for g in opt.param_groups)
-        coefs = tuple(float(getattr(self, name)) for name in self._graph_coefficients)
-        return coefs + (float(self.capture.mmt_rate), groups)
 
     # the loss coefficients a captured step bakes in (a subclass with more lists them all)
     _graph_coefficients: tuple = ("bn", "oh", "adv")
@@ -873,11 +889,14 @@ class CudaGraphStep:
     ``warm_up()`` runs the warm-up iterations (lazy optimizer state, cuDNN/Triton selection) on
     a side stream and then undoes them: every tensor in ``mutable()`` gets its value back, state
     the warm-up created (optimizer moments) is zeroed like a fresh one, and the random generators
-    get their states back (``rng`` and the device's default generator), so capture leaves the
-    computation unchanged and a graph run draws the numbers of an eager run with the same seed.
-    Random ops inside use the generators' graph-safe Philox state, so each replay draws fresh
-    numbers. ``before_capture()`` runs just before the capture (the synthesizers let their pool's
-    writer thread go idle there); the capture uses ``capture_error_mode="thread_local"`` so other
+    get their states back (``rng``: one private generator or a list of them, and the device's
+    default generator), so capture leaves the computation unchanged and a graph run draws the
+    numbers of an eager run with the same seed. Random ops inside use the generators' graph-safe
+    Philox state (private ones are registered with the graph), so each replay draws fresh
+    numbers. The values are restored by tensor identity: state the warm-up creates may appear
+    anywhere in ``mutable()``'s list (a step running two optimizers). ``before_capture()`` runs
+    just before the capture (the synthesizers let their pool's writer thread go idle there); the
+    capture uses ``capture_error_mode="thread_local"`` so other
     threads may use CUDA meanwhile. ``close()`` frees the graph and its private memory pool.
 
     On a device other than CUDA nothing is captured: the first call warms up as above and every
@@ -886,14 +905,13 @@ class CudaGraphStep:
     """
 
     def __init__(self, step: Callable[[], None], mutable: Callable[[], list], warmup: int = 2,
-                 rng: torch.Generator | None = None, device=None,
-                 before_capture: Callable[[], None] | None = None):
+                 rng=None, device=None, before_capture: Callable[[], None] | None = None):
         self.step = step
         self.mutable = mutable
         self.warmup = warmup
-        self.rng = rng
+        self.rngs = [g for g in (rng if isinstance(rng, (list, tuple)) else [rng]) if g is not None]
         if device is None:
-            device = rng.device if rng is not None else torch.device("cuda", torch.cuda.current_device())
+            device = self.rngs[0].device if self.rngs else torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
         self.before_capture = before_capture
         self.graph = None
@@ -906,13 +924,13 @@ class CudaGraphStep:
             gens = [torch.cuda.default_generators[idx]]
         else:
             gens = [torch.default_generator]
-        if self.rng is not None and all(self.rng is not g for g in gens):
-            gens.append(self.rng)
+        for rng in self.rngs:
+            if all(rng is not g for g in gens):
+                gens.append(rng)
         return gens
 
     def warm_up(self) -> None:
-        tensors = [t for t in self.mutable() if t is not None]
-        saved = [t.detach().clone() for t in tensors]
+        saved = {id(t): (t, t.detach().clone()) for t in self.mutable() if t is not None}
         rng_states = [(g, g.get_state()) for g in self._generators()]
         if self.device.type == "cuda":
             s = torch.cuda.Stream(self.device)
@@ -924,13 +942,13 @@ class CudaGraphStep:
         else:
             for _ in range(self.warmup):
                 self.step()
-        tensors_after = [t for t in self.mutable() if t is not None]
         with torch.no_grad():
-            for t, v in zip(tensors, saved):
+            for t, v in saved.values():
                 t.copy_(v)
             # state created by the warm-up (optimizer moments) starts from zero like a fresh one
-            for t in tensors_after[len(tensors):]:
-                t.zero_()
+            for t in self.mutable():
+                if t is not None and id(t) not in saved:
+                    t.zero_()
         # the warm-up's random draws are undone too: the first replay draws what the first
         # eager step would have drawn
         for g, st in rng_states:
@@ -945,9 +963,9 @@ class CudaGraphStep:
         if self.before_capture is not None:
             self.before_capture()
         self.graph = torch.cuda.CUDAGraph()
-        if self.rng is not None and self.rng.device.type == "cuda":
-            # a private generator advances its Philox offset on every replay too
-            self.graph.register_generator_state(self.rng)
+        for rng in self._generators()[1:]:
+            if rng.device.type == "cuda":  # a private generator advances its offset on every replay too
+                self.graph.register_generator_state(rng)
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.step()
 
