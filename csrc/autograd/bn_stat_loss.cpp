@@ -8,75 +8,46 @@
 //         = dL/dmean_c / M + 2 dL/dvar_c (x - mean_c) / M        (one read of x, one write)
 // An output that took no part in what is differentiated contributes zero (autograd
 // materialises its gradient as zeros). The Triton ops keep their Python registration.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "binding/autograd.h"
 
 namespace fastsynth {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using Tensor = at::Tensor;
-using Tensor2 = std::tuple<Tensor, Tensor>;
-
-const auto& stats_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastsynth::bn_batch_stats", "")
-                             .typed<Tensor2(const Tensor&)>();
-  return op;
-}
-
-const auto& stats_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastsynth::bn_batch_stats_backward", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-  return op;
-}
-
-const auto& stats_multi_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastsynth::bn_batch_stats_multi", "")
-                             .typed<Tensor2(at::TensorList)>();
-  return op;
-}
-
-const auto& stats_multi_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastsynth::bn_batch_stats_multi_backward", "")
-          .typed<std::vector<Tensor>(at::TensorList, const Tensor&, const Tensor&, const Tensor&)>();
-  return op;
-}
-
 struct BnBatchStatsFunction : public torch::autograd::Function<BnBatchStatsFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x) {
+    static const auto op = find_op<Tensor2(const Tensor&)>("fastsynth::bn_batch_stats");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [mean, var] = stats_op().call(x);
+    auto [mean, var] = op.call(x);
     ctx->save_for_backward({x, mean});
     return {mean, var};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+        "fastsynth::bn_batch_stats_backward");
     const variable_list saved = ctx->get_saved_variables();
-    return {stats_backward_op().call(saved[0], saved[1], grads[0], grads[1])};
+    return {op.call(saved[0], saved[1], grads[0], grads[1])};
   }
 };
 
 struct BnBatchStatsMultiFunction : public torch::autograd::Function<BnBatchStatsMultiFunction> {
   static variable_list forward(AutogradContext* ctx, at::TensorList xs) {
+    static const auto op = find_op<Tensor2(at::TensorList)>("fastsynth::bn_batch_stats_multi");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [means, vars] = stats_multi_op().call(xs);
+    auto [means, vars] = op.call(xs);
     variable_list to_save(xs.begin(), xs.end());
     to_save.push_back(means);
     ctx->save_for_backward(to_save);
     return {means, vars};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<std::vector<Tensor>(at::TensorList, const Tensor&, const Tensor&, const Tensor&)>(
+        "fastsynth::bn_batch_stats_multi_backward");
     variable_list saved = ctx->get_saved_variables();
     const Tensor means = saved.back();
     saved.pop_back();
-    return stats_multi_backward_op().call(saved, means, grads[0], grads[1]);
+    return op.call(saved, means, grads[0], grads[1]);
   }
 };
 

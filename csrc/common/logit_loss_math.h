@@ -43,24 +43,30 @@ namespace fastsynth {
 // that GCC vectorises inside `omp simd` loops (libm's expf/logf are calls that block it).
 // ---------------------------------------------------------------------------------------------
 
-FS_HD float bits_to_float(int32_t i) {
 #if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
+FS_HD float bits_to_float(int32_t i) { return __int_as_float(i); }
+FS_HD int32_t float_to_bits(float f) { return __float_as_int(f); }
 #else
+FS_HD float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
-#endif
 }
-
 FS_HD int32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(f);
-#else
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
+}
 #endif
+
+// c0 + x (c1 + x (c2 + ...)): a polynomial by Horner's rule, lowest coefficient first.
+template <typename F>
+FS_HD F horner(F, F c) {
+  return c;
+}
+template <typename F, typename... Cs>
+FS_HD F horner(F x, F c, Cs... cs) {
+  return horner(x, cs...) * x + c;
 }
 
 // exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to degree 7
@@ -74,14 +80,7 @@ FS_HD float exp_poly(float x) {
   const float n = floorf(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r = r - n * 1.42860682030941723212e-6f;  // ... and the remainder
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = horner(r, 1.0f, 1.0f, 0.5f, 1.0f / 6.0f, 1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f);
   const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
   const float result = p * scale;  // computed unconditionally: a select, not a branch, vectorises
   return x < -87.0f ? 0.0f : (x == x ? result : x);
@@ -100,54 +99,34 @@ FS_HD float log_poly(float x) {
   e = big ? e + 1 : e;
   const float u = (m - 1.0f) / (m + 1.0f);
   const float u2 = u * u;
-  float p = 1.0f / 11.0f;
-  p = p * u2 + 1.0f / 9.0f;
-  p = p * u2 + 1.0f / 7.0f;
-  p = p * u2 + 1.0f / 5.0f;
-  p = p * u2 + 1.0f / 3.0f;
-  p = p * u2 + 1.0f;
+  const float p = horner(u2, 1.0f, 1.0f / 3.0f, 1.0f / 5.0f, 1.0f / 7.0f, 1.0f / 9.0f, 1.0f / 11.0f);
   const float r = static_cast<float>(e) * 0.693147180559945309f + 2.0f * u * p;
   return x == 0.0f ? -INFINITY : (x < INFINITY ? r : x);
 }
 
-FS_HD float fs_exp(float x) {
+// exp, log and 1/x of the kernels: on the device the hardware versions, on the host the float
+// polynomials above and libm's double functions.
+// The device's 1/x in fp64: a correctly rounded fp64 division or reciprocal compiles to a
+// slow-path subroutine call whose saved registers show up as spills; this is the hardware
+// approximation refined by two Newton steps (error below 1 ulp), for positive normal x.
 #if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  return exp_poly(x);
-#endif
-}
-FS_HD double fs_exp(double x) { return exp(x); }
-
-// 1/x for positive normal x. On the device a correctly rounded fp64 division or reciprocal
-// compiles to a slow-path subroutine call whose saved registers show up as spills; the fp64
-// version is the hardware approximation refined by two Newton steps (error below 1 ulp).
-FS_HD float fs_recip(float x) {
-#if defined(__CUDA_ARCH__)
-  return __frcp_rn(x);
-#else
-  return 1.0f / x;
-#endif
-}
+FS_HD float fs_exp(float x) { return __expf(x); }
+FS_HD float fs_log(float x) { return __logf(x); }
+FS_HD float fs_recip(float x) { return __frcp_rn(x); }
 FS_HD double fs_recip(double x) {
-#if defined(__CUDA_ARCH__)
   double r;
   asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
   r = fma(r, fma(-x, r, 1.0), r);
   r = fma(r, fma(-x, r, 1.0), r);
   return r;
-#else
-  return 1.0 / x;
-#endif
 }
-
-FS_HD float fs_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return __logf(x);
 #else
-  return log_poly(x);
+FS_HD float fs_exp(float x) { return exp_poly(x); }
+FS_HD float fs_log(float x) { return log_poly(x); }
+FS_HD float fs_recip(float x) { return 1.0f / x; }
+FS_HD double fs_recip(double x) { return 1.0 / x; }
 #endif
-}
+FS_HD double fs_exp(double x) { return exp(x); }
 FS_HD double fs_log(double x) { return log(x); }
 
 // ln(x) in double for a positive normal x, branch-free so that it vectorises on the host (the
@@ -169,16 +148,8 @@ FS_HD double log_f64_poly(double x) {
   std::memcpy(&m, &mbits, sizeof m);
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
-  double p = 1.0 / 21;
-  p = p * s2 + 1.0 / 19;
-  p = p * s2 + 1.0 / 17;
-  p = p * s2 + 1.0 / 15;
-  p = p * s2 + 1.0 / 13;
-  p = p * s2 + 1.0 / 11;
-  p = p * s2 + 1.0 / 9;
-  p = p * s2 + 1.0 / 7;
-  p = p * s2 + 1.0 / 5;
-  p = p * s2 + 1.0 / 3;
+  const double p = horner(s2, 1.0 / 3, 1.0 / 5, 1.0 / 7, 1.0 / 9, 1.0 / 11, 1.0 / 13, 1.0 / 15, 1.0 / 17, 1.0 / 19,
+                          1.0 / 21);
   const double lnm = 2.0 * s + 2.0 * s * s2 * p;
   const double ef = static_cast<double>(e);
   const double r = ef * 0x1.62e42fefa3800p-1 + (lnm + ef * 0x1.ef35793c76730p-45);  // ln 2 = hi + lo

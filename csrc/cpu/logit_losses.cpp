@@ -32,6 +32,7 @@
 // nothing (measured 11x slower). Applies to the functions of this file only.
 #pragma GCC optimize("no-trapping-math")
 
+#include "binding/logit_losses.h"
 #include "common/logit_loss_math.h"
 #include "cpu/large_alloc.h"
 #include "cpu/simd.h"
@@ -39,6 +40,9 @@
 namespace fastsynth {
 namespace {
 
+using logit_binding::acc_scalar_type;
+using logit_binding::Tensor3;
+using logit_binding::unit_column_stride;
 
 // ---------------------------------------------------------------------------------------------
 // Row kernels on contiguous acc_t rows
@@ -490,12 +494,6 @@ struct RowPair {
 // rows per parallel task: about 16k elements, so small problems stay on one thread
 inline int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
-// A view with unit column stride (rows may be strided); copies only when columns are strided.
-inline at::Tensor unit_column_stride(const at::Tensor& x) {
-  if (x.size(1) <= 1 || x.stride(1) == 1) return x;
-  return x.contiguous();
-}
-
 // kl_lanes over the rows [0, N) in blocks of kLanes rows, in parallel over blocks: transposes
 // each block into scratch (converting fp16/bf16 to fp32), and writes the gradients back as rows.
 // collect(i0, nr, results) receives the per-row values of rows i0 .. i0 + nr - 1.
@@ -556,19 +554,21 @@ void kl_rows_by_lanes(const scalar_t* tp, int64_t t_stride, const scalar_t* sp, 
 }
 
 void check_pair(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D [N, C], got shape ", a.sizes());
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": ", b_name, " must have the shape of ", a_name, " ", a.sizes(),
-                    ", got ", b.sizes());
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
-                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), op, ": ", a_name, " must be floating, got ", a.scalar_type());
-  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, op, ": ", a_name, " must not be empty, got shape ", a.sizes());
+  logit_binding::check_pair(op, a, a_name, b, b_name);
   TORCH_CHECK_VALUE(a.size(1) < (int64_t(1) << 31), op, ": more than 2^31 classes");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": CPU kernel called with non-CPU tensors");
 }
 
-at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+// the gradient of x for a unit grad_loss: [N, C] contiguous (large blocks recycled,
+// cpu/large_alloc.h), or [0] when not wanted
+at::Tensor grad_buffer(const at::Tensor& x, bool needed) {
+  return needed ? empty_large({x.size(0), x.size(1)}, x.options()) : at::empty({0}, x.options());
+}
+
+double sum_in_order(const std::vector<double>& v) {
+  double sum = 0;
+  for (const double x : v) sum += x;
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -581,10 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "synthesis_logit_loss";
   check_pair(op, teacher_logits, "teacher_logits", student_logits, "student_logits");
   const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1);
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64 class indices, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, op, ": targets must have shape [", N, "], got ",
-                    targets.sizes());
+  logit_binding::check_targets(op, targets, N);
   const at::Tensor y = targets.contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i) {
@@ -592,9 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       " at position ", i);
   }
   const at::Tensor t = unit_column_stride(teacher_logits), s = unit_column_stride(student_logits);
-  const auto opts = t.options();
-  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
+  at::Tensor gt = grad_buffer(t, need_grad_teacher), gs = grad_buffer(s, need_grad_student);
   const bool with_grad = need_grad_teacher || need_grad_student;
   std::vector<double> ce(N), klm(N), agree(N);
   const double ce_w = oh / static_cast<double>(N), kl_w = -adv / static_cast<double>(N);
@@ -631,104 +626,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   });
 
-  double ce_sum = 0, klm_sum = 0, agree_sum = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    ce_sum += ce[i];
-    klm_sum += klm[i];
-    agree_sum += agree[i];
-  }
-  const auto sopts = opts.dtype(acc_scalar_type(t.scalar_type()));
+  const double ce_sum = sum_in_order(ce), klm_sum = sum_in_order(klm), agree_sum = sum_in_order(agree);
+  const auto sopts = t.options().dtype(acc_scalar_type(t.scalar_type()));
   const double oh_term = ce_sum / N, adv_term = klm_sum == 0 ? 0.0 : -klm_sum / N;  // +0, not -0; NaN stays NaN
   return {at::scalar_tensor(oh * oh_term + adv * adv_term, sopts), at::scalar_tensor(oh_term, sopts),
           at::scalar_tensor(adv_term, sopts), at::scalar_tensor(agree_sum / N, sopts), gt, gs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits,
-                                                           const at::Tensor& teacher_logits, double T, double scale,
-                                                           bool need_grad_student, bool need_grad_teacher) {
+// The row pairs of kd_loss and js_divergence as scalar_t rows: student row i at s + i * s_stride,
+// teacher row i at t + i * t_stride; gradient rows of C elements (null where not wanted).
+template <typename scalar_t_>
+struct StudentTeacherRows {
+  using scalar_t = scalar_t_;
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t s_stride, t_stride;
+  scalar_t* gs;
+  scalar_t* gt;
+  int64_t N, C;
+  bool with_grad;
+};
+
+// kd_loss and js_divergence: loss = scale * sum_i f_i over the row pairs, with the gradients of
+// both logits for a unit grad_loss. row_values(rows, inv_t, f) fills f[i] and writes the gradients,
+// for rows of every floating dtype (StudentTeacherRows<scalar_t>, inv_t in the accumulator type).
+template <typename RowValues>
+Tensor3 student_teacher_loss(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T,
+                             double scale, bool need_grad_student, bool need_grad_teacher,
+                             const RowValues& row_values) {
+  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
+  at::Tensor gs = grad_buffer(s, need_grad_student), gt = grad_buffer(t, need_grad_teacher);
+  const int64_t N = s.size(0), C = s.size(1);
+  std::vector<double> f(N);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "student_teacher_loss_cpu", [&] {
+    using acc_t = acc_type_of<scalar_t>;
+    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
+    const StudentTeacherRows<scalar_t> rows{s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), s.stride(0), t.stride(0),
+                                            gsp, gtp, N, C, need_grad_student || need_grad_teacher};
+    row_values(rows, static_cast<acc_t>(1.0 / T), f);
+  });
+  const auto sopts = s.options().dtype(acc_scalar_type(s.scalar_type()));
+  return {at::scalar_tensor(scale * sum_in_order(f), sopts), gs, gt};
+}
+
+Tensor3 kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T, double scale,
+                    bool need_grad_student, bool need_grad_teacher) {
   const char* op = "kd_loss";
   check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
-  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
-  const int64_t N = student_logits.size(0), C = student_logits.size(1);
-  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
-  const auto opts = s.options();
-  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
-  const bool with_grad = need_grad_student || need_grad_teacher;
-  std::vector<double> kl(N);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kd_loss_cpu", [&] {
-    using acc_t = acc_type_of<scalar_t>;
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
-    const acc_t inv_t = static_cast<acc_t>(1.0 / T);
-    if (C <= kLaneMaxC) {
-      kl_rows_by_lanes<scalar_t, acc_t>(tp, t.stride(0), sp, s.stride(0), nullptr, N, C, inv_t, 0.0, scale, false,
-                                        with_grad, gtp, gsp, [&](int64_t i0, int64_t nr, const LaneResults& r) {
-                                          for (int64_t j = 0; j < nr; ++j) kl[i0 + j] = r.kl[j];
+  logit_binding::check_temperature(op, T);
+  auto kl_rows = [&](const auto& r, auto inv_t, std::vector<double>& kl) {
+    using scalar_t = typename std::decay_t<decltype(r)>::scalar_t;
+    using acc_t = decltype(inv_t);
+    if (r.C <= kLaneMaxC) {
+      kl_rows_by_lanes<scalar_t, acc_t>(r.t, r.t_stride, r.s, r.s_stride, nullptr, r.N, r.C, inv_t, 0.0, scale, false,
+                                        r.with_grad, r.gt, r.gs, [&](int64_t i0, int64_t nr, const LaneResults& res) {
+                                          for (int64_t j = 0; j < nr; ++j) kl[i0 + j] = res.kl[j];
                                         });
       return;
     }
-    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      RowPair<scalar_t, acc_t> rows(tp, t.stride(0), sp, s.stride(0), gtp, gsp, C, 0);
+    at::parallel_for(0, r.N, grain_rows(r.C), [&](int64_t begin, int64_t end) {
+      RowPair<scalar_t, acc_t> rows(r.t, r.t_stride, r.s, r.s_stride, r.gt, r.gs, r.C, 0);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* ti = rows.in_a(i);
         const acc_t* si = rows.in_b(i);
-        const KlRowResult r =
-            kl_row_acc(ti, si, C, inv_t, -1, 0.0, scale, false, with_grad, rows.out_a(i), rows.out_b(i));
-        kl[i] = r.kl;
+        const KlRowResult res =
+            kl_row_acc(ti, si, r.C, inv_t, -1, 0.0, scale, false, r.with_grad, rows.out_a(i), rows.out_b(i));
+        kl[i] = res.kl;
         rows.store(i);
       }
     });
-  });
-  double kl_sum = 0;
-  for (int64_t i = 0; i < N; ++i) kl_sum += kl[i];
-  const auto sopts = opts.dtype(acc_scalar_type(s.scalar_type()));
-  return {at::scalar_tensor(scale * kl_sum, sopts), gs, gt};
+  };
+  return student_teacher_loss(student_logits, teacher_logits, T, scale, need_grad_student, need_grad_teacher,
+                              kl_rows);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> js_divergence_cpu(const at::Tensor& student_logits,
-                                                                 const at::Tensor& teacher_logits, double T,
-                                                                 double clamp_min, double clamp_max, double scale,
-                                                                 bool need_grad_student, bool need_grad_teacher) {
-  const char* op = "js_divergence";
-  check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
-  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
-  TORCH_CHECK_VALUE(clamp_min > 0 && clamp_min <= clamp_max && clamp_max <= 1, op,
-                    ": clamp must satisfy 0 < min <= max <= 1, got (", clamp_min, ", ", clamp_max, ")");
-  const int64_t N = student_logits.size(0), C = student_logits.size(1);
-  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
-  const auto opts = s.options();
-  at::Tensor gs = need_grad_student ? empty_large({N, C}, opts) : at::empty({0}, opts);
-  at::Tensor gt = need_grad_teacher ? empty_large({N, C}, opts) : at::empty({0}, opts);
-  const bool with_grad = need_grad_student || need_grad_teacher;
-  std::vector<double> js(N);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "js_divergence_cpu", [&] {
-    using acc_t = acc_type_of<scalar_t>;
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* gsp = need_grad_student ? gs.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gtp = need_grad_teacher ? gt.data_ptr<scalar_t>() : nullptr;
-    const acc_t inv_t = static_cast<acc_t>(1.0 / T);
-    at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
-      RowPair<scalar_t, acc_t> rows(sp, s.stride(0), tp, t.stride(0), gsp, gtp, C, 2);
+Tensor3 js_divergence_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T,
+                          double clamp_min, double clamp_max, double scale, bool need_grad_student,
+                          bool need_grad_teacher) {
+  check_pair("js_divergence", student_logits, "student_logits", teacher_logits, "teacher_logits");
+  logit_binding::check_js_scalars(T, clamp_min, clamp_max);
+  auto js_rows = [&](const auto& r, auto inv_t, std::vector<double>& js) {
+    using scalar_t = typename std::decay_t<decltype(r)>::scalar_t;
+    using acc_t = decltype(inv_t);
+    at::parallel_for(0, r.N, grain_rows(r.C), [&](int64_t begin, int64_t end) {
+      RowPair<scalar_t, acc_t> rows(r.s, r.s_stride, r.t, r.t_stride, r.gs, r.gt, r.C, 2);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* si = rows.in_a(i);
         const acc_t* ti = rows.in_b(i);
-        js[i] = js_row_acc(si, ti, C, inv_t, static_cast<acc_t>(clamp_min), static_cast<acc_t>(clamp_max),
-                           static_cast<acc_t>(scale), with_grad, rows.out_a(i), rows.out_b(i), rows.slot(4),
+        js[i] = js_row_acc(si, ti, r.C, inv_t, static_cast<acc_t>(clamp_min), static_cast<acc_t>(clamp_max),
+                           static_cast<acc_t>(scale), r.with_grad, rows.out_a(i), rows.out_b(i), rows.slot(4),
                            rows.slot(5));
         rows.store(i);
       }
     });
-  });
-  double js_sum = 0;
-  for (int64_t i = 0; i < N; ++i) js_sum += js[i];
-  const auto sopts = opts.dtype(acc_scalar_type(s.scalar_type()));
-  return {at::scalar_tensor(scale * js_sum, sopts), gs, gt};
+  };
+  return student_teacher_loss(student_logits, teacher_logits, T, scale, need_grad_student, need_grad_teacher,
+                              js_rows);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -764,9 +758,4 @@ std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cpu(const at::Tensor& gra
 }  // namespace
 }  // namespace fastsynth
 
-TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
-  m.impl("synthesis_logit_loss", &fastsynth::synthesis_logit_loss_cpu);
-  m.impl("kd_loss", &fastsynth::kd_loss_cpu);
-  m.impl("js_divergence", &fastsynth::js_divergence_cpu);
-  m.impl("logit_loss_backward", &fastsynth::logit_loss_backward_cpu);
-}
+FS_REGISTER_LOGIT_LOSSES(CPU, cpu)

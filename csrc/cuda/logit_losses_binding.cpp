@@ -11,6 +11,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "binding/logit_losses.h"
 #include "cuda/logit_losses.cuh"
 
 namespace fastsynth {
@@ -27,29 +28,55 @@ cuda::LogitDtype logit_dtype(at::ScalarType t) {
   return cuda::LogitDtype::f32;
 }
 
-at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using logit_binding::acc_scalar_type;
+using logit_binding::Tensor3;
+using logit_binding::unit_column_stride;
 
 void check_pair(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D [N, C], got shape ", a.sizes());
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": ", b_name, " must have the shape of ", a_name, " ", a.sizes(),
-                    ", got ", b.sizes());
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
-                   " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.size(0) > 0 && a.size(1) > 0, op, ": ", a_name, " must not be empty, got shape ", a.sizes());
+  logit_binding::check_pair(op, a, a_name, b, b_name);
   TORCH_CHECK_VALUE(a.size(0) < (int64_t(1) << 31), op, ": more than 2^31 rows");
   TORCH_CHECK_VALUE(a.is_cuda() && b.is_cuda() && a.device() == b.device(), op, ": ", a_name, " and ", b_name,
                     " must be CUDA tensors on one device, got ", a.device(), " and ", b.device());
 }
 
-// unit column stride (rows may be strided); copies only when columns are strided
-at::Tensor unit_column_stride(const at::Tensor& x) {
-  if (x.size(1) <= 1 || x.stride(1) == 1) return x;
-  return x.contiguous();
-}
+// the kernels' pointer to a gradient buffer: null for an empty (not wanted) one
+void* grad_ptr(const at::Tensor& g) { return g.numel() != 0 ? g.data_ptr() : nullptr; }
 
 at::Tensor grad_buffer(const at::Tensor& x, bool needed) {
   return needed ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
                 : at::empty({0}, x.options());
+}
+
+// The two logit matrices of an op at unit column stride, their gradient buffers (for a unit
+// grad_loss; [0] where not wanted), and the row partials [N, 3] and the loss in the accumulator
+// dtype.
+struct RowBuffers {
+  at::Tensor a, b, grad_a, grad_b, partials, loss;
+};
+
+RowBuffers row_buffers(const at::Tensor& a, bool need_grad_a, const at::Tensor& b, bool need_grad_b) {
+  RowBuffers r;
+  r.a = unit_column_stride(a);
+  r.b = unit_column_stride(b);
+  r.grad_a = grad_buffer(r.a, need_grad_a);
+  r.grad_b = grad_buffer(r.b, need_grad_b);
+  const auto sopts = r.a.options().dtype(acc_scalar_type(r.a.scalar_type()));
+  r.partials = at::empty({r.a.size(0), 3}, sopts);
+  r.loss = at::empty({}, sopts);
+  return r;
+}
+
+// The KL row kernel's arguments for teacher rows t and student rows s (unit column stride) with
+// their gradient buffers gt, gs.
+cuda::KlRowsArgs kl_rows_args(const at::Tensor& t, const at::Tensor& s, const int64_t* targets, const at::Tensor& gt,
+                              const at::Tensor& gs, double inv_t, double ce_w, double kl_w, bool agree_mask) {
+  return {t.data_ptr(), s.data_ptr(), t.stride(0), s.stride(0), targets,   grad_ptr(gt), grad_ptr(gs),
+          t.size(0),    t.size(1),    inv_t,       ce_w,        kl_w,      agree_mask};
+}
+
+// Batch sums into the loss alone: loss = w_b sum_i b_i.
+cuda::RowSumOutputs loss_only(const RowBuffers& r, double w_b) {
+  return {r.partials.data_ptr(), r.loss.data_ptr(), nullptr, nullptr, nullptr, 0.0, w_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> synthesis_logit_loss_cuda(
@@ -57,108 +84,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double adv, bool agree_mask, bool need_grad_teacher, bool need_grad_student) {
   const char* op = "synthesis_logit_loss";
   check_pair(op, teacher_logits, "teacher_logits", student_logits, "student_logits");
-  const int64_t N = teacher_logits.size(0), C = teacher_logits.size(1);
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64 class indices, got ",
-                   targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, op, ": targets must have shape [", N, "], got ",
-                    targets.sizes());
+  const int64_t N = teacher_logits.size(0);
+  logit_binding::check_targets(op, targets, N);
   TORCH_CHECK_VALUE(targets.device() == teacher_logits.device(), op, ": targets must be on ", teacher_logits.device(),
                     " like the logits, got ", targets.device());
   const c10::cuda::CUDAGuard guard(teacher_logits.device());
-  const at::Tensor t = unit_column_stride(teacher_logits), s = unit_column_stride(student_logits);
+  const RowBuffers r = row_buffers(teacher_logits, need_grad_teacher, student_logits, need_grad_student);
   const at::Tensor y = targets.contiguous();
-  at::Tensor gt = grad_buffer(t, need_grad_teacher), gs = grad_buffer(s, need_grad_student);
-  const auto sopts = t.options().dtype(acc_scalar_type(t.scalar_type()));
-  at::Tensor partials = at::empty({N, 3}, sopts);
-  at::Tensor loss = at::empty({}, sopts), oh_term = at::empty({}, sopts), adv_term = at::empty({}, sopts),
-             agree = at::empty({}, sopts);
-
-  cuda::KlRowsArgs a{};
-  a.t = t.data_ptr();
-  a.s = s.data_ptr();
-  a.stride_t = t.stride(0);
-  a.stride_s = s.stride(0);
-  a.targets = y.data_ptr<int64_t>();
-  a.grad_t = need_grad_teacher ? gt.data_ptr() : nullptr;
-  a.grad_s = need_grad_student ? gs.data_ptr() : nullptr;
-  a.N = N;
-  a.C = C;
-  a.inv_t = 1.0;
-  a.ce_w = oh / static_cast<double>(N);
-  a.kl_w = -adv / static_cast<double>(N);
-  a.agree_mask = agree_mask;
-  cuda::RowSumOutputs out{partials.data_ptr(), loss.data_ptr(), oh_term.data_ptr(), adv_term.data_ptr(),
-                          agree.data_ptr(), a.ce_w, a.kl_w};
-  C10_CUDA_CHECK(cuda::kl_rows_launch(a, out, logit_dtype(t.scalar_type()), c10::cuda::getCurrentCUDAStream()));
-  return {loss, oh_term, adv_term, agree, gt, gs};
+  const auto sopts = r.loss.options();
+  at::Tensor oh_term = at::empty({}, sopts), adv_term = at::empty({}, sopts), agree = at::empty({}, sopts);
+  const double ce_w = oh / static_cast<double>(N), kl_w = -adv / static_cast<double>(N);
+  const cuda::KlRowsArgs a = kl_rows_args(r.a, r.b, y.data_ptr<int64_t>(), r.grad_a, r.grad_b, 1.0, ce_w, kl_w,
+                                          agree_mask);
+  const cuda::RowSumOutputs out{r.partials.data_ptr(), r.loss.data_ptr(), oh_term.data_ptr(), adv_term.data_ptr(),
+                                agree.data_ptr(), ce_w, kl_w};
+  C10_CUDA_CHECK(cuda::kl_rows_launch(a, out, logit_dtype(r.a.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+  return {r.loss, oh_term, adv_term, agree, r.grad_a, r.grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student_logits,
-                                                            const at::Tensor& teacher_logits, double T, double scale,
-                                                            bool need_grad_student, bool need_grad_teacher) {
+Tensor3 kd_loss_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T, double scale,
+                     bool need_grad_student, bool need_grad_teacher) {
   const char* op = "kd_loss";
   check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
-  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
-  const int64_t N = student_logits.size(0), C = student_logits.size(1);
+  logit_binding::check_temperature(op, T);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
-  at::Tensor gs = grad_buffer(s, need_grad_student), gt = grad_buffer(t, need_grad_teacher);
-  const auto sopts = s.options().dtype(acc_scalar_type(s.scalar_type()));
-  at::Tensor partials = at::empty({N, 3}, sopts);
-  at::Tensor loss = at::empty({}, sopts);
-
-  cuda::KlRowsArgs a{};
-  a.t = t.data_ptr();
-  a.s = s.data_ptr();
-  a.stride_t = t.stride(0);
-  a.stride_s = s.stride(0);
-  a.targets = nullptr;
-  a.grad_t = need_grad_teacher ? gt.data_ptr() : nullptr;
-  a.grad_s = need_grad_student ? gs.data_ptr() : nullptr;
-  a.N = N;
-  a.C = C;
-  a.inv_t = 1.0 / T;
-  a.ce_w = 0.0;
-  a.kl_w = scale;
-  a.agree_mask = false;
-  cuda::RowSumOutputs out{partials.data_ptr(), loss.data_ptr(), nullptr, nullptr, nullptr, 0.0, scale};
-  C10_CUDA_CHECK(cuda::kl_rows_launch(a, out, logit_dtype(s.scalar_type()), c10::cuda::getCurrentCUDAStream()));
-  return {loss, gs, gt};
+  const RowBuffers r = row_buffers(student_logits, need_grad_student, teacher_logits, need_grad_teacher);
+  const cuda::KlRowsArgs a = kl_rows_args(r.b, r.a, nullptr, r.grad_b, r.grad_a, 1.0 / T, 0.0, scale, false);
+  C10_CUDA_CHECK(
+      cuda::kl_rows_launch(a, loss_only(r, scale), logit_dtype(r.a.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+  return {r.loss, r.grad_a, r.grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> js_divergence_cuda(const at::Tensor& student_logits,
-                                                                  const at::Tensor& teacher_logits, double T,
-                                                                  double clamp_min, double clamp_max, double scale,
-                                                                  bool need_grad_student, bool need_grad_teacher) {
-  const char* op = "js_divergence";
-  check_pair(op, student_logits, "student_logits", teacher_logits, "teacher_logits");
-  TORCH_CHECK_VALUE(T > 0 && std::isfinite(T), op, ": T must be a positive finite temperature, got ", T);
-  TORCH_CHECK_VALUE(clamp_min > 0 && clamp_min <= clamp_max && clamp_max <= 1, op,
-                    ": clamp must satisfy 0 < min <= max <= 1, got (", clamp_min, ", ", clamp_max, ")");
-  const int64_t N = student_logits.size(0), C = student_logits.size(1);
+Tensor3 js_divergence_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits, double T,
+                           double clamp_min, double clamp_max, double scale, bool need_grad_student,
+                           bool need_grad_teacher) {
+  check_pair("js_divergence", student_logits, "student_logits", teacher_logits, "teacher_logits");
+  logit_binding::check_js_scalars(T, clamp_min, clamp_max);
   const c10::cuda::CUDAGuard guard(student_logits.device());
-  const at::Tensor s = unit_column_stride(student_logits), t = unit_column_stride(teacher_logits);
-  at::Tensor gs = grad_buffer(s, need_grad_student), gt = grad_buffer(t, need_grad_teacher);
-  const auto sopts = s.options().dtype(acc_scalar_type(s.scalar_type()));
-  at::Tensor partials = at::empty({N, 3}, sopts);
-  at::Tensor loss = at::empty({}, sopts);
-
-  cuda::JsRowsArgs a{};
-  a.s = s.data_ptr();
-  a.t = t.data_ptr();
-  a.stride_s = s.stride(0);
-  a.stride_t = t.stride(0);
-  a.grad_s = need_grad_student ? gs.data_ptr() : nullptr;
-  a.grad_t = need_grad_teacher ? gt.data_ptr() : nullptr;
-  a.N = N;
-  a.C = C;
-  a.inv_t = 1.0 / T;
-  a.lo = clamp_min;
-  a.hi = clamp_max;
-  a.w = scale;
-  cuda::RowSumOutputs out{partials.data_ptr(), loss.data_ptr(), nullptr, nullptr, nullptr, 0.0, scale};
-  C10_CUDA_CHECK(cuda::js_rows_launch(a, out, logit_dtype(s.scalar_type()), c10::cuda::getCurrentCUDAStream()));
-  return {loss, gs, gt};
+  const RowBuffers r = row_buffers(student_logits, need_grad_student, teacher_logits, need_grad_teacher);
+  const cuda::JsRowsArgs a{r.a.data_ptr(),     r.b.data_ptr(),     r.a.stride(0), r.b.stride(0),
+                           grad_ptr(r.grad_a), grad_ptr(r.grad_b), r.a.size(0),   r.a.size(1),
+                           1.0 / T,            clamp_min,          clamp_max,     scale};
+  C10_CUDA_CHECK(
+      cuda::js_rows_launch(a, loss_only(r, scale), logit_dtype(r.a.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+  return {r.loss, r.grad_a, r.grad_b};
 }
 
 // grad_loss is read by the kernel from device memory: no host sync.
@@ -190,9 +159,4 @@ std::tuple<at::Tensor, at::Tensor> logit_loss_backward_cuda(const at::Tensor& gr
 }  // namespace
 }  // namespace fastsynth
 
-TORCH_LIBRARY_IMPL(fastsynth, CUDA, m) {
-  m.impl("synthesis_logit_loss", &fastsynth::synthesis_logit_loss_cuda);
-  m.impl("kd_loss", &fastsynth::kd_loss_cuda);
-  m.impl("js_divergence", &fastsynth::js_divergence_cuda);
-  m.impl("logit_loss_backward", &fastsynth::logit_loss_backward_cuda);
-}
+FS_REGISTER_LOGIT_LOSSES(CUDA, cuda)

@@ -92,19 +92,21 @@ def _check_logit_pair(op: str, a_name: str, a, b_name: str, b) -> None:
         raise ValueError(f"{op}: {a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")
 
 
-def _check_number(op: str, name: str, value) -> float:
+def _real(op: str, name: str, value, kind: str = "a real number") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+        raise TypeError(f"{op}: {name} must be {kind}, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_number(op: str, name: str, value) -> float:
+    value = _real(op, name, value)
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
     return value
 
 
 def _check_temperature(op: str, T) -> float:
-    if isinstance(T, bool) or not isinstance(T, numbers.Real):
-        raise TypeError(f"{op}: T must be a positive real number, got {type(T).__name__}")
-    T = float(T)
+    T = _real(op, "T", T, "a positive real number")
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"{op}: T must be a positive finite temperature, got {T}")
     return T
