@@ -324,7 +324,7 @@ def test_cuda_runs_with_bank_on_device():
 ROUNDS = 6
 
 
-def _graph_run(graph: bool, device="cpu", augment=True):
+def _graph_run(graph: bool, device="cpu", augment=True, compile=False, after_call=None):
     """ROUNDS calls with a bank of 3 * BATCH + 2 rows and n_neg = BATCH + 1: no bank rows (call
     0), all 6 filled rows (call 1: eager steps), n_neg rows drawn from 12 and 18 filled rows
     (calls 2, 3: the captured step from here on), after the bank wrapped (calls 4, 5). Returns
@@ -336,13 +336,15 @@ def _graph_run(graph: bool, device="cpu", augment=True):
     synth = CMISynthesizer(t.to(device), s.to(device), g.to(device), NZ, 10, (3, IMG, IMG), bank_size=3 * BATCH + 2,
                            n_neg=BATCH + 1, head_dim=16, iterations=3, lr_g=LR, synthesis_batch_size=BATCH, adv=0.5,
                            normalizer=Normalizer(*NORM), augment=augment, seed=5, device=device,
-                           cuda_graph=graph and device != "cpu")
+                           cuda_graph=graph and device != "cpu", compile=compile)
     if device == "cpu":
         synth._graph_mode = graph
     images, steps = [], []
     for _ in range(ROUNDS):
         images.append(synth.synthesize()[0]["synthetic"])
         steps.append([(c, c.graph) for c in synth._graphs.values()])
+        if after_call is not None:
+            after_call()
     return synth, images, steps
 
 
@@ -375,6 +377,19 @@ def test_graph_code_path_matches_eager_on_cpu(augment):
     private generator) equals the eager path over calls while the bank fills, once it holds more
     than n_neg rows and after it wraps; the step is built once."""
     _assert_graph_run_matches(_graph_run(False, augment=augment), _graph_run(True, augment=augment), 1e-6, 1e-7, 1e-6)
+
+
+def test_graph_code_path_compiled_no_recompilation():
+    """compile=True with the cuda_graph code path: the same numbers as the eager path, and no
+    graph is compiled once the step is built (the bank draw keeps its shapes as the bank fills
+    further and wraps)."""
+    from torch._dynamo.utils import counters
+
+    seen = []
+    graph = _graph_run(True, compile={"backend": "aot_eager"},
+                       after_call=lambda: seen.append(counters["stats"]["unique_graphs"]))
+    assert seen[2:] == [seen[2]] * (ROUNDS - 2), seen
+    _assert_graph_run_matches(_graph_run(False), graph, 1e-5, 1e-5, 1e-5)
 
 
 @pytest.mark.needs_cuda
