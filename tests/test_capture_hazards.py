@@ -137,19 +137,30 @@ def force_graph_mode(m):
     return m
 
 
-@pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer, NAYER])
-@pytest.mark.parametrize("seed", [11, None])
-def test_graph_path_after_warm_up_equals_eager_with_the_same_seed(cls, seed):
+def _eager_then_graph_rounds(build, rounds, graph_check):
+    """The images of ``rounds`` synthesize() calls of ``build(graph)`` for graph False then True
+    (same global seed before each); ``graph_check(m)`` runs on the graph-mode synthesizer."""
     runs = []
     for graph in (False, True):
         torch.manual_seed(0)
+        m = build(graph)
+        runs.append([images(m.synthesize()) for _ in range(rounds)])
+        if graph:
+            graph_check(m)
+    return zip(*runs)
+
+
+@pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer, NAYER])
+@pytest.mark.parametrize("seed", [11, None])
+def test_graph_path_after_warm_up_equals_eager_with_the_same_seed(cls, seed):
+    def build(graph):
         m = make(cls, seed=seed, augment=True)
-        if graph:
-            force_graph_mode(m)
-        runs.append([images(m.synthesize()) for _ in range(2)])
-        if graph:
-            assert m._graphs and all(isinstance(g, CudaGraphStep) for g in m._graphs.values())
-    for a, b in zip(*runs):
+        return force_graph_mode(m) if graph else m
+
+    def check(m):
+        assert m._graphs and all(isinstance(g, CudaGraphStep) for g in m._graphs.values())
+
+    for a, b in _eager_then_graph_rounds(build, 2, check):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -357,14 +368,11 @@ def test_injected_nan_loss_on_the_graph_path_never_enters_the_pool(cls):
 @pytest.mark.parametrize("cls", [FastMetaSynthesizer, FastSynthesizer, NAYER])
 @pytest.mark.parametrize("seed", [11, None])
 def test_cuda_graph_equals_eager_with_seed_and_augmentation(cls, seed):
-    runs = []
-    for graph in (False, True):
-        torch.manual_seed(0)
-        m = make(cls, device="cuda", seed=seed, augment=True, cuda_graph=graph)
-        runs.append([images(m.synthesize()) for _ in range(3)])
-        if graph:
-            assert all(g.graph is not None for g in m._graphs.values())
-    for a, b in zip(*runs):
+    def check(m):
+        assert all(g.graph is not None for g in m._graphs.values())
+
+    build = lambda graph: make(cls, device="cuda", seed=seed, augment=True, cuda_graph=graph)  # noqa: E731
+    for a, b in _eager_then_graph_rounds(build, 3, check):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
 
 

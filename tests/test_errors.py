@@ -280,27 +280,13 @@ def _reinit_cases():
     ]
 
 
-def _ids(cases):
-    return [c[0] for c in cases]
+_OP_CASES = [(op, c) for op, cases in (("bn", _bn_cases()), ("logit", _logit_cases()), ("reinit", _reinit_cases()))
+             for c in cases]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _bn_cases(), ids=_ids(_bn_cases()))
-def test_bn_ops_name_the_argument(case, backend):
-    _, fn, exc, pattern = case
-    _raises(lambda: fn(backend), exc, pattern)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _logit_cases(), ids=_ids(_logit_cases()))
-def test_logit_losses_name_the_argument(case, backend):
-    _, fn, exc, pattern = case
-    _raises(lambda: fn(backend), exc, pattern)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _reinit_cases(), ids=_ids(_reinit_cases()))
-def test_reinit_names_the_argument(case, backend):
+@pytest.mark.parametrize("case", [c for _, c in _OP_CASES], ids=[f"{op}-{c[0]}" for op, c in _OP_CASES])
+def test_ops_name_the_argument(case, backend):
     _, fn, exc, pattern = case
     _raises(lambda: fn(backend), exc, pattern)
 

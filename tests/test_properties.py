@@ -163,7 +163,7 @@ def _snorm(v):
     return torch.linalg.vector_norm(v / m) * m
 
 
-def bn_oracle(x64, rm, rv, mm=None, mv=None, rho=0.0):
+def bn_stat_loss_reference(x64, rm, rv, mm=None, mv=None, rho=0.0):
     """(loss, batch mean, batch var) in float64; the loss differentiable w.r.t. x64, the
     statistics returned detached (as the op returns them)."""
     dims = [0] + list(range(2, x64.dim()))
@@ -219,7 +219,7 @@ def test_bn_stat_loss_against_float64(backend, layer, data, seed):
     rm, rv = _running(g, shape[1], scale, dtype)
     mm, mv = _running(g, shape[1], scale, dtype) if mmt else (None, None)
     loss, mean, var = bn_stat_loss(x, rm, rv, mm, mv, rho, backend=backend)
-    want, mean64, var64 = bn_oracle(x64, rm, rv, mm, mv, rho)
+    want, mean64, var64 = bn_stat_loss_reference(x64, rm, rv, mm, mv, rho)
     assert loss.dim() == 0 and loss.dtype == _acc(dtype) and mean.dtype == _acc(dtype)
     size = _bn_size(rm, rv, mean64, var64, mm, mv)
     _close(loss, want, RTOL[dtype], size, "loss")
@@ -256,7 +256,7 @@ def test_bn_stat_loss_multi_against_float64(backend, data, seed):
                                                 None if mmt == "none" else mvs, rho, weights, backend=backend)
     want, size = 0.0, 1e-300
     for i in range(L):
-        r, m64, v64 = bn_oracle(xs64[i], rms[i], rvs[i], mms[i], mvs[i], rho)
+        r, m64, v64 = bn_stat_loss_reference(xs64[i], rms[i], rvs[i], mms[i], mvs[i], rho)
         w = 1.0 if weights is None else weights[i]
         want = want + w * r
         size += max(w, 1.0) * _bn_size(rms[i], rvs[i], m64, v64, mms[i], mvs[i])
@@ -289,7 +289,7 @@ def test_bn_stat_loss_non_finite_inputs_propagate(backend, data, seed):
     x, x64 = _view(leaf, shape, layout), _view(leaf.to(F64), shape, layout)
     with torch.no_grad():
         loss, _, _ = bn_stat_loss(x, rm, rv, backend=backend)
-        want, _, _ = bn_oracle(x64, rm, rv)
+        want, _, _ = bn_stat_loss_reference(x64, rm, rv)
     _close(loss, want, RTOL[dtype], 1.0, "loss")
 
 
@@ -327,7 +327,7 @@ def test_bn_loss_reads_mutated_running_statistics(backend, seed, how, multi, mmt
                                             None if mv is None else [mv], 0.5, backend=backend)
         else:
             loss, _, _ = bn_stat_loss(x, bn.running_mean, bn.running_var, mm, mv, 0.5, backend=backend)
-        want, _, _ = bn_oracle(x.double(), bn.running_mean.clone(), bn.running_var.clone(),
+        want, _, _ = bn_stat_loss_reference(x.double(), bn.running_mean.clone(), bn.running_var.clone(),
                                None if mm is None else mm.clone(), None if mv is None else mv.clone(), 0.5)
         return loss, want
 
@@ -356,7 +356,8 @@ def test_deepinversion_hook_on_a_train_mode_bn(backend, seed, c, mmt_rate):
             x = torch.randn(3, c, 3, 2, generator=g) * 2 + 1
             bn(x)
             mm, mv = hook.mmt if hook.mmt is not None else (None, None)
-            want, _, _ = bn_oracle(x.double(), bn.running_mean.clone(), bn.running_var.clone(), mm, mv, mmt_rate)
+            want, _, _ = bn_stat_loss_reference(x.double(), bn.running_mean.clone(), bn.running_var.clone(), mm, mv,
+                                                mmt_rate)
             _close(hook.r_feature, want, RTOL[F32], 10.0, "r_feature")
             hook.update_mmt()
     finally:
@@ -367,7 +368,7 @@ def test_deepinversion_hook_on_a_train_mode_bn(backend, seed, c, mmt_rate):
 # fused_bn
 
 
-def fused_bn_oracle(x64, w, b, rm, rv, eps, relu):
+def fused_bn_reference(x64, w, b, rm, rv, eps, relu):
     rm, rv, w, b = (t.to(F64) for t in (rm, rv, w, b))
     y = (x64 - rm[:, None, None]) / torch.sqrt(rv[:, None, None] + eps) * w[:, None, None] + b[:, None, None]
     if relu:
@@ -397,7 +398,7 @@ def test_fused_bn_against_float64(backend, layer, data, seed):
     b = (torch.randn(c, generator=g, dtype=F64) * scale).to(pdt).requires_grad_()
     w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     y, mean, var = fused_bn(x, w, b, rm, rv, eps, relu, with_stats, backend=backend)
-    y64, mean64, var64 = fused_bn_oracle(x64, w64, b64, rm, rv, eps, relu)
+    y64, mean64, var64 = fused_bn_reference(x64, w64, b64, rm, rv, eps, relu)
     assert y.dtype == dtype and y.shape == x.shape
     ymax = float(y64.abs().max()) + float(((x64.abs().max() + rm.abs().max()) / (rv.min() + eps).sqrt()
                                            * w.abs().max()).detach()) + float(b.abs().max().detach())
@@ -451,7 +452,7 @@ def test_fused_bn_non_finite_inputs_as_the_oracle(backend, layer, data, seed):
     rm, rv = torch.randn(c, generator=g).to(pdt), (torch.rand(c, generator=g) + 0.5).to(pdt)
     with torch.no_grad():
         y, mean, var = fused_bn(x, w, b, rm, rv, 1e-5, relu, True, backend=backend)
-    y64, mean64, var64 = fused_bn_oracle(x64, w, b, rm, rv, 1e-5, relu)
+    y64, mean64, var64 = fused_bn_reference(x64, w, b, rm, rv, 1e-5, relu)
     # the mean of a channel holding an infinity: inf or NaN (a Welford update, like torch.var_mean's,
     # turns inf into NaN at the next element, depending on the layout); either is a non-finite flag
     mean64, mean = (torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m) for m in (mean64, mean))
@@ -471,7 +472,7 @@ def test_fused_bn_reads_mutated_parameters(backend, seed, how, c):
     for step in range(3):
         with torch.no_grad():
             y, _, _ = fused_bn(x, w, b, rm, rv, 1e-5, True, False, backend=backend)
-        y64, _, _ = fused_bn_oracle(x.double(), w, b, rm, rv, 1e-5, True)
+        y64, _, _ = fused_bn_reference(x.double(), w, b, rm, rv, 1e-5, True)
         _close(y, y64, RTOL[F32], float(y64.abs().max()) + 10.0, f"y after {step} mutations")
         for t in (w, b, rm):
             _mutate_(t, how, torch.randn(c, generator=g))
@@ -497,7 +498,7 @@ def _argmax_agree(s64, t64):
     return (s64.argmax(1) == t64.argmax(1)).to(F64)
 
 
-def synthesis_oracle(t64, s64, y, oh, adv, mask):
+def synthesis_logit_loss_reference(t64, s64, y, oh, adv, mask):
     """(loss, ce, l_adv, agree, grad_t, grad_s): float64 values and the analytic gradients
     (fastsynth.ops.logit_losses docstring), written independently of the package."""
     n, c = t64.shape
@@ -511,14 +512,14 @@ def synthesis_oracle(t64, s64, y, oh, adv, mask):
     return oh * ce + adv * l_adv, ce, l_adv, m.mean(), gt, gs
 
 
-def kd_oracle(s64, t64, T):
+def kd_loss_reference(s64, t64, T):
     """(loss, grad_s, grad_t) in float64, analytic gradients."""
     n = s64.shape[0]
     kl, pt, ps, diff = _kl_parts(s64, t64, T)
     return T * T * kl.mean(), (T / n) * (ps - pt), (T / n) * pt * (diff - kl[:, None])
 
 
-def js_oracle(s64, t64, T, lo, hi):
+def js_divergence_reference(s64, t64, T, lo, hi):
     """Value in float64 by the upstream formula; differentiable by autograd (the clamped
     probabilities are >= lo > 0, so every log is finite)."""
     P, Q = F.softmax(s64 / T, 1), F.softmax(t64 / T, 1)
@@ -569,16 +570,26 @@ def _underflows(t, T):
     return bool((F.softmax(t.detach().to(_acc(t.dtype)) / T, 1) == 0).any())
 
 
+def _logit_property(test):
+    """A logit-loss property test: per backend, the explicit examples, and hypothesis drawing the
+    logit pair, ``data`` and a seed."""
+    test = given(pair=logit_pair(), data=st.data(), seed=st.integers(0, 2**31))(test)
+    return pytest.mark.parametrize("backend", BACKENDS)(examples()(test))
+
+
+def _logit_case(pair, data):
+    """(dtype, shape, teacher layout, student layout, logit scale drawn for the dtype)."""
+    dtype, shape, lay_t, lay_s = pair
+    return dtype, shape, lay_t, lay_s, data.draw(st.sampled_from(LOGIT_SCALES[dtype]), label="scale")
+
+
 # coefficients: no subnormal ones (their products underflow honestly in half precision)
 _COEF = st.sampled_from([0.0, 1.0, -0.7, 2.5])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@examples()
-@given(pair=logit_pair(), data=st.data(), seed=st.integers(0, 2**31))
+@_logit_property
 def test_synthesis_logit_loss_against_float64(backend, pair, data, seed):
-    dtype, shape, lay_t, lay_s = pair
-    scale = data.draw(st.sampled_from(LOGIT_SCALES[dtype]), label="scale")
+    dtype, shape, lay_t, lay_s, scale = _logit_case(pair, data)
     oh = data.draw(_COEF, label="oh")
     adv = data.draw(_COEF, label="adv")
     mask = data.draw(st.sampled_from(["agree", None]), label="mask")
@@ -589,7 +600,7 @@ def test_synthesis_logit_loss_against_float64(backend, pair, data, seed):
     y = torch.randint(0, c, (2 * n,), generator=g)
     y = y[::2] if strided_targets else y[:n].clone()
     loss, parts = synthesis_logit_loss(t, s, y, oh, adv, mask, backend=backend)
-    want, ce, l_adv, agree, gt, gs = synthesis_oracle(t64, s64, y, oh, adv, mask)
+    want, ce, l_adv, agree, gt, gs = synthesis_logit_loss_reference(t64, s64, y, oh, adv, mask)
     size = 1.0 + 2 * _xmax(t64, s64)  # |lse - t_y| and |log p_t - log p_s| are at most this
     assert loss.dim() == 0 and loss.dtype == _acc(dtype)
     _close(loss, want, RTOL[dtype], 4 * (abs(oh) + abs(adv) + 1e-3) * size, "loss")
@@ -614,12 +625,9 @@ def _leaf_grad(g_view, leaf64, view64):
     return torch.autograd.grad(view64, leaf64, g_view, retain_graph=True)[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@examples()
-@given(pair=logit_pair(), data=st.data(), seed=st.integers(0, 2**31))
+@_logit_property
 def test_kd_loss_against_float64(backend, pair, data, seed):
-    dtype, shape, lay_t, lay_s = pair
-    scale = data.draw(st.sampled_from(LOGIT_SCALES[dtype]), label="scale")
+    dtype, shape, lay_t, lay_s, scale = _logit_case(pair, data)
     T = data.draw(st.sampled_from([0.5, 1.0, 3.0, 4.0, 20.0]), label="T")
     teacher_grad = data.draw(st.booleans(), label="teacher requires grad")
     g = _gen(seed)
@@ -629,7 +637,7 @@ def test_kd_loss_against_float64(backend, pair, data, seed):
         t = _view(t_leaf, shape, lay_t)
     n = shape[0]
     loss = kd_loss(s, t, T, backend=backend)
-    want, gs, gt = kd_oracle(s64, t64, T)
+    want, gs, gt = kd_loss_reference(s64, t64, T)
     size = 1.0 + 2 * _xmax(t64, s64) / T
     assert loss.dim() == 0 and loss.dtype == _acc(dtype)
     _close(loss, want, RTOL[dtype], 4 * T * T * size, "loss")
@@ -643,12 +651,9 @@ def test_kd_loss_against_float64(backend, pair, data, seed):
         _close(a, r, 1.0, _grad_bound(dtype, r, T * size / n, k), f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@examples()
-@given(pair=logit_pair(), data=st.data(), seed=st.integers(0, 2**31))
+@_logit_property
 def test_js_divergence_against_float64(backend, pair, data, seed):
-    dtype, shape, lay_t, lay_s = pair
-    scale = data.draw(st.sampled_from(LOGIT_SCALES[dtype]), label="scale")
+    dtype, shape, lay_t, lay_s, scale = _logit_case(pair, data)
     T = data.draw(st.sampled_from([0.5, 1.0, 3.0, 10.0]), label="T")
     lo = data.draw(st.sampled_from([1e-6, 0.01, 0.1]), label="clamp min")
     hi = data.draw(st.sampled_from([0.5, 0.99, 1.0]), label="clamp max")
@@ -656,7 +661,7 @@ def test_js_divergence_against_float64(backend, pair, data, seed):
     (t_leaf, t, t_leaf64, t64), (s_leaf, s, s_leaf64, s64) = _logits(g, dtype, shape, lay_t, lay_s, scale)
     n = shape[0]
     loss = js_divergence(s, t, T, (lo, hi), backend=backend)
-    want = js_oracle(s64, t64, T, lo, hi)
+    want = js_divergence_reference(s64, t64, T, lo, hi)
     logs = 1 - math.log(lo)  # |log of a clamped probability| <= this
     assert loss.dim() == 0 and loss.dtype == _acc(dtype)
     _close(loss, want, RTOL[dtype], 4 * logs * (1 + _xmax(t64, s64) / T), "loss")
@@ -694,14 +699,14 @@ def test_logit_losses_non_finite_inputs_as_the_oracle(backend, pair, data, seed)
     with torch.no_grad():
         if op == "synthesis":
             loss, parts = synthesis_logit_loss(t, s, y, 1.0, 1.0, "agree", backend=backend)
-            want, ce, l_adv, agree, _, _ = synthesis_oracle(t64, s64, y, 1.0, 1.0, "agree")
+            want, ce, l_adv, agree, _, _ = synthesis_logit_loss_reference(t64, s64, y, 1.0, 1.0, "agree")
             _close(parts["oh"], ce, RTOL[dtype], 10.0, "oh term")
             _close(parts["adv"], l_adv, RTOL[dtype], 10.0, "adv term")
             _close(parts["agree_frac"], agree, RTOL[_acc(dtype)], 1.0, "agree_frac")
         elif op == "kd":
-            loss, want = kd_loss(s, t, 2.0, backend=backend), kd_oracle(s64, t64, 2.0)[0]
+            loss, want = kd_loss(s, t, 2.0, backend=backend), kd_loss_reference(s64, t64, 2.0)[0]
         else:
-            loss, want = js_divergence(s, t, 2.0, backend=backend), js_oracle(s64, t64, 2.0, 0.01, 0.99)
+            loss, want = js_divergence(s, t, 2.0, backend=backend), js_divergence_reference(s64, t64, 2.0, 0.01, 0.99)
     _close(loss, want, RTOL[dtype], 10.0, f"{op} loss")
 
 
@@ -715,9 +720,9 @@ def test_logit_losses_read_mutated_inputs(backend, seed, how, n, c):
     y = torch.randint(0, c, (n,), generator=g)
     for step in range(3):
         loss, _ = synthesis_logit_loss(t, s, y, 1.0, 1.0, backend=backend)
-        want = synthesis_oracle(t.double(), s.double(), y, 1.0, 1.0, "agree")[0]
+        want = synthesis_logit_loss_reference(t.double(), s.double(), y, 1.0, 1.0, "agree")[0]
         _close(loss, want, RTOL[F32], 10.0, f"synthesis {step}")
-        _close(kd_loss(s, t, 3.0, backend=backend), kd_oracle(s.double(), t.double(), 3.0)[0], RTOL[F32], 100.0,
+        _close(kd_loss(s, t, 3.0, backend=backend), kd_loss_reference(s.double(), t.double(), 3.0)[0], RTOL[F32], 100.0,
                f"kd {step}")
         _mutate_(t, how, torch.randn(n, c, generator=g))
         _mutate_(s, how, torch.randn(n, c, generator=g))
@@ -759,7 +764,7 @@ def test_kldiv_jsdiv_against_float64(pair, data, seed):
 # noisy_linear
 
 
-def noisy_oracle(x64, w64, b64, nl):
+def noisy_linear_reference(x64, w64, b64, nl):
     parts = [x64[k * nl:(k + 1) * nl] @ w64[k] + b64[k] for k in range(-(-x64.shape[0] // nl))]
     return torch.cat(parts) if parts else x64.new_zeros(0, w64.shape[2])
 
@@ -782,7 +787,7 @@ def test_noisy_linear_against_float64(backend, data, seed):
     w_leaf, w, w_leaf64, w64 = _make(g, (k, i, o), lay_w, dtype)
     b_leaf, bias, b_leaf64, b64 = _make(g, (k, o), lay_b, dtype, scale)
     out = noisy_linear(x, w, bias, nl, backend=backend)
-    want = noisy_oracle(x64, w64, b64, nl)
+    want = noisy_linear_reference(x64, w64, b64, nl)
     assert out.dtype == dtype and out.shape == (b, o)
     rtol = {F64: 1e-12, F32: 1e-5, F16: 4e-3, BF16: 3e-2}[dtype]  # half: the batched GEMM in the dtype
     size = (i + 1) * scale * float(max(w64.abs().max(), 1.0)) * 8
@@ -813,7 +818,7 @@ def test_noisy_linear_non_finite_inputs_as_the_oracle(backend, data, seed):
     target.view(-1)[data.draw(st.integers(0, target.numel() - 1), label="index")] = \
         data.draw(st.sampled_from(_NONFINITE), label="value")
     out = noisy_linear(x.to(dtype), w.to(dtype), bias.to(dtype), nl, backend=backend)
-    _close(out, noisy_oracle(x, w, bias, nl), RTOL[dtype], 100.0, "out")
+    _close(out, noisy_linear_reference(x, w, bias, nl), RTOL[dtype], 100.0, "out")
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
@@ -824,7 +829,7 @@ def test_noisy_linear_reads_mutated_weights(backend, seed, how):
     x, w, b = torch.randn(7, 3, generator=g), torch.randn(3, 3, 5, generator=g), torch.randn(3, 5, generator=g)
     for step in range(3):
         out = noisy_linear(x, w, b, 3, backend=backend)
-        _close(out, noisy_oracle(x.double(), w.double(), b.double(), 3), RTOL[F32], 100.0, f"out {step}")
+        _close(out, noisy_linear_reference(x.double(), w.double(), b.double(), 3), RTOL[F32], 100.0, f"out {step}")
         _mutate_(w, how, torch.randn(3, 3, 5, generator=g))
         _mutate_(b, how, torch.randn(3, 5, generator=g))
         _mutate_(x, how, torch.randn(7, 3, generator=g))
@@ -931,7 +936,7 @@ def test_fused_bn_cpu_single_row_strided_plane():
         assert x.shape[2] == 1 and x.stride(3) != 1
         w = one.clone().requires_grad_()
         y, mean, var = fused_bn(x, w, zero, zero, one, 0.0, False, True, backend="cpu")
-        y64, mean64, var64 = fused_bn_oracle(x, one, zero, zero, one, 0.0, False)
+        y64, mean64, var64 = fused_bn_reference(x, one, zero, zero, one, 0.0, False)
         _close(y, y64, 1e-12, 1.0, "y")
         _close(mean, mean64, 1e-12, 1.0, "mean")
         _close(var, var64, 1e-12, 1.0, "var")

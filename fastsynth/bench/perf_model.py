@@ -42,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .reference_loops import ref_adv, upstream_kldiv
+
 HBM_BW = 3.35e12          # H100 SXM HBM3, bytes/s
 LAUNCH_S = 4e-6           # per kernel launch without CUDA graphs
 GRAPH_LAUNCH_S = 1e-6     # per kernel inside a replayed CUDA graph
@@ -393,56 +395,43 @@ def bn_loss_fastsynth(tr: OpTrace, shapes):
         loss.backward()
 
 
-def upstream_kldiv(logits, targets, T=1.0, reduction="batchmean"):
-    q = F.log_softmax(logits / T, dim=1)
-    p = F.softmax(targets / T, dim=1)
-    return F.kl_div(q, p, reduction=reduction) * (T * T)
-
-
 def upstream_synthesis_logit_loss(t, s, y, oh=0.5, adv=1.33):
     """FastDFKD's loss_oh + loss_adv, op for op (teacher logits carry gradient)."""
-    loss_oh = F.cross_entropy(t, y)
-    mask = (s.max(1)[1] == t.max(1)[1]).float()
-    loss_adv = -(upstream_kldiv(s, t, reduction="none").sum(1) * mask).mean()
-    return oh * loss_oh + adv * loss_adv
+    return oh * F.cross_entropy(t, y) + adv * ref_adv(s, t)
+
+
+def _loss_fwd_bwd(tr: OpTrace, loss_fn, *inputs):
+    with tr.in_phase("fwd"):
+        loss = loss_fn(*inputs)
+    with tr.in_phase("bwd"):
+        loss.backward()
+
+
+def _logit_inputs(n, c):
+    """(teacher logits, student logits, targets); both logits carry gradient."""
+    return (torch.empty(n, c, device=META, requires_grad=True), torch.empty(n, c, device=META, requires_grad=True),
+            torch.empty(n, dtype=torch.long, device=META))
+
+
+def _kd_inputs(n, c):
+    """(student logits with gradient, teacher logits)."""
+    return torch.empty(n, c, device=META, requires_grad=True), torch.empty(n, c, device=META)
 
 
 def logit_upstream(tr: OpTrace, n, c):
-    t = torch.empty(n, c, device=META, requires_grad=True)
-    s = torch.empty(n, c, device=META, requires_grad=True)
-    y = torch.empty(n, dtype=torch.long, device=META)
-    with tr.in_phase("fwd"):
-        loss = upstream_synthesis_logit_loss(t, s, y)
-    with tr.in_phase("bwd"):
-        loss.backward()
+    _loss_fwd_bwd(tr, upstream_synthesis_logit_loss, *_logit_inputs(n, c))
 
 
 def logit_fastsynth(tr: OpTrace, n, c):
-    t = torch.empty(n, c, device=META, requires_grad=True)
-    s = torch.empty(n, c, device=META, requires_grad=True)
-    y = torch.empty(n, dtype=torch.long, device=META)
-    with tr.in_phase("fwd"):
-        loss = FusedLogitLoss.apply(t, s, y)
-    with tr.in_phase("bwd"):
-        loss.backward()
+    _loss_fwd_bwd(tr, FusedLogitLoss.apply, *_logit_inputs(n, c))
 
 
 def kd_upstream(tr: OpTrace, n, c, T=20.0):
-    s = torch.empty(n, c, device=META, requires_grad=True)
-    t = torch.empty(n, c, device=META)
-    with tr.in_phase("fwd"):
-        loss = upstream_kldiv(s, t, T=T)
-    with tr.in_phase("bwd"):
-        loss.backward()
+    _loss_fwd_bwd(tr, lambda s, t: upstream_kldiv(s, t, T=T), *_kd_inputs(n, c))
 
 
 def kd_fastsynth(tr: OpTrace, n, c, T=20.0):
-    s = torch.empty(n, c, device=META, requires_grad=True)
-    t = torch.empty(n, c, device=META)
-    with tr.in_phase("fwd"):
-        loss = FusedKDLoss.apply(s, t)
-    with tr.in_phase("bwd"):
-        loss.backward()
+    _loss_fwd_bwd(tr, FusedKDLoss.apply, *_kd_inputs(n, c))
 
 
 def reinit_upstream(tr: OpTrace, k=40, fan_in=512, out=1000):

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["RefDeepInv", "RefFast", "RefFastMetaImageNet", "RefGenerative", "RefHook", "RefNayer", "ReturnFeatures",
-           "UpstreamNormalizer", "max_rel_err", "ref_adv", "ref_reset_l0", "ref_tv", "upstream_augment",
-           "upstream_jsdiv", "upstream_kldiv"]
+           "UpstreamNormalizer", "max_rel_err", "ref_adv", "ref_reset_l0", "ref_total_loss", "ref_tv",
+           "upstream_augment", "upstream_jsdiv", "upstream_kldiv"]
 
 
 class RefHook:
@@ -77,6 +77,17 @@ def upstream_jsdiv(logits, targets, T=1.0, reduction="batchmean"):
 def ref_adv(s_out, t_out):
     mask = (s_out.max(1)[1] == t_out.max(1)[1]).float()
     return -(upstream_kldiv(s_out, t_out, reduction="none").sum(1) * mask).mean()
+
+
+def ref_total_loss(ref, inputs_aug, t_out, loss_oh, adv_on):
+    """The upstream total ``bn * L_BN + oh * L_oh + adv * L_adv`` of ``ref``'s last teacher forward
+    (the student's forward only with ``adv_on``), recorded in ``ref.losses`` with ``.item()``.
+    Returns ``(loss, loss_bn)``."""
+    loss_bn = sum(h.r_feature for h in ref.hooks)
+    loss_adv = ref_adv(ref.student(inputs_aug), t_out) if adv_on else loss_oh.new_zeros(1)
+    loss = ref.bn * loss_bn + ref.oh * loss_oh + ref.adv * loss_adv
+    ref.losses.append(loss.item())
+    return loss, loss_bn
 
 
 class UpstreamNormalizer:
@@ -162,15 +173,8 @@ class RefFast:
         inputs = self.fast(self.z)
         inputs_aug = self.aug(inputs)
         t_out = self.teacher(inputs_aug)
-        loss_bn = sum(h.r_feature for h in self.hooks)
         loss_oh = F.cross_entropy(t_out, self.targets)
-        if self.adv > 0 and self.ep >= self.ep_start:
-            s_out = self.student(inputs_aug)
-            loss_adv = ref_adv(s_out, t_out)
-        else:
-            loss_adv = loss_oh.new_zeros(1)
-        loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
-        self.losses.append(loss.item())
+        loss, _ = ref_total_loss(self, inputs_aug, t_out, loss_oh, self.adv > 0 and self.ep >= self.ep_start)
         with torch.no_grad():
             if self.best_cost > loss.item() or self.best_inputs is None:
                 self.best_cost = loss.item()
@@ -255,15 +259,8 @@ class RefNayer:
                 inputs = self.generator(targets=targets)
                 inputs_aug = self.normalizer(inputs)
                 t_out = self.teacher(inputs_aug)
-                loss_bn = sum(h.r_feature for h in self.hooks)
                 loss_oh = torch.mean(torch.sum(-ys * t_out.log_softmax(dim=-1), dim=-1))
-                if self.adv > 0 and self.ep > self.ep_start:
-                    s_out = self.student(inputs_aug)
-                    loss_adv = ref_adv(s_out, t_out)
-                else:
-                    loss_adv = loss_oh.new_zeros(1)
-                loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
-                self.losses.append(loss.item())
+                loss, _ = ref_total_loss(self, inputs_aug, t_out, loss_oh, self.adv > 0 and self.ep > self.ep_start)
                 if loss_oh.item() < best_oh:
                     best_oh = loss_oh
                 with torch.no_grad():
@@ -492,14 +489,8 @@ class RefFastMetaImageNet:
             if it == 0:
                 meta = inputs
             t_out = self.teacher(inputs_aug)
-            loss_bn = sum(h.r_feature for h in self.hooks)
             loss_oh = F.cross_entropy(t_out, targets)
-            if self.adv > 0:
-                loss_adv = ref_adv(self.student(inputs_aug), t_out)
-            else:
-                loss_adv = loss_oh.new_zeros(1)
-            loss = self.bn * loss_bn + self.oh * loss_oh + self.adv * loss_adv
-            self.losses.append(float(loss.detach()))
+            loss, loss_bn = ref_total_loss(self, inputs_aug, t_out, loss_oh, self.adv > 0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -192,17 +192,11 @@ def _loss_from_stats_fused(means, variances, running_means, running_vars, mmt_me
                            *stats)
 
 
-def loss_from_stats(
-    means: Sequence[torch.Tensor],
-    variances: Sequence[torch.Tensor],
-    running_means: Sequence[torch.Tensor],
-    running_vars: Sequence[torch.Tensor],
-    mmt_means: Sequence[torch.Tensor | None] | None = None,
-    mmt_vars: Sequence[torch.Tensor | None] | None = None,
-    mmt_rate: float = 0.0,
-    weights: torch.Tensor | Sequence[float] | None = None,
-    scale: float = 1.0,
-) -> torch.Tensor:
+def loss_from_stats(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
+                    running_means: Sequence[torch.Tensor], running_vars: Sequence[torch.Tensor],
+                    mmt_means: Sequence[torch.Tensor | None] | None = None,
+                    mmt_vars: Sequence[torch.Tensor | None] | None = None, mmt_rate: float = 0.0,
+                    weights: torch.Tensor | Sequence[float] | None = None, scale: float = 1.0) -> torch.Tensor:
     """Summed BN-statistics loss of L layers from their batch statistics (differentiable in
     ``means`` and ``variances``), as a fixed number of vectorised ops whatever L is.
 
