@@ -146,21 +146,7 @@ def test_no_host_syncs_and_fewer_ops_than_upstream():
 def test_augmented_round_and_sample():
     """With augmentation on: a round runs, different seeds draw different boxes, sample() works
     (with the ImageNet-style train transform parsed into a batched RandomResizedCrop)."""
-
-    class RandomResizedCrop:
-        def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-            self.size, self.scale, self.ratio = size, scale, ratio
-
-    class RandomHorizontalFlip:
-        pass
-
-    class Normalize:
-        def __init__(self, mean, std):
-            self.mean, self.std = mean, std
-
-    class Compose:
-        def __init__(self, ts):
-            self.transforms = ts
+    from test_synthesis import Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop
 
     tf = Compose([RandomResizedCrop(16), RandomHorizontalFlip(), Normalize(*NORM)])
     t, s, g = tiny_net(6, seed=1), tiny_net(4, seed=2), gen()

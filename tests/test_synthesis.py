@@ -29,11 +29,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(width=6, num_classes=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(
+    return randomise_(nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes)), seed)
+
+
+def randomise_(net, seed=0):
+    """In place: parameters N(0, 0.5^2), BatchNorm running means N(0, 0.3^2) and variances
+    U(0.5, 1.5), drawn from ``seed``; returns the net in eval mode."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
@@ -147,6 +152,14 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def host_syncs(*calls) -> int:
+    """Host reads of device values (SyncCounter) while ``calls`` run in turn."""
+    with SyncCounter() as c:
+        for call in calls:
+            call()
+    return c.n
+
+
 def test_no_grads_and_no_host_syncs():
     t, s = pair()
     for p in list(t.parameters()) + list(s.parameters()):
@@ -158,15 +171,10 @@ def test_no_grads_and_no_host_syncs():
     ny = NAYER(t, s, nl_gen(13), 10, (3, IMG, IMG), g_steps=3, synthesis_batch_size=13, adv=1.0,
                normalizer=norm, warmup=0, bn_mmt=0.9, g_loops=2)
     fm.synthesize()  # first round creates lazy state
-    with SyncCounter() as c:
-        fm.synthesize()
-        fm.sample()
-    assert c.n == 0, "FastMetaSynthesizer.synthesize/sample read device values on the host"
+    assert host_syncs(fm.synthesize, fm.sample) == 0, \
+        "FastMetaSynthesizer.synthesize/sample read device values on the host"
     ny.synthesize()
-    with SyncCounter() as c:
-        ny.synthesize()
-        ny.sample()
-    assert c.n == 1, "NAYER must read only its final best_cost on the host"
+    assert host_syncs(ny.synthesize, ny.sample) == 1, "NAYER must read only its final best_cost on the host"
     for p in list(t.parameters()) + list(s.parameters()):
         assert p.grad is None
         assert p.requires_grad  # restored
