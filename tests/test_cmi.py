@@ -13,7 +13,7 @@ from fastsynth.synthesis.cmi import (CMISynthesizer, CMISynthesizerCMI, Instance
 
 from reference_cmi import RefCMI
 from reference_loops import max_rel_err
-from test_synthesis import NORM, tiny_net
+from test_synthesis import NORM, randomise_, tiny_net
 
 IMG = 8
 NZ = 8
@@ -42,15 +42,7 @@ class TinyRes(nn.Module):
         self.layer1 = nn.Sequential(BasicBlock(width, width))
         self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
         self.linear = nn.Linear(2 * width, num_classes)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        self.eval()
+        randomise_(self, seed)
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
