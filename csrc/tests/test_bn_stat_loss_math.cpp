@@ -6,18 +6,9 @@
 #include <vector>
 
 #include "common/bn_stat_loss_math.h"
+#include "tests/check.h"
 
 using namespace fastsynth;
-
-static int failures = 0;
-#define CHECK_CLOSE(a, b, atol, rtol)                                                              \
-  do {                                                                                             \
-    double _a = (a), _b = (b);                                                                     \
-    if (!(std::fabs(_a - _b) <= (atol) + (rtol) * std::fabs(_b))) {                                \
-      std::printf("FAIL %s:%d: %s = %.17g, expected %.17g\n", __FILE__, __LINE__, #a, _a, _b);     \
-      ++failures;                                                                                  \
-    }                                                                                              \
-  } while (0)
 
 int main() {
   // chunking covers [0, total) exactly, chunks differ by at most one, no chunk exceeds the cap
@@ -44,12 +35,7 @@ int main() {
   std::normal_distribution<double> dist(1000.0, 0.01);
   std::vector<double> xs(12345);
   for (auto& x : xs) x = dist(rng);
-  double mean = 0;
-  for (double x : xs) mean += x;
-  mean /= xs.size();
-  double m2 = 0;
-  for (double x : xs) m2 += (x - mean) * (x - mean);
-  const double var = m2 / xs.size();
+  const auto [mean, var] = two_pass_mean_var(xs);
 
   const long parts = num_chunks(static_cast<long>(xs.size()), 1000L);
   Welford<double> acc;

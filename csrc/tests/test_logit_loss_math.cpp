@@ -5,28 +5,12 @@
 #include <vector>
 
 #include "common/logit_loss_math.h"
+#include "tests/check.h"
 
 using namespace fastsynth;
 
-static int failures = 0;
-#define CHECK_CLOSE(a, b, atol, rtol)                                                             \
-  do {                                                                                            \
-    double _a = (a), _b = (b);                                                                    \
-    if (!(std::fabs(_a - _b) <= (atol) + (rtol) * std::fabs(_b))) {                               \
-      std::printf("FAIL %s:%d: %s = %.17g, expected %.17g\n", __FILE__, __LINE__, #a, _a, _b);    \
-      ++failures;                                                                                 \
-    }                                                                                             \
-  } while (0)
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);        \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
-
 // float64 oracle of KL(softmax(t) || softmax(s)) of one row
-static double kl_oracle(const std::vector<double>& t, const std::vector<double>& s) {
+static double kl_reference(const std::vector<double>& t, const std::vector<double>& s) {
   double mt = -INFINITY, ms = -INFINITY;
   for (size_t c = 0; c < t.size(); ++c) {
     mt = std::fmax(mt, t[c]);
@@ -120,7 +104,7 @@ int main() {
         t[c] = static_cast<float>(scale * d(rng));  // values representable in float
         s[c] = static_cast<float>(0.7 * t[c] + 0.5 * scale * d(rng));
       }
-      const double ref = kl_oracle(t, s);
+      const double ref = kl_reference(t, s);
       const std::vector<size_t> chunks = {1, 0, 7, 64, 333, C};
       const double k64 = kl_state_value(stream_chunked<double>(t, s, chunks));
       const double k32 = kl_state_value(stream_chunked<float>(t, s, chunks));
@@ -189,7 +173,7 @@ int main() {
       for (auto& v : tt) v = v == ninf ? -1e5 : v;
       std::vector<double> s2 = ss;
       for (auto& v : s2) v = v == ninf ? -1e5 : v;
-      return kl_oracle(tt, s2);
+      return kl_reference(tt, s2);
     };
     std::vector<double> t2 = t;  // student -inf only where the teacher is -inf too: finite KL
     t2[1] = ninf;
@@ -235,11 +219,11 @@ int main() {
       double m = -INFINITY, z = 0;
       for (double v : a) m = std::fmax(m, v);
       for (double v : a) z += std::exp(v - m);
-      return ce_w * (m + std::log(z) - a[y]) + kl_w * kl_oracle(a, b);
+      return ce_w * (m + std::log(z) - a[y]) + kl_w * kl_reference(a, b);
     };
     std::vector<double> tp(t.size()), sp(s.size());
     for (size_t c = 0; c < t.size(); ++c) tp[c] = t[c] / T, sp[c] = s[c] / T;
-    const double kl = kl_oracle(tp, sp);
+    const double kl = kl_reference(tp, sp);
     const KlRowCoef k = kl_row_coef(ce_w, kl_w, 1.0, 1.0 / T, kl);
     double mt = -INFINITY, ms = -INFINITY, zt = 0, zs = 0;
     for (size_t c = 0; c < t.size(); ++c) mt = std::fmax(mt, tp[c]), ms = std::fmax(ms, sp[c]);
