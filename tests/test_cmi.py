@@ -385,6 +385,20 @@ def test_graph_code_path_compiled_no_recompilation():
     _assert_graph_run_matches(_graph_run(False), graph, 1e-5, 1e-5, 1e-5)
 
 
+def test_no_host_syncs():
+    """No host read of a device value in synthesize() (eager and graph code paths): while the
+    bank fills, once it is sampled and after it wraps."""
+    from test_synthesis import host_syncs
+
+    for graph in (False, True):
+        synth = _graph_run(graph)[0]  # ROUNDS calls: the bank is full and has wrapped
+        fresh = CMISynthesizer(tiny_net(6, seed=1), tiny_net(4, seed=2), gen(), NZ, 10, (3, IMG, IMG),
+                               bank_size=3 * BATCH + 2, n_neg=BATCH + 1, head_dim=16, iterations=2,
+                               synthesis_batch_size=BATCH, adv=0.5, normalizer=Normalizer(*NORM), seed=5)
+        fresh._graph_mode = graph
+        assert host_syncs(*[fresh.synthesize] * 4, synth.synthesize, synth.sample) == 0, graph
+
+
 @pytest.mark.needs_cuda
 def test_cuda_graph_matches_eager_on_cuda():
     """cuda_graph=True on a GPU equals cuda_graph=False (same seed, same device: the same random
