@@ -1,14 +1,11 @@
 """Fused contrastive cross-entropy and per-instance channel means (fastsynth/ops/contrastive_loss.py)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from fastsynth import _ext
 from fastsynth.ops import contrastive_loss as cl
 from fastsynth.ops.contrastive_loss import contrastive_ce, instance_mean_multi, instance_mean_multi_reference
+from helpers import compile_triton_for_gpu
 
 HAS_EXT = _ext.has_extension() and hasattr(torch.ops.fastsynth, "contrastive_ce")
 BACKENDS = (["cpu"] if HAS_EXT else []) + ["triton"]
@@ -220,16 +217,10 @@ def test_instance_mean_gradcheck_and_bad_input():
 # Triton kernels compiled for real GPU targets (the interpreter accepts what the compiler rejects)
 
 _AOT_SCRIPT = r"""
-import os, sys
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from fastsynth.kernels import contrastive_loss as K
 
 INT_ARGS = {"M", "D", "sqm", "sqd", "skm", "skd", "n_split"}
 FLOAT_ARGS = {"scale_hi", "scale_lo"}  # Python floats: fp32 arguments
-arch = int(sys.argv[1])
 # ones: integer arguments that Triton's JIT specialises to the constant 1 (M = n_split = 1: a
 # single query; sqd = skd = 1: row-major inputs)
 CASES = [((), "fp32", "fp32", 64, 128), ((), "fp16", "fp32", 64, 128), ((), "bf16", "fp32", 64, 256),
@@ -252,20 +243,13 @@ for ones, elem, acc, bm, bd in CASES:
                 sig[name] = "constexpr"
         cx.update(BM=bm, BN=bm, BD=bd, ACC=tl.float64 if acc == "fp64" else tl.float32,
                   IEEE=elem in ("fp32", "fp64"), UPCAST=False)
-        kernel = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=cx),
-                                target=GPUTarget("cuda", arch, 32))
-        assert kernel.asm["cubin"], (fn.__name__, elem, ones)
-print("compiled")
+        compile_kernel(fn, sig, cx, (elem, ones))
 """
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_for_gpus(arch):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_triton_for_gpu(_AOT_SCRIPT, arch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastsynth import _ext
 from fastsynth.bench.harness import count_aten_ops
 from fastsynth.bench.reference_loops import upstream_jsdiv, upstream_kldiv
 from fastsynth.ops import logit_losses as ll
+from helpers import compile_triton_for_gpu
 
 FUSED = ["cpu", "triton"]
 CLASSES = [2, 10, 100, 1000, 1023]
@@ -726,16 +727,10 @@ def test_torch_compile_fullgraph_forward_backward(backend):
 
 
 _AOT_SCRIPT = r"""
-import os, sys
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from fastsynth.kernels import logit_losses as K
 
 FLOAT_ARGS = {"inv_t", "ce_w", "kl_w", "lo", "hi", "w"}
 INT_ARGS = {"stride_t", "stride_s", "C"}
-arch = int(sys.argv[1])
 for elem, acc in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
     kl = K._kl_rows_kernel_f64 if acc == "fp64" else K._kl_rows_kernel
     js = K._js_rows_kernel_f64 if acc == "fp64" else K._js_rows_kernel
@@ -759,27 +754,13 @@ for elem, acc in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64",
             else:
                 sig[name] = "constexpr"
         cx = dict(cx, BLOCK=1024, ACC=tl.float64 if acc == "fp64" else tl.float32)
-        kernel = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=cx),
-                                target=GPUTarget("cuda", arch, 32))
-        assert kernel.asm["cubin"], (fn.__name__, elem)
-print("compiled")
+        compile_kernel(fn, sig, cx, (elem,))
 """
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_row_kernels_compile_for_gpus(arch):
-    # The interpreter accepts what the compiler rejects (a plain module global read inside
-    # @triton.jit code was a NameError at the first GPU launch): compile for real targets, without
-    # a GPU, in a process where the interpreter is off.
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_triton_for_gpu(_AOT_SCRIPT, arch)
 
 
 # ---------------------------------------------------------------------------------------------

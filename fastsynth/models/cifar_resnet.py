@@ -29,6 +29,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    block = BasicBlock
+
     def __init__(self, num_blocks: list[int], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.in_planes = 64
@@ -43,7 +45,7 @@ class CifarResNet(nn.Module):
     def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (n - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
+            layers.append(self.block(self.in_planes, planes, s))
             self.in_planes = planes
         return nn.Sequential(*layers)
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cifar_resnet import BasicBlock, CifarResNet
+
 __all__ = ["cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
            "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8_bn", "vgg11_bn",
            "vgg13_bn", "mobilenet_v2", "shufflenet_v2", "resnet18_imagenet", "resnet50_imagenet", "UPSTREAM_MODELS"]
@@ -31,7 +33,12 @@ def _features_or_logits(logits, features, return_features):
 # ---------------------------------------------------------------------------------------------
 # CIFAR ResNet-8/20/32/56/110 (registry: resnet8 ... resnet110; widths 16/16/32/64)
 
-class _TinyBlock(nn.Module):
+class _BasicBlock(nn.Module):
+    """conv3x3-BN, ReLU, conv3x3-BN and an optional downsample, declared as torchvision's BasicBlock
+    and the CIFAR ResNet-8...110 blocks declare them (one nn.ReLU module); the forward passes differ."""
+
+    expansion = 1
+
     def __init__(self, inplanes, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
@@ -41,6 +48,16 @@ class _TinyBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
+
+def _tv_join(block, out, x):
+    """torchvision's residual join: the downsample after the main path, ``out += identity``, the
+    block's ReLU module."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out += identity
+    return block.relu(out)
+
+
+class _TinyBlock(_BasicBlock):
     def forward(self, x):
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -108,16 +125,8 @@ def cifar_resnet110(num_classes=10):
 # ---------------------------------------------------------------------------------------------
 # CIFAR ResNet-18/34 (registry: resnet18, resnet34; the DAFL ResNets, 64..512 channels)
 
-class _DaflBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+class _DaflBlock(BasicBlock):
+    """fastsynth.models' BasicBlock with upstream's in-place residual add."""
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -126,24 +135,11 @@ class _DaflBlock(nn.Module):
         return F.relu(out)
 
 
-class DaflResNet(nn.Module):
-    def __init__(self, num_blocks, num_classes=10):
-        super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        self.linear = nn.Linear(512, num_classes)
+class DaflResNet(CifarResNet):
+    """fastsynth.models' CifarResNet (same modules, same initialisation) with upstream's blocks
+    and ``forward(x, return_features=False)``."""
 
-    def _make_layer(self, planes, n, stride):
-        layers = []
-        for s in [stride] + [1] * (n - 1):
-            layers.append(_DaflBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
+    block = _DaflBlock
 
     def forward(self, x, return_features=False):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -466,26 +462,10 @@ def shufflenet_v2(num_classes=10):
 # ---------------------------------------------------------------------------------------------
 # torchvision ResNets for ImageNet (registry: resnet18_imagenet, resnet50_imagenet)
 
-class _TVBasic(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)  # used twice: after bn1 and after the join
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
+class _TVBasic(_BasicBlock):
     def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        out = self.relu(self.bn1(self.conv1(x)))  # the ReLU module used twice: here and after the join
+        return _tv_join(self, self.bn2(self.conv2(out)), x)
 
 
 class _TVBottleneck(nn.Module):
@@ -503,14 +483,9 @@ class _TVBottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x):
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return _tv_join(self, self.bn3(self.conv3(out)), x)
 
 
 class ImageNetResNet(nn.Module):
