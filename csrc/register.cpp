@@ -76,12 +76,6 @@ TORCH_LIBRARY(fastsynth, m) {
 
   // ---- end fused teacher BatchNorm ----
 
-  // ---- residual join (fastsynth/cpu/add_relu.py; fastsynth.fuse.add_relu) ----
-  // relu(a + b) for two maps of one shape and dtype, one pass (CPU; other devices run the two
-  // ops, which compile=True fuses). Its backward is the ReLU's, threshold_backward(grad, out, 0).
-  m.def("add_relu(Tensor a, Tensor b) -> Tensor");
-  // ---- end residual join ----
-
   // ---- CMI synthesizer (fastsynth/ops/contrastive_loss.py) ----
   // Cross-entropy of the rows of scale * q k^T against the diagonal labels, the first n_split
   // rows and the others averaged separately and summed; with the unit gradients w.r.t. q and k

@@ -10,7 +10,7 @@ teacher itself (only a bare BatchNorm2d passed as ``teacher`` comes back as a ne
 
 ReLU fusion: where the teacher traces with ``torch.fx``, a ReLU (``nn.ReLU``, ``F.relu``,
 ``torch.relu``, ``.relu()``) that directly and solely consumes a BatchNorm output is folded into
-that BatchNorm's pass, and a residual ``relu(a + b)`` becomes one ``add_relu``: the rewritten
+that BatchNorm's pass (a residual ``relu(a + b)`` runs as the model writes it): the rewritten
 graph becomes the teacher's eval-mode ``forward`` (an instance attribute; in train mode the class
 forward runs unchanged). Modules carrying hooks are kept as leaves so their hooks still fire.
 
@@ -56,8 +56,7 @@ import torch.nn.functional as F
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
-           "fused_layers", "fused_eval_view", "FusedEvalView", "fusion_stats", "refresh_folds", "ConvBNFold",
-           "add_relu"]
+           "fused_layers", "fused_eval_view", "FusedEvalView", "fusion_stats", "refresh_folds", "ConvBNFold"]
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -119,56 +118,6 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fused=True, stats_enabled={self.stats_enabled}"
-
-
-# ---------------------------------------------------------------------------------------------
-# residual add + ReLU in one pass
-
-
-def add_relu(a, b):
-    """``F.relu(a + b)``, one forward pass on the CPU when ``a`` and ``b`` are tensors of the same
-    shape, dtype and device (the residual join of a ResNet block; ``fastsynth.cpu.add_relu``);
-    on other devices ``relu(a + b)``, which ``compile=True`` and CUDA graphs fuse. Anything else
-    (broadcasting, mixed dtypes, a Python number) runs as written. NaN propagates as in
-    ``F.relu``."""
-    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device.type == "cpu"
-            and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.is_floating_point()
-            and a.layout == torch.strided and b.layout == torch.strided):
-        from .cpu.add_relu import add_relu as add_relu_cpu  # the CPU room, imported on first use
-
-        return add_relu_cpu(a, b)
-    return F.relu(a + b)
-
-
-_ADD_FUNCTIONS = (operator.add, torch.add)
-
-
-def _fold_add_relus(graph: fx.Graph, modules: dict) -> int:
-    """Replace every ``relu(add(a, b))`` of ``graph`` whose add result feeds only that ReLU by
-    ``add_relu(a, b)``; returns how many. ReLU modules with hooks stay (their hook sees the
-    ReLU's input and output)."""
-    folded = 0
-    for node in list(graph.nodes):
-        if not _is_relu(node, modules) or len(node.args) < 1 or not isinstance(node.args[0], fx.Node):
-            continue
-        if node.op == "call_module" and (modules[node.target]._forward_hooks or modules[node.target]._forward_pre_hooks):
-            continue
-        if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
-            continue
-        add = node.args[0]
-        is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or \
-                 (add.op == "call_method" and add.target == "add")
-        if not is_add or len(add.users) != 1 or add.kwargs or len(add.args) != 2:
-            continue
-        if not all(isinstance(a, fx.Node) for a in add.args):
-            continue
-        with graph.inserting_before(node):
-            fused = graph.call_function(add_relu, tuple(add.args))
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-        graph.erase_node(add)
-        folded += 1
-    return folded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,8 +666,7 @@ class _FormDispatch:
 def _teacher_build(teacher: nn.Module, min_hw: int | None):
     def build(graph: fx.Graph, label: str):
         modules = dict(teacher.named_modules())
-        stats = {"bn_relu": _fold_bn_relus(graph, modules, modules),
-                 "add_relu": _fold_add_relus(graph, modules)}
+        stats = {"bn_relu": _fold_bn_relus(graph, modules, modules)}
         stats["conv_layouts"], stats["conv_routed"] = _route_convs(graph, modules, min_hw)
         stats["fused_bn"] = sum(1 for n in graph.nodes if n.op == "call_module"
                                 and isinstance(modules.get(n.target), FusedBatchNorm2d))
@@ -730,7 +678,7 @@ def _teacher_build(teacher: nn.Module, min_hw: int | None):
 
 def _fuse_relus(teacher: nn.Module, min_hw: int | None = None) -> int:
     """Install the fused eval-mode forward on ``teacher``: per call form (``_FormDispatch``), the
-    traced graph with BN->ReLU pairs folded, residual add->ReLU pairs joined (``add_relu``) and,
+    traced graph with BN->ReLU pairs folded and,
     for a CPU model (``min_hw`` not None), each convolution routed by ``fastsynth.cpu``
     (``_route_convs``). Train mode runs the class forward. Returns the number of BN ReLUs folded in the default form (0 when that form
     is traced at its first call)."""
@@ -738,7 +686,7 @@ def _fuse_relus(teacher: nn.Module, min_hw: int | None = None) -> int:
     dispatch = _FormDispatch(teacher, _teacher_build(teacher, min_hw),
                              eager=lambda *a, **k: cls_forward(teacher, *a, **k), who="fuse_teacher",
                              fallback="the model's own forward with its BatchNorm layers fused (statistics in "
-                                      "the same pass), without ReLU folding, add+ReLU joins or convolution layouts")
+                                      "the same pass), without ReLU folding or convolution layouts")
     dispatch.prime()
 
     def forward(self, *args, **kwargs):
@@ -753,7 +701,6 @@ def _fuse_relus(teacher: nn.Module, min_hw: int | None = None) -> int:
     first = dispatch.forms.get(dispatch._default)
     stats = first[1] if isinstance(first, tuple) else {}
     teacher.__dict__["_fs_relus_folded"] = stats.get("bn_relu", 0)
-    teacher.__dict__["_fs_add_relus"] = stats.get("add_relu", 0)
     teacher.__dict__["_fs_conv_layouts"] = stats.get("conv_layouts", 0)
     teacher.__dict__["_fs_conv_routed"] = stats.get("conv_routed", 0)
     return stats.get("bn_relu", 0)
@@ -768,8 +715,7 @@ def fuse_teacher(teacher: nn.Module, backend: str | None = None, fuse_relu: bool
     """Fuse the BatchNorm-statistics loss into ``teacher``'s BatchNorm2d layers (in place).
 
     ``backend``: the fused op's backend (None: chosen by device). ``fuse_relu``: fold ReLUs that
-    solely consume a BatchNorm output into it, and residual add+ReLU pairs into ``add_relu``, per
-    call form (module docstring: call forms; a form that cannot be traced warns once and keeps
+    solely consume a BatchNorm output into it, per call form (module docstring: call forms; a form that cannot be traced warns once and keeps
     BN-only fusion). ``channels_last_min_hw``: with ``fuse_relu``, for a teacher on the CPU,
     convolution inputs of at least this many pixels run channels_last, smaller ones NCHW
     (``fastsynth.cpu.conv_input_layout``; "auto": ``fastsynth.cpu.config.channels_last_min_hw``;
@@ -808,7 +754,6 @@ def unfuse_teacher(teacher: nn.Module) -> nn.Module:
         del teacher.__dict__["_fs_fused_forward"]
         teacher.__dict__.pop("_fs_dispatch", None)
         teacher.__dict__.pop("_fs_relus_folded", None)
-        teacher.__dict__.pop("_fs_add_relus", None)
         teacher.__dict__.pop("_fs_conv_layouts", None)
         teacher.__dict__.pop("_fs_conv_routed", None)
     cpu = sys.modules.get("fastsynth.cpu")  # never imported: it cached nothing
@@ -885,7 +830,7 @@ class FusedEvalView(nn.Module):
         self.__dict__["_fs_min_hw"] = min_hw  # None: not a CPU model, convolutions run as traced
         self.__dict__["_fs_dispatch"] = _FormDispatch(
             model, self._build, eager=model.forward, who="fused_eval_view",
-            fallback="the model's own forward, unfused (no conv+BN folding, ReLU folding or add+ReLU joins)")
+            fallback="the model's own forward, unfused (no conv+BN folding or ReLU folding)")
         self.training = False
 
     def _register(self, module: nn.Module, target: str) -> None:
@@ -922,7 +867,7 @@ class FusedEvalView(nn.Module):
             elif node.op == "get_attr":
                 root[node.target] = _attr(model, node.target)
         stats = {"conv_bn_fold": folds, "fused_bn": n_fused,
-                 "bn_relu": _fold_bn_relus(graph, root, modules), "add_relu": _fold_add_relus(graph, modules)}
+                 "bn_relu": _fold_bn_relus(graph, root, modules)}
         stats["conv_layouts"], stats["conv_routed"] = _route_convs(graph, root, self._fs_min_hw)
         graph.lint()
         gm = fx.GraphModule(root, graph)
@@ -951,7 +896,6 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
       BN+ReLU pair forward and one backward, where eval BatchNorm + ReLU dispatch five forward
       (empty, native_batch_norm, relu, and a detach saving the ReLU output) and three backward ops;
     - a ReLU that directly and solely consumes either is folded into it;
-    - ``relu(a + b)`` (a residual join) becomes ``add_relu(a, b)``, one pass forward;
     - on the CPU, each convolution runs as ``fastsynth.cpu`` routes it (Winograd for frozen 3x3
       weights with enough channels; ``channels_last_min_hw``: inputs of at least this many
       pixels channels_last, smaller ones NCHW; "auto": ``fastsynth.cpu.config.channels_last_min_hw``;
@@ -992,8 +936,8 @@ def fused_eval_view(model: nn.Module, backend: str | None = None, fold_conv_bn: 
 def fusion_stats(model: nn.Module) -> dict:
     """What the fused forwards of a ``fuse_teacher``'d model or a ``fused_eval_view`` contain,
     per traced call form: ``{form: {"fused_bn": BatchNorm calls running fused_bn, "conv_bn_fold":
-    convolution+BN folds (view only), "bn_relu": ReLUs folded into them, "add_relu": residual
-    joins, "conv_layouts", "conv_routed"}}``; a form that could not be traced maps to None. A form
+    convolution+BN folds (view only), "bn_relu": ReLUs folded into them, "conv_layouts",
+    "conv_routed"}}``; a form that could not be traced maps to None. A form
     traced per input shape is listed once per shape (``"x @ (64, 3, 32, 32)"``)."""
     dispatch = model.__dict__.get("_fs_dispatch")
     if dispatch is None:

@@ -50,32 +50,31 @@ def _model(name):
 
 
 def _expected(model):
-    """What the architecture allows: (conv+BN folds and fused_bn calls of the view, BN->ReLU folds,
-    add->ReLU joins). A BatchNorm folds into the conv before it when that conv output feeds only it;
-    a ReLU folds when it alone consumes a BatchNorm output (ReLU6 does not); a join is relu(a + b)."""
+    """What the architecture allows: (conv+BN folds and fused_bn calls of the view, BN->ReLU folds).
+    A BatchNorm folds into the conv before it when that conv output feeds only it; a ReLU folds
+    when it alone consumes a BatchNorm output (ReLU6 does not); a residual relu(a + b) runs as written."""
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     blocks = lambda cls: sum(isinstance(m, cls) for m in model.modules())  # noqa: E731
     if isinstance(model, (up.TinyResNet, up.DaflResNet)):
         n = blocks(up._TinyBlock) + blocks(up._DaflBlock)
-        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=1 + n, add_relu=n)
+        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=1 + n)
     if isinstance(model, up.ImageNetResNet):
         basic, bottle = blocks(up._TVBasic), blocks(up._TVBottleneck)
-        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=1 + basic + 2 * bottle, add_relu=basic + bottle)
+        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=1 + basic + 2 * bottle)
     if isinstance(model, up.WideResNet):
         n = blocks(up._WideBlock)
         # bn2 follows conv1 in every block; the stem conv feeds block1's bn1 alone unless that first
         # block is an identity block (then the stem output is also the residual)
         stem = 0 if model.block1.layer[0].equalInOut else 1
-        return dict(conv_bn_fold=n + stem, fused_bn=bns - n - stem, bn_relu=bns, add_relu=0)
+        return dict(conv_bn_fold=n + stem, fused_bn=bns - n - stem, bn_relu=bns)
     if isinstance(model, up.VGG):
-        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=bns, add_relu=0)
+        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=bns)
     if isinstance(model, up.MobileNetV2):
-        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=0, add_relu=0)
+        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=0)
     if isinstance(model, up.ShuffleNetV2):
         # stem + last conv, bn1 of each basic block (its bn3 output also feeds the concatenation),
         # bn2/bn3/bn5 of each down block
-        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=2 + blocks(up._ShuffleBlock) + 3 * blocks(up._ShuffleDown),
-                    add_relu=0)
+        return dict(conv_bn_fold=bns, fused_bn=0, bn_relu=2 + blocks(up._ShuffleBlock) + 3 * blocks(up._ShuffleDown))
     raise AssertionError(type(model))
 
 
@@ -153,7 +152,7 @@ def test_upstream_model_full_fusion_matches_unfused_float64(name):
         assert {k: stats[k] for k in expect} == expect, (form, stats)
     for form, stats in forms["teacher"].items():
         assert stats["fused_bn"] == bns and stats["bn_relu"] == expect["bn_relu"], (form, stats)
-        assert stats["add_relu"] == expect["add_relu"], (form, stats)
+        assert "add_relu" not in stats, (form, stats)  # residual joins run as the model writes them
 
 
 def test_shape_dependent_branch_is_traced_per_input_shape():
@@ -266,8 +265,7 @@ def test_synthesizer_on_upstream_models_reaches_full_fusion():
         syn = FastMetaSynthesizer(teacher, student, gen, nz=16, num_classes=10, img_size=(3, 32, 32), iterations=1,
                                   synthesis_batch_size=2, sample_batch_size=2, warmup=0, bn_mmt=0.9, is_maml=1)
         syn.synthesize()
-    assert bench._fusion_summary(syn) == ("teacher fused_bn=21 bn_relu=10 add_relu=9; "
-                                          "student conv_bn_fold=9 bn_relu=4 add_relu=3")
+    assert bench._fusion_summary(syn) == "teacher fused_bn=21 bn_relu=10; student conv_bn_fold=9 bn_relu=4"
     syn.close()
 
 

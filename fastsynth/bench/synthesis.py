@@ -323,8 +323,8 @@ def print_breakdown(total: int, by_phase: dict) -> None:
 
 def _fusion_summary(syn) -> str:
     """What the fusion reached in ``syn``'s step, from ``fuse.fusion_stats`` of the fused teacher
-    and the student view (default call form): ReLUs folded into BatchNorm (``bn_relu``), residual
-    add+ReLU joins (``add_relu``), conv+BN folds of the student (``conv_bn_fold``)."""
+    and the student view (default call form): ReLUs folded into BatchNorm (``bn_relu``), conv+BN
+    folds of the student (``conv_bn_fold``)."""
     from .. import fuse
 
     parts = []
@@ -338,7 +338,7 @@ def _fusion_summary(syn) -> str:
         if form is None:
             parts.append(f"{who} not traced")
             continue
-        keys = ("conv_bn_fold", "bn_relu", "add_relu") if who == "student" else ("fused_bn", "bn_relu", "add_relu")
+        keys = ("conv_bn_fold", "bn_relu") if who == "student" else ("fused_bn", "bn_relu")
         parts.append(f"{who} " + " ".join(f"{k}={form.get(k, 0)}" for k in keys))
     return "; ".join(parts)
 

@@ -6,17 +6,14 @@ What a CPU synthesis step gains here, each measured against its absence (docs/PE
   ``config.channels_last_min_hw`` pixels up, NCHW below);
 - frozen 3x3 stride-1 convolutions by Winograd F(2x2, 3x3), forward and input gradient
   (``winograd``; csrc/cpu/winograd_conv.cpp, with the BLAS's GEMM looked up at run time);
-- the residual join ``relu(a + b)`` in one pass (``add_relu``; csrc/cpu/add_relu.cpp; measured
-  at 0.2% of the upstream ResNet step, below the 3% bar: kept only until the op-count figures
-  that count it as one op are updated with its removal);
 - the generators' nearest-2x upsample + 3x3 convolution fused above a size
   (``config.upsample_fuse_min_macs``);
 - recycled large output blocks of the C++ kernels (csrc/cpu/large_alloc.h).
 
 Every knob is a field of ``config`` (``CPUConfig``). Nothing on the GPU path imports this package
 when it is imported itself: ``fastsynth.fuse`` asks ``convs.rewrite_convs`` which convolution to
-run only when it builds the graph of a model on the CPU, ``fastsynth.fuse.add_relu`` and
-``fastsynth.nn.UpsampleConvSequential`` come here only for CPU tensors, and the synthesizers call
+run only when it builds the graph of a model on the CPU, ``fastsynth.nn.UpsampleConvSequential``
+comes here only for CPU tensors, and the synthesizers call
 ``prepare_winograd`` only on the CPU.
 """
 from __future__ import annotations
@@ -25,7 +22,6 @@ from ._config import CPUConfig, config, configured, resolve_min_hw
 from .convs import conv, rewrite_convs
 from .layout import conv_input_layout, conv_output_layout
 from .winograd import prepare_winograd, winograd_conv3x3
-from . import add_relu  # noqa: F401  (registers the op's fake kernel)
 
 __all__ = ["CPUConfig", "config", "configured", "resolve_min_hw", "conv", "rewrite_convs", "conv_input_layout",
            "conv_output_layout", "prepare_winograd", "winograd_conv3x3", "upsample_worth_fusing",
