@@ -250,6 +250,15 @@ struct LaneVec<double> {
   typedef int64_t index_t;
 };
 
+// Class c of every lane of [C][kLanes] blocks: the inputs t, s and the gradients gt, gs.
+template <typename acc_t>
+struct LaneColumn {
+  const acc_t* t;
+  const acc_t* s;
+  acc_t* gt;
+  acc_t* gs;
+};
+
 // t, s: [C][kLanes] (lane j holds row j of the block; unused lanes hold zeros). y: per-lane
 // target, -1 for none. gt, gs: [C][kLanes] gradients (written when with_grad).
 template <typename acc_t>
@@ -297,18 +306,15 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
 #pragma omp simd
   for (int64_t j = 0; j < kLanes; ++j) zt[j] = zs[j] = a[j] = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t* tc = t + c * kLanes;
-    const acc_t* sc = s + c * kLanes;
-    acc_t* gtc = gt + c * kLanes;
-    acc_t* gsc = gs + c * kLanes;
+    const LaneColumn<acc_t> col{t + c * kLanes, s + c * kLanes, gt + c * kLanes, gs + c * kLanes};
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t dt = (tc[j] - mt[j]) * inv_t;
-      const acc_t ds = (sc[j] - ms[j]) * inv_t;
+      const acc_t dt = (col.t[j] - mt[j]) * inv_t;
+      const acc_t ds = (col.s[j] - ms[j]) * inv_t;
       const acc_t et = fs_exp(dt);
       const acc_t es = fs_exp(ds);
-      gtc[j] = et;
-      gsc[j] = es;
+      col.gt[j] = et;
+      col.gs[j] = es;
       zt[j] += et;
       zs[j] += es;
       a[j] += prob_times(et, dt - ds);
@@ -340,17 +346,14 @@ FS_ALWAYS_INLINE void kl_lanes(const acc_t* t, const acc_t* s, int64_t C, acc_t 
     out.ce[j] = y[j] >= 0 ? lzt[j] - static_cast<double>((t[y[j] * kLanes + j] - mt[j]) * inv_t) : 0.0;
   if (!with_grad) return;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t* tc = t + c * kLanes;
-    const acc_t* sc = s + c * kLanes;
-    acc_t* gtc = gt + c * kLanes;
-    acc_t* gsc = gs + c * kLanes;
+    const LaneColumn<acc_t> col{t + c * kLanes, s + c * kLanes, gt + c * kLanes, gs + c * kLanes};
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t pt = gtc[j] * rzt[j];
-      const acc_t ps = gsc[j] * rzs[j];
-      const acc_t d = ((tc[j] - mt[j]) - (sc[j] - ms[j])) * inv_t + lz_diff[j];  // log p_t - log p_s
-      gtc[j] = prob_times(pt, g_pt[j] + g_ptd[j] * d);
-      gsc[j] = g_ps[j] * (ps - pt);
+      const acc_t pt = col.gt[j] * rzt[j];
+      const acc_t ps = col.gs[j] * rzs[j];
+      const acc_t d = ((col.t[j] - mt[j]) - (col.s[j] - ms[j])) * inv_t + lz_diff[j];  // log p_t - log p_s
+      col.gt[j] = prob_times(pt, g_pt[j] + g_ptd[j] * d);
+      col.gs[j] = g_ps[j] * (ps - pt);
     }
   }
   for (int64_t j = 0; j < kLanes; ++j) {
@@ -362,6 +365,15 @@ FS_SIMD_CLONES void kl_lanes_f32(const float* t, const float* s, int64_t C, floa
                                  double ce_w, double kl_w, bool agree_mask, bool with_grad, float* gt, float* gs,
                                  LaneResults& out) {
   kl_lanes<float>(t, s, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs, out);
+}
+
+// [C][kLanes] lane columns back to kLanes rows of C elements; nothing when rows is null.
+FS_ALWAYS_INLINE void lanes_to_rows(const float* lanes, float* rows, int64_t C) {
+  if (rows == nullptr) return;
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) rows[j * C + c] = lanes[c * kLanes + j];
+  }
 }
 
 // A full block of kLanes float32 rows, transposed in and out inside the SIMD clones: the loops
@@ -380,18 +392,8 @@ FS_SIMD_CLONES void kl_full_block_f32(const float* tp, int64_t t_stride, const f
     }
   }
   kl_lanes<float>(tt, ss, C, inv_t, y, ce_w, kl_w, agree_mask, with_grad, gt, gs, out);
-  if (gtp) {
-    for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) gtp[j * C + c] = gt[c * kLanes + j];
-    }
-  }
-  if (gsp) {
-    for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) gsp[j * C + c] = gs[c * kLanes + j];
-    }
-  }
+  lanes_to_rows(gt, gtp, C);
+  lanes_to_rows(gs, gsp, C);
 }
 void kl_lanes_f64(const double* t, const double* s, int64_t C, double inv_t, const int64_t* y, double ce_w,
                   double kl_w, bool agree_mask, bool with_grad, double* gt, double* gs, LaneResults& out) {
