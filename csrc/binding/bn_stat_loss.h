@@ -1,12 +1,14 @@
 // ATen glue shared by the CPU kernels (csrc/cpu/bn_stat_loss.cpp) and the CUDA binding
-// (csrc/cuda/bn_stat_loss_binding.cpp) of the BatchNorm-statistics ops: the argument checks and
-// the description of a feature map as N x C x (P x Q) with element strides (no copies). One copy,
-// so the two backends cannot drift apart on which layouts take which path.
+// (csrc/cuda/bn_stat_loss_binding.cpp) of the BatchNorm-statistics ops: the argument checks, the
+// op registration and the description of a feature map as N x C x (P x Q) with element strides
+// (no copies). One copy, so the two backends cannot drift apart on which layouts take which path.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace fastsynth {
@@ -31,6 +33,40 @@ inline void check_inputs(const std::vector<at::Tensor>& xs, const char* op, c10:
     TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": xs[", l, "] has too many channels (", x.size(1),
                 ", at most 2^31 - 1)");
   }
+}
+
+// Dtype of the statistics and of their gradients: float64 for float64 maps, float32 otherwise.
+inline at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The backward's statistics and their gradients: vectors of all the maps' channels on the maps'
+// device, of stat_dtype.
+inline void check_statistics(const std::vector<at::Tensor>& xs, const at::Tensor& means, const at::Tensor& g_means,
+                             const at::Tensor& g_vars, const char* op) {
+  int64_t total = 0;
+  for (const auto& x : xs) total += x.size(1);
+  const auto sdt = stat_dtype(xs[0].scalar_type());
+  for (const at::Tensor* t : {&means, &g_means, &g_vars}) {
+    TORCH_CHECK(t->device() == xs[0].device() && t->dim() == 1 && t->size(0) == total, op,
+                ": statistics and their gradients must be vectors of ", total, " channels on ", xs[0].device());
+    TORCH_CHECK(t->scalar_type() == sdt, op, ": statistics must have dtype ", sdt);
+  }
+}
+
+using StatsMulti = std::tuple<at::Tensor, at::Tensor> (*)(at::TensorList);
+using BackwardMulti = std::vector<at::Tensor> (*)(at::TensorList, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&);
+
+// Registers a backend's kernels of the four ops: the list ops, and the one-map ops as the list
+// ops on a one-element list.
+template <StatsMulti stats, BackwardMulti backward>
+void register_ops(torch::Library& m) {
+  m.impl("bn_batch_stats_multi", stats);
+  m.impl("bn_batch_stats_multi_backward", backward);
+  m.impl("bn_batch_stats", +[](const at::Tensor& x) { return stats({x}); });
+  m.impl("bn_batch_stats_backward",
+         +[](const at::Tensor& x, const at::Tensor& mean, const at::Tensor& g_mean, const at::Tensor& g_var) {
+           return backward({x}, mean, g_mean, g_var)[0];
+         });
 }
 
 // Describe x (and optionally its gradient g, same sizes) into `L`: any struct with the fields

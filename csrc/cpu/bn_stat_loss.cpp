@@ -148,10 +148,6 @@ static void stats_impl(std::vector<LayerDesc>& layers, const std::vector<WorkIte
   });
 }
 
-static at::ScalarType stat_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_batch_stats_multi_cpu(at::TensorList xs_in) {
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
   bn_binding::check_inputs(xs, "bn_batch_stats_multi", c10::DeviceType::CPU);
@@ -160,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> bn_batch_stats_multi_cpu(at::TensorList xs_in
   for (const auto& x : xs) { layers.push_back(describe(x, nullptr)); total_channels += x.size(1); }
   const int nthreads = at::get_num_threads();
   auto items = plan(layers, nthreads);
-  auto opts = xs[0].options().dtype(stat_dtype(xs[0].scalar_type()));
+  auto opts = xs[0].options().dtype(bn_binding::stat_dtype(xs[0].scalar_type()));
   at::Tensor means = at::empty({total_channels}, opts);
   at::Tensor vars = at::empty({total_channels}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "bn_batch_stats_multi", [&] {
@@ -173,15 +169,7 @@ std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, 
                                                           const at::Tensor& g_means, const at::Tensor& g_vars) {
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
   bn_binding::check_inputs(xs, "bn_batch_stats_multi_backward", c10::DeviceType::CPU);
-  int64_t total_channels = 0;
-  for (const auto& x : xs) total_channels += x.size(1);
-  const auto sdt = stat_dtype(xs[0].scalar_type());
-  for (const at::Tensor* t : {&means, &g_means, &g_vars}) {
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == total_channels,
-                "bn_batch_stats_multi_backward: statistics and their gradients must be CPU vectors of ", total_channels,
-                " channels");
-    TORCH_CHECK(t->scalar_type() == sdt, "bn_batch_stats_multi_backward: statistics must have dtype ", sdt);
-  }
+  bn_binding::check_statistics(xs, means, g_means, g_vars, "bn_batch_stats_multi_backward");
   const at::Tensor mc = means.contiguous(), gmc = g_means.contiguous(), gvc = g_vars.contiguous();
   std::vector<at::Tensor> grads;
   std::vector<LayerDesc> layers;
@@ -191,7 +179,7 @@ std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, 
   }
   const int nthreads = at::get_num_threads();
   auto items = plan(layers, nthreads);
-  AT_DISPATCH_FLOATING_TYPES(sdt, "bn_batch_stats_multi_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "bn_batch_stats_multi_backward", [&] {
     using stat_t = scalar_t;
     const stat_t* m = mc.data_ptr<stat_t>();
     const stat_t* gm = gmc.data_ptr<stat_t>();
@@ -213,21 +201,10 @@ std::vector<at::Tensor> bn_batch_stats_multi_backward_cpu(at::TensorList xs_in, 
   return grads;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_batch_stats_cpu(const at::Tensor& x) {
-  return bn_batch_stats_multi_cpu({x});
-}
-
-at::Tensor bn_batch_stats_backward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& g_mean,
-                                       const at::Tensor& g_var) {
-  return bn_batch_stats_multi_backward_cpu({x}, mean, g_mean, g_var)[0];
-}
-
 }  // namespace bn_cpu
 }  // namespace fastsynth
 
 TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
-  m.impl("bn_batch_stats", &fastsynth::bn_cpu::bn_batch_stats_cpu);
-  m.impl("bn_batch_stats_backward", &fastsynth::bn_cpu::bn_batch_stats_backward_cpu);
-  m.impl("bn_batch_stats_multi", &fastsynth::bn_cpu::bn_batch_stats_multi_cpu);
-  m.impl("bn_batch_stats_multi_backward", &fastsynth::bn_cpu::bn_batch_stats_multi_backward_cpu);
+  fastsynth::bn_binding::register_ops<&fastsynth::bn_cpu::bn_batch_stats_multi_cpu,
+                                      &fastsynth::bn_cpu::bn_batch_stats_multi_backward_cpu>(m);
 }

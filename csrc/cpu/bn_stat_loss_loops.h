@@ -23,13 +23,11 @@ inline void for_each_run(const LayerDesc& L, int64_t m0, int64_t m1, F&& fn) {
   }
 }
 
-// Two passes over a block that stays in L1: sum -> block mean -> centred sum of squares. The
-// block is `nruns` runs of `len` values (run starts `run_stride` apart, values `stride` apart);
-// grouping short runs (small H*W planes of consecutive samples) into one block keeps the
-// per-block work (lane reduction, divisions, merge) off the per-value path.
-template <typename scalar_t, typename acc_t>
-inline Welford<double> block_stats(const scalar_t* x, int64_t nruns, int64_t run_stride, int64_t len, int64_t stride) {
-  constexpr int V = sizeof(acc_t) == 8 ? 8 : 16;  // independent accumulators (vector lanes)
+// sum of f(x) over a block of `nruns` runs of `len` values (run starts `run_stride` apart, values
+// `stride` apart): V independent accumulators (vector lanes) on unit-stride runs, then the tail,
+// added in a fixed order.
+template <int V, typename scalar_t, typename acc_t, typename F>
+inline acc_t block_sum(const scalar_t* x, int64_t nruns, int64_t run_stride, int64_t len, int64_t stride, F f) {
   acc_t s[V] = {};
   acc_t sum = acc_t(0);
   for (int64_t r = 0; r < nruns; ++r) {
@@ -37,29 +35,25 @@ inline Welford<double> block_stats(const scalar_t* x, int64_t nruns, int64_t run
     int64_t i = 0;
     if (stride == 1)
       for (; i + V <= len; i += V)
-        for (int j = 0; j < V; ++j) s[j] += static_cast<acc_t>(p[i + j]);
-    for (; i < len; ++i) sum += static_cast<acc_t>(p[i * stride]);
+        for (int j = 0; j < V; ++j) s[j] += f(static_cast<acc_t>(p[i + j]));
+    for (; i < len; ++i) sum += f(static_cast<acc_t>(p[i * stride]));
   }
   for (int j = 0; j < V; ++j) sum += s[j];
+  return sum;
+}
+
+// Two passes over a block that stays in L1: sum -> block mean -> centred sum of squares. Grouping
+// short runs (small H*W planes of consecutive samples) into one block keeps the per-block work
+// (lane reduction, divisions, merge) off the per-value path.
+template <typename scalar_t, typename acc_t>
+inline Welford<double> block_stats(const scalar_t* x, int64_t nruns, int64_t run_stride, int64_t len, int64_t stride) {
+  constexpr int V = sizeof(acc_t) == 8 ? 8 : 16;  // independent accumulators (vector lanes)
   const acc_t count = static_cast<acc_t>(nruns * len);
-  const acc_t mean = sum / count;
-  acc_t q[V] = {};
-  acc_t m2 = acc_t(0);
-  for (int64_t r = 0; r < nruns; ++r) {
-    const scalar_t* p = x + r * run_stride;
-    int64_t i = 0;
-    if (stride == 1)
-      for (; i + V <= len; i += V)
-        for (int j = 0; j < V; ++j) {
-          const acc_t d = static_cast<acc_t>(p[i + j]) - mean;
-          q[j] += d * d;
-        }
-    for (; i < len; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i * stride]) - mean;
-      m2 += d * d;
-    }
-  }
-  for (int j = 0; j < V; ++j) m2 += q[j];
+  const acc_t mean = block_sum<V, scalar_t, acc_t>(x, nruns, run_stride, len, stride, [](acc_t v) { return v; }) / count;
+  const acc_t m2 = block_sum<V, scalar_t, acc_t>(x, nruns, run_stride, len, stride, [mean](acc_t v) {
+    const acc_t d = v - mean;
+    return d * d;
+  });
   return Welford<double>(static_cast<double>(mean), static_cast<double>(m2), static_cast<double>(nruns * len));
 }
 

@@ -43,7 +43,10 @@ using namespace noisy_linear_kernels;
 // launchers
 // ---------------------------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t nl, const char* op) {
+// x [B, I] and weight [K, I, O] of one CPU float dtype with B <= K * nl, and `other` (the bias or
+// grad_out, named `name`) of x's dtype on the CPU with the sizes {`rows`, O} (described by `shape`).
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t nl, const char* op, const at::Tensor& other,
+                  const char* name, int64_t rows, const char* shape) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": expected CPU tensors");
   TORCH_CHECK(x.dim() == 2, op, ": x must be [B, in_features], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 3, op, ": weight must be [K, in_features, out_features], got ", weight.sizes());
@@ -54,6 +57,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t nl, con
   TORCH_CHECK(nl >= 1, op, ": nl must be >= 1");
   TORCH_CHECK(x.size(0) <= weight.size(0) * nl, op, ": batch ", x.size(0), " exceeds K * nl = ",
               weight.size(0) * nl);
+  TORCH_CHECK(other.dim() == 2 && other.size(0) == rows && other.size(1) == weight.size(2), op, ": ", name,
+              " must be ", shape);
+  TORCH_CHECK(other.scalar_type() == x.scalar_type() && other.device().is_cpu(), op, ": ", name,
+              " must be a CPU tensor of x's dtype");
 }
 
 // Runs body(t) for every t in [0, ntasks) on the intra-op threads, handing the tasks out one at
@@ -79,11 +86,7 @@ int64_t block_len(int64_t n, int64_t parts, int64_t align) {
 
 at::Tensor noisy_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
                             int64_t nl) {
-  check_inputs(x_in, weight_in, nl, "noisy_linear");
-  TORCH_CHECK(bias_in.dim() == 2 && bias_in.size(0) == weight_in.size(0) && bias_in.size(1) == weight_in.size(2),
-              "noisy_linear: bias must be [K, out_features]");
-  TORCH_CHECK(bias_in.scalar_type() == x_in.scalar_type() && bias_in.device().is_cpu(),
-              "noisy_linear: bias must be a CPU tensor of x's dtype");
+  check_inputs(x_in, weight_in, nl, "noisy_linear", bias_in, "bias", weight_in.size(0), "[K, out_features]");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t B = x.size(0), I = x.size(1), O = weight.size(2);
   at::Tensor out = at::empty({B, O}, x.options());
@@ -113,11 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_linear_backward_cpu(const a
                                                                          const at::Tensor& weight_in, int64_t nl,
                                                                          bool need_grad_x, bool need_grad_weight,
                                                                          bool need_grad_bias) {
-  check_inputs(x_in, weight_in, nl, "noisy_linear_backward");
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == weight_in.size(2),
-              "noisy_linear_backward: grad_out must be [B, out_features]");
-  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type() && grad_out_in.device().is_cpu(),
-              "noisy_linear_backward: grad_out must be a CPU tensor of x's dtype");
+  check_inputs(x_in, weight_in, nl, "noisy_linear_backward", grad_out_in, "grad_out", x_in.size(0),
+               "[B, out_features]");
   const at::Tensor g = grad_out_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t B = x.size(0), I = x.size(1), K = weight.size(0), O = weight.size(2);
   const int64_t kb = (B + nl - 1) / nl;
@@ -161,10 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_linear_backward_cpu(const a
 }
 
 }  // namespace
+}  // namespace fastsynth
 
 TORCH_LIBRARY_IMPL(fastsynth, CPU, m) {
-  m.impl("noisy_linear", &noisy_linear_cpu);
-  m.impl("noisy_linear_backward", &noisy_linear_backward_cpu);
+  m.impl("noisy_linear", &fastsynth::noisy_linear_cpu);
+  m.impl("noisy_linear_backward", &fastsynth::noisy_linear_backward_cpu);
 }
-
-}  // namespace fastsynth

@@ -35,13 +35,8 @@
 #include <vector>
 
 #include "cpu/large_alloc.h"
+#include "cpu/simd.h"
 #include "cpu/tuning.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FS_WINO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FS_WINO_CLONES
-#endif
 
 namespace fastsynth {
 namespace {
@@ -137,24 +132,23 @@ struct Lanes64<double> {
   typedef double type __attribute__((vector_size(64)));
 };
 
-// Always inlined: an out-of-line copy would be shared by the clones, which pass vector values in
+// FS_ALWAYS_INLINE: an out-of-line copy would be shared by the clones, which pass vector values in
 // different registers.
-#define FS_WINO_INLINE inline __attribute__((always_inline))
 template <typename T>
-FS_WINO_INLINE T load(const void* p) {
+FS_ALWAYS_INLINE T load(const void* p) {
   T v;
   __builtin_memcpy(&v, p, sizeof(T));
   return v;
 }
 template <typename T>
-FS_WINO_INLINE void store(void* p, const T& v) {
+FS_ALWAYS_INLINE void store(void* p, const T& v) {
   __builtin_memcpy(p, &v, sizeof(T));
 }
 
 // V[a][i][c] = (B^T d B)[a] for one tile and the channels [c, c + lanes): p[q] points at the
 // tile's input pixel q (row-major 4x4), or at zeros in the padding.
 template <typename T, typename scalar_t>
-FS_WINO_INLINE void input_tile(const scalar_t* const* p, int64_t c, scalar_t* out, int64_t plane) {
+FS_ALWAYS_INLINE void input_tile(const scalar_t* const* p, int64_t c, scalar_t* out, int64_t plane) {
   T d[kPositions];
   for (int q = 0; q < kPositions; ++q) d[q] = load<T>(p[q] + c);
   T t[kPositions];  // rows: B^T d
@@ -178,7 +172,7 @@ FS_WINO_INLINE void input_tile(const scalar_t* const* p, int64_t c, scalar_t* ou
 struct TileOrigin {
   int64_t img, y, x;
 };
-FS_WINO_INLINE TileOrigin tile_origin(const Geometry& g, int64_t t) {
+FS_ALWAYS_INLINE TileOrigin tile_origin(const Geometry& g, int64_t t) {
   const int64_t per_image = g.tiles_h * g.tiles_w;
   const int64_t rem = t % per_image;
   return {t / per_image, (rem / g.tiles_w) * 2, (rem % g.tiles_w) * 2};
@@ -187,7 +181,7 @@ FS_WINO_INLINE TileOrigin tile_origin(const Geometry& g, int64_t t) {
 // V[a][i][0:C] for the tiles [t0, t0 + count) of a block (i = t - t0). `zeros` is C zeros, read
 // where a patch position falls in the padding.
 template <typename scalar_t>
-FS_WINO_CLONES void input_transform(const scalar_t* x, const scalar_t* zeros, const Geometry& g, int64_t t0,
+FS_SIMD_CLONES void input_transform(const scalar_t* x, const scalar_t* zeros, const Geometry& g, int64_t t0,
                                     int64_t count, int64_t rows, scalar_t* v) {
   using vec = typename Lanes64<scalar_t>::type;
   constexpr int64_t lanes = 64 / sizeof(scalar_t);
@@ -214,7 +208,7 @@ FS_WINO_CLONES void input_transform(const scalar_t* x, const scalar_t* zeros, co
 // Y for one tile and the output channels [k, k + lanes): A^T M A + bias; without `row1` / `col1`
 // the tile is cut at an odd bottom / right edge (its second row / column is not written).
 template <typename T, typename scalar_t>
-FS_WINO_INLINE void output_tile(const scalar_t* in, int64_t plane, const scalar_t* bias, int64_t k, scalar_t* const* y,
+FS_ALWAYS_INLINE void output_tile(const scalar_t* in, int64_t plane, const scalar_t* bias, int64_t k, scalar_t* const* y,
                         bool row1, bool col1) {
   T s[2 * kAlpha];  // A^T M: 2 rows of 4
   for (int col = 0; col < kAlpha; ++col) {
@@ -232,7 +226,7 @@ FS_WINO_INLINE void output_tile(const scalar_t* in, int64_t plane, const scalar_
 
 // Output tiles [t0, t0 + count) of a block from M[a][i][0:K], written channels_last.
 template <typename scalar_t>
-FS_WINO_CLONES void output_transform(const scalar_t* m, const scalar_t* bias, const Geometry& g, int64_t t0,
+FS_SIMD_CLONES void output_transform(const scalar_t* m, const scalar_t* bias, const Geometry& g, int64_t t0,
                                      int64_t count, int64_t rows, scalar_t* y) {
   using vec = typename Lanes64<scalar_t>::type;
   constexpr int64_t lanes = 64 / sizeof(scalar_t);

@@ -114,6 +114,20 @@ __device__ __forceinline__ void walk_advance(const BnLayer& L, Walk<NT>& w, cons
   }
 }
 
+// f(off) at the values m_begin, m_begin + step, ... below m_end of a channel, off[t] the element
+// offset of tensor t there (nothing when m_begin >= m_end).
+template <int NT, typename F>
+__device__ __forceinline__ void walk(const BnLayer& L, int64_t m_begin, int64_t m_end, int32_t step, F&& f) {
+  if (m_begin >= m_end) return;
+  Walk<NT> wk;
+  WalkStep<NT> st;
+  walk_init<NT>(L, m_begin, step, wk, st);
+  for (int64_t m = m_begin; m < m_end; m += step) {
+    f(wk.off);
+    walk_advance<NT>(L, wk, st);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ void stats_plane(const BnLayer& L, const BnItem& it, Welford<acc_t>& w) {
   const scalar_t* x = static_cast<const scalar_t*>(L.x) + it.c0 * L.xs_c;
@@ -138,14 +152,8 @@ __device__ void stats_plane(const BnLayer& L, const BnItem& it, Welford<acc_t>& 
       for (int64_t i = head + nvec * V + threadIdx.x; i < len; i += blockDim.x) w.update(to_acc(run[i]));
       m += len;
     }
-  } else if (m0 + threadIdx.x < m1) {
-    Walk<1> wk;
-    WalkStep<1> st;
-    walk_init<1>(L, m0 + threadIdx.x, int32_t(blockDim.x), wk, st);
-    for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
-      w.update(to_acc(x[wk.off[0]]));
-      walk_advance<1>(L, wk, st);
-    }
+  } else {
+    walk<1>(L, m0 + threadIdx.x, m1, int32_t(blockDim.x), [&](const int64_t* off) { w.update(to_acc(x[off[0]])); });
   }
 }
 
@@ -176,15 +184,9 @@ __global__ void FS_BN_STATS_BOUNDS bn_stats_kernel(const BnLayer* __restrict__ l
     // rows path: lane = channel within the block of 32, wid = row lane
     const int64_t c = it.c0 + lane;
     const int64_t m0 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk), m1 = chunk_begin<int64_t>(L.M, L.chunks, it.chunk + 1);
-    if (c < L.C && m0 + wid < m1) {
+    if (c < L.C) {
       const scalar_t* x = static_cast<const scalar_t*>(L.x) + c;
-      Walk<1> wk;
-      WalkStep<1> st;
-      walk_init<1>(L, m0 + wid, kBnThreads / 32, wk, st);
-      for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32) {
-        w.update(to_acc(x[wk.off[0]]));
-        walk_advance<1>(L, wk, st);
-      }
+      walk<1>(L, m0 + wid, m1, kBnThreads / 32, [&](const int64_t* off) { w.update(to_acc(x[off[0]])); });
     }
     sh_mean[tid] = w.mean; sh_m2[tid] = w.m2; sh_n[tid] = w.n;
     __syncthreads();
@@ -274,14 +276,9 @@ __global__ void __launch_bounds__(kBnThreads) bn_backward_kernel(const BnLayer* 
         for (int64_t i = head + nvec * V + threadIdx.x; i < len; i += blockDim.x) gr[i] = grad_of<scalar_t, acc_t>(xr[i], cf);
         m += len;
       }
-    } else if (m0 + threadIdx.x < m1) {
-      Walk<2> wk;
-      WalkStep<2> st;
-      walk_init<2>(L, m0 + threadIdx.x, int32_t(blockDim.x), wk, st);
-      for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
-        g[wk.off[1]] = grad_of<scalar_t, acc_t>(x[wk.off[0]], cf);
-        walk_advance<2>(L, wk, st);
-      }
+    } else {
+      walk<2>(L, m0 + threadIdx.x, m1, int32_t(blockDim.x),
+              [&](const int64_t* off) { g[off[1]] = grad_of<scalar_t, acc_t>(x[off[0]], cf); });
     }
   } else {
     const int64_t c = it.c0 + lane;
@@ -290,14 +287,8 @@ __global__ void __launch_bounds__(kBnThreads) bn_backward_kernel(const BnLayer* 
     const BnGradCoeffs<acc_t> cf = bn_grad_coeffs<acc_t>(mean[gc], g_mean[gc], g_var[gc], count);
     const scalar_t* x = static_cast<const scalar_t*>(L.x) + c;
     scalar_t* g = static_cast<scalar_t*>(L.g) + c;
-    if (m0 + wid >= m1) return;
-    Walk<2> wk;
-    WalkStep<2> st;
-    walk_init<2>(L, m0 + wid, kBnThreads / 32, wk, st);
-    for (int64_t m = m0 + wid; m < m1; m += kBnThreads / 32) {
-      g[wk.off[1]] = grad_of<scalar_t, acc_t>(x[wk.off[0]], cf);
-      walk_advance<2>(L, wk, st);
-    }
+    walk<2>(L, m0 + wid, m1, kBnThreads / 32,
+            [&](const int64_t* off) { g[off[1]] = grad_of<scalar_t, acc_t>(x[off[0]], cf); });
   }
 }
 

@@ -38,8 +38,6 @@ BnDtype dtype_of(at::ScalarType t) {
   return BnDtype::f32;
 }
 
-at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_inputs(const std::vector<at::Tensor>& xs, const char* op) {
   bn_binding::check_inputs(xs, op, c10::DeviceType::CUDA);
 }
@@ -157,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> stats_multi(at::TensorList xs_in) {
   const at::Tensor layers = layers_with_pointers(t, xs, nullptr, stream);
   const auto* d_layers = reinterpret_cast<const BnLayer*>(layers.data_ptr());
   const auto* d_items = reinterpret_cast<const BnItem*>(static_cast<const uint8_t*>(t.buf.data_ptr()) + t.ioff);
-  auto sopts = xs[0].options().dtype(stat_dtype(xs[0].scalar_type()));
+  auto sopts = xs[0].options().dtype(bn_binding::stat_dtype(xs[0].scalar_type()));
   at::Tensor partials = at::empty({3 * t.n_partials}, sopts);
   at::Tensor counters = at::zeros({t.n_groups}, xs[0].options().dtype(at::kInt));
   at::Tensor mean = at::empty({t.n_channels}, sopts);
@@ -174,15 +172,7 @@ std::vector<at::Tensor> backward_multi(at::TensorList xs_in, const at::Tensor& m
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
   check_inputs(xs, "bn_batch_stats_multi_backward");
   const c10::cuda::CUDAGuard guard(xs[0].device());
-  int64_t total = 0;
-  for (const auto& x : xs) total += x.size(1);
-  const auto sdt = stat_dtype(xs[0].scalar_type());
-  for (const at::Tensor* t : {&means, &g_means, &g_vars}) {
-    TORCH_CHECK(t->device() == xs[0].device() && t->dim() == 1 && t->size(0) == total,
-                "bn_batch_stats_multi_backward (cuda): statistics and their gradients must be vectors of ", total,
-                " channels on ", xs[0].device());
-    TORCH_CHECK(t->scalar_type() == sdt, "bn_batch_stats_multi_backward (cuda): statistics must have dtype ", sdt);
-  }
+  bn_binding::check_statistics(xs, means, g_means, g_vars, "bn_batch_stats_multi_backward (cuda)");
   const at::Tensor mc = means.contiguous(), gmc = g_means.contiguous(), gvc = g_vars.contiguous();
   std::vector<at::Tensor> grads;
   for (const auto& x : xs) grads.push_back(at::empty_like(x));
@@ -197,19 +187,10 @@ std::vector<at::Tensor> backward_multi(at::TensorList xs_in, const at::Tensor& m
   return grads;
 }
 
-std::tuple<at::Tensor, at::Tensor> stats_one(const at::Tensor& x) { return stats_multi({x}); }
-
-at::Tensor backward_one(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& g_mean, const at::Tensor& g_var) {
-  return backward_multi({x}, mean, g_mean, g_var)[0];
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace fastsynth
 
 TORCH_LIBRARY_IMPL(fastsynth, CUDA, m) {
-  m.impl("bn_batch_stats", &fastsynth::cuda::stats_one);
-  m.impl("bn_batch_stats_backward", &fastsynth::cuda::backward_one);
-  m.impl("bn_batch_stats_multi", &fastsynth::cuda::stats_multi);
-  m.impl("bn_batch_stats_multi_backward", &fastsynth::cuda::backward_multi);
+  fastsynth::bn_binding::register_ops<&fastsynth::cuda::stats_multi, &fastsynth::cuda::backward_multi>(m);
 }
