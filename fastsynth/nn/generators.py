@@ -114,7 +114,38 @@ def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
     return module.train(reference.training)
 
 
-class Generator(nn.Module):
+class _LinearGenerator(nn.Module):
+    """z [B, nz] -> Linear(nz -> width ngf (s/4)^2) -> view (B, width ngf, s/4, s/4) -> the 32px
+    blocks (``_conv_blocks_32``): ``Generator`` (width 2) and ``LargeGenerator`` (width 4)."""
+
+    _width = 2
+
+    def __init__(self, nz: int, ngf: int, img_size: int, nc: int):
+        super().__init__()
+        owner = type(self).__name__
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
+            raise ValueError(f"{owner}: img_size must be a positive multiple of 4, got {img_size!r}")
+        nz, ngf, nc = (_check_dim(owner, n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
+        self.params = (nz, ngf, img_size, nc)
+        self.init_size = img_size // 4
+        self.l1 = nn.Sequential(nn.Linear(nz, ngf * self._width * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_32(ngf, nc, c_in=ngf * self._width)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lin = self.l1[0]
+        _check_latent(type(self).__name__, z, lin.weight, lin.in_features)
+        out = self.l1(z)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+    def clone(self):
+        """A copy with the same weights and buffers, on the same device and dtype."""
+        twin = type(self)(*self.params)
+        twin.load_state_dict(self.state_dict())
+        return _like(twin, self)
+
+
+class Generator(_LinearGenerator):
     """FastDFKD generator: z [B, nz] -> image [B, nc, img_size, img_size] in [0, 1].
 
     Linear(nz -> 2ngf (s/4)^2) -> view (B, 2ngf, s/4, s/4) -> BN, up, conv, BN, LReLU, up, conv, BN,
@@ -122,30 +153,15 @@ class Generator(nn.Module):
     """
 
     def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int | None = None):
-        super().__init__()
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
-            raise ValueError(f"Generator: img_size must be a positive multiple of 4, got {img_size!r}")
-        nz, ngf, nc = (_check_dim("Generator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
+        super().__init__(nz, ngf, img_size, nc)
         # nl: NAYER's 5-argument form Generator(nz, ngf, img_size, nc, nl) keeps nl in params
         # (its clone() passes it on) and never uses it; Fast-Datafree's form has 4 params
-        self.params = (nz, ngf, img_size, nc) if nl is None else (nz, ngf, img_size, nc, nl)
-        self.init_size = img_size // 4
-        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 2 * self.init_size ** 2))
-        self.conv_blocks = _conv_blocks_32(ngf, nc)
+        if nl is not None:
+            self.params = self.params + (nl,)
 
     def forward(self, z: torch.Tensor, y=None) -> torch.Tensor:
         # y: accepted and ignored, as NAYER's Generator.forward(z, y=None)
-        lin = self.l1[0]
-        _check_latent(type(self).__name__, z, lin.weight, lin.in_features)
-        out = self.l1(z)
-        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
-
-    def clone(self) -> "Generator":
-        """A copy with the same weights and buffers, on the same device and dtype."""
-        twin = type(self)(*self.params)
-        twin.load_state_dict(self.state_dict())
-        return _like(twin, self)
+        return super().forward(z)
 
 
 class DeepGenerator(nn.Module):
@@ -361,34 +377,17 @@ class NLDeepGenerator(_NoisyGeneratorBase):
         return self.conv_blocks(out)
 
 
-class LargeGenerator(nn.Module):
+class LargeGenerator(_LinearGenerator):
     """zju-vipa/CMI's ``LargeGenerator(nz=100, ngf=64, img_size=32, nc=3)`` (its DAFL / ZSKT / DFQ /
     DFAD generator): z [B, nz] -> Linear(nz -> 4ngf (s/4)^2) -> view (B, 4ngf, s/4, s/4) -> BN, up,
     conv(4ngf->2ngf), BN, LReLU, up, conv(2ngf->ngf), BN, LReLU, conv(ngf->nc), sigmoid.
     Same state_dict keys as upstream; the (up x2, conv) pairs run fused as in ``Generator``.
     ``img_size`` must be a positive multiple of 4."""
 
+    _width = 4
+
     def __init__(self, nz: int = 100, ngf: int = 64, img_size: int = 32, nc: int = 3):
-        super().__init__()
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
-            raise ValueError(f"LargeGenerator: img_size must be a positive multiple of 4, got {img_size!r}")
-        nz, ngf, nc = (_check_dim("LargeGenerator", n, v) for n, v in (("nz", nz), ("ngf", ngf), ("nc", nc)))
-        self.params = (nz, ngf, img_size, nc)
-        self.init_size = img_size // 4
-        self.l1 = nn.Sequential(nn.Linear(nz, ngf * 4 * self.init_size ** 2))
-        self.conv_blocks = _conv_blocks_32(ngf, nc, c_in=ngf * 4)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        lin = self.l1[0]
-        _check_latent(type(self).__name__, z, lin.weight, lin.in_features)
-        out = self.l1(z)
-        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
-
-    def clone(self) -> "LargeGenerator":
-        twin = type(self)(*self.params)
-        twin.load_state_dict(self.state_dict())
-        return _like(twin, self)
+        super().__init__(nz, ngf, img_size, nc)
 
 
 class DCGAN_Generator(nn.Module):  # noqa: N801 (upstream name)

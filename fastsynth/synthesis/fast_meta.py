@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..distributed import unwrap
 from .core import SynthCore
-from .util import make_adam, now, nvtx_range, reset_optimizer_state_
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_, set_fields
 from .validate import check_synthesizer_args
 
 REPTILE_SCALE = 67.0  # constant of the reference implementation
@@ -103,24 +103,10 @@ class FastMetaSynthesizer(SynthCore):
             type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
             steps=("iterations", iterations, 1), batch=synthesis_batch_size, generator=generator, kind="latent",
             nz=nz, padding=aug_padding if augment else None)
-        self.iterations = iterations
-        self.lr_g = lr_g
-        self.lr_z = lr_z
-        self.nz = nz
-        self.adv = adv
-        self.bn = bn
-        self.oh = oh
-        self.ismaml = is_maml
-        self.num_classes = num_classes
-        self.distributed = distributed
-        self.synthesis_batch_size = synthesis_batch_size
-        self.sample_batch_size = sample_batch_size
-        self.init_dataset = init_dataset
-        self.ep = 0
-        self.ep_start = warmup
-        self.reset_l0 = reset_l0
-        self.reset_bn = reset_bn
-        self.prev_z = None
+        set_fields(self, iterations=iterations, lr_g=lr_g, lr_z=lr_z, nz=nz, adv=adv, bn=bn, oh=oh, ismaml=is_maml,
+                   num_classes=num_classes, distributed=distributed, synthesis_batch_size=synthesis_batch_size,
+                   sample_batch_size=sample_batch_size, init_dataset=init_dataset, ep=0, ep_start=warmup,
+                   reset_l0=reset_l0, reset_bn=reset_bn, prev_z=None)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
                          transform=transform, autocast=autocast, use_fp16=use_fp16, save_dir=save_dir,
                          save_images=save_images, save_format=save_format, pool_capacity=pool_capacity,

@@ -30,7 +30,7 @@ from ..distributed import unwrap
 from .core import SynthCore
 from .fast_meta import _copy_pairs, _drop_batch_counters, _module_tensors
 from .resized_crop import ResizedCropAugment
-from .util import make_adam, now, nvtx_range, reset_optimizer_state_
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_, set_fields
 from .validate import check_int, check_synthesizer_args, meta_output
 
 # upstream's in-synthesis augmentation: kornia RandomResizedCrop(size=img_size, scale=[0.75, 1.0])
@@ -139,30 +139,12 @@ class FastMetaSynthesizerForImageNet(SynthCore):
         check_int(owner, "reinit", reinit, 0)
         if z_meta_grad not in Z_META_GRADS:
             raise ValueError(f"{owner}: z_meta_grad must be one of {Z_META_GRADS}, got {z_meta_grad!r}")
-        self.iterations = iterations
-        self.lr_g = lr_g
-        self.lr_z = lr_z
-        self.lr_z_meta = lr_z_meta
-        self.lr_g_meta = lr_g_meta
-        self.nz = nz
-        self.adv = adv
-        self.bn = bn
-        self.oh = oh
-        self.reinit = reinit
-        self.lr_diff = lr_diff
-        self.ismaml = is_maml
-        self.meta_lr_scale = meta_lr_scale
-        self.num_classes = num_classes
-        self.distributed = distributed
-        self.synthesis_batch_size = synthesis_batch_size
-        self.sample_batch_size = sample_batch_size
-        self.init_dataset = init_dataset
-        self.ep = 0
-        self.ep_start = start_kd
-        self.rand_label = rand_label
-        self.reset_l0 = reset_l0
-        self.reset_bn = reset_bn
-        self.z_meta_grad = z_meta_grad
+        set_fields(self, iterations=iterations, lr_g=lr_g, lr_z=lr_z, lr_z_meta=lr_z_meta, lr_g_meta=lr_g_meta,
+                   nz=nz, adv=adv, bn=bn, oh=oh, reinit=reinit, lr_diff=lr_diff, ismaml=is_maml,
+                   meta_lr_scale=meta_lr_scale, num_classes=num_classes, distributed=distributed,
+                   synthesis_batch_size=synthesis_batch_size, sample_batch_size=sample_batch_size,
+                   init_dataset=init_dataset, ep=0, ep_start=start_kd, rand_label=rand_label, reset_l0=reset_l0,
+                   reset_bn=reset_bn, z_meta_grad=z_meta_grad)
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
                          transform=transform, autocast=autocast,
                          use_fp16=use_fp16, save_dir=save_dir,

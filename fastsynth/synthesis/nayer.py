@@ -27,7 +27,7 @@ import torch.nn as nn
 from ..distributed import unwrap
 from ..nn.generators import NoisyLayers
 from .core import SynthCore
-from .util import make_adam, now, nvtx_range, reset_optimizer_state_
+from .util import make_adam, now, nvtx_range, reset_optimizer_state_, set_fields
 from .validate import check_synthesizer_args
 
 
@@ -98,25 +98,11 @@ class NAYER(SynthCore):
             type(self).__name__, teacher=teacher, num_classes=num_classes, img_size=img_size,
             steps=("g_steps", g_steps, 1), batch=int(synthesis_batch_size / cr_loop), generator=generator,
             kind="nayer", padding=aug_padding if augment else None)
-        self.g_steps = g_steps
-        self.lr_g = lr_g
-        self.adv = adv
-        self.bn = bn
-        self.oh = oh
-        self.num_classes = num_classes
-        self.distributed = distributed
-        self.synthesis_batch_size = int(synthesis_batch_size / cr_loop)
-        self.sample_batch_size = sample_batch_size
-        self.init_dataset = init_dataset
-        self.ep = 0
-        self.ep_start = warmup
-        self.g_life = g_life
-        self.bnt = bnt
-        self.oht = oht
-        self.g_loops = g_loops
-        self.gwp_loops = gwp_loops
-        self.dataset = dataset
-        self.label_list = torch.arange(num_classes)
+        set_fields(self, g_steps=g_steps, lr_g=lr_g, adv=adv, bn=bn, oh=oh, num_classes=num_classes,
+                   distributed=distributed, synthesis_batch_size=int(synthesis_batch_size / cr_loop),
+                   sample_batch_size=sample_batch_size, init_dataset=init_dataset, ep=0, ep_start=warmup,
+                   g_life=g_life, bnt=bnt, oht=oht, g_loops=g_loops, gwp_loops=gwp_loops, dataset=dataset,
+                   label_list=torch.arange(num_classes))
         if aug_flip is None:  # upstream: no flip for the ImageNet variants
             aug_flip = dataset not in ("imagenet", "tiny_imagenet")
         self._setup_core(img_size=img_size, normalizer=normalizer, device=device, bn_mmt=bn_mmt,
