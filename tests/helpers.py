@@ -6,8 +6,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a script run by ``compile_triton_for_gpu`` starts with: Triton with the interpreter off,
-# the target architecture from argv, and ``compile_kernel`` (real compilation for that target,
-# no GPU needed; it asserts a cubin came out).
+# the target architecture from argv, ``signature`` (the argument types of a kernel) and
+# ``compile_kernel`` (real compilation for that target, no GPU needed; it asserts a cubin came out).
 _AOT_PRELUDE = r'''
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
@@ -16,6 +16,25 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 arch = int(sys.argv[1])
+
+
+def signature(fn, elem, int_args, float_args, float_type, special=None):
+    """Triton signature of ``fn``: ``special[name]`` where given, pointers to ``elem``, ``int_args``
+    i32, ``float_args`` of ``float_type``, everything else constexpr."""
+    special = special or {}
+    sig = {}
+    for name in fn.arg_names:
+        if name in special:
+            sig[name] = special[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + elem
+        elif name in int_args:
+            sig[name] = "i32"
+        elif name in float_args:
+            sig[name] = float_type
+        else:
+            sig[name] = "constexpr"
+    return sig
 
 
 def compile_kernel(fn, signature, constexprs, what=()):

@@ -227,20 +227,9 @@ CASES = [((), "fp32", "fp32", 64, 128), ((), "fp16", "fp32", 64, 128), ((), "bf1
          ((), "fp64", "fp64", 32, 128), (("M", "n_split", "sqd", "skd"), "bf16", "fp32", 64, 128)]
 for ones, elem, acc, bm, bd in CASES:
     for fn in (K._lse_kernel, K._grad_q_kernel, K._grad_k_kernel):
-        sig, cx = {}, {}
-        for name in fn.arg_names:
-            if name in ones:
-                sig[name], cx[name] = "constexpr", 1
-            elif name in ("lse_ptr", "loss_ptr"):
-                sig[name] = "*" + acc
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + elem
-            elif name in INT_ARGS:
-                sig[name] = "i32"
-            elif name in FLOAT_ARGS:
-                sig[name] = "fp32"
-            else:
-                sig[name] = "constexpr"
+        special = dict({n: "constexpr" for n in ones}, lse_ptr="*" + acc, loss_ptr="*" + acc)
+        sig = signature(fn, elem, INT_ARGS, FLOAT_ARGS, "fp32", special)
+        cx = {n: 1 for n in ones if n in fn.arg_names}
         cx.update(BM=bm, BN=bm, BD=bd, ACC=tl.float64 if acc == "fp64" else tl.float32,
                   IEEE=elem in ("fp32", "fp64"), UPCAST=False)
         compile_kernel(fn, sig, cx, (elem, ones))

@@ -739,20 +739,8 @@ for elem, acc in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp64",
         (kl, dict(HAS_TARGETS=False, AGREE_MASK=False, WRITE_GT=False, WRITE_GS=True)),
         (js, dict(WRITE_GT=True, WRITE_GS=True)),
     ):
-        sig = {}
-        for name in fn.arg_names:
-            if name == "y_ptr":
-                sig[name] = "*i64"
-            elif name == "part_ptr":
-                sig[name] = "*" + acc
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + elem
-            elif name in INT_ARGS:
-                sig[name] = "i32"
-            elif name in FLOAT_ARGS:
-                sig[name] = acc  # the *_f64 entry points take fp64 scalars, the others fp32
-            else:
-                sig[name] = "constexpr"
+        # the *_f64 entry points take fp64 scalars, the others fp32
+        sig = signature(fn, elem, INT_ARGS, FLOAT_ARGS, acc, {"y_ptr": "*i64", "part_ptr": "*" + acc})
         cx = dict(cx, BLOCK=1024, ACC=tl.float64 if acc == "fp64" else tl.float32)
         compile_kernel(fn, sig, cx, (elem,))
 """

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = ["RefDeepInv", "RefFast", "RefFastMetaImageNet", "RefGenerative", "RefHook", "RefNayer", "ReturnFeatures",
            "UpstreamNormalizer", "max_rel_err", "ref_adv", "ref_reset_l0", "ref_total_loss", "ref_tv",
-           "upstream_augment", "upstream_jsdiv", "upstream_kldiv"]
+           "ref_update_mmt", "upstream_augment", "upstream_jsdiv", "upstream_kldiv"]
 
 
 class RefHook:
@@ -88,6 +88,13 @@ def ref_total_loss(ref, inputs_aug, t_out, loss_oh, adv_on):
     loss = ref.bn * loss_bn + ref.oh * loss_oh + ref.adv * loss_adv
     ref.losses.append(loss.item())
     return loss, loss_bn
+
+
+def ref_update_mmt(ref):
+    """End of a round: the momentum statistics of ``ref``'s BN hooks, when ``ref.bn_mmt`` is set."""
+    if ref.bn_mmt != 0:
+        for h in ref.hooks:
+            h.update_mmt()
 
 
 class UpstreamNormalizer:
@@ -194,9 +201,7 @@ class RefFast:
         self.it += 1
 
     def end(self):
-        if self.bn_mmt != 0:
-            for h in self.hooks:
-                h.update_mmt()
+        ref_update_mmt(self)
         if self.meta and not self.is_maml:
             self.meta_optimizer.zero_grad()
             for p, q in zip(self.generator.parameters(), self.fast.parameters()):
@@ -270,9 +275,7 @@ class RefNayer:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            if self.bn_mmt != 0:
-                for h in self.hooks:
-                    h.update_mmt()
+            ref_update_mmt(self)
             bi_list.append(best_inputs)
         self.student.train()
         return {"synthetic": bi_list}, 0.0, best_cost, best_oh
@@ -494,9 +497,7 @@ class RefFastMetaImageNet:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if self.bn_mmt != 0:
-            for h in self.hooks:
-                h.update_mmt()
+        ref_update_mmt(self)
         self.meta_optimizer.zero_grad()
         if self.ismaml:
             for p, q in zip(self.generator.parameters(), fast.parameters()):
