@@ -1,5 +1,5 @@
 """FastMetaSynthesizerForImageNet (fastsynth/synthesis/fast_meta_imagenet.py) against the eager
-upstream loop (tests/reference_fast_meta_imagenet.py), the batched RandomResizedCrop
+upstream loop (RefFastMetaImageNet, fastsynth/bench/reference_loops.py), the batched RandomResizedCrop
 (fastsynth/synthesis/resized_crop.py), compiled / CUDA-graph steps and its errors."""
 import copy
 import inspect

@@ -600,7 +600,7 @@ class SynthCore(BaseSynthesis):
     def objective(self, x: torch.Tensor, targets: torch.Tensor, adv_on: bool, aug_codes=None, *,
                   parts: bool = False, report_bn: bool = False):
         """bn * L_BN + oh * CE(t, y) + adv * L_adv on the augmented batch (the upstream loops' loss;
-        ``tests/reference_loops.py``);
+        ``fastsynth/bench/reference_loops.py``);
         ``aug_codes``: the augmentation's random codes (``_draw_aug``).
 
         ``parts=True`` returns ``(loss, bn term, CE)`` instead of the loss, for the synthesizers

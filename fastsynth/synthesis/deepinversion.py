@@ -1,5 +1,5 @@
 """DeepInversion synthesizer of the DataFree toolbox (``DeepInvSyntheiszer``, sic); eager
-reference: ``tests/reference_loops.py``.
+reference: ``fastsynth/bench/reference_loops.py``.
 
 One synthesize() call optimises the images themselves (normalised space), starting from
 N(0, I), with Adam(lr_g, betas (0.5, 0.99)) for ``iterations`` steps of

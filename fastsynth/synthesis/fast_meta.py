@@ -1,5 +1,5 @@
 """FastDFKD synthesizers: ``FastMetaSynthesizer`` (meta-learned generator) and
-``FastSynthesizer`` (the generator is updated directly); eager reference: ``tests/reference_loops.py``.
+``FastSynthesizer`` (the generator is updated directly); eager reference: ``fastsynth/bench/reference_loops.py``.
 
 One synthesize() round:
 1. ``ep += 1``; at ``ep == 120 + warmup`` with ``reset_l0`` the generator's first Linear and

@@ -1,4 +1,4 @@
-"""NAYER synthesizer (tmtuan1307/nayer); eager reference: ``tests/reference_loops.py``.
+"""NAYER synthesizer (tmtuan1307/nayer); eager reference: ``fastsynth/bench/reference_loops.py``.
 
 One synthesize() call:
 - the generator is rebuilt with its default initialisation (``generator.reinit()``) when
