@@ -63,16 +63,22 @@ TORCH_LIBRARY(fastsynth, m) {
 
   // ---- fused teacher BatchNorm (fastsynth/ops/fused_bn.py) ----
   // Eval-mode BatchNorm (+ optional ReLU) and, when with_stats, the per-channel batch mean and
-  // biased variance of x (fp32 for fp16/bf16 x; empty when with_stats is false), in one pass.
+  // biased variance of x, when with_instance_means the per-sample channel means inst_mean [N, C]
+  // = mean over H, W of x (all fp32 for fp16/bf16 x; empty [0] when not asked), in one pass.
   m.def(
       "fused_bn_forward(Tensor x, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, "
-      "float eps, bool apply_relu, bool with_stats) -> (Tensor y, Tensor mean, Tensor var)");
-  // grad_x = relu_mask * grad_y * scale + grad_mean / M + 2 grad_var (x - mean) / M, one pass;
-  // grad_weight/grad_bias (empty unless need_weight_grad) reduced in the same pass.
+      "float eps, bool apply_relu, bool with_stats, bool with_instance_means=False) -> (Tensor y, Tensor mean, "
+      "Tensor var, Tensor inst_mean)");
+  // grad_x = relu_mask * grad_y * scale + grad_mean / M + 2 grad_var (x - mean) / M
+  //          (+ grad_inst_mean[n, c] / (H W) when with_instance_means), one pass;
+  // grad_weight/grad_bias (empty unless need_weight_grad) reduced in the same pass. Unused
+  // tensor arguments (mean, grad_mean, grad_var without with_stats; grad_inst_mean without
+  // with_instance_means) are not read.
   m.def(
       "fused_bn_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor running_mean, "
-      "Tensor running_var, Tensor mean, Tensor grad_mean, Tensor grad_var, float eps, bool apply_relu, "
-      "bool with_stats, bool need_weight_grad) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor running_var, Tensor mean, Tensor grad_mean, Tensor grad_var, Tensor grad_inst_mean, float eps, "
+      "bool apply_relu, bool with_stats, bool with_instance_means, bool need_weight_grad) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias)");
 
   // ---- end fused teacher BatchNorm ----
 

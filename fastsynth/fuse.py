@@ -33,6 +33,11 @@ can be compiled or captured in a CUDA graph (nothing is collected by a Python ho
 ``set_stats_enabled(teacher, False)`` turns the statistics off (e.g. for no-grad forwards while
 training the student): then no statistics work is done. ``unfuse_teacher`` undoes everything.
 
+Instance means: after ``set_instance_means_enabled(teacher, True)`` every fused layer also emits,
+from the same pass, the per-sample channel means of its input (``x.mean(dim=(2, 3))``, [N, C],
+differentiable) -- what CMI's ``InstanceMeanHook`` collects on each BatchNorm2d's input -- and
+``instance_means(teacher)`` returns those of the last forward in module order.
+
 A fused teacher deep-copies; with folded ReLUs its forward is generated code, so save its
 state_dict (identical keys) rather than pickling the whole module.
 
@@ -56,6 +61,7 @@ import torch.nn.functional as F
 from .ops.fused_bn import fused_bn
 
 __all__ = ["FusedBatchNorm2d", "fuse_teacher", "unfuse_teacher", "bn_statistics", "set_stats_enabled",
+           "set_instance_means_enabled", "instance_means",
            "fused_layers", "fused_eval_view", "FusedEvalView", "fusion_stats", "refresh_folds", "ConvBNFold"]
 
 
@@ -64,7 +70,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     ``forward(x, relu=False)``: ``relu=True`` applies a ReLU in the same pass (used by the
     ReLU-fused teacher graph). The statistics of the last forward are kept in ``last_mean`` /
-    ``last_var`` (differentiable) while ``stats_enabled``.
+    ``last_var`` (differentiable) while ``stats_enabled``, the per-sample channel means of the
+    input in ``last_inst_mean`` ([N, C], differentiable) while ``inst_means_enabled``.
     """
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
@@ -84,6 +91,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         self.stats_enabled = True
         self.last_mean = None
         self.last_var = None
+        self.inst_means_enabled = False
+        self.last_inst_mean = None
         # the replaced module, kept out of the module tree (not a submodule, not in state_dict)
         self.__dict__["_fs_original"] = original
 
@@ -95,6 +104,9 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 var, mean = torch.var_mean(input.to(torch.float64 if input.dtype == torch.float64 else torch.float32),
                                            dim=(0, 2, 3), correction=0)
                 self.last_mean, self.last_var = mean, var
+            if self.inst_means_enabled:
+                self.last_inst_mean = input.to(torch.float64 if input.dtype == torch.float64
+                                               else torch.float32).mean(dim=(2, 3))
             return F.relu(out) if relu else out
         self._check_input_dim(input)
         weight, bias = self.weight, self.bias
@@ -104,17 +116,22 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             self.__dict__["_fs_empty_shape"] = tuple(input.shape)
             if self.stats_enabled:
                 self.last_mean = self.last_var = None
+            if self.inst_means_enabled:
+                self.last_inst_mean = None
             out = F.batch_norm(input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
             return F.relu(out) if relu else out
         self.__dict__["_fs_empty_shape"] = None
         if weight is None:
             weight = torch.ones_like(self.running_var)
             bias = torch.zeros_like(self.running_var)
-        y, mean, var = fused_bn(input, weight, bias, self.running_mean, self.running_var, self.eps,
-                                apply_relu=relu, with_stats=self.stats_enabled, backend=self.backend)
+        out = fused_bn(input, weight, bias, self.running_mean, self.running_var, self.eps, apply_relu=relu,
+                       with_stats=self.stats_enabled, backend=self.backend,
+                       with_instance_means=self.inst_means_enabled)
         if self.stats_enabled:
-            self.last_mean, self.last_var = mean, var
-        return y
+            self.last_mean, self.last_var = out[1], out[2]
+        if self.inst_means_enabled:
+            self.last_inst_mean = out[3]
+        return out[0]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fused=True, stats_enabled={self.stats_enabled}"
@@ -780,6 +797,36 @@ def set_stats_enabled(teacher: nn.Module, enabled: bool) -> None:
         m.stats_enabled = bool(enabled)
         if not enabled:
             m.last_mean = m.last_var = None
+
+
+def set_instance_means_enabled(teacher: nn.Module, enabled: bool) -> None:
+    """Turn the per-sample channel means of every fused layer's input on or off (on: each fused
+    pass also returns them, see ``instance_means``; off: no such work, earlier ones dropped)."""
+    for m in fused_layers(teacher):
+        m.inst_means_enabled = bool(enabled)
+        if not enabled:
+            m.last_inst_mean = None
+
+
+def instance_means(teacher: nn.Module) -> list:
+    """The per-sample channel means ``x.mean(dim=(2, 3))`` ([N, C], fp32 for fp16/bf16 maps,
+    differentiable w.r.t. the input) of every fused BatchNorm layer's input in the LAST forward,
+    in module order: what an ``InstanceMeanHook`` on each BatchNorm2d collects (CMI with
+    ``feature_layers=None``), computed by the BatchNorm's own pass."""
+    layers = fused_layers(teacher)
+    if not layers:
+        raise ValueError("instance_means: teacher has no fused BatchNorm layers (call fuse_teacher first)")
+    out = []
+    for m in layers:
+        empty = m.__dict__.get("_fs_empty_shape")
+        if m.last_inst_mean is None and empty is not None:
+            raise ValueError(f"instance_means: the last forward had an empty batch (input shape {empty} at a "
+                             "BatchNorm layer)")
+        if m.last_inst_mean is None:
+            raise RuntimeError("instance_means: none recorded; run a forward after "
+                               "set_instance_means_enabled(teacher, True)")
+        out.append(m.last_inst_mean)
+    return out
 
 
 def bn_statistics(teacher: nn.Module):

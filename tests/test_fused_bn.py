@@ -275,11 +275,16 @@ def test_opcheck_registered_ops():
     cases = [(torch.ops.fastsynth.fused_bn_forward_triton.default, torch.ops.fastsynth.fused_bn_backward_triton.default)]
     if _ext.has_extension():
         cases.append((torch.ops.fastsynth.fused_bn_forward.default, torch.ops.fastsynth.fused_bn_backward.default))
+    gi = torch.randn(2, 3)
     xcl = xg.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     for fwd, bwd in cases:
-        torch.library.opcheck(fwd, (xcl, w, b, rm, rv, 1e-5, True, True))
-        torch.library.opcheck(fwd, (xg, w, b, rm, rv, 1e-5, False, False))
-        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, 1e-5, True, True, True))
+        torch.library.opcheck(fwd, (xcl, w, b, rm, rv, 1e-5, True, True, False))
+        torch.library.opcheck(fwd, (xg, w, b, rm, rv, 1e-5, False, False, False))
+        torch.library.opcheck(fwd, (xcl, w, b, rm, rv, 1e-5, True, True, True))
+        torch.library.opcheck(fwd, (xg, w, b, rm, rv, 1e-5, False, False, True))
+        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, gi, 1e-5, True, True, False, True))
+        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, gi, 1e-5, True, True, True, True))
+        torch.library.opcheck(bwd, (gy, x, w, b, rm, rv, mean, gm, gv, gi, 1e-5, False, False, True, False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -638,3 +643,268 @@ def test_large_strided_plane(backend):
     y, mean, var = fused_bn(xs, w, b, rm, rv, 1e-5, True, True, backend=backend)
     ry, rmean, rvar = fused_bn_reference(xs, w, b, rm, rv, 1e-5, True, True)
     assert relerr(y, ry) < 1e-12 and relerr(mean, rmean) < 1e-12 and relerr(var, rvar) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# op overhead: the ATen ops one fused layer dispatches
+
+
+@pytest.mark.skipif(not _ext.has_extension(), reason="needs the C++ extension")
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("inst", [False, True])
+def test_one_layer_dispatches_only_its_ops(stats, inst):
+    """Forward + backward of one fused layer: one forward op, one backward op and the ops of the
+    loss written here, nothing else (no detach of the saved batch mean, no zeros for the outputs
+    without a gradient beyond the one the kernel reads)."""
+    from collections import Counter
+
+    from fastsynth.bench.harness import AtenOpCounter
+
+    x, w, b, rm, rv = rand_inputs(2, 4, 5, 3, dtype=torch.float32)
+    w, b, rm, rv = w.float(), b.float(), rm.float(), rv.float()
+    x.requires_grad_(True)
+    with AtenOpCounter() as counter:
+        out = fused_bn(x, w, b, rm, rv, 1e-5, True, stats, backend="cpu", with_instance_means=inst)
+        loss = out[0].sum()
+        if stats:
+            loss = loss + out[1].sum()  # var takes no part: its gradient is one zeros_like
+        if inst:
+            loss = loss + out[3].sum()
+        (gx,) = torch.autograd.grad(loss, [x])
+    terms = 1 + stats + inst
+    expected = Counter({"fastsynth.fused_bn_forward": 1, "fastsynth.fused_bn_backward": 1, "aten.sum": terms,
+                        "aten.add": terms - 1, "aten.ones_like": 1, "aten.expand": terms})
+    if stats:
+        expected["aten.zeros_like"] = 1
+    assert counter.counts == expected
+    xr = x.detach().double().requires_grad_(True)
+    ref = fused_bn_reference(xr, w.double(), b.double(), rm.double(), rv.double(), 1e-5, True, stats, inst)
+    rloss = ref[0].sum() + (ref[1].sum() if stats else 0) + (ref[3].sum() if inst else 0)
+    (rgx,) = torch.autograd.grad(rloss, [xr])
+    assert relerr(gx, rgx) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# instance means: inst_mean[n, c] = mean over H, W of x, from the same pass
+
+
+def _inst_grads(backend, x, w, b, rm, rv, relu, stats, gy, gi, gm=None, gv=None):
+    """Outputs (y, mean, var, inst_mean) and the gradients w.r.t. x, weight and bias of
+    <y, gy> + <inst_mean, gi> (+ <mean, gm> + <var, gv> with stats)."""
+    x = x.detach().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    b = b.detach().clone().requires_grad_(True)
+    y, mean, var, inst = fused_bn(x, w, b, rm, rv, 1e-5, relu, stats, backend=backend, with_instance_means=True)
+    loss = (y.double() * gy).sum() + (inst.double() * gi).sum()
+    if stats:
+        loss = loss + (mean.double() * gm).sum() + (var.double() * gv).sum()
+    return (y, mean, var, inst) + torch.autograd.grad(loss, [x, w, b])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("stats", [False, True])
+def test_instance_means_match_float64_reference(backend, layout, relu, stats):
+    x, w, b, rm, rv = rand_inputs(3, 5, 7, 9)
+    xl = make_layout(x, layout)
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    gi, gm, gv = torch.randn(3, 5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    got = _inst_grads(backend, xl, w, b, rm, rv, relu, stats, gy, gi, gm, gv)
+    ref = _inst_grads("reference", x, w, b, rm, rv, relu, stats, gy, gi, gm, gv)
+    torch.testing.assert_close(got[3], x.mean(dim=(2, 3)), rtol=1e-12, atol=1e-12)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        if r.numel():
+            assert relerr(g, r) < 1e-12
+    # the instance-mean term is in grad_x: without it grad_x differs
+    plain = _inst_grads(backend, xl, w, b, rm, rv, relu, stats, gy, torch.zeros_like(gi), gm, gv)
+    assert relerr(got[4] - plain[4], gi[:, :, None, None].expand(x.shape) / (7 * 9)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 3, 5, 7), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17),
+                                   (2, 40, 3, 5), (3, 2, 70, 70)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_instance_means_odd_shapes(backend, shape, layout):
+    # (3, 2, 70, 70): CPU planes of more than one segment; (2, 40, 3, 5) channels_last: several
+    # 16-channel chunks and a tail; H = W = 1: one value per plane
+    x, w, b, rm, rv = rand_inputs(*shape)
+    xl = make_layout(x, layout)
+    gy = torch.randn(shape, dtype=torch.float64)
+    gi = torch.randn(shape[:2], dtype=torch.float64)
+    gm, gv = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    for stats in (False, True):
+        got = _inst_grads(backend, xl, w, b, rm, rv, True, stats, gy, gi, gm, gv)
+        ref = _inst_grads("reference", x, w, b, rm, rv, True, stats, gy, gi, gm, gv)
+        for g, r in zip(got, ref):
+            if r.numel():
+                assert relerr(g, r) < 1e-11, (stats, g.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_means_gradcheck(backend):
+    x, w, b, rm, rv = rand_inputs(2, 3, 3, 4)
+    for layout in ("nchw", "channels_last"):
+        for stats in (False, True):
+            def f(x, w, b, stats=stats):
+                y, mean, var, inst = fused_bn(x, w, b, rm, rv, 1e-5, True, stats, backend=backend,
+                                              with_instance_means=True)
+                return (y, inst, mean, var) if stats else (y, inst)
+
+            args = (make_layout(x, layout).requires_grad_(True), w.clone().requires_grad_(True),
+                    b.clone().requires_grad_(True))
+            assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_instance_means_low_precision(backend, dtype, layout):
+    # inst_mean is accumulated in fp32 from the rounded inputs: fp32 accuracy against the float64
+    # means of those inputs (1e-5 relative); grad_x is rounded to the input dtype (TOL).
+    x, w, b, rm, rv = rand_inputs(4, 6, 9, 11)
+    xh = make_layout(x.to(dtype), layout)
+    xr = xh.double()
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    gi = torch.randn(4, 6, dtype=torch.float64)
+    got = _inst_grads(backend, xh, w.float(), b.float(), rm.float(), rv.float(), True, False, gy.to(dtype), gi)
+    ref = _inst_grads("reference", xr, w, b, rm, rv, True, False, gy.to(dtype).double(), gi)
+    assert got[3].dtype == torch.float32 and got[3].shape == (4, 6)
+    assert relerr(got[3], ref[3]) < 1e-5
+    assert got[4].dtype == dtype and relerr(got[4], ref[4]) < 2 * TOL[dtype]
+    for g, r in zip(got[5:], ref[5:]):  # dgamma / dbeta: fp32 reductions
+        assert relerr(g, r) < 1e-4
+
+
+def test_instance_means_output_only_when_asked():
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4)
+    assert len(fused_bn(x, w, b, rm, rv, backend="cpu")) == 3
+    out = fused_bn(x, w, b, rm, rv, backend="cpu", with_instance_means=True)
+    assert len(out) == 4 and out[3].shape == (2, 3)
+    # an unused inst_mean adds nothing to grad_x
+    xg = x.clone().requires_grad_(True)
+    y, _, _, inst = fused_bn(xg, w, b, rm, rv, 1e-5, False, False, backend="cpu", with_instance_means=True)
+    (g1,) = torch.autograd.grad(y.sum(), [xg])
+    (g2,) = torch.autograd.grad(fused_bn(xg, w, b, rm, rv, 1e-5, False, False, backend="cpu")[0].sum(), [xg])
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_means_torch_compile_fullgraph(backend):
+    x, w, b, rm, rv = rand_inputs(2, 3, 4, 4, dtype=torch.float32)
+    w, b, rm, rv = w.float(), b.float(), rm.float(), rv.float()
+
+    def step(x):
+        y, mean, var, inst = fused_bn(x, w, b, rm, rv, 1e-5, True, True, backend=backend, with_instance_means=True)
+        return y.square().mean() + loss_from_stats([mean], [var], [rm], [rv]) + inst.square().sum()
+
+    xe = x.clone().requires_grad_(True)
+    step(xe).backward()
+    xc = x.clone().requires_grad_(True)
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(xc).backward()
+    assert relerr(xc.grad, xe.grad) < 1e-6
+
+
+@pytest.mark.needs_cuda
+def test_cuda_instance_means_match_reference():
+    x, w, b, rm, rv = rand_inputs(4, 40, 9, 7)
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    gi = torch.randn(4, 40, dtype=torch.float64)
+    gm, gv = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    for layout in ("nchw", "channels_last", "sliced"):
+        for stats in (False, True):
+            ref = _inst_grads("reference", x, w, b, rm, rv, True, stats, gy, gi, gm, gv)
+            got = _inst_grads("cuda", make_layout(x, layout).cuda(), w.cuda(), b.cuda(), rm.cuda(), rv.cuda(), True,
+                              stats, gy.cuda(), gi.cuda(), gm.cuda(), gv.cuda())
+            for g, r in zip(got, ref):
+                if r.numel():
+                    assert relerr(g.cpu(), r) < 1e-12
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                xh = make_layout(x.to(dtype), layout).cuda()
+                got = _inst_grads("cuda", xh, w.cuda().float(), b.cuda().float(), rm.cuda().float(),
+                                  rv.cuda().float(), True, stats, gy.to(dtype).cuda(), gi.cuda(), gm.cuda(), gv.cuda())
+                ref = _inst_grads("reference", xh.cpu().double(), w, b, rm, rv, True, stats,
+                                  gy.to(dtype).double(), gi, gm, gv)
+                assert got[3].dtype == torch.float32 and relerr(got[3].cpu(), ref[3]) < 1e-5
+                assert relerr(got[4].cpu(), ref[4]) < 2 * TOL[dtype]
+    for shape in ((1, 3, 1, 1), (3, 5, 1, 1), (2, 1, 4, 4), (4, 2, 33, 17), (3, 2, 70, 70)):
+        x, w, b, rm, rv = rand_inputs(*shape)
+        gy, gi = torch.randn(shape, dtype=torch.float64), torch.randn(shape[:2], dtype=torch.float64)
+        ref = _inst_grads("reference", x, w, b, rm, rv, False, False, gy, gi)
+        for layout in ("nchw", "channels_last"):
+            got = _inst_grads("cuda", make_layout(x, layout).cuda(), w.cuda(), b.cuda(), rm.cuda(), rv.cuda(), False,
+                              False, gy.cuda(), gi.cuda())
+            assert relerr(got[3].cpu(), ref[3]) < 1e-12 and relerr(got[4].cpu(), ref[4]) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# instance means at the module level
+
+
+def upstream_instance_means(model, x):
+    """CMI's InstanceMeanHook with feature_layers=None: a forward hook on every BatchNorm2d
+    taking the mean over dims 2, 3 of the layer's input."""
+    means = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: means.append(inp[0].mean(dim=[2, 3])))
+               for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    logits = model(x)
+    for h in handles:
+        h.remove()
+    return logits, means
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_instance_means_match_instance_mean_hooks(name, fuse_relu):
+    torch.manual_seed(2)
+    ref = randomise_bn(MODELS[name]()).double().eval()
+    model = fuse_teacher(copy.deepcopy(ref), fuse_relu=fuse_relu)
+    fuse.set_instance_means_enabled(model, True)
+    side = 32 if name == "vgg8_bn" else 16
+    x = torch.randn(3, 3, side, side, dtype=torch.float64)
+    xr, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    lr, mr = upstream_instance_means(ref, xr)
+    lf = model(xf)
+    mf = fuse.instance_means(model)
+    assert len(mf) == len(mr) == len(fused_layers(model))
+    for a, b in zip(mf, mr):
+        assert a.shape == b.shape
+        assert relerr(a, b) < 1e-12
+    # values and gradients: a loss on the means (as CMI's contrastive head would take them)
+    ws = [torch.randn(m.shape, dtype=torch.float64) for m in mr]
+    gr = torch.autograd.grad(sum((m * w).sum() for m, w in zip(mr, ws)) + lr.square().sum(), [xr] + _bn_params(ref))
+    gf = torch.autograd.grad(sum((m * w).sum() for m, w in zip(mf, ws)) + lf.square().sum(),
+                             [xf] + _bn_params(model))
+    for a, b in zip(gf, gr):
+        assert relerr(a, b) < 1e-10
+
+
+def test_instance_means_switch_and_errors():
+    model = fuse_teacher(randomise_bn(vgg8_bn()).eval())
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="set_instance_means_enabled"):
+        fuse.instance_means(model)
+    fuse.set_instance_means_enabled(model, True)
+    y = model(x)
+    means = fuse.instance_means(model)
+    assert len(means) == 5 and all(m.shape[0] == 2 for m in means)
+    assert len(bn_statistics(model)[0]) == 5  # the statistics still ride along
+    set_stats_enabled(model, False)  # instance means alone
+    torch.testing.assert_close(model(x), y)
+    for a, b in zip(fuse.instance_means(model), means):
+        torch.testing.assert_close(a, b)
+    fuse.set_instance_means_enabled(model, False)
+    assert all(m.last_inst_mean is None for m in fused_layers(model))
+    with pytest.raises(RuntimeError, match="none recorded"):
+        fuse.instance_means(model)
+    with pytest.raises(ValueError, match="no fused BatchNorm"):
+        fuse.instance_means(nn.Conv2d(1, 1, 1))
+    fuse.set_instance_means_enabled(model, True)
+    model.train()  # train mode: plain BatchNorm, the means computed beside it
+    xt = torch.randn(2, 3, 32, 32)
+    _, mr = upstream_instance_means(model, xt)
+    for a, b in zip(fuse.instance_means(model), mr):
+        torch.testing.assert_close(a, b)
+

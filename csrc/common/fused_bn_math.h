@@ -4,9 +4,10 @@
 //   scale = gamma / sqrt(running_var + eps),  shift = beta - running_mean * scale
 //   y     = x * scale + shift                      (then max(y, 0) when ReLU is fused)
 //   mean, biased var of x per channel              (Welford, csrc/common/welford.h)
+//   inst_mean[n, c] = mean_{h,w} x[n, c]            (optional, the same pass)
 // Backward, one elementwise pass, with g_mean/g_var the gradients reaching the returned stats:
 //   g_pre  = grad_y * [pre-activation > 0]          (only when ReLU is fused)
-//   grad_x = g_pre * scale + g_mean / M + 2 g_var (x - mean) / M
+//   grad_x = g_pre * scale + g_mean / M + 2 g_var (x - mean) / M  (+ g_inst[n, c] / (H W))
 //   dbeta  = sum g_pre,  dgamma = sum g_pre * (x - running_mean) / sqrt(running_var + eps)
 #pragma once
 
@@ -69,6 +70,13 @@ template <typename acc_t>
 FS_HD acc_t bn_relu_grad(acc_t grad_y, acc_t x, acc_t scale, acc_t shift, bool relu) {
   if (!relu) return grad_y;
   return (x * scale + shift > acc_t(0)) ? grad_y : acc_t(0);
+}
+
+// The instance-mean term of grad_x over plane (n, c): inst_mean[n, c] = mean_{h,w} x[n, c], so
+// grad_x[n, c, h, w] += g_inst[n, c] / (H W) (hw = H*W).
+template <typename acc_t>
+FS_HD acc_t inst_grad_term(acc_t g_inst, acc_t hw) {
+  return g_inst / hw;
 }
 
 // grad_x of one element; g_pre from bn_relu_grad. with_stats=false drops the statistics term.

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/fused_bn_math.h"
@@ -136,31 +137,58 @@ inline acc_t run_m2_and_write(const scalar_t* xp, int64_t xstride, int64_t len, 
   return m2;
 }
 
-template <bool Contig, typename scalar_t, typename acc_t>
-inline void run_write(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t scale, acc_t shift,
-                      bool relu) {
+// y of one run; with Sum also the run's sum of x (the instance means without the statistics).
+template <bool Contig, bool Sum = false, typename scalar_t, typename acc_t>
+inline acc_t run_write(const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* yp, acc_t scale, acc_t shift,
+                       bool relu) {
   const int64_t st = Contig ? 1 : xstride;
+  acc_t sum = 0;
+  if constexpr (Sum) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = acc_t(xp[i * st]);
+      sum += v;
+      yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale, shift, relu));
+    }
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i * st]), scale, shift, relu));
+    for (int64_t i = 0; i < len; ++i) yp[i] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xp[i * st]), scale, shift, relu));
+  }
+  return sum;
 }
 
 // One task: channel c, planes [n0, n1). Planes that fit one segment are handled as one block
 // (sum over all the task's planes, then the centred squares and y from cache: one Welford state
-// per task); larger planes are cut into segments merged with Chan's formula.
+// per task); larger planes are cut into segments merged with Chan's formula. With `inst` (the
+// [N, C] instance means) each plane's sum, which the statistics already take, is kept per plane:
+// a plane belongs to one task, so inst[n, c] is written once (deterministic).
 template <bool Contig, typename scalar_t, typename acc_t>
 Welford<acc_t> forward_task(const scalar_t* xd, scalar_t* yd, const Shape& s, const PlaneRows& pr, int64_t c,
-                            int64_t n0, int64_t n1, acc_t scale, acc_t shift, bool relu, bool with_stats) {
+                            int64_t n0, int64_t n1, acc_t scale, acc_t shift, bool relu, bool with_stats,
+                            acc_t* inst) {
   auto xrow = [&](int64_t n, int64_t r) { return xd + n * s.sN + c * s.sC + r * pr.row_stride; };
   auto yrow = [&](int64_t n, int64_t r) { return yd + (n * s.C + c) * s.HW + r * pr.len; };  // y NCHW-dense
+  auto put_inst = [&](int64_t n, acc_t plane_sum) {
+    if (inst) inst[n * s.C + c] = plane_sum / acc_t(s.HW);
+  };
   if (!with_stats) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t r = 0; r < pr.rows; ++r) run_write<Contig>(xrow(n, r), pr.elem_stride, pr.len, yrow(n, r), scale, shift, relu);
+    for (int64_t n = n0; n < n1; ++n) {
+      acc_t ps = 0;
+      for (int64_t r = 0; r < pr.rows; ++r)
+        ps += inst ? run_write<Contig, true>(xrow(n, r), pr.elem_stride, pr.len, yrow(n, r), scale, shift, relu)
+                   : run_write<Contig>(xrow(n, r), pr.elem_stride, pr.len, yrow(n, r), scale, shift, relu);
+      put_inst(n, ps);
+    }
     return Welford<acc_t>();
   }
   if (s.HW <= kSegment) {
     acc_t sum = 0;
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t r = 0; r < pr.rows; ++r) sum += run_sum<Contig, scalar_t, acc_t>(xrow(n, r), pr.elem_stride, pr.len);
+    for (int64_t n = n0; n < n1; ++n) {
+      acc_t ps = 0;
+      for (int64_t r = 0; r < pr.rows; ++r) ps += run_sum<Contig, scalar_t, acc_t>(xrow(n, r), pr.elem_stride, pr.len);
+      sum += ps;
+      put_inst(n, ps);
+    }
     const acc_t cnt = acc_t((n1 - n0) * s.HW);
     const acc_t bmean = sum / cnt;
     acc_t m2 = 0;
@@ -171,15 +199,19 @@ Welford<acc_t> forward_task(const scalar_t* xd, scalar_t* yd, const Shape& s, co
   }
   Welford<acc_t> acc;
   for (int64_t n = n0; n < n1; ++n) {
+    acc_t ps = 0;
     for (int64_t r = 0; r < pr.rows; ++r) {
       for (int64_t off = 0; off < pr.len; off += kSegment) {
         const int64_t len = std::min(kSegment, pr.len - off);
         const scalar_t* xp = xrow(n, r) + off * pr.elem_stride;
-        const acc_t bmean = run_sum<Contig, scalar_t, acc_t>(xp, pr.elem_stride, len) / acc_t(len);
+        const acc_t bsum = run_sum<Contig, scalar_t, acc_t>(xp, pr.elem_stride, len);
+        const acc_t bmean = bsum / acc_t(len);
         const acc_t m2 = run_m2_and_write<Contig>(xp, pr.elem_stride, len, yrow(n, r) + off, bmean, scale, shift, relu);
         acc = welford_merge(acc, Welford<acc_t>(bmean, m2, acc_t(len)));
+        ps += bsum;
       }
     }
+    put_inst(n, ps);
   }
   return acc;
 }
@@ -191,7 +223,7 @@ Welford<acc_t> forward_task(const scalar_t* xd, scalar_t* yd, const Shape& s, co
 // the shape only).
 template <typename scalar_t>
 void forward_small_planes(const scalar_t* xd, scalar_t* yd, const Shape& s, const ChannelAffine<acc_of<scalar_t>>& aff,
-                          bool relu, bool with_stats, at::Tensor& mean, at::Tensor& var) {
+                          bool relu, bool with_stats, at::Tensor& mean, at::Tensor& var, acc_of<scalar_t>* inst) {
   using acc_t = acc_of<scalar_t>;
   struct PlaneSums {
     double s1 = 0, s2 = 0, m2 = 0;
@@ -207,10 +239,14 @@ void forward_small_planes(const scalar_t* xd, scalar_t* yd, const Shape& s, cons
           scalar_t* yp = yd + (n * s.C + c) * s.HW;
           const acc_t scale = aff.scale[c], shift = aff.shift[c];
           if (!with_stats) {
-            run_write<true>(xp, 1, s.HW, yp, scale, shift, relu);
+            if (inst)
+              inst[n * s.C + c] = run_write<true, true>(xp, 1, s.HW, yp, scale, shift, relu) / acc_t(s.HW);
+            else
+              run_write<true>(xp, 1, s.HW, yp, scale, shift, relu);
             continue;
           }
           const acc_t pm = run_sum<true, scalar_t, acc_t>(xp, 1, s.HW) / acc_t(s.HW);
+          if (inst) inst[n * s.C + c] = pm;
           const acc_t m2 = run_m2_and_write<true>(xp, 1, s.HW, yp, pm, scale, shift, relu);
           PlaneSums& ps = part[t * s.C + c];
           ps.s1 += double(pm);
@@ -238,12 +274,13 @@ void forward_small_planes(const scalar_t* xd, scalar_t* yd, const Shape& s, cons
 
 template <typename scalar_t>
 void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
-                    bool with_stats, at::Tensor& mean, at::Tensor& var) {
+                    bool with_stats, at::Tensor& mean, at::Tensor& var, acc_of<scalar_t>* inst) {
   using acc_t = acc_of<scalar_t>;
   const Shape s = shape_of(x);
   const PlaneRows pr = plane_rows(s);
   if (pr.rows == 1 && pr.elem_stride == 1 && s.HW < kSmallPlane) {  // dense planes only (H == 1 may be strided)
-    forward_small_planes<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s, aff, relu, with_stats, mean, var);
+    forward_small_planes<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), s, aff, relu, with_stats, mean, var,
+                                   inst);
     return;
   }
   const int64_t nb = std::min<int64_t>(s.N, std::max<int64_t>(1, kTaskElems / std::max<int64_t>(s.HW, 1)));
@@ -260,8 +297,8 @@ void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_
       const int64_t n0 = blk * nb, n1 = std::min(s.N, (blk + 1) * nb);
       const Welford<acc_t> acc =
           pr.elem_stride == 1
-              ? forward_task<true, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats)
-              : forward_task<false, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats);
+              ? forward_task<true, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats, inst)
+              : forward_task<false, scalar_t, acc_t>(xd, yd, s, pr, c, n0, n1, scale, shift, relu, with_stats, inst);
       if (with_stats) partial[t] = acc;
     }
   });
@@ -283,10 +320,11 @@ void forward_planes(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_
 constexpr int64_t kClChunk = 16;  // channels per register-resident chunk (channels_last forward)
 
 // K channels [c0, c0 + K) of `nrows` channels_last rows (x, y point at channel c0 of row 0):
-// the block means and centred sums of squares of the K channels, and y.
+// the block means and centred sums of squares of the K channels, the block sums when `bsum`
+// is given, and y.
 template <int64_t K, bool Relu, typename scalar_t, typename acc_t>
 inline void forward_cl_chunk(const scalar_t* x, scalar_t* y, int64_t nrows, int64_t C, const acc_t* scale,
-                             const acc_t* shift, acc_t inv, acc_t* bmean, acc_t* m2) {
+                             const acc_t* shift, acc_t inv, acc_t* bmean, acc_t* m2, acc_t* bsum) {
   acc_t sum[K], mu[K], sq[K], sc[K], sh[K];
   for (int64_t k = 0; k < K; ++k) { sum[k] = 0; sq[k] = 0; sc[k] = scale[k]; sh[k] = shift[k]; }
   for (int64_t r = 0; r < nrows; ++r) {
@@ -307,18 +345,39 @@ inline void forward_cl_chunk(const scalar_t* x, scalar_t* y, int64_t nrows, int6
     }
   }
   for (int64_t k = 0; k < K; ++k) { bmean[k] = mu[k]; m2[k] = sq[k]; }
+  if (bsum)
+    for (int64_t k = 0; k < K; ++k) bsum[k] = sum[k];
+}
+
+// Row blocks of the channels_last paths: blocks of `rows` rows over all M = N*H*W rows; with
+// per_sample (the instance means) the blocks of each sample start at its first row, so no block
+// straddles two samples and a block's channel sums belong to one (n, c).
+struct ClBlocks {
+  int64_t rows, HW, M, per;  // per: blocks per sample (per_sample), else 0
+  int64_t count() const { return per ? (M / HW) * per : (M + rows - 1) / rows; }
+  std::pair<int64_t, int64_t> range(int64_t t) const {
+    if (!per) return {t * rows, std::min(M, (t + 1) * rows)};
+    const int64_t n = t / per, r0 = n * HW + (t - n * per) * rows;
+    return {r0, std::min((n + 1) * HW, r0 + rows)};
+  }
+};
+
+ClBlocks cl_blocks(int64_t rows, const Shape& s, bool per_sample) {
+  return {rows, s.HW, s.M, per_sample ? (s.HW + rows - 1) / rows : 0};
 }
 
 template <typename scalar_t>
 void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffine<acc_of<scalar_t>>& aff, bool relu,
-                           bool with_stats, at::Tensor& mean, at::Tensor& var) {
+                           bool with_stats, at::Tensor& mean, at::Tensor& var, acc_of<scalar_t>* inst) {
   using acc_t = acc_of<scalar_t>;
   const Shape s = shape_of(x);
-  const int64_t C = s.C, M = s.M;
+  const int64_t C = s.C;
   // with statistics a block is swept twice: 8192 elements (32 KB in fp32) keep the second sweep in L1
-  const int64_t rows = std::max<int64_t>(16, (with_stats ? kRowBlockStatsElems : kRowBlockElems) / C);
-  const int64_t ntasks = (M + rows - 1) / rows;
+  const ClBlocks blk =
+      cl_blocks(std::max<int64_t>(16, (with_stats ? kRowBlockStatsElems : kRowBlockElems) / C), s, inst != nullptr);
+  const int64_t ntasks = blk.count();
   std::vector<acc_t> pmean(with_stats ? ntasks * C : 0), pm2(with_stats ? ntasks * C : 0);
+  std::vector<acc_t> psum(inst ? ntasks * C : 0);  // per block and channel: the sum of x (instance means)
   const scalar_t* xd = x.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
   const acc_t* scale = aff.scale.data();
@@ -326,19 +385,24 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
 
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t * rows, r1 = std::min(M, r0 + rows);
+      const auto [r0, r1] = blk.range(t);
       const scalar_t* xb = xd + r0 * C;
       scalar_t* yb = yd + r0 * C;
       const int64_t nrows = r1 - r0;
+      acc_t* bsum = inst ? psum.data() + t * C : nullptr;
       if (!with_stats) {
-        dispatch_bool(relu, [&](auto relu_c) {
-          constexpr bool Relu = decltype(relu_c)::value;
+        dispatch_bool2(relu, inst != nullptr, [&](auto relu_c, auto sum_c) {
+          constexpr bool Relu = decltype(relu_c)::value, Sum = decltype(sum_c)::value;
+          if constexpr (Sum) std::fill(bsum, bsum + C, acc_t(0));
           for (int64_t r = 0; r < nrows; ++r) {
             const scalar_t* xr = xb + r * C;
             scalar_t* yr = yb + r * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c)
-              yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(acc_t(xr[c]), scale[c], shift[c], Relu));
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t v = acc_t(xr[c]);
+              if constexpr (Sum) bsum[c] += v;
+              yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], Relu));
+            }
           }
         });
         continue;
@@ -355,9 +419,10 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
         int64_t c0 = 0;
         for (; c0 + kClChunk <= C; c0 += kClChunk)
           forward_cl_chunk<kClChunk, Relu>(xb + c0, yb + c0, nrows, C, scale + c0, shift + c0, inv, bmean + c0,
-                                            m2 + c0);
+                                            m2 + c0, bsum ? bsum + c0 : nullptr);
         for (; c0 < C; ++c0)  // channels past the last full chunk, one at a time
-          forward_cl_chunk<1, Relu>(xb + c0, yb + c0, nrows, C, scale + c0, shift + c0, inv, bmean + c0, m2 + c0);
+          forward_cl_chunk<1, Relu>(xb + c0, yb + c0, nrows, C, scale + c0, shift + c0, inv, bmean + c0, m2 + c0,
+                                    bsum ? bsum + c0 : nullptr);
       });
     }
   });
@@ -369,11 +434,22 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
       for (int64_t c = begin; c < end; ++c) {
         Welford<acc_t> acc;
         for (int64_t t = 0; t < ntasks; ++t) {
-          const int64_t cnt = std::min(M, (t + 1) * rows) - t * rows;
-          acc = welford_merge(acc, Welford<acc_t>(pmean[t * C + c], pm2[t * C + c], acc_t(cnt)));
+          const auto [r0, r1] = blk.range(t);
+          acc = welford_merge(acc, Welford<acc_t>(pmean[t * C + c], pm2[t * C + c], acc_t(r1 - r0)));
         }
         mp[c] = acc.mean;
         vp[c] = acc.var_biased();
+      }
+    });
+  }
+  if (inst) {  // the blocks of sample n, in order (deterministic)
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        acc_t* out = inst + n * C;
+        std::fill(out, out + C, acc_t(0));
+        for (int64_t t = n * blk.per; t < (n + 1) * blk.per; ++t)
+          for (int64_t c = 0; c < C; ++c) out[c] += psum[t * C + c];
+        for (int64_t c = 0; c < C; ++c) out[c] /= acc_t(s.HW);
       }
     });
   }
@@ -394,10 +470,9 @@ void check_params(const char* op, const at::Tensor& x, const at::Tensor& weight,
 
 at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                                    const at::Tensor& bias, const at::Tensor& running_mean,
-                                                                    const at::Tensor& running_var, double eps,
-                                                                    bool apply_relu, bool with_stats) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps, bool apply_relu, bool with_stats, bool with_instance_means) {
   check_params("fused_bn_forward", x, weight, bias, running_mean, running_var);
   const bool cl = use_channels_last(x);
   const int64_t C = x.size(1);
@@ -405,14 +480,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(const at::Te
   const auto sdt = stat_dtype(x.scalar_type());
   auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
   auto var = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
+  auto inst = with_instance_means ? at::empty({x.size(0), C}, x.options().dtype(sdt)) : at::empty({0}, x.options().dtype(sdt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_bn_forward_cpu", [&] {
-    const auto aff = channel_affine<acc_of<scalar_t>>(weight, bias, running_mean, running_var, eps, C);
+    using acc_t = acc_of<scalar_t>;
+    const auto aff = channel_affine<acc_t>(weight, bias, running_mean, running_var, eps, C);
+    acc_t* ip = with_instance_means ? inst.data_ptr<acc_t>() : nullptr;
     if (cl)
-      forward_channels_last<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var);
+      forward_channels_last<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var, ip);
     else
-      forward_planes<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var);
+      forward_planes<scalar_t>(x, y, aff, apply_relu, with_stats, mean, var, ip);
   });
-  return {y, mean, var};
+  return {y, mean, var, inst};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,15 +504,16 @@ struct BackwardCoef {
 };
 
 // Elementwise backward of one segment; accumulates sum g_pre and sum g_pre * (x - rm) when asked.
+// `inst` is the plane's instance-mean term g_inst[n, c] / (H W) (0 without instance means).
 template <bool Contig, typename scalar_t, typename acc_t>
 inline void backward_segment_impl(const scalar_t* gyp, const scalar_t* xp, int64_t xstride, int64_t len,
                                   scalar_t* gxp, acc_t scale, acc_t shift, acc_t mean, acc_t rm,
-                                  StatGradCoef<acc_t> sc, bool relu, bool with_stats, bool need_wgrad, bool need_x,
-                                  acc_t& sum_g, acc_t& sum_gx) {
+                                  StatGradCoef<acc_t> sc, acc_t inst, bool relu, bool with_stats, bool need_wgrad,
+                                  bool need_x, acc_t& sum_g, acc_t& sum_gx) {
   const int64_t st = Contig ? 1 : xstride;
   if (!need_x) {  // plain BatchNorm backward (need_x is true whenever need_wgrad is)
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) gxp[i] = static_cast<scalar_t>(acc_t(gyp[i]) * scale);
+    for (int64_t i = 0; i < len; ++i) gxp[i] = static_cast<scalar_t>(acc_t(gyp[i]) * scale + inst);
     return;
   }
   if (!need_wgrad) {
@@ -442,7 +521,7 @@ inline void backward_segment_impl(const scalar_t* gyp, const scalar_t* xp, int64
     for (int64_t i = 0; i < len; ++i) {
       const acc_t v = acc_t(xp[i * st]);
       const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
-      gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
+      gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats) + inst);
     }
     return;
   }
@@ -451,7 +530,7 @@ inline void backward_segment_impl(const scalar_t* gyp, const scalar_t* xp, int64
   for (int64_t i = 0; i < len; ++i) {
     const acc_t v = acc_t(xp[i * st]);
     const acc_t gp = bn_relu_grad<acc_t>(acc_t(gyp[i]), v, scale, shift, relu);
-    gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats));
+    gxp[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(gp, v, scale, mean, sc, with_stats) + inst);
     sg += gp;
     sgx += gp * (v - rm);
   }
@@ -461,36 +540,39 @@ inline void backward_segment_impl(const scalar_t* gyp, const scalar_t* xp, int64
 
 template <typename scalar_t, typename acc_t>
 inline void backward_segment(const scalar_t* gyp, const scalar_t* xp, int64_t xstride, int64_t len, scalar_t* gxp,
-                             acc_t scale, acc_t shift, acc_t mean, acc_t rm, StatGradCoef<acc_t> sc, bool relu,
-                             bool with_stats, bool need_wgrad, bool need_x, acc_t& sum_g, acc_t& sum_gx) {
+                             acc_t scale, acc_t shift, acc_t mean, acc_t rm, StatGradCoef<acc_t> sc, acc_t inst,
+                             bool relu, bool with_stats, bool need_wgrad, bool need_x, acc_t& sum_g, acc_t& sum_gx) {
   if (xstride == 1)
-    backward_segment_impl<true>(gyp, xp, 1, len, gxp, scale, shift, mean, rm, sc, relu, with_stats, need_wgrad, need_x,
-                                sum_g, sum_gx);
+    backward_segment_impl<true>(gyp, xp, 1, len, gxp, scale, shift, mean, rm, sc, inst, relu, with_stats, need_wgrad,
+                                need_x, sum_g, sum_gx);
   else
-    backward_segment_impl<false>(gyp, xp, xstride, len, gxp, scale, shift, mean, rm, sc, relu, with_stats, need_wgrad,
-                                 need_x, sum_g, sum_gx);
+    backward_segment_impl<false>(gyp, xp, xstride, len, gxp, scale, shift, mean, rm, sc, inst, relu, with_stats,
+                                 need_wgrad, need_x, sum_g, sum_gx);
 }
 
 // channels_last backward of `nrows` rows of C channels. NeedX=false: grad_x = grad_y * scale.
 // Otherwise the same per-element math as backward_segment_impl (bn_relu_grad, bn_grad_input),
-// with dgamma/dbeta partial sums per channel when WGrad.
-template <bool NeedX, bool Relu, bool Stats, bool WGrad, typename scalar_t, typename acc_t>
+// with dgamma/dbeta partial sums per channel when WGrad. Inst: plus the instance-mean term of
+// the row's sample, inst[c] (the rows of one call belong to one sample).
+template <bool NeedX, bool Relu, bool Stats, bool WGrad, bool Inst, typename scalar_t, typename acc_t>
 inline void backward_cl_rows(const scalar_t* xb, const scalar_t* gyb, scalar_t* gxb, int64_t nrows, int64_t C,
                              const acc_t* scale, const acc_t* shift, const acc_t* mean, const acc_t* rm,
-                             const acc_t* c_mean, const acc_t* c_var, acc_t* sg, acc_t* sgx) {
+                             const acc_t* c_mean, const acc_t* c_var, const acc_t* inst, acc_t* sg, acc_t* sgx) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* xr = xb + r * C;
     const scalar_t* gr = gyb + r * C;
     scalar_t* gxr = gxb + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
+      const acc_t add = Inst ? inst[c] : acc_t(0);
       if constexpr (!NeedX) {
-        gxr[c] = static_cast<scalar_t>(acc_t(gr[c]) * scale[c]);
+        gxr[c] = static_cast<scalar_t>(Inst ? acc_t(gr[c]) * scale[c] + add : acc_t(gr[c]) * scale[c]);
       } else {
         const acc_t v = acc_t(xr[c]);
         const acc_t gp = bn_relu_grad<acc_t>(acc_t(gr[c]), v, scale[c], shift[c], Relu);
-        gxr[c] = static_cast<scalar_t>(
-            bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats));
+        const acc_t g =
+            bn_grad_input<acc_t>(gp, v, scale[c], mean[c], StatGradCoef<acc_t>{c_mean[c], c_var[c]}, Stats);
+        gxr[c] = static_cast<scalar_t>(Inst ? g + add : g);
         if constexpr (WGrad) {
           sg[c] += gp;
           sgx[c] += gp * (v - rm[c]);
@@ -503,8 +585,8 @@ inline void backward_cl_rows(const scalar_t* xb, const scalar_t* gyb, scalar_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
-    const at::Tensor& grad_mean, const at::Tensor& grad_var, double eps, bool apply_relu, bool with_stats,
-    bool need_weight_grad) {
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& grad_inst_mean, double eps,
+    bool apply_relu, bool with_stats, bool with_instance_means, bool need_weight_grad) {
   check_params("fused_bn_backward", x, weight, bias, running_mean, running_var);
   TORCH_CHECK(grad_y_in.sizes() == x.sizes(), "fused_bn_backward: grad_y must have x's shape");
   TORCH_CHECK(grad_y_in.scalar_type() == x.scalar_type(), "fused_bn_backward: grad_y must have x's dtype");
@@ -513,6 +595,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     for (const auto* p : {&mean_in, &grad_mean, &grad_var})
       TORCH_CHECK(p->dim() == 1 && p->size(0) == C, "fused_bn_backward: mean/grad_mean/grad_var must be 1-D of size C");
   }
+  if (with_instance_means)
+    TORCH_CHECK(grad_inst_mean.dim() == 2 && grad_inst_mean.size(0) == x.size(0) && grad_inst_mean.size(1) == C,
+                "fused_bn_backward: grad_inst_mean must be (N, C) = (", x.size(0), ", ", C, "), got ",
+                grad_inst_mean.sizes());
   const bool cl = use_channels_last(x);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor grad_y = grad_y_in.contiguous(fmt);
@@ -540,11 +626,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
         k.stat[c] = stat_grad_coef<acc_t>(gm.data_ptr<acc_t>()[c], gv.data_ptr<acc_t>()[c], acc_t(s.M));
       }
     }
+    // the instance-mean term g_inst[n, c] / (H W), [N][C]
+    std::vector<acc_t> inst_term;
+    if (with_instance_means) {
+      const at::Tensor gi = grad_inst_mean.to(adt).contiguous();
+      const acc_t* gip = gi.data_ptr<acc_t>();
+      inst_term.resize(s.N * C);
+      for (int64_t i = 0; i < s.N * C; ++i) inst_term[i] = inst_grad_term<acc_t>(gip[i], acc_t(s.HW));
+    }
+    auto inst_at = [&](int64_t n, int64_t c) { return with_instance_means ? inst_term[n * C + c] : acc_t(0); };
     const scalar_t* xd = x.data_ptr<scalar_t>();
     const scalar_t* gyd = grad_y.data_ptr<scalar_t>();
     scalar_t* gxd = grad_x.data_ptr<scalar_t>();
     std::vector<acc_t> psum_g, psum_gx;
-    int64_t ntasks, nblocks = 0, rows = 0;
+    int64_t ntasks, nblocks = 0;
 
     const PlaneRows pr = plane_rows(s);
     if (!cl && pr.rows == 1 && pr.elem_stride == 1 && s.HW < kSmallPlane) {
@@ -562,7 +657,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
               acc_t sg = 0, sgx = 0;
               backward_segment<scalar_t, acc_t>(gyd + dense, xd + n * s.sN + c * s.sC, 1, s.HW, gxd + dense,
                                                 k.aff.scale[c], k.aff.shift[c], k.mean[c], k.rm[c], k.stat[c],
-                                                apply_relu, with_stats, need_weight_grad, need_x, sg, sgx);
+                                                inst_at(n, c), apply_relu, with_stats, need_weight_grad, need_x, sg,
+                                                sgx);
               if (need_weight_grad) {
                 psum_g[c * nblocks + blk] += sg;
                 psum_gx[c * nblocks + blk] += sgx;
@@ -589,8 +685,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
                 backward_segment<scalar_t, acc_t>(gyd + dense + r * pr.len + off,
                                                   xplane + r * pr.row_stride + off * pr.elem_stride, pr.elem_stride, len,
                                                   gxd + dense + r * pr.len + off, k.aff.scale[c], k.aff.shift[c],
-                                                  k.mean[c], k.rm[c], k.stat[c], apply_relu, with_stats,
-                                                  need_weight_grad, need_x, sg, sgx);
+                                                  k.mean[c], k.rm[c], k.stat[c], inst_at(n, c), apply_relu,
+                                                  with_stats, need_weight_grad, need_x, sg, sgx);
               }
             }
           }
@@ -598,8 +694,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
         }
       });
     } else {
-      rows = std::max<int64_t>(64, kRowBlockElems / C);
-      ntasks = (s.M + rows - 1) / rows;
+      // with instance means each block lies in one sample (cl_blocks), whose terms it adds
+      const ClBlocks blk = cl_blocks(std::max<int64_t>(64, kRowBlockElems / C), s, with_instance_means);
+      ntasks = blk.count();
       if (need_weight_grad) { psum_g.assign(ntasks * C, 0); psum_gx.assign(ntasks * C, 0); }
       const acc_t* scale = k.aff.scale.data();
       const acc_t* shift = k.aff.shift.data();
@@ -611,24 +708,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
       const acc_t* cv = c_var.data();
       at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t r0 = t * rows, r1 = std::min(s.M, r0 + rows);
+          const auto [r0, r1] = blk.range(t);
           const scalar_t* xb = xd + r0 * C;
           const scalar_t* gyb = gyd + r0 * C;
           scalar_t* gxb = gxd + r0 * C;
           acc_t* sg = need_weight_grad ? psum_g.data() + t * C : nullptr;
           acc_t* sgx = need_weight_grad ? psum_gx.data() + t * C : nullptr;
+          const acc_t* it = with_instance_means ? inst_term.data() + (r0 / s.HW) * C : nullptr;
           const int64_t nrows = r1 - r0;
           // the flags are template arguments so each variant is one branch-free `omp simd` loop
           // over the channels of a row (contiguous in channels_last)
-          if (!need_x)
-            backward_cl_rows<false, false, false, false>(xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
-          else
-            dispatch_bool(need_weight_grad, [&](auto wgrad_c) {
-              dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
-                backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value, decltype(wgrad_c)::value>(
-                    xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, sg, sgx);
-              });
+          dispatch_bool2(need_weight_grad, with_instance_means, [&](auto wgrad_c, auto inst_c) {
+            constexpr bool WGrad = decltype(wgrad_c)::value, Inst = decltype(inst_c)::value;
+            if (!need_x) {
+              backward_cl_rows<false, false, false, false, Inst>(xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm,
+                                                                 cv, it, sg, sgx);
+              return;
+            }
+            dispatch_bool2(apply_relu, with_stats, [&](auto relu_c, auto stats_c) {
+              backward_cl_rows<true, decltype(relu_c)::value, decltype(stats_c)::value, WGrad, Inst>(
+                  xb, gyb, gxb, nrows, C, scale, shift, mean, rm, cm, cv, it, sg, sgx);
             });
+          });
         }
       });
     }

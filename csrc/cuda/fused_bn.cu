@@ -130,12 +130,57 @@ struct ThreadSlot {
   }
 };
 
+// Runs elem(w, l) over this thread's elements of the tiles [t0, t1) and row_end(w) each time the
+// tile walk leaves a row group (and after the last tile of an unfinished one). The row group
+// advances at the same tile in every thread of the block, so row_end may shuffle (non-CL
+// blocks: one channel, every thread walks).
+template <bool CL, class Elem, class RowEnd>
+__device__ __forceinline__ void walk_tiles(const FusedBnRows& g, const FusedBnPlan& p, const ThreadSlot<CL>& ts,
+                                           int64_t t0, int64_t t1, Elem&& elem, RowEnd&& row_end) {
+  TileWalk w;
+  w.rg = uint32_t(t0) / uint32_t(p.lt);  // tiles < 2^31 (checked on the host)
+  w.lc = t0 - w.rg * p.lt;
+  w.row_start(g, p.tr_log2, ts.dr);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t l = (w.lc << (CL ? kClLpLog2 : p.lp_log2)) + ts.dl;
+    if (w.r < g.R && l < g.L) elem(w, l);
+    if (++w.lc == p.lt) {
+      row_end(w);
+      w.lc = 0;
+      ++w.rg;
+      w.row_start(g, p.tr_log2, ts.dr);
+    }
+  }
+  if (w.lc != 0) row_end(w);
+}
+
+// Sample of row r (instance means: rows never straddle samples, RS rows each; r < 2^31).
+__device__ __forceinline__ int64_t sample_of(const FusedBnRows& g, int64_t r) {
+  return g.RS == 1 ? r : int64_t(uint32_t(r) / uint32_t(g.RS));
+}
+
+// Adds this thread's instance-mean partial sum of row w.r to inst[n, c] and clears it. Non-CL:
+// the lanes of one row (LP of them, or the warp) are summed by shuffles first, and their first
+// lane adds; CL: each thread adds (its warp is one position of 32 channels).
+template <typename acc_t, bool CL>
+__device__ __forceinline__ void flush_inst(acc_t& isum, const TileWalk& w, const FusedBnRows& g,
+                                           const FusedBnPlan& p, int64_t c, acc_t inv_hw, acc_t* inst) {
+  int lead = 1;
+  if (!CL) {
+    const int group = p.lp_log2 < 5 ? (1 << p.lp_log2) : 32;
+    for (int d = group >> 1; d > 0; d >>= 1) isum += __shfl_down_sync(0xffffffffu, isum, d);
+    lead = (threadIdx.x & (group - 1)) == 0;
+  }
+  if (lead && w.r < g.R && isum != acc_t(0)) atomicAdd(inst + sample_of(g, w.r) * g.C + c, isum * inv_hw);
+  isum = acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t, bool CL>
 __global__ void __launch_bounds__(kThreads) fused_bn_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ weight,
     const acc_t* __restrict__ bias, const acc_t* __restrict__ running_mean, const acc_t* __restrict__ running_var,
     acc_t eps, bool apply_relu, bool with_stats, acc_t* __restrict__ partial /* [3][C][splits] */,
-    FusedBnRows g, FusedBnPlan p) {
+    acc_t* __restrict__ inst /* [N][C] zeroed, or null */, acc_t inv_hw, FusedBnRows g, FusedBnPlan p) {
   const ThreadSlot<CL> ts(blockIdx.x, p.lp_log2);
   const int s = blockIdx.y;
   const bool active = ts.c < g.C;
@@ -145,24 +190,19 @@ __global__ void __launch_bounds__(kThreads) fused_bn_forward_kernel(
   scalar_t* yc = y + c * g.y.c;
   const int64_t t0 = s * p.per, t1 = t0 + p.per < p.tiles ? t0 + p.per : p.tiles;
   Welford<acc_t> acc;
+  acc_t isum = acc_t(0);  // this thread's sum of x in its current row (instance means)
   if (active && t0 < t1) {
-    TileWalk w;
-    w.rg = uint32_t(t0) / uint32_t(p.lt);  // tiles < 2^31 (checked on the host)
-    w.lc = t0 - w.rg * p.lt;
-    w.row_start(g, p.tr_log2, ts.dr);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t l = (w.lc << (CL ? kClLpLog2 : p.lp_log2)) + ts.dl;
-      if (w.r < g.R && l < g.L) {
-        const acc_t v = load_acc(xc + w.ox + l * g.x.l);
-        if (with_stats) acc.update(v);
-        store_acc(yc + w.oy + l * g.y.l, bn_eval_apply<acc_t>(v, aff.scale, aff.shift, apply_relu));
-      }
-      if (++w.lc == p.lt) {
-        w.lc = 0;
-        ++w.rg;
-        w.row_start(g, p.tr_log2, ts.dr);
-      }
-    }
+    walk_tiles<CL>(
+        g, p, ts, t0, t1,
+        [&](const TileWalk& w, int64_t l) {
+          const acc_t v = load_acc(xc + w.ox + l * g.x.l);
+          if (with_stats) acc.update(v);
+          if (inst) isum += v;
+          store_acc(yc + w.oy + l * g.y.l, bn_eval_apply<acc_t>(v, aff.scale, aff.shift, apply_relu));
+        },
+        [&](const TileWalk& w) {
+          if (inst) flush_inst<acc_t, CL>(isum, w, g, p, c, inv_hw, inst);
+        });
   }
   if (!with_stats) return;
   acc = merge_channels<acc_t, CL>(acc);
@@ -197,8 +237,8 @@ __global__ void FS_KERNEL_REGS(128, kThreads) fused_bn_backward_kernel(
     const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_x,
     const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, const acc_t* __restrict__ running_mean,
     const acc_t* __restrict__ running_var, const acc_t* __restrict__ mean, const acc_t* __restrict__ grad_mean,
-    const acc_t* __restrict__ grad_var, acc_t eps, bool apply_relu, bool with_stats, bool need_weight_grad,
-    acc_t* __restrict__ partial_g, acc_t* __restrict__ partial_gx, FusedBnRows g, FusedBnPlan p) {
+    const acc_t* __restrict__ grad_var, const acc_t* __restrict__ grad_inst /* [N][C] or null */, acc_t eps, bool apply_relu, bool with_stats, bool need_weight_grad, acc_t* __restrict__ partial_g,
+    acc_t* __restrict__ partial_gx, FusedBnRows g, FusedBnPlan p) {
   __shared__ acc_t s_buf[CL ? kThreads : kWarps];
   const ThreadSlot<CL> ts(blockIdx.x, p.lp_log2);
   const int s = blockIdx.y;
@@ -219,33 +259,30 @@ __global__ void FS_KERNEL_REGS(128, kThreads) fused_bn_backward_kernel(
   const int64_t t0 = s * p.per, t1 = t0 + p.per < p.tiles ? t0 + p.per : p.tiles;
   acc_t sg = 0, sgx = 0;
   if (active && t0 < t1) {
-    TileWalk w;
-    w.rg = uint32_t(t0) / uint32_t(p.lt);  // tiles < 2^31 (checked on the host)
-    w.lc = t0 - w.rg * p.lt;
-    w.row_start(g, p.tr_log2, ts.dr);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t l = (w.lc << (CL ? kClLpLog2 : p.lp_log2)) + ts.dl;
-      if (w.r < g.R && l < g.L) {
-        const int64_t oy = w.oy + l * g.y.l;
-        const acc_t gy = load_acc(gyc + oy);
-        acc_t gx;
-        if (need_x) {
-          const acc_t v = load_acc(xc + w.ox + l * g.x.l);
-          const acc_t gp = bn_relu_grad<acc_t>(gy, v, aff.scale, aff.shift, apply_relu);
-          gx = bn_grad_input<acc_t>(gp, v, aff.scale, mu, sc, with_stats);
-          sg += gp;
-          sgx += gp * (v - rm);
-        } else {
-          gx = gy * aff.scale;
-        }
-        store_acc(gxc + oy, gx);
-      }
-      if (++w.lc == p.lt) {
-        w.lc = 0;
-        ++w.rg;
-        w.row_start(g, p.tr_log2, ts.dr);
-      }
-    }
+    int64_t row = -1;
+    acc_t gi = acc_t(0);  // the instance-mean term of the current row's sample
+    walk_tiles<CL>(
+        g, p, ts, t0, t1,
+        [&](const TileWalk& w, int64_t l) {
+          if (grad_inst && w.r != row) {
+            row = w.r;
+            gi = inst_grad_term<acc_t>(grad_inst[sample_of(g, w.r) * g.C + c], acc_t(g.HW));
+          }
+          const int64_t oy = w.oy + l * g.y.l;
+          const acc_t gy = load_acc(gyc + oy);
+          acc_t gx;
+          if (need_x) {
+            const acc_t v = load_acc(xc + w.ox + l * g.x.l);
+            const acc_t gp = bn_relu_grad<acc_t>(gy, v, aff.scale, aff.shift, apply_relu);
+            gx = bn_grad_input<acc_t>(gp, v, aff.scale, mu, sc, with_stats);
+            sg += gp;
+            sgx += gp * (v - rm);
+          } else {
+            gx = gy * aff.scale;
+          }
+          store_acc(gxc + oy, gx + gi);
+        },
+        [](const TileWalk&) {});
   }
   if (!need_weight_grad) return;
   sg = sum_channels<acc_t, CL>(sg, s_buf);
@@ -258,8 +295,9 @@ __global__ void FS_KERNEL_REGS(128, kThreads) fused_bn_backward_kernel(
 
 }  // namespace
 
-FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* xs, const int64_t* ys) {
-  // positions (n, h, w) of size > 1, outermost first, merged where both x and y nest
+FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* xs, const int64_t* ys, bool keep_batch) {
+  // positions (n, h, w) of size > 1, outermost first, merged where both x and y nest; with
+  // keep_batch the batch (then index 0) is never merged, so no row straddles two samples
   int64_t sz[3], sx[3], sy[3];
   int n = 0;
   for (int d : {0, 2, 3}) {
@@ -269,15 +307,16 @@ FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* xs, const int64_t
     sy[n] = ys[d];
     ++n;
   }
-  if (n == 0) {
-    sz[0] = 1;
-    sx[0] = sy[0] = 0;
-    n = 1;
+  const bool batch_row = keep_batch && sizes[0] != 1;
+  if (n == 0 || (batch_row && n == 1)) {  // no position dim, or the batch alone: rows of one value
+    sz[n] = 1;
+    sx[n] = sy[n] = 0;
+    ++n;
   }
   int64_t mz[3], mx[3], my[3];  // merged dims, innermost at index k - 1
   int k = 0;
   for (int i = n - 1; i >= 0; --i) {
-    if (k > 0 && sx[i] == mz[0] * mx[0] && sy[i] == mz[0] * my[0]) {
+    if (k > 0 && sx[i] == mz[0] * mx[0] && sy[i] == mz[0] * my[0] && !(batch_row && i == 0)) {
       mz[0] *= sz[i];
     } else {
       for (int j = k; j > 0; --j) {
@@ -310,6 +349,8 @@ FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* xs, const int64_t
     g.y.s0 = my[1];
   }
   g.M = g.L * g.R;
+  g.HW = sizes[2] * sizes[3];
+  g.RS = keep_batch ? g.R / sizes[0] : g.R;
   return g;
 }
 
@@ -345,14 +386,16 @@ template <typename scalar_t, typename acc_t>
 cudaError_t fused_bn_forward_launch(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
                                     const acc_t* running_mean, const acc_t* running_var, acc_t eps, bool apply_relu,
                                     bool with_stats, acc_t* mean_out, acc_t* var_out, acc_t* workspace,
-                                    const FusedBnRows& g, const FusedBnPlan& p, cudaStream_t stream) {
+                                    acc_t* inst_out, const FusedBnRows& g, const FusedBnPlan& p,
+                                    cudaStream_t stream) {
   const dim3 grid(unsigned(p.cblocks), unsigned(p.splits));
+  const acc_t inv_hw = acc_t(1) / acc_t(g.HW);
   if (p.cl)
     fused_bn_forward_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, g, p);
+        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, inst_out, inv_hw, g, p);
   else
     fused_bn_forward_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
-        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, g, p);
+        x, y, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, workspace, inst_out, inv_hw, g, p);
   if (with_stats)
     welford_partials_merge_kernel<acc_t><<<unsigned(g.C), kThreads, 0, stream>>>(workspace, g.C, p.splits, mean_out,
                                                                                  var_out);
@@ -362,30 +405,30 @@ cudaError_t fused_bn_forward_launch(const scalar_t* x, scalar_t* y, const acc_t*
 template <typename scalar_t, typename acc_t>
 cudaError_t fused_bn_backward_launch(const scalar_t* grad_y, const scalar_t* x, scalar_t* grad_x, const acc_t* weight,
                                      const acc_t* bias, const acc_t* running_mean, const acc_t* running_var,
-                                     const acc_t* mean, const acc_t* grad_mean, const acc_t* grad_var, acc_t eps,
-                                     bool apply_relu, bool with_stats, bool need_weight_grad, acc_t* partial_g,
-                                     acc_t* partial_gx, const FusedBnRows& g, const FusedBnPlan& p,
-                                     cudaStream_t stream) {
+                                     const acc_t* mean, const acc_t* grad_mean, const acc_t* grad_var,
+                                     const acc_t* grad_inst, acc_t eps, bool apply_relu, bool with_stats,
+                                     bool need_weight_grad, acc_t* partial_g, acc_t* partial_gx, const FusedBnRows& g,
+                                     const FusedBnPlan& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.cblocks), unsigned(p.splits));
   if (p.cl)
     fused_bn_backward_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
-        with_stats, need_weight_grad, partial_g, partial_gx, g, p);
+        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst, eps,
+        apply_relu, with_stats, need_weight_grad, partial_g, partial_gx, g, p);
   else
     fused_bn_backward_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
-        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
-        with_stats, need_weight_grad, partial_g, partial_gx, g, p);
+        grad_y, x, grad_x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst, eps,
+        apply_relu, with_stats, need_weight_grad, partial_g, partial_gx, g, p);
   return cudaGetLastError();
 }
 
 #define FS_INSTANTIATE(scalar_t, acc_t)                                                                           \
   template cudaError_t fused_bn_forward_launch<scalar_t, acc_t>(                                                  \
       const scalar_t*, scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool,      \
-      acc_t*, acc_t*, acc_t*, const FusedBnRows&, const FusedBnPlan&, cudaStream_t);                              \
+      acc_t*, acc_t*, acc_t*, acc_t*, const FusedBnRows&, const FusedBnPlan&, cudaStream_t);                      \
   template cudaError_t fused_bn_backward_launch<scalar_t, acc_t>(                                                 \
       const scalar_t*, const scalar_t*, scalar_t*, const acc_t*, const acc_t*, const acc_t*, const acc_t*,        \
-      const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool, bool, acc_t*, acc_t*, const FusedBnRows&,      \
-      const FusedBnPlan&, cudaStream_t);
+      const acc_t*, const acc_t*, const acc_t*, const acc_t*, acc_t, bool, bool, bool, acc_t*, acc_t*,            \
+      const FusedBnRows&, const FusedBnPlan&, cudaStream_t);
 
 FS_INSTANTIATE(double, double)
 FS_INSTANTIATE(float, float)

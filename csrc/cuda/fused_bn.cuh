@@ -16,6 +16,11 @@
 //           partial per (channel, split); a second kernel (grid C) merges the partials.
 // backward: same grid, one elementwise pass writing grad_x; per-block partial sums of g_pre and
 //           g_pre*(x - running_mean) for dgamma/dbeta when asked.
+// instance means (inst_mean[n, c] = mean over H, W of x): the rows are laid out with the batch
+//           kept apart (fused_bn_rows keep_batch), so a row lies in one sample n = r / RS; the
+//           forward adds each thread's row sums (first reduced over the lanes of the row) / (H W)
+//           to a zeroed [N][C] buffer by atomicAdd (the last bits may vary between runs), the
+//           backward adds grad_inst[n][c] / (H W) to each element of the row.
 // Parameters (weight, bias, running stats, mean, grad_mean, grad_var) are acc_t arrays of size C.
 #pragma once
 
@@ -35,6 +40,7 @@ struct RowStrides {
 
 struct FusedBnRows {
   int64_t C, L, R, R0, M;  // channels, values per row, rows, inner row count, M = N*H*W = L*R
+  int64_t HW, RS;          // H*W; rows per sample (keep_batch layouts; R otherwise)
   RowStrides x;            // strides of x (elements)
   RowStrides y;            // strides of y / grad_x / grad_y (elements)
 };
@@ -50,8 +56,10 @@ struct FusedBnPlan {
   int splits;       // blocks per channel block (grid.y)
 };
 
-// Row geometry of a 4-D map x (sizes, strides) and its output y (same sizes, own strides).
-FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* x_strides, const int64_t* y_strides);
+// Row geometry of a 4-D map x (sizes, strides) and its output y (same sizes, own strides);
+// keep_batch: the batch dimension is not merged with H, W (rows never straddle two samples).
+FusedBnRows fused_bn_rows(const int64_t* sizes, const int64_t* x_strides, const int64_t* y_strides,
+                          bool keep_batch = false);
 
 // Tiles and grid: enough blocks to fill the GPU (4 per SM), at least 4 tiles per block.
 FusedBnPlan fused_bn_plan(const FusedBnRows& g, int num_sms);
@@ -60,13 +68,15 @@ template <typename scalar_t, typename acc_t>
 cudaError_t fused_bn_forward_launch(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
                                     const acc_t* running_mean, const acc_t* running_var, acc_t eps, bool apply_relu,
                                     bool with_stats, acc_t* mean_out, acc_t* var_out,
-                                    acc_t* workspace /* 3*C*splits when with_stats */, const FusedBnRows& g,
-                                    const FusedBnPlan& p, cudaStream_t stream);
+                                    acc_t* workspace /* 3*C*splits when with_stats */,
+                                    acc_t* inst_out /* zeroed N*C, or null: no instance means */,
+                                    const FusedBnRows& g, const FusedBnPlan& p, cudaStream_t stream);
 
 template <typename scalar_t, typename acc_t>
 cudaError_t fused_bn_backward_launch(const scalar_t* grad_y, const scalar_t* x, scalar_t* grad_x, const acc_t* weight,
                                      const acc_t* bias, const acc_t* running_mean, const acc_t* running_var,
-                                     const acc_t* mean, const acc_t* grad_mean, const acc_t* grad_var, acc_t eps,
+                                     const acc_t* mean, const acc_t* grad_mean, const acc_t* grad_var,
+                                     const acc_t* grad_inst /* N*C, or null */, acc_t eps,
                                      bool apply_relu, bool with_stats, bool need_weight_grad,
                                      acc_t* partial_g /* C*splits */, acc_t* partial_gx /* C*splits */,
                                      const FusedBnRows& g, const FusedBnPlan& p, cudaStream_t stream);

@@ -22,8 +22,8 @@ bool use_channels_last(const at::Tensor& x) {
 
 // The kernels index rows and tiles with 32-bit divisions (a 64-bit division is a called
 // subroutine on the GPU and makes the fp64 kernels spill), so rows per channel stay below 2^31.
-cuda::FusedBnRows rows_of(const at::Tensor& x, const at::Tensor& y) {
-  const auto g = cuda::fused_bn_rows(x.sizes().data(), x.strides().data(), y.strides().data());
+cuda::FusedBnRows rows_of(const at::Tensor& x, const at::Tensor& y, bool keep_batch) {
+  const auto g = cuda::fused_bn_rows(x.sizes().data(), x.strides().data(), y.strides().data(), keep_batch);
   TORCH_CHECK(g.R < (int64_t(1) << 31), "fused_bn (cuda): x of shape ", x.sizes(), " and strides ", x.strides(),
               " has ", g.R, " rows per channel after merging its dimensions; at most 2^31 - 1 are supported "
               "(make x contiguous or channels_last)");
@@ -68,11 +68,9 @@ void dispatch(at::ScalarType t, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                     const at::Tensor& bias,
-                                                                     const at::Tensor& running_mean,
-                                                                     const at::Tensor& running_var, double eps,
-                                                                     bool apply_relu, bool with_stats) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps, bool apply_relu, bool with_stats, bool with_instance_means) {
   check_inputs("fused_bn_forward", x,
                {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
   const c10::cuda::CUDAGuard guard(x.device());
@@ -82,12 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::T
   const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
-  const auto g = rows_of(x, y);
+  const auto g = rows_of(x, y, with_instance_means);
   const auto plan = plan_of(g);
   const int64_t splits = plan.splits;
   auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
   auto var = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
   auto workspace = at::empty({with_stats ? 3 * C * splits : 0}, x.options().dtype(adt));
+  // accumulated by atomic adds (fused_bn.cuh): zeroed
+  auto inst = with_instance_means ? at::zeros({x.size(0), C}, x.options().dtype(adt)) : at::empty({0}, x.options().dtype(adt));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
@@ -96,21 +96,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda(const at::T
         reinterpret_cast<const scalar_t*>(x.const_data_ptr()), reinterpret_cast<scalar_t*>(y.data_ptr()),
         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(),
         acc_t(eps), apply_relu, with_stats, with_stats ? mean.data_ptr<acc_t>() : nullptr,
-        with_stats ? var.data_ptr<acc_t>() : nullptr, with_stats ? workspace.data_ptr<acc_t>() : nullptr, g, plan,
-        stream)));
+        with_stats ? var.data_ptr<acc_t>() : nullptr, with_stats ? workspace.data_ptr<acc_t>() : nullptr,
+        with_instance_means ? inst.data_ptr<acc_t>() : nullptr, g, plan, stream)));
   });
-  return {y, mean, var};
+  return {y, mean, var, inst};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean_in,
-    const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in, double eps, bool apply_relu, bool with_stats,
-    bool need_weight_grad) {
+    const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in, const at::Tensor& grad_inst_in, double eps,
+    bool apply_relu, bool with_stats, bool with_instance_means, bool need_weight_grad) {
   check_inputs("fused_bn_backward", x,
                {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
   if (with_stats)
     check_inputs("fused_bn_backward", x, {{"mean", &mean_in}, {"grad_mean", &grad_mean_in}, {"grad_var", &grad_var_in}});
+  if (with_instance_means)
+    TORCH_CHECK(grad_inst_in.device() == x.device() && grad_inst_in.dim() == 2 && grad_inst_in.size(0) == x.size(0) &&
+                    grad_inst_in.size(1) == x.size(1),
+                "fused_bn_backward: grad_inst_mean must be (N, C) = (", x.size(0), ", ", x.size(1), ") on ",
+                x.device(), ", got ", grad_inst_in.sizes(), " on ", grad_inst_in.device());
   TORCH_CHECK(grad_y_in.device() == x.device(), "fused_bn_backward: grad_y must be on x's device ", x.device(),
               ", got ", grad_y_in.device());
   TORCH_CHECK(grad_y_in.sizes() == x.sizes() && grad_y_in.scalar_type() == x.scalar_type(),
@@ -125,14 +130,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
   const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
-  at::Tensor mean, gmean, gvar;
+  at::Tensor mean, gmean, gvar, ginst;
   if (with_stats) {
     mean = mean_in.to(adt).contiguous();
     gmean = grad_mean_in.to(adt).contiguous();
     gvar = grad_var_in.to(adt).contiguous();
   }
+  if (with_instance_means) ginst = grad_inst_in.to(adt).contiguous();
   // grad_y and grad_x share strides (both dense in the same format)
-  const auto g = rows_of(x, grad_y);
+  const auto g = rows_of(x, grad_y, with_instance_means);
   const auto plan = plan_of(g);
   const int64_t splits = plan.splits;
   auto pg = at::empty({need_weight_grad ? C : 0, splits}, x.options().dtype(adt));
@@ -146,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
         reinterpret_cast<scalar_t*>(grad_x.data_ptr()), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
         rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(), with_stats ? mean.const_data_ptr<acc_t>() : nullptr,
         with_stats ? gmean.const_data_ptr<acc_t>() : nullptr, with_stats ? gvar.const_data_ptr<acc_t>() : nullptr,
-        acc_t(eps), apply_relu, with_stats, need_weight_grad, need_weight_grad ? pg.data_ptr<acc_t>() : nullptr,
+        with_instance_means ? ginst.const_data_ptr<acc_t>() : nullptr, acc_t(eps), apply_relu, with_stats,
+        need_weight_grad, need_weight_grad ? pg.data_ptr<acc_t>() : nullptr,
         need_weight_grad ? pgx.data_ptr<acc_t>() : nullptr, g, plan, stream)));
   });
   at::Tensor grad_weight, grad_bias;

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -124,16 +125,16 @@ def _workloads(arch: int, subset: bool):
                 sdt = torch.float64 if dt == torch.float64 else torch.float32
                 x = _meta(shape, dt, cl)
                 p = torch.empty(shape[1], dtype=sdt, device="meta")
-                for relu in (False, True):
-                    for stats in (False, True):
+                gi = torch.empty(shape[:2], dtype=sdt, device="meta")  # gradient of the instance means
+                for relu, stats, inst in itertools.product((False, True), repeat=3):
+                    yield ("fused_bn", case, dn,
+                           lambda x=x, p=p, relu=relu, stats=stats, inst=inst, fmt=fmt, sdt=sdt:
+                           fused_bn.forward(x, p, p, p, p, 1e-5, relu, stats, inst, fmt, sdt))
+                    for wgrad in (False, True):
                         yield ("fused_bn", case, dn,
-                               lambda x=x, p=p, relu=relu, stats=stats, fmt=fmt, sdt=sdt:
-                               fused_bn.forward(x, p, p, p, p, 1e-5, relu, stats, fmt, sdt))
-                        for wgrad in (False, True):
-                            yield ("fused_bn", case, dn,
-                                   lambda x=x, p=p, relu=relu, stats=stats, wgrad=wgrad, fmt=fmt:
-                                   fused_bn.backward(torch.empty_like(x), x, p, p, p, p, p, p, p, 1e-5, relu,
-                                                     stats, wgrad, fmt))
+                               lambda x=x, p=p, gi=gi, relu=relu, stats=stats, inst=inst, wgrad=wgrad, fmt=fmt:
+                               fused_bn.backward(torch.empty_like(x), x, p, p, p, p, p, p, p, gi, 1e-5, relu,
+                                                 stats, inst, wgrad, fmt))
 
     # BatchNorm-statistics loss: all layers of a teacher in one call, both layouts
     teachers = {}

@@ -16,6 +16,12 @@ Forward: grid (channel blocks, SPLITS); each program writes y and merges the (co
 each tile into per-channel running Welford states (Chan's formula); a second tiny kernel merges
 the SPLITS partial states of each channel. Backward: the same grid, one elementwise pass;
 dgamma/dbeta partial sums per program and channel. y/grad_x are dense in the output format.
+
+Instance means (WITH_INST): the batch dimension is kept out of the row merging, so a row -- and
+every tile -- lies in one sample n = r // RS (RS rows per sample); the forward adds each tile's
+channel sums / (H W) to inst[n, c] (an atomic add per tile and channel into a zeroed [N, C]
+buffer: the order of the additions, and so the last bits, may vary between runs), the backward
+adds g_inst[n, c] / (H W) to each element of the tile.
 """
 from __future__ import annotations
 
@@ -40,6 +46,27 @@ def _tile_offsets(C, c0, L, sc, sl, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr
 
 
 @triton.jit
+def _tile_at(t, LT, L, cmask, li, BLOCK_L: tl.constexpr):
+    """Row r, first value l0 and element mask of tile t (LT tiles per row)."""
+    r = t // LT
+    l0 = (t - r * LT) * BLOCK_L
+    mask = cmask[:, None] & (li < L - l0)[None, :]
+    return r, l0, mask
+
+
+@triton.jit
+def _channel_affine(w_ptr, b_ptr, rm_ptr, rv_ptr, cidx, cmask, eps, ACC: tl.constexpr):
+    """(scale, shift, invstd, running mean) of the channels cidx (csrc/common/fused_bn_math.h)."""
+    gamma = tl.load(w_ptr + cidx, mask=cmask, other=1.0).to(ACC)
+    beta = tl.load(b_ptr + cidx, mask=cmask, other=0.0).to(ACC)
+    rmean = tl.load(rm_ptr + cidx, mask=cmask, other=0.0).to(ACC)
+    rvar = tl.load(rv_ptr + cidx, mask=cmask, other=1.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(rvar + eps)
+    scale = gamma * invstd
+    return scale, beta - rmean * scale, invstd, rmean
+
+
+@triton.jit
 def _row_start(r, R0, s1, s0):
     """Offset (int64) of the first value of row r: (r // R0) * s1 + (r % R0) * s0."""
     q = r // R0
@@ -52,10 +79,11 @@ def _fused_bn_fwd_kernel(
     y_ptr,  # [N, C, H, W] dense in the output format
     w_ptr, b_ptr, rm_ptr, rv_ptr,  # [C] each
     pcnt_ptr, pmean_ptr, pm2_ptr,  # [C, SPLITS] partial Welford states (ACC dtype)
+    inst_ptr,  # [N, C] zeroed (ACC dtype), with WITH_INST
     C, L, R0, LT, T,  # channels, row length, inner row count, tiles per row, tiles (rows * LT)
     sxc, sx1, sx0, sxl, syc, sy1, sy0, syl,  # channel / row / value strides of x and y
-    eps, per_split, SPLITS,
-    APPLY_RELU: tl.constexpr, WITH_STATS: tl.constexpr, ACC: tl.constexpr,
+    eps, per_split, SPLITS, RS, inv_hw,  # rows per sample, 1 / (H W) (instance means)
+    APPLY_RELU: tl.constexpr, WITH_STATS: tl.constexpr, WITH_INST: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, OFF64: tl.constexpr,
 ):
     c0 = tl.program_id(0) * BLOCK_C
@@ -65,21 +93,14 @@ def _fused_bn_fwd_kernel(
     xc = x_ptr + c0.to(tl.int64) * sxc
     yc = y_ptr + c0.to(tl.int64) * syc
     cidx = c0 + tl.arange(0, BLOCK_C)
-    gamma = tl.load(w_ptr + cidx, mask=cmask, other=1.0).to(ACC)
-    beta = tl.load(b_ptr + cidx, mask=cmask, other=0.0).to(ACC)
-    rmean = tl.load(rm_ptr + cidx, mask=cmask, other=0.0).to(ACC)
-    rvar = tl.load(rv_ptr + cidx, mask=cmask, other=1.0).to(ACC)
-    scale = gamma / tl.sqrt(rvar + eps)
-    shift = beta - rmean * scale
+    scale, shift, _, _ = _channel_affine(w_ptr, b_ptr, rm_ptr, rv_ptr, cidx, cmask, eps, ACC)
     cnt = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     t0 = s * per_split
     t1 = tl.minimum(t0 + per_split, T)
     for t in range(t0, t1):
-        r = t // LT
-        l0 = (t - r * LT) * BLOCK_L
-        mask = cmask[:, None] & (li < L - l0)[None, :]
+        r, l0, mask = _tile_at(t, LT, L, cmask, li, BLOCK_L)
         bx = xc + _row_start(r, R0, sx1, sx0) + l0.to(tl.int64) * sxl
         by = yc + _row_start(r, R0, sy1, sy0) + l0.to(tl.int64) * syl
         v = tl.load(bx + ox, mask=mask, other=0.0).to(ACC)
@@ -87,9 +108,13 @@ def _fused_bn_fwd_kernel(
         if APPLY_RELU:
             yv = tl.where(yv < 0, 0.0, yv)
         tl.store(by + oy, yv.to(y_ptr.dtype.element_ty), mask=mask)
+        if WITH_STATS or WITH_INST:
+            bsum = tl.sum(v, axis=1)  # masked values are 0
+        if WITH_INST:
+            tl.atomic_add(inst_ptr + (r // RS).to(tl.int64) * C + cidx, bsum * inv_hw, mask=cmask)
         if WITH_STATS:
             bc = tl.minimum(L - l0, BLOCK_L).to(ACC)
-            bmean = tl.sum(v, axis=1) / bc
+            bmean = bsum / bc
             d = tl.where(mask, v - bmean[:, None], 0.0)
             bm2 = tl.sum(d * d, axis=1)
             ncnt = cnt + bc
@@ -131,12 +156,13 @@ def _fused_bn_bwd_kernel(
     x_ptr,  # [N, C, H, W] any strides
     gx_ptr,  # [N, C, H, W] dense, same strides as gy
     w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, gmean_ptr, gvar_ptr,  # [C] each (mean/gmean/gvar unused without stats)
+    ginst_ptr,  # [N, C] gradient of the instance means (with WITH_INST)
     psg_ptr, psgx_ptr,  # [C, SPLITS] partial sums of g_pre and g_pre*(x - rm)
     C, L, R0, LT, T, M,
     sxc, sx1, sx0, sxl, sgc, sg1, sg0, sgl,
-    eps, per_split, SPLITS,
-    APPLY_RELU: tl.constexpr, WITH_STATS: tl.constexpr, NEED_WGRAD: tl.constexpr, NEED_X: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, OFF64: tl.constexpr,
+    eps, per_split, SPLITS, RS, inv_hw,
+    APPLY_RELU: tl.constexpr, WITH_STATS: tl.constexpr, WITH_INST: tl.constexpr, NEED_WGRAD: tl.constexpr,
+    NEED_X: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, OFF64: tl.constexpr,
 ):
     c0 = tl.program_id(0) * BLOCK_C
     s = tl.program_id(1)
@@ -144,16 +170,10 @@ def _fused_bn_bwd_kernel(
     gc = gy_ptr + c0.to(tl.int64) * sgc
     gxc = gx_ptr + c0.to(tl.int64) * sgc
     cidx = c0 + tl.arange(0, BLOCK_C)
-    gamma = tl.load(w_ptr + cidx, mask=cmask, other=1.0).to(ACC)
-    rvar = tl.load(rv_ptr + cidx, mask=cmask, other=1.0).to(ACC)
-    invstd = 1.0 / tl.sqrt(rvar + eps)
-    scale = gamma * invstd
+    scale, shift, invstd, rmean = _channel_affine(w_ptr, b_ptr, rm_ptr, rv_ptr, cidx, cmask, eps, ACC)
     if NEED_X:
         ox, _, _ = _tile_offsets(C, c0, L, sxc, sxl, BLOCK_C, BLOCK_L, OFF64)
         xc = x_ptr + c0.to(tl.int64) * sxc
-        beta = tl.load(b_ptr + cidx, mask=cmask, other=0.0).to(ACC)
-        rmean = tl.load(rm_ptr + cidx, mask=cmask, other=0.0).to(ACC)
-        shift = beta - rmean * scale
     if WITH_STATS:
         bmean = tl.load(mean_ptr + cidx, mask=cmask, other=0.0).to(ACC)
         c_mean = tl.load(gmean_ptr + cidx, mask=cmask, other=0.0).to(ACC) / M
@@ -163,9 +183,7 @@ def _fused_bn_bwd_kernel(
     t0 = s * per_split
     t1 = tl.minimum(t0 + per_split, T)
     for t in range(t0, t1):
-        r = t // LT
-        l0 = (t - r * LT) * BLOCK_L
-        mask = cmask[:, None] & (li < L - l0)[None, :]
+        r, l0, mask = _tile_at(t, LT, L, cmask, li, BLOCK_L)
         rg = _row_start(r, R0, sg1, sg0) + l0.to(tl.int64) * sgl
         gp = tl.load(gc + rg + og, mask=mask, other=0.0).to(ACC)
         if NEED_X:
@@ -181,6 +199,9 @@ def _fused_bn_bwd_kernel(
                 sgx += tl.sum(tl.where(mask, gp * (v - rmean[:, None]), 0.0), axis=1)
         else:
             g = gp * scale[:, None]
+        if WITH_INST:
+            gi = tl.load(ginst_ptr + (r // RS).to(tl.int64) * C + cidx, mask=cmask, other=0.0).to(ACC)
+            g = g + (gi * inv_hw)[:, None]
         tl.store(gxc + rg + og, g.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_WGRAD:
         po = cidx.to(tl.int64) * SPLITS + s
@@ -205,19 +226,23 @@ def _sm_count(device: torch.device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _geometry(x: torch.Tensor, y: torch.Tensor):
+def _geometry(x: torch.Tensor, y: torch.Tensor, keep_batch: bool = False):
     """Rows of the (n, h, w) positions valid for both x and y (same shape, own strides):
     (L, R, R0, x strides (s1, s0, sl), y strides (s1, s0, sl)); row r starts at
-    (r // R0) * s1 + (r % R0) * s0, its values are sl apart."""
+    (r // R0) * s1 + (r % R0) * s0, its values are sl apart. ``keep_batch``: the batch dimension
+    is never merged into the others, so every row lies in one sample (R // N rows each)."""
     n, _, h, w = x.shape
     dims = [(size, sx, sy) for size, sx, sy in zip((n, h, w), (x.stride(0), x.stride(2), x.stride(3)),
                                                    (y.stride(0), y.stride(2), y.stride(3))) if size != 1]
     if not dims:
         dims = [(1, 0, 0)]
+    batch_outer = keep_batch and n != 1  # dims[0] is the batch and must stay a row dimension
+    if batch_outer and len(dims) == 1:  # H = W = 1: rows of one value
+        dims.append((1, 0, 0))
     merged = [dims[-1]]
-    for size, sx, sy in reversed(dims[:-1]):  # merge an outer dim into the next when both strides nest
+    for i, (size, sx, sy) in reversed(list(enumerate(dims[:-1]))):  # merge an outer dim into the next when both strides nest
         isz, isx, isy = merged[0]
-        if sx == isz * isx and sy == isz * isy:
+        if sx == isz * isx and sy == isz * isy and not (batch_outer and i == 0):
             merged[0] = (size * isz, isx, isy)
         else:
             merged.insert(0, (size, sx, sy))
@@ -268,13 +293,26 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def forward(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, out_format, stat_dtype):
+def _plan(x: torch.Tensor, out: torch.Tensor, keep_batch: bool):
+    """Geometry and launch configuration of a pass over x writing out (same shape): (grid,
+    kernel arguments from C to the value strides, per_split, splits, RS, constexpr kwargs)."""
+    N, C, H, W = x.shape
+    L, R, R0, (sx1, sx0, sxl), (so1, so0, sol) = _geometry(x, out, keep_batch)
+    block_c, block_l, splits, per_split, warps = _launch_config(C, L, R, x.stride(1), x.device)
+    lt = triton.cdiv(L, block_l)
+    geo = (C, L, R0, lt, R * lt)
+    strides = (x.stride(1), sx1, sx0, sxl, out.stride(1), so1, so0, sol)
+    meta = dict(BLOCK_C=block_c, BLOCK_L=block_l, num_warps=warps, ACC=_acc(x.dtype),
+                OFF64=_off64(block_c, block_l, (x.stride(1), sxl), (out.stride(1), sol)))
+    return (triton.cdiv(C, block_c), splits), geo, strides, per_split, splits, max(R // N, 1), meta
+
+
+def forward(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, with_instance_means, out_format,
+            stat_dtype):
     N, C, H, W = x.shape
     weight, bias, running_mean, running_var = (t.contiguous() for t in (weight, bias, running_mean, running_var))
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
-    L, R, R0, (sx1, sx0, sxl), (sy1, sy0, syl) = _geometry(x, y)
-    block_c, block_l, splits, per_split, warps = _launch_config(C, L, R, x.stride(1), x.device)
-    lt = triton.cdiv(L, block_l)
+    grid, geo, strides, per_split, splits, rs, meta = _plan(x, y, with_instance_means)
     if with_stats:
         pcnt = torch.empty((C, splits), dtype=stat_dtype, device=x.device)
         pmean, pm2 = torch.empty_like(pcnt), torch.empty_like(pcnt)
@@ -284,30 +322,28 @@ def forward(x, weight, bias, running_mean, running_var, eps, apply_relu, with_st
         pcnt = pmean = pm2 = torch.empty((1,), dtype=stat_dtype, device=x.device)
         mean = torch.empty((0,), dtype=stat_dtype, device=x.device)
         var = torch.empty_like(mean)
-    _fused_bn_fwd_kernel[(triton.cdiv(C, block_c), splits)](
-        x, y, weight, bias, running_mean, running_var, pcnt, pmean, pm2,
-        C, L, R0, lt, R * lt, x.stride(1), sx1, sx0, sxl, y.stride(1), sy1, sy0, syl,
-        float(eps), per_split, splits,
-        APPLY_RELU=apply_relu, WITH_STATS=with_stats, ACC=_acc(x.dtype), BLOCK_C=block_c, BLOCK_L=block_l,
-        OFF64=_off64(block_c, block_l, (x.stride(1), sxl), (y.stride(1), syl)), num_warps=warps,
+    # the instance means are accumulated by atomic adds: a zeroed buffer
+    inst = torch.zeros((N, C) if with_instance_means else (0,), dtype=stat_dtype, device=x.device)
+    _fused_bn_fwd_kernel[grid](
+        x, y, weight, bias, running_mean, running_var, pcnt, pmean, pm2, inst if with_instance_means else pcnt,
+        *geo, *strides, float(eps), per_split, splits, rs, 1.0 / (H * W),
+        APPLY_RELU=apply_relu, WITH_STATS=with_stats, WITH_INST=with_instance_means, **meta,
     )
     if with_stats:
         _welford_merge_kernel[(C,)](pcnt, pmean, pm2, mean, var, splits,
                                     BLOCK_S=max(triton.next_power_of_2(splits), 2))
-    return y, mean, var
+    return y, mean, var, inst
 
 
-def backward(grad_y, x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, eps, apply_relu,
-             with_stats, need_weight_grad, out_format):
+def backward(grad_y, x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst_mean, eps,
+             apply_relu, with_stats, with_instance_means, need_weight_grad, out_format):
     N, C, H, W = x.shape
     grad_y = grad_y.contiguous(memory_format=out_format)
     # per-channel vectors may arrive as strided views (e.g. expanded gradients under AOT autograd)
-    weight, bias, running_mean, running_var, mean, grad_mean, grad_var = (
-        t.contiguous() for t in (weight, bias, running_mean, running_var, mean, grad_mean, grad_var))
+    weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst_mean = (
+        t.contiguous() for t in (weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst_mean))
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format)
-    L, R, R0, (sx1, sx0, sxl), (sg1, sg0, sgl) = _geometry(x, grad_y)
-    block_c, block_l, splits, per_split, warps = _launch_config(C, L, R, x.stride(1), x.device)
-    lt = triton.cdiv(L, block_l)
+    grid, geo, strides, per_split, splits, rs, meta = _plan(x, grad_y, with_instance_means)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if need_weight_grad:
         psg = torch.empty((C, splits), dtype=acc_dtype, device=x.device)
@@ -316,14 +352,13 @@ def backward(grad_y, x, weight, bias, running_mean, running_var, mean, grad_mean
         psg = psgx = torch.empty((1,), dtype=acc_dtype, device=x.device)
     if not with_stats:
         mean = grad_mean = grad_var = running_mean  # unread placeholders (WITH_STATS is off)
-    _fused_bn_bwd_kernel[(triton.cdiv(C, block_c), splits)](
-        grad_y, x, gx, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, psg, psgx,
-        C, L, R0, lt, R * lt, N * H * W, x.stride(1), sx1, sx0, sxl, grad_y.stride(1), sg1, sg0, sgl,
-        float(eps), per_split, splits,
-        APPLY_RELU=apply_relu, WITH_STATS=with_stats, NEED_WGRAD=need_weight_grad,
-        NEED_X=bool(apply_relu or with_stats or need_weight_grad), ACC=_acc(x.dtype),
-        BLOCK_C=block_c, BLOCK_L=block_l,
-        OFF64=_off64(block_c, block_l, (x.stride(1), sxl), (grad_y.stride(1), sgl)), num_warps=warps,
+    if not with_instance_means:
+        grad_inst_mean = running_mean  # unread placeholder (WITH_INST is off)
+    _fused_bn_bwd_kernel[grid](
+        grad_y, x, gx, weight, bias, running_mean, running_var, mean, grad_mean, grad_var, grad_inst_mean, psg, psgx,
+        *geo, N * H * W, *strides, float(eps), per_split, splits, rs, 1.0 / (H * W),
+        APPLY_RELU=apply_relu, WITH_STATS=with_stats, WITH_INST=with_instance_means, NEED_WGRAD=need_weight_grad,
+        NEED_X=bool(apply_relu or with_stats or need_weight_grad), **meta,
     )
     if need_weight_grad:
         gw = psgx.sum(dim=1).to(weight.dtype)
