@@ -255,7 +255,23 @@ class NoisyLayers(nn.Module):
 
 
 class _NoisyGeneratorBase(nn.Module):
-    """Shared by NLGenerator and NLDeepGenerator: label embedding -> BN1d -> noisy layers -> l1."""
+    """Shared by NLGenerator and NLDeepGenerator: label embedding -> BN1d -> noisy layers -> l1
+    -> view (B, 2ngf, s/stride, s/stride) -> the conv blocks (32px blocks at stride 4, the deep
+    stack at stride 16)."""
+
+    def _build(self, stride, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz):
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % stride:
+            raise ValueError(f"{type(self).__name__}: img_size must be a positive multiple of {stride}, "
+                             f"got {img_size!r}")
+        self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
+        self.init_size = img_size // stride
+        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
+        self.conv_blocks = _conv_blocks_32(ngf, nc) if stride == 4 else _conv_blocks_deep(2 * ngf, ngf, nc)
+
+    def forward(self, targets: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._noisy_features(targets)
+        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
 
     def _init_noisy(self, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz):
         owner = type(self).__name__
@@ -344,17 +360,7 @@ class NLGenerator(_NoisyGeneratorBase):
     def __init__(self, ngf: int = 64, img_size: int = 32, nc: int = 3, nl: int = 100, label_emb=None,
                  le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
         super().__init__()
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % 4:
-            raise ValueError(f"NLGenerator: img_size must be a positive multiple of 4, got {img_size!r}")
-        self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
-        self.init_size = img_size // 4
-        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
-        self.conv_blocks = _conv_blocks_32(ngf, nc)
-
-    def forward(self, targets: torch.Tensor | None = None) -> torch.Tensor:
-        out = self._noisy_features(targets)
-        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
+        self._build(4, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
 
 
 class NLDeepGenerator(_NoisyGeneratorBase):
@@ -364,17 +370,7 @@ class NLDeepGenerator(_NoisyGeneratorBase):
     def __init__(self, ngf: int = 64, img_size: int = 224, nc: int = 3, nl: int = 100, label_emb=None,
                  le_emb_size: int = 256, le_size: int = 512, sbz: int = 200):
         super().__init__()
-        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % 16:
-            raise ValueError(f"NLDeepGenerator: img_size must be a positive multiple of 16, got {img_size!r}")
-        self._init_noisy(ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
-        self.init_size = img_size // 16
-        self.l1 = nn.Sequential(nn.Linear(le_emb_size, ngf * 2 * self.init_size ** 2))
-        self.conv_blocks = _conv_blocks_deep(2 * ngf, ngf, nc)
-
-    def forward(self, targets: torch.Tensor | None = None) -> torch.Tensor:
-        out = self._noisy_features(targets)
-        out = out.view(out.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
+        self._build(16, ngf, img_size, nc, nl, label_emb, le_emb_size, le_size, sbz)
 
 
 class LargeGenerator(_LinearGenerator):
