@@ -31,8 +31,8 @@ __all__ = ["CPUConfig", "config", "configured", "resolve_min_hw", "conv", "rewri
 def upsample_worth_fusing(x, conv_module) -> bool:
     """Whether ``UpsampleConvSequential`` (``fuse=None``) fuses a nearest-2x upsample of ``x`` with
     ``conv_module``: CPU tensors where the convolution on the upsampled map has at least
-    ``config.upsample_fuse_min_macs`` multiply-adds (the fused form dispatches ~20 small ops more,
-    which cost more than the saved FLOPs on small maps)."""
+    ``config.upsample_fuse_min_macs`` multiply-adds (a threshold set for an earlier fused form
+    that dispatched more ops; ``fastsynth.cpu.CPUConfig``)."""
     n, c, h, w = x.shape
     return x.device.type == "cpu" and n * c * conv_module.out_channels * 4 * h * w * 9 >= config.upsample_fuse_min_macs
 

@@ -45,10 +45,11 @@ class CPUConfig:
 
     ``upsample_fuse_min_macs``: a generator's nearest-2x upsample + 3x3 convolution
     (``fastsynth.nn.UpsampleConvSequential`` with ``fuse=None``) runs fused on CPU tensors where
-    the convolution has at least this many multiply-adds. The fused form dispatches ~20 small
-    ops more; measured (2 threads, forward + backward) 0.81x at 38 M MACs, 1.43x at 75 M,
-    1.21-1.39x at 151-604 M, 1.35-1.91x from 2.4 G up; the default leaves a margin above the
-    crossover.
+    the convolution has at least this many multiply-adds. Set for the earlier four-phase form,
+    which dispatched ~20 small ops more (2 threads, forward + backward: 0.81x at 38 M MACs,
+    1.43x at 75 M, 1.21-1.39x at 151-604 M, 1.35-1.91x from 2.4 G up); the transposed-convolution
+    form dispatches as few ops as the unfused pair, and the 32px generators measured the same
+    with every size fused (docs/PERFORMANCE.md), so the threshold now costs nothing either way.
 
     ``large_blocks``: the C++ CPU kernels take output buffers of 4 MB and more from recycled
     2 MB-aligned blocks (csrc/cpu/large_alloc.h) instead of fresh memory, whose page faults cost
