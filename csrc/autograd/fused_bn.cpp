@@ -7,30 +7,17 @@
 //   (dx, dweight, dbias) = fused_bn_backward(dy, x, ..., mean, dmean, dvar, dinst_mean, eps, relu, stats, inst, wgrad)
 // dweight/dbias are computed (in the same pass) only when weight or bias needs a gradient; the
 // instance-mean term only when inst_mean received a gradient (it needs no saved tensor).
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/TensorImpl.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <typeinfo>
 
+#include "binding/autograd.h"
+
 namespace fastsynth {
 namespace {
 
-using Tensor = at::Tensor;
-using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using ForwardSig = Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool,
-                           bool, bool);
-using BackwardSig = Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, bool, bool, bool);
-
-template <class Sig>
-const c10::TypedOperatorHandle<Sig>& op_handle(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;  // one handle per signature: each signature here belongs to one op
-}
 
 // A second handle on a fresh output's storage (same sizes, strides and version counter) with no
 // autograd history, made without a dispatcher call. Saving the batch mean -- an output of this
@@ -51,14 +38,14 @@ Tensor history_free_alias(const Tensor& t) {
 }
 
 struct FusedBnFunction : public torch::autograd::Function<FusedBnFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
-                                                const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                                                const Tensor& running_var, double eps, bool apply_relu,
-                                                bool with_stats, bool with_instance_means) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                               const Tensor& running_mean, const Tensor& running_var, double eps, bool apply_relu,
+                               bool with_stats, bool with_instance_means) {
+    static const auto op = find_op<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           double, bool, bool, bool)>("fastsynth::fused_bn_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, var, inst] = op_handle<ForwardSig>("fastsynth::fused_bn_forward")
-                                    .call(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats,
-                                          with_instance_means);
+    auto [y, mean, var, inst] =
+        op.call(x, weight, bias, running_mean, running_var, eps, apply_relu, with_stats, with_instance_means);
     // mean: not yet an output here (no history); saved through an alias, see history_free_alias
     ctx->save_for_backward({x, weight, bias, running_mean, running_var, with_stats ? history_free_alias(mean) : mean});
     ctx->saved_data["eps"] = eps;
@@ -66,16 +53,19 @@ struct FusedBnFunction : public torch::autograd::Function<FusedBnFunction> {
     ctx->saved_data["with_stats"] = with_stats;
     ctx->saved_data["with_instance_means"] = with_instance_means;
     ctx->set_materialize_grads(false);  // zeros only where a kernel input needs them, below
-    torch::autograd::variable_list placeholders;  // empty outputs (one call: each call replaces the set)
+    variable_list placeholders;  // empty outputs (one call: each call replaces the set)
     if (!with_stats) placeholders.insert(placeholders.end(), {mean, var});
     if (!with_instance_means) placeholders.push_back(inst);
     ctx->mark_non_differentiable(placeholders);
     return {y, mean, var, inst};
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto s = ctx->get_saved_variables();
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, bool, bool, bool, bool)>(
+            "fastsynth::fused_bn_backward");
+    const variable_list s = ctx->get_saved_variables();
     const Tensor &x = s[0], &weight = s[1], &bias = s[2], &running_mean = s[3], &running_var = s[4], &mean = s[5];
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool apply_relu = ctx->saved_data["apply_relu"].toBool();
@@ -91,10 +81,9 @@ struct FusedBnFunction : public torch::autograd::Function<FusedBnFunction> {
     }
     // an unused inst_mean adds nothing: no term, no zeros
     const bool inst = ctx->saved_data["with_instance_means"].toBool() && grads[3].defined();
-    auto [gx, gw, gb] = op_handle<BackwardSig>("fastsynth::fused_bn_backward")
-                            .call(grad_y, x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var,
-                                  inst ? grads[3] : mean, eps, apply_relu, with_stats, inst, need_wgrad);
-    torch::autograd::variable_list out(9);
+    auto [gx, gw, gb] = op.call(grad_y, x, weight, bias, running_mean, running_var, mean, grad_mean, grad_var,
+                                inst ? grads[3] : mean, eps, apply_relu, with_stats, inst, need_wgrad);
+    variable_list out(9);
     if (ctx->needs_input_grad(0)) out[0] = gx;
     if (ctx->needs_input_grad(1)) out[1] = gw;
     if (ctx->needs_input_grad(2)) out[2] = gb;

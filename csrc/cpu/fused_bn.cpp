@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "binding/fused_bn.h"
 #include "common/fused_bn_math.h"
 #include "common/welford.h"
 #include "cpu/large_alloc.h"
@@ -57,11 +58,7 @@ constexpr int64_t kRowBlockStatsElems = 8192;  // the same for the forward with 
 // 16-256 elements (4x4 x 512 channels: 9x the time of a copy; docs/PERFORMANCE.md).
 constexpr int64_t kSmallPlane = 1024;
 
-// The layout decision shared with the fake kernels in Python: channels_last path only when x is
-// channels_last-dense and not also NCHW-dense; everything else goes through the strided plane path.
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
+using fbn_binding::use_channels_last;  // channels_last path, or the strided plane path
 
 struct Shape {
   int64_t N, C, H, W, HW, M;
@@ -394,14 +391,12 @@ void forward_channels_last(const at::Tensor& x, at::Tensor& y, const ChannelAffi
         dispatch_bool2(relu, inst != nullptr, [&](auto relu_c, auto sum_c) {
           constexpr bool Relu = decltype(relu_c)::value, Sum = decltype(sum_c)::value;
           if constexpr (Sum) std::fill(bsum, bsum + C, acc_t(0));
-          for (int64_t r = 0; r < nrows; ++r) {
-            const scalar_t* xr = xb + r * C;
-            scalar_t* yr = yb + r * C;
+          for (int64_t i = 0; i < nrows * C; i += C) {  // row by row
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = acc_t(xr[c]);
+              const acc_t v = acc_t(xb[i + c]);
               if constexpr (Sum) bsum[c] += v;
-              yr[c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], Relu));
+              yb[i + c] = static_cast<scalar_t>(bn_eval_apply<acc_t>(v, scale[c], shift[c], Relu));
             }
           }
         });
@@ -468,19 +463,14 @@ void check_params(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& running_mean,
     const at::Tensor& running_var, double eps, bool apply_relu, bool with_stats, bool with_instance_means) {
   check_params("fused_bn_forward", x, weight, bias, running_mean, running_var);
   const bool cl = use_channels_last(x);
   const int64_t C = x.size(1);
-  auto y = empty_large(x.sizes(), x.options(), cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  const auto sdt = stat_dtype(x.scalar_type());
-  auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
-  auto var = at::empty({with_stats ? C : 0}, x.options().dtype(sdt));
-  auto inst = with_instance_means ? at::empty({x.size(0), C}, x.options().dtype(sdt)) : at::empty({0}, x.options().dtype(sdt));
+  auto y = empty_large(x.sizes(), x.options(), fbn_binding::out_format(x));
+  auto [mean, var, inst] = fbn_binding::stat_outputs(x, with_stats, with_instance_means, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_bn_forward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const auto aff = channel_affine<acc_t>(weight, bias, running_mean, running_var, eps, C);
@@ -600,12 +590,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
                 "fused_bn_backward: grad_inst_mean must be (N, C) = (", x.size(0), ", ", C, "), got ",
                 grad_inst_mean.sizes());
   const bool cl = use_channels_last(x);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = fbn_binding::out_format(x);
   const at::Tensor grad_y = grad_y_in.contiguous(fmt);
   auto grad_x = empty_large(x.sizes(), x.options(), fmt);  // large blocks recycled (cpu/large_alloc.h)
   const bool need_x = apply_relu || with_stats || need_weight_grad;
   const Shape s = shape_of(x);
-  at::Tensor grad_weight, grad_bias;
+  at::Tensor gw, gb;  // dgamma, dbeta in the accumulation dtype (need_weight_grad)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_bn_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -735,8 +725,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
     }
 
     if (need_weight_grad) {
-      at::Tensor gw = at::empty({C}, x.options().dtype(adt));
-      at::Tensor gb = at::empty({C}, x.options().dtype(adt));
+      gw = at::empty({C}, x.options().dtype(adt));
+      gb = at::empty({C}, x.options().dtype(adt));
       acc_t* gwp = gw.data_ptr<acc_t>();
       acc_t* gbp = gb.data_ptr<acc_t>();
       for (int64_t c = 0; c < C; ++c) {
@@ -749,14 +739,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cpu(
         gbp[c] = acc_t(a);
         gwp[c] = acc_t(b) * k.aff.invstd[c];
       }
-      grad_weight = gw.to(weight.scalar_type());
-      grad_bias = gb.to(bias.scalar_type());
-    } else {
-      grad_weight = at::empty({0}, weight.options());
-      grad_bias = at::empty({0}, bias.options());
     }
   });
-  return {grad_x, grad_weight, grad_bias};
+  return fbn_binding::backward_result(grad_x, gw, gb, weight, bias);
 }
 
 }  // namespace

@@ -10,15 +10,11 @@
 
 #include <tuple>
 
+#include "binding/fused_bn.h"
 #include "cuda/fused_bn.cuh"
 
 namespace fastsynth {
 namespace {
-
-// Same layout decision as the CPU kernels and the fake kernels (fastsynth/ops/fused_bn.py).
-bool use_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 // The kernels index rows and tiles with 32-bit divisions (a 64-bit division is a called
 // subroutine on the GPU and makes the fp64 kernels spill), so rows per channel stay below 2^31.
@@ -74,20 +70,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bn_forward_cuda
   check_inputs("fused_bn_forward", x,
                {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool cl = use_channels_last(x);
-  const int64_t C = x.size(1);
-  auto y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto y = at::empty(x.sizes(), x.options().memory_format(fbn_binding::out_format(x)));
+  const auto adt = fbn_binding::stat_dtype(x.scalar_type());
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
   const auto g = rows_of(x, y, with_instance_means);
   const auto plan = plan_of(g);
   const int64_t splits = plan.splits;
-  auto mean = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
-  auto var = at::empty({with_stats ? C : 0}, x.options().dtype(adt));
-  auto workspace = at::empty({with_stats ? 3 * C * splits : 0}, x.options().dtype(adt));
-  // accumulated by atomic adds (fused_bn.cuh): zeroed
-  auto inst = with_instance_means ? at::zeros({x.size(0), C}, x.options().dtype(adt)) : at::empty({0}, x.options().dtype(adt));
+  // inst_mean is accumulated by atomic adds (fused_bn.cuh): zeroed
+  auto [mean, var, inst] = fbn_binding::stat_outputs(x, with_stats, with_instance_means, true);
+  auto workspace = at::empty({with_stats ? 3 * x.size(1) * splits : 0}, x.options().dtype(adt));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto s_tag, auto a_tag) {
     using scalar_t = decltype(s_tag);
@@ -122,12 +114,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
               "fused_bn_backward: grad_y must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
               grad_y_in.sizes(), " ", grad_y_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool cl = use_channels_last(x);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = fbn_binding::out_format(x);
   const auto grad_y = grad_y_in.contiguous(fmt);
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
   const int64_t C = x.size(1);
-  const auto adt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto adt = fbn_binding::stat_dtype(x.scalar_type());
   const auto w = weight.to(adt).contiguous(), b = bias.to(adt).contiguous();
   const auto rm = running_mean.to(adt).contiguous(), rv = running_var.to(adt).contiguous();
   at::Tensor mean, gmean, gvar, ginst;
@@ -156,15 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_bn_backward_cuda(
         need_weight_grad, need_weight_grad ? pg.data_ptr<acc_t>() : nullptr,
         need_weight_grad ? pgx.data_ptr<acc_t>() : nullptr, g, plan, stream)));
   });
-  at::Tensor grad_weight, grad_bias;
-  if (need_weight_grad) {
-    grad_weight = pgx.sum(1).to(weight.scalar_type());
-    grad_bias = pg.sum(1).to(bias.scalar_type());
-  } else {
-    grad_weight = at::empty({0}, weight.options());
-    grad_bias = at::empty({0}, bias.options());
-  }
-  return {grad_x, grad_weight, grad_bias};
+  return fbn_binding::backward_result(grad_x, need_weight_grad ? pgx.sum(1) : at::Tensor(),
+                                     need_weight_grad ? pg.sum(1) : at::Tensor(), weight, bias);
 }
 
 }  // namespace

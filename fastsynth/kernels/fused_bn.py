@@ -46,6 +46,13 @@ def _tile_offsets(C, c0, L, sc, sl, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr
 
 
 @triton.jit
+def _split_tiles(s, per_split, T):
+    """The tiles [t0, t1) of split s."""
+    t0 = s * per_split
+    return t0, tl.minimum(t0 + per_split, T)
+
+
+@triton.jit
 def _tile_at(t, LT, L, cmask, li, BLOCK_L: tl.constexpr):
     """Row r, first value l0 and element mask of tile t (LT tiles per row)."""
     r = t // LT
@@ -97,8 +104,7 @@ def _fused_bn_fwd_kernel(
     cnt = tl.zeros([], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    t0 = s * per_split
-    t1 = tl.minimum(t0 + per_split, T)
+    t0, t1 = _split_tiles(s, per_split, T)
     for t in range(t0, t1):
         r, l0, mask = _tile_at(t, LT, L, cmask, li, BLOCK_L)
         bx = xc + _row_start(r, R0, sx1, sx0) + l0.to(tl.int64) * sxl
@@ -180,8 +186,7 @@ def _fused_bn_bwd_kernel(
         c_var = 2.0 * tl.load(gvar_ptr + cidx, mask=cmask, other=0.0).to(ACC) / M
     sg = tl.zeros([BLOCK_C], dtype=ACC)
     sgx = tl.zeros([BLOCK_C], dtype=ACC)
-    t0 = s * per_split
-    t1 = tl.minimum(t0 + per_split, T)
+    t0, t1 = _split_tiles(s, per_split, T)
     for t in range(t0, t1):
         r, l0, mask = _tile_at(t, LT, L, cmask, li, BLOCK_L)
         rg = _row_start(r, R0, sg1, sg0) + l0.to(tl.int64) * sgl
