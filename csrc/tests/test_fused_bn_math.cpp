@@ -65,6 +65,24 @@ int main() {
     CHECK_CLOSE(bn_grad_input<double>(0.5, xs[i], a.scale, w.mean, coef, false), 0.5 * a.scale, 1e-15);
   }
 
+  // instance-mean term: d/dx[i] of g_inst * mean(plane) by central differences, per element
+  {
+    const int hw = 12;
+    const double g_inst = -0.9;
+    auto plane_loss = [&](const std::vector<double>& v) {
+      double sum = 0;
+      for (int j = 0; j < hw; ++j) sum += v[j];
+      return g_inst * sum / hw;
+    };
+    std::vector<double> plane(xs.begin(), xs.begin() + hw);
+    for (int i = 0; i < hw; ++i) {
+      std::vector<double> p = plane, m = plane;
+      p[i] += 1e-5;
+      m[i] -= 1e-5;
+      CHECK_CLOSE(inst_grad_term<double>(g_inst, double(hw)), (plane_loss(p) - plane_loss(m)) / 2e-5, 1e-9);
+    }
+  }
+
   // the float path agrees with the double path
   const auto af = bn_eval_affine<float>(1.3f, -0.2f, 0.7f, 2.5f, 1e-5f);
   CHECK_CLOSE(af.scale, a.scale, 1e-6);
