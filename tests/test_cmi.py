@@ -100,6 +100,8 @@ def _run(ref, ours, rounds=3):
 ])
 def test_matches_upstream_loop(adv, layer_idx, feature_reuse, res):
     ref, ours = _pair(adv=adv, layer_idx=layer_idx, feature_reuse=feature_reuse, res=res)
+    # every BatchNorm input hooked: the means come from the fused BatchNorm passes
+    assert ours._fused_means == (layer_idx is None)
     ref_x, our_x = _run(ref, ours, rounds=3)
     our_losses = torch.stack(ours.loss_log).tolist()
     assert len(our_losses) == len(ref.losses) == 12
@@ -508,3 +510,30 @@ def test_stage_hooks_move_to_the_first_convolution():
     synth = CMISynthesizer(net, tiny_net(4, seed=2), gen(), NZ, 10, (3, IMG, IMG), feature_layers=[net[3], net[6]],
                            iterations=1, synthesis_batch_size=BATCH, bank_size=64, n_neg=8)
     assert [h.module for h in synth.cmi_hooks] == [net[3], net[6]]  # leaves: hooked as given
+
+
+def test_bn_input_means_come_from_the_fused_passes():
+    """feature_layers=None: the BatchNorm inputs' per-instance means are emitted by the fused
+    BatchNorm passes (no separate reduction over the maps), equal the hooks' means, and are
+    released after the call; remove_hooks() turns them off."""
+    from fastsynth import fuse
+    from fastsynth.bench.harness import AtenOpCounter
+
+    ref, ours = _pair(iterations=1)
+    y = _targets(1)[0]
+    with AtenOpCounter() as c:
+        ours.synthesize(y)
+    assert c.counts["fastsynth.instance_mean_multi"] == 0
+    assert c.counts["fastsynth.fused_bn_forward"] > 0
+    assert all(m.last_inst_mean is None for m in fuse.fused_layers(ours.teacher))
+    # the features of one forward equal one reduction over the BatchNorm inputs
+    x = torch.randn(3, 3, IMG, IMG)
+    for h in ours.cmi_hooks:
+        h.input = None
+    with torch.no_grad():
+        ours.teacher(x)
+        from fastsynth.ops.contrastive_loss import instance_mean_multi
+        expected = instance_mean_multi([h.input for h in ours.cmi_hooks])
+        torch.testing.assert_close(ours._feature_means(), expected, rtol=1e-5, atol=1e-6)
+    ours.remove_hooks()
+    assert not any(m.inst_means_enabled for m in fuse.fused_layers(ours.teacher))

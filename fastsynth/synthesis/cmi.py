@@ -30,9 +30,12 @@ comment says "all conv layers": the BN input is the convolution's output), else 
 the given modules (the scripts pass ResNet-34's ``layer1..layer4``). A given module's input is
 taken where the very same tensor enters a convolution inside it (a residual stage's first
 block), so the stage itself is traced through by the fused teacher and its blocks run fused
-(``_input_taps``; a hooked module stays a call, unfused inside). The hooks only keep a reference
-to the input; all means of one forward come from one ``instance_mean_multi`` call (the global
-view's without a graph: only the detached key side and the bank read them).
+(``_input_taps``; a hooked module stays a call, unfused inside). With ``feature_layers=None`` and
+a fused teacher the means come from the fused BatchNorm passes themselves, which read exactly
+those maps (``fuse.instance_means``: no second read, the gradient added inside their backward);
+otherwise the hooks keep a reference to the input and all means of one forward come from one
+``instance_mean_multi`` call. The global view's means are taken without a graph: only the
+detached key side and the bank read them.
 
 What changes against upstream (results equal to float rounding):
 - L_BN from the fused teacher (statistics inside its BatchNorm passes, all layers in one loss
@@ -84,6 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.contrastive_loss import contrastive_ce, instance_mean_multi
+from .. import fuse
 from ..distributed import unwrap
 from .core import SynthCore, assign_grads, make_adam, now, nvtx_range
 from .validate import check_synthesizer_args
@@ -459,6 +463,13 @@ class CMISynthesizer(SynthCore):
             if not self.cmi_hooks:
                 raise ValueError(f"{owner}: feature_layers=None hooks the teacher's BatchNorm2d inputs and the "
                                  f"teacher has none; pass feature_layers")
+        # the BatchNorm inputs' means from the fused BatchNorm passes themselves (no second read of
+        # the maps) when every hooked module is a fused layer, in the same order
+        fused = fuse.fused_layers(self.teacher)
+        self._fused_means = layers is None and len(fused) == len(self.cmi_hooks) and all(
+            h.module is m for h, m in zip(self.cmi_hooks, fused))
+        if self._fused_means:
+            fuse.set_instance_means_enabled(self.teacher, True)
         self._augment_on = bool(augment)
         # rank 0's weights everywhere: with feature_reuse the generator is learned across rounds
         self.generator = self._share_generator(generator.to(self.device)).train()
@@ -501,7 +512,11 @@ class CMISynthesizer(SynthCore):
         # the one a full forward would leave
         self._stop_local = all(calls.get(id(h.module), 0) == 1 for h in self.cmi_hooks)
         self._local_left = 0
-        self._local_hooks = [h.module.register_forward_pre_hook(self._count_local) for h in self.cmi_hooks]
+        # the local forward stops at the last hooked input (a hook's reference), or after the last
+        # fused layer's pass (which computes the mean)
+        self._local_hooks = [h.module.register_forward_hook(lambda m, i, o: self._count_local(m, i))
+                             if self._fused_means else h.module.register_forward_pre_hook(self._count_local)
+                             for h in self.cmi_hooks]
         dim = 0
         for i, h in enumerate(self.cmi_hooks):
             what = f"feature_layers[{i}] ({type(layers[i]).__name__})" if layers is not None \
@@ -536,6 +551,24 @@ class CMISynthesizer(SynthCore):
         for h in self.cmi_hooks:
             h.input = None
         return xs
+
+    def _release_inputs(self):
+        """Drop the references to the last forward's hooked inputs and means (they would keep its
+        graph alive between calls)."""
+        for h in self.cmi_hooks:
+            h.input = None
+        if self._fused_means:
+            for m in fuse.fused_layers(self.teacher):
+                m.last_inst_mean = None
+
+    def _feature_means(self):
+        """[B, sum C]: the hooked inputs' per-instance channel means of the last forward, from the
+        fused BatchNorm passes (``fuse.instance_means``) or in one reduction over the hooks' inputs."""
+        if self._fused_means:
+            for h in self.cmi_hooks:
+                h.input = None
+            return torch.cat(fuse.instance_means(self.teacher), dim=1)
+        return instance_mean_multi(self._take_inputs())
 
     def _count_local(self, module, inputs):
         """Pre-hook after each InstanceMeanHook: in the local view's forward, stop it once the
@@ -574,7 +607,7 @@ class CMISynthesizer(SynthCore):
             loss_bn = self.capture.loss(scale=self.bn) if self.bn != 0 else None
             if cr_on:
                 with torch.no_grad():
-                    g_feat = instance_mean_multi(self._take_inputs())
+                    g_feat = self._feature_means()
             if adv_on:
                 with nvtx_range("student", self._nvtx):
                     s_out = self._student_fwd(g_view)
@@ -599,7 +632,7 @@ class CMISynthesizer(SynthCore):
             self._local_left = 0
             if stats_on:
                 self.capture.activate()
-        return loss, x, instance_mean_multi(self._take_inputs()), g_feat
+        return loss, x, self._feature_means(), g_feat
 
     def _contrastive(self, l_feat, g_feat, cached, n_split):
         """cr * L_cr over the batch's features and the ``cached`` bank rows ([f_l, f_g]; None:
@@ -759,8 +792,7 @@ class CMISynthesizer(SynthCore):
             self._run_steps(self.iterations, lambda it: self._step(adv_on, cr_on, self._first(it)),
                             ("step", adv_on, cr_on), [optimizer, self.optimizer_head] if cr_on else optimizer,
                             stats=False, graph=fixed)
-            for h in self.cmi_hooks:
-                h.input = None
+            self._release_inputs()
         if self.student is not None:
             self.student.train()
         images = best_x.clone()
@@ -772,7 +804,10 @@ class CMISynthesizer(SynthCore):
         return {"synthetic": images}, end - start
 
     def remove_hooks(self):
-        """Remove the instance-mean hooks from the teacher."""
+        """Remove the instance-mean hooks from the teacher (and its fused layers' means)."""
+        if getattr(self, "_fused_means", False):
+            fuse.set_instance_means_enabled(self.teacher, False)
+            self._fused_means = False
         for h in self.cmi_hooks:
             h.remove()
         for h in getattr(self, "_local_hooks", ()):
