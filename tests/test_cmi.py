@@ -1,4 +1,4 @@
-"""CMISynthesizer (fastsynth/synthesis/cmi.py) against the eager upstream loop (tests/reference_cmi.py),
+"""CMISynthesizer (fastsynth/synthesis/cmi.py) against the eager upstream loop (fastsynth/bench/reference_cmi.py),
 its parts (MemoryBank, MLPHead, InstanceMeanHook, the local-view augmentation) and its errors."""
 import copy
 
@@ -11,7 +11,7 @@ from fastsynth.synthesis import Normalizer
 from fastsynth.synthesis.cmi import (CMISynthesizer, CMISynthesizerCMI, InstanceMeanHook, MemoryBank, MLPHead,
                                      resized_crop_flip)
 
-from reference_cmi import RefCMI
+from fastsynth.bench.reference_cmi import RefCMI
 from reference_loops import max_rel_err
 from test_synthesis import NORM, randomise_, tiny_net
 

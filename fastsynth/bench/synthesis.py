@@ -33,8 +33,8 @@ CPU: the peak of live bytes allocated inside the step, tracked by a dispatch mod
 ``--breakdown``: only the eager fastsynth step's ATen ops by phase and op name (``op_breakdown``).
 ``--generative``: only the GenerativeSynthesizer rows (``run_generative``). ``--new METHODS``: only
 the issue-19 synthesizers (CMI, FastMeta for ImageNet, DeepInversion with NVlabs' ImageNet options,
-DAFL) against the eager reference loops of the equivalence tests (fastsynth/bench/reference_loops.py;
-CMI's is tests/reference_cmi.py, which needs a source checkout), per synthesize() call (``run_new``).
+DAFL) against the eager reference loops of the equivalence tests (fastsynth/bench/reference_loops.py,
+fastsynth/bench/reference_cmi.py), per synthesize() call (``run_new``).
 """
 from __future__ import annotations
 
@@ -538,22 +538,6 @@ NEW_KERNEL = "synthesizer_call"
 NEW_METHODS = ("cmi", "fast_meta_imagenet", "deepinv", "dafl")
 
 
-def _cmi_reference():
-    """tests/reference_cmi.py, the eager CMI loop of the equivalence tests (still in the test
-    suite, not the package): imported on demand from a source checkout."""
-    import importlib
-    import pathlib
-    import sys
-
-    tests_dir = pathlib.Path(__file__).resolve().parents[2] / "tests"
-    if not (tests_dir / "reference_cmi.py").is_file():
-        raise RuntimeError(f"the CMI rows time fastsynth against the eager reference loop of the test suite; "
-                           f"{tests_dir / 'reference_cmi.py'} is absent: run from a source checkout")
-    if str(tests_dir) not in sys.path:
-        sys.path.insert(0, str(tests_dir))
-    return importlib.import_module("reference_cmi")
-
-
 def _new_models(quick: bool, device):
     """Teacher and student: the upstream-style CIFAR ResNet-34 -> ResNet-18 at batch 64 (full) or
     the small CNN pair at batch 8 (quick: seconds)."""
@@ -572,7 +556,7 @@ def _pair_cmi(teacher, student, batch, quick, device):
     from ..synthesis import Normalizer
     from ..synthesis.cmi import CMISynthesizer
 
-    rc = _cmi_reference()
+    from . import reference_cmi as rc
     nz, ngf = (16, 8) if quick else (256, 64)
     bank, n_neg, head_dim = (64, 32, 16) if quick else (40960, 4096, 128)
     torch.manual_seed(3)

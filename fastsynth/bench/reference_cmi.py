@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reference_loops import RefHook, ref_adv
+from .reference_loops import RefHook, ref_adv
 
 
 class RefInstanceMeanHook:
