@@ -844,10 +844,12 @@ def main(argv=None) -> int:
             print("".join(f"  {line}\n" for line in rc.to_yaml(cfg).splitlines()), end="")
         mode = "require" if args.get("resume") else "never" if args.get("restart") else "auto"
         res = run(cfg, resume=mode, progress=not quiet)
+        if owns_group and getattr(res.get("synthesizer"), "close", None) is not None:
+            res["synthesizer"].close()  # the pool's writes are finished before the exit below
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
         who = f" (rank {rank})" if rank else ""
         print(f"fastsynth distill{who}: {exc}", file=sys.stderr)
-        return 2
+        return _exit_process(2) if owns_group else 2
     finally:
         if owns_group:
             import torch.distributed as dist
@@ -858,7 +860,19 @@ def main(argv=None) -> int:
               f"{CKPT_DIR}/ (wall {res['wall_s']:.1f} s, synthesis {res['synthesis_s']:.1f} s, "
               f"best {res['best_acc']:.2f}%)")
         print(f"teacher test accuracy {res['teacher_acc']:.2f}%, student test accuracy {res['student_acc']:.2f}%")
-    return 0
+    return _exit_process(0) if owns_group else 0
+
+
+def _exit_process(code: int) -> int:
+    """End a torchrun worker now, with ``code``, without the interpreter's teardown: a gloo process
+    group's worker thread may still be releasing the tensors of the last collective (a Python
+    object, so it takes the GIL) while the interpreter finalises, and a thread taking the GIL then
+    is terminated from inside C++ (``terminate called without an active exception``, SIGABRT,
+    after every output was written). Everything is written and closed by now; the standard
+    streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
